@@ -1,0 +1,30 @@
+"""Test-session setup: offline, quiet, CPU-friendly, and the torchvision shim first."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import capdemo._torchvision_compat  # noqa: E402,F401  (before open_clip/transformers/peft)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    """A randomly initialised tiny CLIP (32 px, patch 8 -> 4x4 grid, 32-d joint space)."""
+    from tests.tiny_models import tiny_encoder as build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tests.tiny_models import tiny_tokenizer as build
+
+    return build()

@@ -1,0 +1,1 @@
+"""capdemo training toolkit: corpora, embeddings, datastores and the shared training loop."""
