@@ -1,0 +1,135 @@
+"""Bundles: exact round trips, tamper/truncation/pickle/format refusal, config JSON round trips."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from capdemo.bundle import MANIFEST, Bundle, BundleError, BundleWriter
+from capdemo.config import Config, ConfigError
+from capdemo.encoders import EncoderConfig, add_encoder_to_bundle, encoder_from_bundle
+from tests.tiny_models import tiny_encoder, tiny_encoder_config
+
+
+@pytest.fixture()
+def bundle_dir(tmp_path):
+    encoder = tiny_encoder(seed=7)
+    writer = BundleWriter(tmp_path / "tiny", name="tiny", description="test bundle")
+    add_encoder_to_bundle(writer, encoder, tiny_encoder_config(), copy_weights=True)
+    writer.add_tensors("extra/vector.safetensors", {"v": torch.arange(5.0)})
+    writer.add_json("extra/answers.json", ["yes", "no"])
+    writer.add_file("extra/notes.txt", b"hello")
+    path = writer.finish()
+    return path, encoder
+
+
+def test_round_trip_gives_identical_outputs(bundle_dir):
+    path, original = bundle_dir
+    bundle = Bundle.load(path)
+    rebuilt = encoder_from_bundle(bundle)
+    pixels = torch.randn(2, 3, 32, 32)
+    a, b = original.encode_images(pixels), rebuilt.encode_images(pixels)
+    assert torch.equal(a.token_embeds, b.token_embeds) and torch.equal(a.attention, b.attention)
+    assert torch.equal(original.encode_text(["a red circle"]), rebuilt.encode_text(["a red circle"]))
+    assert torch.equal(bundle.tensors("extra/vector.safetensors")["v"], torch.arange(5.0))
+    assert bundle.json("extra/answers.json") == ["yes", "no"]
+    assert bundle.name == "tiny" and bundle.has("encoder") and not bundle.has("maccap")
+
+
+def test_manifest_lists_every_file_with_hash(bundle_dir):
+    path, _ = bundle_dir
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["format"] == "capdemo-bundle" and manifest["format_version"] == 1
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    assert set(manifest["files"]) == on_disk
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    assert manifest["components"]["encoder"]["pretrained"] == "bundle:encoder/open_clip_model.safetensors"
+
+
+def test_changed_byte_fails_verification(bundle_dir):
+    path, _ = bundle_dir
+    target = path / "encoder" / "open_clip_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 mismatch") as info:
+        Bundle.load(path)
+    assert "open_clip_model.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_and_missing_files_refused(bundle_dir):
+    path, _ = bundle_dir
+    notes = path / "extra" / "notes.txt"
+    notes.write_bytes(b"hel")
+    with pytest.raises(BundleError, match="truncated"):
+        Bundle.load(path)
+    notes.unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Bundle.load(path)
+
+
+@pytest.mark.parametrize("name,content", [("evil.pkl", b"cos\nsystem\n"), ("model.bin", b"\x80\x04\x95")])
+def test_pickle_file_in_bundle_refused(bundle_dir, name, content):
+    path, _ = bundle_dir
+    (path / name).write_bytes(content)
+    with pytest.raises(BundleError, match="pickle"):
+        Bundle.load(path)
+
+
+def test_unknown_format_version_refused(bundle_dir):
+    path, _ = bundle_dir
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["format_version"] = 99
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version 99 is not supported"):
+        Bundle.load(path)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not a capdemo bundle"):
+        Bundle.load(tmp_path)
+
+
+def test_rewrite_replaces_atomically(bundle_dir):
+    path, _ = bundle_dir
+    writer = BundleWriter(path, name="tiny-v2")
+    writer.add_json("only.json", {"a": 1})
+    writer.finish()
+    bundle = Bundle.load(path)
+    assert bundle.name == "tiny-v2" and set(bundle.manifest["files"]) == {"only.json"}
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tiny")]  # no staging left behind
+
+
+def test_path_escape_refused(tmp_path):
+    writer = BundleWriter(tmp_path / "b", name="b")
+    with pytest.raises(BundleError, match="bad file name"):
+        writer.add_json("../outside.json", {})
+    writer.abort()
+
+
+@dataclass
+class _Inner(Config):
+    width: int = 4
+    scale: float = 1.0
+
+
+@dataclass
+class _Outer(Config):
+    name: str = "x"
+    inner: _Inner = field(default_factory=_Inner)
+    sizes: tuple[int, ...] = (1, 2)
+    maybe: str | None = None
+
+
+def test_config_round_trip_and_unknown_keys():
+    config = _Outer(name="y", inner=_Inner(width=8, scale=2), sizes=(3, 4, 5), maybe="z")
+    data = json.loads(json.dumps(config.to_dict()))
+    assert _Outer.from_dict(data) == config
+    assert isinstance(_Outer.from_dict({"inner": {"scale": 3}}).inner.scale, float)
+    with pytest.raises(ConfigError, match=r"_Outer.inner: unknown field\(s\) depth"):
+        _Outer.from_dict({"inner": {"depth": 2}})
+    encoder = tiny_encoder_config()
+    assert EncoderConfig.from_dict(json.loads(json.dumps(encoder.to_dict()))) == encoder

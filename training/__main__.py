@@ -1,0 +1,48 @@
+"""``python -m training <subcommand> ...``: every training-side command behind one entry point.
+
+Each subcommand lives in its own module with a ``main(argv) -> int``; this file
+only maps names to modules, importing the chosen one lazily so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import capdemo  # noqa: F401  (the torchvision shim, before any model library)
+
+SUBCOMMANDS = {
+    "embed": ("training.embed", "cache CLIP text embeddings of a caption corpus (sharded, resumable)"),
+    "index": ("training.index", "build a caption datastore (faiss) for retrieval"),
+    "gapstats": ("training.gapstats", "compute modality-gap statistics (image vs text embeddings)"),
+    "maccap": ("training.maccap", "train MacCap text-only and write a bundle"),
+    "tomcap": ("training.tomcap", "train TOMCap text-only and write a bundle"),
+    "evaluate": ("training.evaluate", "caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) and VQA accuracy"),
+    "shapes": ("training.shapes.build", "rebuild the shapes-world bundle (weights/shapes) from scratch"),
+    "shapes-eval": ("training.shapes.evaluate", "score a bundle on freshly generated held-out shapes scenes"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: python -m training <subcommand> [options]", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `python -m training <subcommand> --help` for its options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"error: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
