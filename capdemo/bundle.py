@@ -65,6 +65,31 @@ class BundleWriter:
         self._components: dict[str, dict[str, Any]] = {}
         self._info = {"name": name, "description": description, **info}
 
+    @classmethod
+    def extending(cls, out_dir: str | Path, **info: Any) -> "BundleWriter":
+        """A writer that starts from the (verified) bundle already at ``out_dir``, or an empty one if none.
+
+        Training commands use this so ``--out weights/NAME`` adds or replaces one method's
+        component without dropping the others.
+        """
+        out_dir = Path(out_dir)
+        existing = Bundle.load(out_dir) if (out_dir / MANIFEST).is_file() else None
+        base_info = {k: v for k, v in (existing.manifest if existing else {}).items()
+                     if k not in ("format", "format_version", "components", "files")}
+        base_info.setdefault("name", out_dir.name)
+        writer = cls(out_dir, **{**base_info, **info})
+        if existing is not None:
+            for rel in existing.manifest.get("files", {}):
+                shutil.copyfile(existing.path / rel, writer.path(rel))
+            writer._components.update(existing.components)
+        return writer
+
+    def remove(self, prefix: str) -> None:
+        """Drop every staged file under ``prefix/`` (before re-adding a component's files)."""
+        folder = self._staging / _check_relpath(prefix)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
     def path(self, relpath: str) -> Path:
         """Where ``relpath`` goes inside the staging folder (parents created): for writers that need a path."""
         target = self._staging / _check_relpath(relpath)

@@ -133,3 +133,19 @@ def test_config_round_trip_and_unknown_keys():
         _Outer.from_dict({"inner": {"depth": 2}})
     encoder = tiny_encoder_config()
     assert EncoderConfig.from_dict(json.loads(json.dumps(encoder.to_dict()))) == encoder
+
+
+def test_extending_keeps_other_components(bundle_dir):
+    path, original = bundle_dir
+    writer = BundleWriter.extending(path, description="with a method")
+    writer.remove("extra")
+    writer.add_component("maccap", {"n_cr": 10})
+    writer.add_json("maccap/config.json", {"n_cr": 10})
+    writer.finish()
+    bundle = Bundle.load(path)
+    assert set(bundle.components) == {"encoder", "maccap"}
+    assert bundle.name == "tiny" and bundle.manifest["description"] == "with a method"
+    assert not any(rel.startswith("extra/") for rel in bundle.manifest["files"])
+    rebuilt = encoder_from_bundle(bundle)
+    pixels = torch.randn(1, 3, 32, 32)
+    assert torch.equal(rebuilt.encode_images(pixels).image_embeds, original.encode_images(pixels).image_embeds)

@@ -1,0 +1,110 @@
+"""``python -m capdemo caption|vqa|info``: the library from the command line, JSON on request.
+
+One bad image never stops a batch: it gets a one-line error on stderr, the others
+are captioned, and the exit code is 1 so scripts notice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from capdemo.options import METHODS, CaptionOptions
+
+
+def _parser() -> argparse.ArgumentParser:
+    from capdemo.pipeline import DEFAULT_WEIGHTS
+
+    parser = argparse.ArgumentParser(prog="python -m capdemo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="bundle folder or hf-hub:org/name@revision")
+        p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+        p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
+
+    cap = sub.add_parser("caption", help="caption images")
+    cap.add_argument("images", nargs="+", type=Path, help="image files")
+    cap.add_argument("--method", choices=METHODS, default="maccap", help="captioning method")
+    cap.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (bundle default: 20)")
+    cap.add_argument("--beams", type=int, default=None, help="beam width (bundle default: 4)")
+    cap.add_argument("--noise-variance", type=float, default=None, help="MacCap inference noise variance")
+    cap.add_argument("--n-cr", type=int, default=None, help="MacCap patches picked by the CLS attention")
+    cap.add_argument("--k", type=int, default=None, help="TOMCap retrieved neighbours")
+    cap.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
+    cap.add_argument("--seed", type=int, default=0, help="seed for the inference noise")
+    cap.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    common(cap)
+
+    vqa = sub.add_parser("vqa", help="answer a question about an image")
+    vqa.add_argument("image", type=Path, help="image file")
+    vqa.add_argument("--question", required=True, help="the question")
+    vqa.add_argument("--top-k", type=int, default=10, help="candidate answers to list")
+    common(vqa)
+
+    info = sub.add_parser("info", help="describe a bundle")
+    common(info)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _caption(args: argparse.Namespace, captioner) -> int:
+    from capdemo.images import ImageLoadError, load_image
+
+    options = CaptionOptions(
+        samples=args.samples, beams=args.beams, noise_variance=args.noise_variance, n_cr=args.n_cr, k=args.k,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    ).validated()
+    loaded, failures = [], 0
+    for path in args.images:
+        try:
+            loaded.append((path, load_image(path, name=path.name)))
+        except (ImageLoadError, OSError) as err:
+            _error(str(err) if isinstance(err, ImageLoadError) else f"{path}: {err.strerror or err}")
+            failures += 1
+    for start in range(0, len(loaded), max(1, args.batch_size)):
+        chunk = loaded[start: start + args.batch_size]
+        results = captioner.caption([image for _, image in chunk], args.method, options)
+        for (path, _), result in zip(chunk, results):
+            if args.json:
+                print(json.dumps({"image": str(path), **result.to_json()}, ensure_ascii=False), flush=True)
+            else:
+                print(f"{path}: {result.caption}", flush=True)
+    return 1 if failures else 0
+
+
+def _vqa(args: argparse.Namespace, captioner) -> int:
+    from capdemo.images import load_image
+
+    image = load_image(args.image, name=args.image.name)
+    result = captioner.answer(image, args.question, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"image": str(args.image), "question": args.question, **result.to_json()}, ensure_ascii=False))
+    else:
+        print(f"{result.answer}  (generated: {result.generated!r}; caption: {result.caption!r})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from capdemo.images import ImageLoadError
+    from capdemo.pipeline import Captioner
+
+    try:
+        captioner = Captioner.from_bundle(args.weights, device=args.device)
+        if args.command == "info":
+            print(json.dumps(captioner.info(), indent=2 if not args.json else None))
+            return 0
+        return _caption(args, captioner) if args.command == "caption" else _vqa(args, captioner)
+    except (ValueError, ImageLoadError, OSError, RuntimeError) as err:
+        _error(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
