@@ -84,3 +84,20 @@ class PackedCaptions(Dataset):
 def lm_loss(lm, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over a packed batch (B, L)."""
     return lm(input_ids=batch, labels=batch).loss
+
+
+def pretrain_lm(captions: Sequence[str], config: TinyLMConfig, train_config, *, extra_texts: Sequence[str] = (),
+                resume: bool = False):
+    """Fit the tokenizer (on captions + ``extra_texts``, e.g. prompt templates) and train the LM on captions.
+
+    Returns (lm, tokenizer, TrainResult); the LM comes back in eval mode with gradients off.
+    """
+    from training.loop import TrainTask, train
+
+    tokenizer = train_tokenizer([*captions, *extra_texts], vocab_size=config.vocab_size)
+    lm = build_lm(tokenizer, config, seed=train_config.seed)
+    dataset = PackedCaptions(captions, tokenizer, length=min(64, config.n_positions), seed=train_config.seed)
+    task = TrainTask(model=lm, dataset=dataset, collate_fn=torch.stack, loss_fn=lm_loss)
+    result = train(task, train_config, resume=resume)
+    lm.eval().requires_grad_(False)
+    return lm, tokenizer, result
