@@ -41,7 +41,7 @@ from training.evaluate import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR_CANDIDATES = (os.environ.get("CAPDEMO_DATA_DIR"), REPO / "data", REPO.parent / "shared" / "data")
+DATA_DIR_CANDIDATES = (os.environ.get("CAPDEMO_DATA_DIR"), REPO / "tests" / "data", REPO.parent / "shared" / "data")
 
 # Published by the official COCO demo (cocoEvalCapDemo.ipynb) for its fake captions, PTB + pycocoevalcap.
 OFFICIAL_DEMO_SCORES = {
@@ -58,7 +58,7 @@ ALL_CAPTION_KEYS = [key for name in evaluate.CAPTION_METRICS for key in evaluate
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    """The shared data folder (MANIFEST.md): $CAPDEMO_DATA_DIR, ./data or ../shared/data."""
+    """The evaluation data: $CAPDEMO_DATA_DIR, the vendored tests/data (see its README) or ../shared/data."""
     for candidate in DATA_DIR_CANDIDATES:
         if candidate and (Path(candidate) / "coco" / "fakecap_references.json").is_file():
             return Path(candidate)
