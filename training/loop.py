@@ -1,0 +1,738 @@
+"""The one training loop behind MacCap, TOMCap and the shapes world.
+
+A method hands over a ``TrainTask`` (its model, a map-style dataset, a collate function and
+``loss_fn(model, batch) -> scalar``) and ``train`` does the rest: AdamW with linear warmup then
+cosine decay, autocast on GPU (bf16, or fp16 with a GradScaler), gradient clipping and
+accumulation, data parallel training under ``torchrun``, a tqdm bar, a JSON history, and
+checkpoints from which ``resume=True`` continues a killed run exactly.
+
+What a task can rely on, and what it must respect:
+
+* **Trainable means requires_grad.** Only parameters with ``requires_grad`` are optimised and
+  checkpointed; frozen ones (a pretrained LM, CLIP) are the task's to rebuild and are never
+  written. Trainable parameters must be float32 (autocast supplies the low precision). Buffers
+  are not checkpointed, so trainable parts must not update buffers while training.
+* **Data order is a function of (seed, step).** Step ``s`` reads batch ``s % steps_per_epoch``
+  of a permutation drawn from (seed, epoch); each rank takes a contiguous slice of that global
+  batch, split further into ``grad_accum`` micro-batches. An epoch's incomplete last batch is
+  dropped. ``dataset[i]`` must be deterministic (no augmentation randomness in workers).
+* **Randomness is a function of (seed, step, micro-batch, rank).** The global torch RNG is
+  re-seeded from these before every ``loss_fn`` call, so dropout and noise injection drawn from
+  torch's default generator repeat exactly after a resume, and no RNG state needs saving. Draw
+  from torch, not ``random`` or numpy. Ranks draw different noise for their different samples.
+* **The loss is a mean over its micro-batch.** The loop averages over micro-batches and ranks,
+  so the gradient is that of the mean over the global batch whatever the world size.
+* ``loss_fn`` receives the bare model and a batch already on the device: it never sees DDP,
+  autocast or the loss scale. The loop calls ``model.train()``; a model whose frozen parts must
+  stay in eval mode overrides ``train``.
+
+Under ``torchrun`` every rank calls ``train``. The model is wrapped in DistributedDataParallel
+through a module whose ``forward`` is ``loss_fn``, so only trainable gradients are all-reduced and
+a frozen LM is never broadcast. Rank 0 alone writes checkpoints and the history and runs
+``TrainTask.evaluate``; all ranks read the same checkpoint on resume (a shared filesystem).
+
+A checkpoint is one file, ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors``: trainable weights
+under ``model/``, AdamW state under ``optim/``, and the JSON training state (step, config,
+loss scaler, history) in the safetensors metadata. It is written to a temporary file in the
+same folder, fsynced and renamed, so a file under a final name is always complete; resuming
+takes the newest file that loads and skips, with a warning, any that do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from capdemo.config import Config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "capdemo.train-checkpoint/1"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+_TEMP_SUFFIX = ".tmp"
+# Config fields that may differ between a run and its resume: none of them changes the weights.
+_RESUMABLE_CHANGES = frozenset(
+    {"out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "num_workers"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, from another format, or from another run."""
+
+
+@dataclass
+class TrainConfig(Config):
+    """How to optimise a task; the model's own settings live in the method's config."""
+
+    out_dir: str = "runs/train"  # checkpoints/ and history.json go here; resume reads from here
+    seed: int = 0  # data order and per-step randomness are derived from it (model init is the task's)
+    batch_size: int = 64  # global batch: samples per optimizer step, over all ranks and micro-batches
+    grad_accum: int = 1  # micro-batches per step on each rank; batch_size % (world_size * grad_accum) == 0
+    epochs: int = 1  # run length in passes over the dataset, used when max_steps is None
+    max_steps: int | None = None  # run length in optimizer steps; overrides epochs when set
+    lr: float = 1e-4  # peak learning rate, reached at the last warmup step
+    min_lr_ratio: float = 0.0  # the cosine decays towards lr * min_lr_ratio
+    warmup_steps: int = 0  # linear warmup: step i (0-based) uses lr * (i + 1) / warmup_steps
+    weight_decay: float = 0.01  # AdamW decoupled decay, on weights with >= 2 dims only (not biases, norms)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip: float | None = 1.0  # max L2 norm of the whole (unscaled) gradient; None = no clipping
+    precision: str = "auto"  # one of PRECISIONS; auto = bf16 where the GPU has it, else fp16; fp32 on CPU
+    device: str = "auto"  # one of DEVICES; auto = cuda:LOCAL_RANK when CUDA is available, else cpu
+    checkpoint_every: int = 500  # steps between checkpoints; 0 = only the final one
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk; older ones are deleted
+    log_every: int = 10  # steps per history entry (its loss is the mean over those steps)
+    eval_every: int = 0  # steps between TrainTask.evaluate calls; 0 = only after the last step
+    num_workers: int = 0  # DataLoader worker processes per rank
+    find_unused_parameters: bool = False  # DDP: set when some trainable parameters get no gradient in a step
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
+                    "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"TrainConfig needs lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainConfig.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+
+@dataclass
+class TrainTask:
+    """What a method hands to the loop: a model, its data and its loss (see the module docstring)."""
+
+    model: nn.Module  # trainable parts have requires_grad=True, everything else is frozen
+    dataset: Dataset  # map-style: len() and deterministic dataset[i]
+    collate_fn: Callable[[list[Any]], Any]  # samples -> batch of tensors (nested in dicts/lists/tuples is fine)
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]  # (bare model, batch on device) -> scalar mean loss
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None  # rank 0 only, eval mode, no_grad
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or deliberately stopped) run leaves behind."""
+
+    step: int  # optimizer steps completed
+    finished: bool  # the run reached its last step (False when stop_after cut it short)
+    history: list[dict[str, float]]  # per log interval: step, mean loss, lr and grad_norm of its last step
+    evaluations: list[dict[str, float]]  # one entry per evaluation: step and the task's metrics
+    checkpoint: Path | None  # the newest complete checkpoint of this run
+
+
+# ----------------------------------------------------------------------------- schedule and precision
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay.
+
+    Warmup uses lr/W, 2lr/W, ..., lr over steps 0..W-1 (no step is wasted at lr 0); the cosine
+    then falls from lr at step W towards lr * min_lr_ratio, reached one step after the last.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+def resolve_device(device: str, *, local_rank: int = 0) -> torch.device:
+    """The device this rank trains on: ``cuda:LOCAL_RANK`` or ``cpu``."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_precision(precision: str, *, device: torch.device) -> str:
+    """The precision a run uses: autocast is for CUDA only, so CPU runs are fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type != "cuda":
+        if precision in ("auto", "fp32"):
+            return "fp32"
+        raise ValueError(f"precision {precision!r} needs a CUDA device; use 'auto' or 'fp32' on {device.type}")
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  params: Sequence[nn.Parameter], *, max_norm: float | None) -> torch.Tensor:
+    """Clip the true gradient and step; returns its norm before clipping.
+
+    The gradient is unscaled before it is measured: clipping a loss-scaled fp16 gradient would
+    compare the threshold with a norm inflated by the scale. The scaler skips the step (and
+    lowers its scale) when the gradient overflowed.
+    """
+    scaler.unscale_(optimizer)
+    norm = nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return norm
+
+
+# ----------------------------------------------------------------------------- data order and seeds
+
+
+def derive_seed(seed: int, *stream: object) -> int:
+    """A 63-bit seed for one named random stream, e.g. ``("order", epoch)`` or ``("step", step, micro, rank)``."""
+    key = "/".join(str(part) for part in (seed, *stream)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+class DataOrder:
+    """Which samples each optimizer step reads: a pure function of (seed, step), so resuming needs no sampler state."""
+
+    def __init__(self, *, dataset_size: int, batch_size: int, seed: int):
+        if dataset_size < batch_size:
+            raise ValueError(f"the dataset has {dataset_size} samples, fewer than one batch of {batch_size}")
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = dataset_size // batch_size
+        self._cached: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of the whole dataset in ``epoch``."""
+        if self._cached is None or self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+            self._cached = (epoch, torch.randperm(self.dataset_size, generator=generator))
+        return self._cached[1]
+
+    def global_batch(self, step: int) -> list[int]:
+        """Dataset indices of the global batch of optimizer step ``step``."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * self.batch_size
+        return self.permutation(epoch)[start : start + self.batch_size].tolist()
+
+    def micro_batch_size(self, *, world_size: int, grad_accum: int) -> int:
+        """Samples per micro-batch; the global batch must split evenly over ranks and micro-batches."""
+        if self.batch_size % (world_size * grad_accum):
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by world_size * grad_accum"
+                             f" = {world_size} * {grad_accum}")
+        return self.batch_size // (world_size * grad_accum)
+
+    def micro_batches(self, step: int, *, rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
+        """This rank's contiguous slice of the global batch, cut into ``grad_accum`` equal micro-batches."""
+        size = self.micro_batch_size(world_size=world_size, grad_accum=grad_accum)
+        shard = self.global_batch(step)[rank * grad_accum * size : (rank + 1) * grad_accum * size]
+        return [shard[i * size : (i + 1) * size] for i in range(grad_accum)]
+
+
+class _StepRangeSampler(Sampler[list[int]]):
+    """A DataLoader batch sampler over this rank's micro-batches of steps [start, end)."""
+
+    def __init__(self, order: DataOrder, *, start: int, end: int, rank: int, world_size: int, grad_accum: int):
+        self.order, self.start, self.end = order, start, end
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.end):
+            yield from self.order.micro_batches(step, rank=self.rank, world_size=self.world_size,
+                                                grad_accum=self.grad_accum)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start) * self.grad_accum
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor (also inside dicts, lists, tuples, or objects with ``.to``) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(value, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    if callable(getattr(batch, "to", None)):
+        return batch.to(device)
+    return batch
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a data-parallel run (world_size 1 when run alone)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints and logs."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+@contextmanager
+def distributed_session(*, device: str = "auto") -> Iterator[DistEnv]:
+    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
+
+    Initialises the group (nccl on CUDA, gloo on CPU; MASTER_ADDR/PORT from the environment)
+    unless the caller already did, and destroys only a group it created.
+    """
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size, created = dist.get_rank(), dist.get_world_size(), False
+    else:
+        rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+        created = world_size > 1
+    torch_device = resolve_device(device, local_rank=local_rank)
+    if created:
+        if torch_device.type == "cuda":
+            torch.cuda.set_device(torch_device)
+        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+    try:
+        yield DistEnv(rank=rank, world_size=world_size, device=torch_device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` behind ``forward``, so DDP can hook the backward of any loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint read back from disk (tensors on the CPU)."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]  # "model/<param name>" and "optim/<param name>/<AdamW state key>"
+    state: dict[str, Any]  # JSON training state: step, config, dataset_size, grad_scaler, history, ...
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, keyed by parameter name (ready for ``load_state_dict(strict=False)``)."""
+        return {key.removeprefix("model/"): value for key, value in self.tensors.items() if key.startswith("model/")}
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:08d}.safetensors"
+
+
+def checkpoint_paths(directory: str | Path) -> list[Path]:
+    """Files under a checkpoint's final name in ``directory``, oldest step first (temp files excluded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(match[1]), path) for path in directory.iterdir() if (match := _CHECKPOINT_NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read one checkpoint; raises CheckpointError (one line) unless it is complete and ours."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (SafetensorError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: format {metadata.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+    try:
+        state = json.loads(metadata["state"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: training state is missing or not JSON ({err})") from None
+    return Checkpoint(path=path, tensors=tensors, state=state)
+
+
+def latest_checkpoint(directory: str | Path) -> Checkpoint | None:
+    """The newest checkpoint in ``directory`` that loads, skipping broken ones with a warning.
+
+    None when there is no checkpoint at all; CheckpointError when there are some but none loads,
+    because silently starting over would throw a run away.
+    """
+    candidates = checkpoint_paths(directory)
+    for path in reversed(candidates):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("skipping a broken checkpoint: %s", err)
+    if candidates:
+        raise CheckpointError(f"none of the {len(candidates)} checkpoint(s) in {directory} loads;"
+                              " see the warnings above")
+    return None
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temp file in the same folder: readers see the old file or the whole new one."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    _replace_atomically(path, lambda temp: temp.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Temp files of a run that was killed while writing; never a checkpoint, so never needed."""
+    for path in directory.glob(f".*{_TEMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (none has requires_grad=True)")
+    for name, param in trainable.items():
+        if param.dtype != torch.float32:
+            raise ValueError(f"trainable parameter {name} is {param.dtype}; keep trainable weights in float32"
+                             " (autocast provides the low precision)")
+    return trainable
+
+
+class Trainer:
+    """One rank's share of a run: the model on its device, AdamW, the data order and the checkpoints."""
+
+    def __init__(self, task: TrainTask, config: TrainConfig, *, env: DistEnv):
+        self.task, self.config, self.env = task, config, env
+        self.device = env.device
+        self.precision = resolve_precision(config.precision, device=self.device)
+        self.model = task.model.to(self.device)
+        self.params = _trainable_parameters(self.model)  # name -> trainable parameter
+        self.optimizer = self._adamw()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.order = DataOrder(dataset_size=len(task.dataset), batch_size=config.batch_size, seed=config.seed)
+        self.order.micro_batch_size(world_size=env.world_size, grad_accum=config.grad_accum)  # fails early if uneven
+        self.total_steps = config.max_steps or config.epochs * self.order.steps_per_epoch
+        self.checkpoint_dir = Path(config.out_dir) / "checkpoints"
+        self.forward = self._loss_module()
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, float]] = []
+        self._pending_loss = torch.zeros((), dtype=torch.float64, device=self.device)  # loss sum since last log
+        self._pending_steps = 0
+
+    def _adamw(self) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
+        decayed = [p for p in self.params.values() if p.ndim >= 2]
+        plain = [p for p in self.params.values() if p.ndim < 2]
+        groups = [{"params": decayed, "weight_decay": self.config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
+                                 betas=self.config.betas, eps=self.config.eps)
+
+    def _optimizer_index(self) -> dict[str, int]:
+        """Parameter name -> the number the optimizer's state_dict gives that parameter."""
+        numbered = (p for group in self.optimizer.param_groups for p in group["params"])
+        number = {id(param): i for i, param in enumerate(numbered)}
+        return {name: number[id(param)] for name, param in self.params.items()}
+
+    def _loss_module(self) -> nn.Module:
+        """The loss behind ``forward``; under DDP only the trainable parameters are reduced.
+
+        ``init_sync=False`` skips DDP's start-up broadcast of every parameter (a frozen LM would be
+        gigabytes); ``fit`` broadcasts the trainable ones itself.
+        """
+        module = _LossModule(self.model, self.task.loss_fn)
+        if self.env.world_size == 1:
+            return module
+        return DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            init_sync=False, broadcast_buffers=False, find_unused_parameters=self.config.find_unused_parameters)
+
+    # ---- one optimizer step
+
+    def micro_batches(self, step: int) -> list[Any]:
+        """This rank's collated micro-batches of ``step``, read straight from the dataset."""
+        indices = self.order.micro_batches(step, rank=self.env.rank, world_size=self.env.world_size,
+                                           grad_accum=self.config.grad_accum)
+        return [self.task.collate_fn([self.task.dataset[i] for i in part]) for part in indices]
+
+    def accumulate_gradients(self, step: int, micro_batches: Sequence[Any] | None = None) -> torch.Tensor:
+        """Backward the loss of ``step``'s global batch into ``.grad`` (averaged over ranks).
+
+        Returns this rank's mean micro-batch loss (detached, float64). Gradients are loss-scaled
+        when the precision is fp16.
+        """
+        micro_batches = self.micro_batches(step) if micro_batches is None else micro_batches
+        amp_dtype = _AMP_DTYPES.get(self.precision)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro, batch in enumerate(micro_batches):
+            is_last = micro == len(micro_batches) - 1
+            sync = nullcontext() if is_last or self.env.world_size == 1 else self.forward.no_sync()
+            torch.manual_seed(derive_seed(self.config.seed, "step", step, micro, self.env.rank))
+            with sync:
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = self.forward(_to_device(batch, self.device))
+                if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.detach().to(torch.float64)
+        return total / len(micro_batches)
+
+    def apply_gradients(self, step: int) -> tuple[float, torch.Tensor]:
+        """Take the AdamW step of ``step`` at its scheduled lr; returns (lr, gradient norm before clipping)."""
+        lr = lr_at(step, lr=self.config.lr, warmup_steps=self.config.warmup_steps,
+                   total_steps=self.total_steps, min_lr_ratio=self.config.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        norm = clip_and_step(self.optimizer, self.scaler, list(self.params.values()), max_norm=self.config.grad_clip)
+        return lr, norm
+
+    # ---- the run
+
+    def fit(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to the last step, or until step ``stop_after`` as if killed there (no extra checkpoint)."""
+        checkpoint = self._start(resume=resume)
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        loader = DataLoader(
+            self.task.dataset, collate_fn=self.task.collate_fn, num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            batch_sampler=_StepRangeSampler(self.order, start=self.step, end=end, rank=self.env.rank,
+                                            world_size=self.env.world_size, grad_accum=self.config.grad_accum))
+        batches = iter(loader)
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", disable=not self.env.is_main)
+        interval_start, interval_steps = time.perf_counter(), 0
+        while self.step < end:
+            step = self.step
+            loss = self.accumulate_gradients(step, [next(batches) for _ in range(self.config.grad_accum)])
+            lr, grad_norm = self.apply_gradients(step)
+            self._pending_loss += loss
+            self._pending_steps += 1
+            self.step = step + 1
+            interval_steps += 1
+            is_last = self.step == self.total_steps
+            if self.step % self.config.log_every == 0 or is_last:
+                entry = self._log(lr=lr, grad_norm=grad_norm)
+                now = time.perf_counter()
+                samples_per_s = interval_steps * self.config.batch_size / max(now - interval_start, 1e-9)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
+                interval_start, interval_steps = now, 0
+            if (self.config.eval_every and self.step % self.config.eval_every == 0) or is_last:
+                self._evaluate()
+            if (self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0) or is_last:
+                checkpoint = self.save_checkpoint()
+            bar.update(1)
+        bar.close()
+        self._write_history()
+        return TrainResult(step=self.step, finished=self.step == self.total_steps, history=list(self.history),
+                           evaluations=list(self.evaluations), checkpoint=checkpoint)
+
+    def _start(self, *, resume: bool) -> Path | None:
+        """Restore the newest checkpoint if asked to, and give every rank rank 0's trainable weights."""
+        if self.env.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(self.checkpoint_dir)
+        found = latest_checkpoint(self.checkpoint_dir)
+        if found is not None and not resume:
+            raise CheckpointError(f"{self.checkpoint_dir} already holds checkpoints; pass resume=True to continue"
+                                  " that run, or use another out_dir")
+        if found is not None:
+            self.restore(found)
+            log.info("resuming from %s (step %d of %d)", found.path, self.step, self.total_steps)
+        if self.env.world_size > 1:  # also a barrier: no rank trains before all have read the checkpoint
+            with torch.no_grad():
+                for param in self.params.values():
+                    dist.broadcast(param, src=0)
+        return None if found is None else found.path
+
+    def _log(self, *, lr: float, grad_norm: torch.Tensor) -> dict[str, float]:
+        """Close a log interval: the mean loss over its steps and all ranks, in the history."""
+        self._average_pending_loss_over_ranks()
+        mean_loss = (self._pending_loss / self._pending_steps).item()
+        entry = {"step": self.step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm.item()}
+        if not math.isfinite(entry["loss"]):
+            raise FloatingPointError(f"the training loss is {entry['loss']} at step {self.step};"
+                                     " lower lr or check the data")
+        self.history.append(entry)
+        self._pending_loss.zero_()
+        self._pending_steps = 0
+        if self.env.is_main:
+            self._write_history()
+        return entry
+
+    def _average_pending_loss_over_ranks(self) -> None:
+        """Give every rank the rank-average of the loss summed since the last log.
+
+        Called when an interval closes and before a checkpoint stores the partial sum, so that a
+        resumed run (where every rank reads rank 0's value) logs what an uninterrupted one would.
+        """
+        if self.env.world_size > 1:
+            dist.all_reduce(self._pending_loss)
+            self._pending_loss /= self.env.world_size
+
+    def _evaluate(self) -> None:
+        """Run the task's evaluation on rank 0 (eval mode, no_grad, seeded), and record its metrics."""
+        if self.task.evaluate is None or not self.env.is_main:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(derive_seed(self.config.seed, "eval", self.step))
+        with torch.no_grad():
+            metrics = {name: float(value) for name, value in self.task.evaluate(self.model).items()}
+        self.model.train(was_training)
+        self.evaluations.append({"step": self.step, **metrics})
+        log.info("step %d evaluation: %s", self.step, metrics)
+
+    def _write_history(self) -> None:
+        if self.env.is_main:
+            write_json_atomically(Path(self.config.out_dir) / "history.json",
+                                  {"train": self.history, "eval": self.evaluations})
+
+    # ---- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step (rank 0 writes; every rank must call this)."""
+        path = checkpoint_path(self.checkpoint_dir, self.step)
+        self._average_pending_loss_over_ranks()  # collective: every rank calls save_checkpoint
+        if not self.env.is_main:
+            return path
+        tensors = {f"model/{name}": param.detach().cpu().contiguous() for name, param in self.params.items()}
+        for name, param in self.params.items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                tensors[f"optim/{name}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        state = {
+            "step": self.step,
+            "epoch": self.step // self.order.steps_per_epoch,  # for people reading the file; derived from step
+            "dataset_size": self.order.dataset_size,
+            "world_size": self.env.world_size,
+            "precision": self.precision,
+            "config": self.config.to_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "pending_loss": [self._pending_loss.item(), self._pending_steps],
+            "history": self.history,
+            "evaluations": self.evaluations,
+        }
+        metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)}
+        _replace_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+        for old in checkpoint_paths(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: weights, AdamW moments, loss scale, step and history."""
+        state = checkpoint.state
+        self._check_same_run(checkpoint)
+        weights = checkpoint.model_state()
+        if set(weights) != set(self.params):
+            missing, unexpected = sorted(set(self.params) - set(weights)), sorted(set(weights) - set(self.params))
+            raise CheckpointError(f"{checkpoint.path}: trainable parameters differ (missing {missing[:3]},"
+                                  f" unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                if weights[name].shape != param.shape:
+                    raise CheckpointError(f"{checkpoint.path}: {name} has shape {tuple(weights[name].shape)},"
+                                          f" the model has {tuple(param.shape)}")
+                param.copy_(weights[name])
+        index = self._optimizer_index()
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in checkpoint.tensors.items():
+            if key.startswith("optim/"):
+                name, stat = key.removeprefix("optim/").rsplit("/", 1)
+                moments.setdefault(index[name], {})[stat] = value
+        self.optimizer.load_state_dict({"state": moments, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        if self.scaler.is_enabled() and state["grad_scaler"]:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step = checkpoint.step
+        self.history = list(state["history"])
+        self.evaluations = list(state["evaluations"])
+        pending_loss, self._pending_steps = state["pending_loss"]
+        self._pending_loss.fill_(pending_loss)
+
+    def _check_same_run(self, checkpoint: Checkpoint) -> None:
+        """Refuse a checkpoint whose run would continue differently (other settings or data)."""
+        saved, now = checkpoint.state["config"], self.config.to_dict()
+        changed = sorted(name for name in now if name not in _RESUMABLE_CHANGES and saved.get(name) != now[name])
+        if changed:
+            raise CheckpointError(f"{checkpoint.path}: settings changed since this checkpoint ({', '.join(changed)});"
+                                  " resume with the same settings or use another out_dir")
+        if checkpoint.state["dataset_size"] != self.order.dataset_size:
+            raise CheckpointError(f"{checkpoint.path}: the dataset had {checkpoint.state['dataset_size']} samples,"
+                                  f" it now has {self.order.dataset_size}")
+
+
+def train(task: TrainTask, config: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Train ``task`` under ``config`` on every rank (launch with ``torchrun`` for data parallel).
+
+    ``resume`` continues from the newest complete checkpoint in ``config.out_dir`` (or starts
+    fresh if there is none); without it, existing checkpoints are an error. ``stop_after`` ends
+    the run after that many steps without a final checkpoint, as a kill would (for tests).
+    """
+    if stop_after is not None and stop_after < 0:
+        raise ValueError(f"stop_after must be >= 0, got {stop_after}")
+    with distributed_session(device=config.device) as env:
+        return Trainer(task, config, env=env).fit(resume=resume, stop_after=stop_after)
