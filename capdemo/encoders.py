@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capdemo.config import Config
-from capdemo.weights import check_not_pickle, resolve
+from capdemo.weights import WeightSource, check_not_pickle, resolve
 
 OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 
@@ -157,15 +157,15 @@ class ClipEncoder(nn.Module):
         self.name = name
         visual = model.visual
         self._last_attn = _last_block_attention(visual)
+        self.images_encoded = 0  # vision-tower passes, counted per image (the app promises one per image)
 
     @classmethod
     def from_config(cls, config: EncoderConfig, *, device: str | torch.device = "cpu") -> "ClipEncoder":
         model, preprocess, tokenizer = create_clip(config, device=device)
         import open_clip
 
-        name = config.model_name + (f"/{config.pretrained}" if config.pretrained else "")
         embed_dim = open_clip.get_model_config(config.model_name)["embed_dim"]
-        return cls(model, preprocess, tokenizer, embed_dim=embed_dim, name=name)
+        return cls(model, preprocess, tokenizer, embed_dim=embed_dim, name=encoder_name(config))
 
     @property
     def device(self) -> torch.device:
@@ -196,6 +196,7 @@ class ClipEncoder(nn.Module):
     @torch.inference_mode()
     def encode_image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels -> (B, D) L2-normalised global embeddings only (any tower)."""
+        self.images_encoded += pixels.shape[0]
         out = self.model.visual(pixels.to(self.device, self._dtype()))
         pooled = out[0] if isinstance(out, tuple) else out
         return F.normalize(pooled.float(), dim=-1)
@@ -209,6 +210,7 @@ class ClipEncoder(nn.Module):
                 "this tower pools differently (use encode_image_embeds)"
             )
         visual = self.model.visual
+        self.images_encoded += pixels.shape[0]
         captured: dict[str, torch.Tensor] = {}
         handles = _capture_attention(self._last_attn, captured)
         visual.output_tokens = True  # this one pass returns (pooled, tokens) as well
@@ -255,6 +257,16 @@ def _capture_attention(attn: nn.MultiheadAttention, sink: dict[str, torch.Tensor
         attn.register_forward_pre_hook(ask_for_weights, with_kwargs=True),
         attn.register_forward_hook(keep_weights, with_kwargs=True),
     ]
+
+
+def encoder_name(config: EncoderConfig) -> str:
+    """A stable name for the embedding space: ``MODEL/TAG`` for published weights, ``MODEL`` for local ones.
+
+    Datastores record it so queries from another model are refused; local file paths are
+    left out because a bundle's location changes from machine to machine.
+    """
+    published = config.pretrained and (_is_pretrained_tag(config) or WeightSource.parse(config.pretrained).on_hub)
+    return f"{config.model_name}/{config.pretrained}" if published else config.model_name
 
 
 def load_encoder(spec: EncoderConfig | dict[str, Any], *, device: str | torch.device = "cpu") -> ClipEncoder:

@@ -130,11 +130,6 @@ class Captioner:
                 self._cache.move_to_end(key)
         return Encoded(keys=keys, features=_concat(parts))
 
-    @property
-    def encoder_passes(self) -> int:
-        """How many images went through the vision tower (for tests of the no-recompute guarantee)."""
-        return getattr(self.encoder, "images_encoded", 0)
-
     # ------------------------------------------------------------------ methods
 
     def caption(self, images: Sequence[Image.Image] | Encoded, method: str, options: CaptionOptions) -> list[Result]:

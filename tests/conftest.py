@@ -28,3 +28,11 @@ def tiny_tokenizer():
     from tests.tiny_models import tiny_tokenizer as build
 
     return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory):
+    """Path of a complete tiny random bundle (built once per test session)."""
+    from tests.tiny_bundle import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")

@@ -1,0 +1,120 @@
+"""The Captioner facade on a complete tiny bundle: both methods, VQA, plots, one encoder pass per image, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capdemo.options import CaptionOptions
+from capdemo.pipeline import Captioner
+from tests.tiny_bundle import TINY_MACCAP, TINY_TOMCAP, example_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_bundle_dir) -> Captioner:
+    return Captioner.from_bundle(tiny_bundle_dir, device="cpu")
+
+
+def test_loads_every_component(captioner):
+    assert captioner.methods == ("maccap", "tomcap")
+    assert captioner.datastore is not None and captioner.gap_stats is not None and captioner.answers is not None
+    assert len(captioner.examples()) == 2
+    info = captioner.info()
+    assert info["world"] == "shapes" and set(info["methods"]) == {"maccap", "tomcap"}
+    assert all(len(h) == 12 for h in info["files"].values())
+
+
+def test_maccap_results_are_consistent(captioner):
+    images = example_images()
+    results = captioner.caption(images, "maccap", CaptionOptions(samples=6, seed=3))
+    assert len(results) == 2
+    for result in results:
+        scores = [c.clip_score for c in result.candidates]
+        assert len(result.candidates) == 6 and scores == sorted(scores, reverse=True)
+        assert result.caption == result.candidates[0].text
+        assert len(result.patches) == TINY_MACCAP["n_cr"]
+        assert all(0 <= p.row < 4 and 0 <= p.col < 4 and p.index == 4 * p.row + p.col for p in result.patches)
+        assert result.embeddings["region"].shape == (TINY_MACCAP["n_cr"], 32)
+        assert set(result.timings_ms) >= {"encode", "aggregate", "adaptor", "generate", "rerank"}
+    again = captioner.caption(images, "maccap", CaptionOptions(samples=6, seed=3))
+    assert [r.to_json()["candidates"] for r in again] == [r.to_json()["candidates"] for r in results]
+
+
+def test_tomcap_results_are_consistent(captioner):
+    results = captioner.caption(example_images(), "tomcap", CaptionOptions())
+    for result in results:
+        assert len(result.neighbours) == TINY_TOMCAP["k"]
+        assert [n.score for n in result.neighbours] == sorted((n.score for n in result.neighbours), reverse=True)
+        assert len(result.candidates) == TINY_TOMCAP["beams"] and result.caption == result.candidates[0].text
+        assert result.extras["prompt"].startswith("Similar images have the following captions:")
+
+
+def test_image_goes_through_the_tower_once(captioner):
+    image = example_images(seed=11)[0]
+    before = captioner.encoder.images_encoded
+    maccap = captioner.caption([image], "maccap", CaptionOptions(samples=2))[0]
+    captioner.caption([image], "tomcap", CaptionOptions())
+    captioner.answer(image, "what shape is it?", caption=maccap.caption)
+    view = captioner.embedding_view(image, {"maccap": maccap})
+    assert captioner.encoder.images_encoded - before == 1
+    assert view.points["image"].shape == (1, 32) and view.points["patches"].shape == (16, 32)
+    assert view.points["corpus corrected"].shape == view.points["corpus"].shape
+    assert "gap norm ||mu_I - mu_T||" in view.table
+
+
+def test_vqa_ranks_the_answer_list(captioner):
+    result = captioner.answer(example_images()[0], "  what colour is it?\x00 ", top_k=4)
+    assert len(result.top_answers) == 4
+    scores = [score for _, score in result.top_answers]
+    assert scores == sorted(scores, reverse=True) and result.answer == result.top_answers[0][0]
+    assert "Question: what colour is it? Answer:" in result.prompt
+
+
+@pytest.mark.parametrize("options,message", [
+    (CaptionOptions(samples=0), "samples must be between"),
+    (CaptionOptions(beams=100), "beams must be between"),
+    (CaptionOptions(noise_variance=float("nan")), "noise_variance must be finite"),
+    (CaptionOptions(seed=-1), "seed must be between"),
+    (CaptionOptions(k=2.5), "k must be a whole number"),
+])
+def test_bad_options_are_one_line_errors(captioner, options, message):
+    with pytest.raises(ValueError, match=message):
+        captioner.caption(example_images()[:1], "maccap", options)
+
+
+@pytest.mark.parametrize("question", ["", "   ", "\n\t", "x" * 600])
+def test_bad_questions_refused(captioner, question):
+    with pytest.raises(ValueError, match="question is"):
+        captioner.answer(example_images()[0], question)
+
+
+def test_unknown_method_refused(captioner):
+    with pytest.raises(ValueError, match="unknown method 'blip'"):
+        captioner.caption(example_images()[:1], "blip", CaptionOptions())
+
+
+def test_cli_captions_good_images_and_reports_bad_ones(tiny_bundle_dir, tmp_path):
+    good = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path, image in zip(good, example_images()):
+        image.save(path)
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not really a jpeg")
+    command = [sys.executable, "-m", "capdemo", "caption", str(good[0]), str(bad), str(good[1]),
+               "--weights", str(tiny_bundle_dir), "--method", "maccap", "--samples", "3", "--json"]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 1
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [Path(line["image"]).name for line in lines] == ["a.png", "b.png"]
+    for line in lines:
+        assert set(line) >= {"caption", "candidates", "patches", "neighbours", "timings_ms"}
+        assert len(line["candidates"]) == 3 and line["caption"] == line["candidates"][0]["text"]
+    errors = [l for l in run.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "broken.jpg" in errors[0]
