@@ -276,7 +276,21 @@ def load_encoder(spec: EncoderConfig | dict[str, Any], *, device: str | torch.de
 
 
 def parse_encoder_spec(text: str) -> EncoderConfig:
-    """CLI form ``MODEL[/TAG_OR_SOURCE]``: ``ViT-B-32/openai``, ``ViT-B-32/hf-hub:org/repo@rev``, ``ViT-B-32/./w.safetensors``."""
+    """The ``--encoder`` argument of every command, in one of three forms.
+
+    - a bundle folder (``weights/shapes``): the encoder that bundle serves, weights located inside it;
+    - a JSON file holding an :class:`EncoderConfig`;
+    - ``MODEL[/PRETRAINED]``: ``ViT-B-32/openai``, ``ViT-B-32/hf-hub:org/repo@rev``, ``ViT-B-32/./w.safetensors``.
+    """
+    from capdemo.bundle import MANIFEST, Bundle
+
+    path = Path(text)
+    if (path / MANIFEST).is_file():
+        bundle = Bundle.load(path)
+        config = EncoderConfig.from_dict(bundle.component(ENCODER_COMPONENT))
+        return config.replace(pretrained=bundle.locate(config.pretrained))
+    if path.suffix == ".json" and path.is_file():
+        return EncoderConfig.load_json(path)
     name, _, pretrained = text.partition("/")
     return EncoderConfig(model_name=name, pretrained=pretrained or None)
 

@@ -181,3 +181,17 @@ def test_pickle_weights_refused_before_loading(tmp_path, name, content):
     path.write_bytes(content)
     with pytest.raises(UnsafeWeightsError, match="pickle"):
         ClipEncoder.from_config(tiny_encoder_config(pretrained=str(path)))
+
+
+def test_encoder_spec_forms(tmp_path, tiny_bundle_dir):
+    from capdemo.encoders import parse_encoder_spec
+
+    assert parse_encoder_spec("ViT-B-32/openai") == EncoderConfig(model_name="ViT-B-32", pretrained="openai")
+    assert parse_encoder_spec("ViT-B-32").pretrained is None
+    assert parse_encoder_spec("ViT-B-32/hf-hub:org/clip@abc").pretrained == "hf-hub:org/clip@abc"
+    config_file = tmp_path / "encoder.json"
+    tiny_encoder_config().save_json(config_file)
+    assert parse_encoder_spec(str(config_file)) == tiny_encoder_config()
+    from_bundle = parse_encoder_spec(str(tiny_bundle_dir))
+    assert from_bundle.model_name == "capdemo-tiny-test"
+    assert from_bundle.pretrained == str(tiny_bundle_dir / "encoder" / "open_clip_model.safetensors")
