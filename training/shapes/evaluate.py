@@ -1,0 +1,128 @@
+"""``python -m training shapes-eval``: score a bundle on freshly generated, held-out shapes scenes.
+
+Images are captioned by the app's own code path (:class:`capdemo.pipeline.Captioner`,
+every method with its bundle defaults), parsed back into scenes and scored:
+exact scene accuracy, per-attribute accuracy, BLEU-4 and CIDEr against all
+paraphrases. ``text_to_text`` is the ceiling of text-only training: each test
+scene's caption decoded from its own CLIP text embedding, where no modality gap
+exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+import capdemo  # noqa: F401  (the torchvision shim, before any model library)
+from capdemo.options import CaptionOptions
+from capdemo.pipeline import Captioner
+from training.evaluate import score_captions
+from training.shapes import world
+from training.shapes.language import Scene, attribute_accuracy, captions, references, scene_accuracy
+
+CAPTION_BATCH = 50  # images per captioning call
+TEXT_METRICS = ("Bleu", "CIDEr")  # no METEOR: it needs a JVM start per call and adds nothing on a 35-word world
+
+
+def world_config_of(captioner: Captioner) -> world.WorldConfig:
+    recipe = captioner.bundle.manifest.get("training", {}).get("recipe", {})
+    return world.WorldConfig.from_dict(recipe["world"]) if "world" in recipe else world.WorldConfig()
+
+
+def used_seeds(config: world.WorldConfig) -> set[int]:
+    return {config.train_seed, config.text_seed, config.unpaired_seed, config.test_seed + 1}
+
+
+def score(predictions: list[str], scenes: list[Scene]) -> dict[str, Any]:
+    refs = {i: references(scene) for i, scene in enumerate(scenes)}
+    text = score_captions(dict(enumerate(predictions)), refs, spice=False, metrics=TEXT_METRICS)
+    attributes = attribute_accuracy(predictions, scenes)
+    return {"scene_accuracy": scene_accuracy(predictions, scenes), "attribute_accuracy": attributes["overall"],
+            "attributes": attributes, "cider": text["CIDEr"], "bleu4": text["Bleu_4"]}
+
+
+def caption_all(captioner: Captioner, images: list, method: str, options: CaptionOptions) -> tuple[list[str], float]:
+    start, predictions = time.perf_counter(), []
+    for i in range(0, len(images), CAPTION_BATCH):
+        results = captioner.caption(images[i: i + CAPTION_BATCH], method, options)
+        predictions += [result.caption for result in results]
+    return predictions, (time.perf_counter() - start) / max(1, len(images))
+
+
+def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[str]:
+    """Captions decoded from the CLIP text embeddings of ``texts`` (clean, as in training but without noise)."""
+    embeds = torch.cat([captioner.encoder.encode_text(texts[i: i + 256]) for i in range(0, len(texts), 256)])
+    if method == "maccap":
+        from capdemo.maccap import caption_text_embeddings
+
+        model = captioner.maccap
+        return [out for i in range(0, len(texts), CAPTION_BATCH)
+                for out in caption_text_embeddings(model, embeds[i: i + CAPTION_BATCH].to(model.device))]
+    from training.tomcap import prepare_examples, reproduce_targets
+
+    model = captioner.tomcap
+    examples = prepare_examples(model, texts, embeds, captioner.datastore, captioner.encoder.encode_text,
+                                gap_stats=captioner.gap_stats if model.config.gap_correction != "none" else None,
+                                progress=False)
+    return reproduce_targets(model, examples, list(range(len(texts))))[1]
+
+
+def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str], options: CaptionOptions,
+                    ceiling: bool = True) -> dict[str, Any]:
+    captioner = Captioner.from_bundle(weights)
+    config = world_config_of(captioner)
+    if seed in used_seeds(config):
+        raise ValueError(f"seed {seed} generated training data; pick a held-out seed (not {sorted(used_seeds(config))})")
+    pairs = world.generate_pairs(n, seed=seed, config=config)
+    scenes, images = [scene for scene, _, _ in pairs], [image for _, image, _ in pairs]
+    report: dict[str, Any] = {"n": n, "seed": seed, "bundle": captioner.bundle.name}
+    encoded = [captioner.encode(images[i: i + CAPTION_BATCH]) for i in range(0, n, CAPTION_BATCH)]
+    del encoded  # the encoder cache now holds every image; captioning below reuses it
+    for method in methods:
+        predictions, seconds = caption_all(captioner, images, method, options)
+        report[method] = {**score(predictions, scenes), "seconds_per_image": seconds,
+                          "examples": [{"prediction": p, "reference": captions(s)[0]}
+                                       for p, s in list(zip(predictions, scenes))[:5]]}
+    if ceiling:
+        texts = [captions(scene)[0] for scene in scenes]
+        report["text_to_text"] = {m: score(text_to_text(captioner, m, texts), scenes) for m in methods}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training shapes-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default="weights/shapes", help="bundle to evaluate")
+    parser.add_argument("--n", type=int, default=500, help="held-out scenes to generate")
+    parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes (never a training seed)")
+    parser.add_argument("--methods", nargs="+", default=["maccap", "tomcap"], help="methods to score")
+    parser.add_argument("--samples", type=int, default=None, help="MacCap samples S (bundle default)")
+    parser.add_argument("--beams", type=int, default=None, help="beam width (bundle default)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the text-to-text ceiling")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        report = evaluate_bundle(args.weights, n=args.n, seed=args.seed, methods=args.methods,
+                                 options=CaptionOptions(samples=args.samples, beams=args.beams),
+                                 ceiling=not args.no_ceiling)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for method in args.methods:
+            row = report[method]
+            print(f"{method:7s} scene {row['scene_accuracy']:.3f}  attributes {row['attribute_accuracy']:.3f}  "
+                  f"CIDEr {row['cider']:.2f}  BLEU-4 {row['bleu4']:.3f}")
+        for method, row in report.get("text_to_text", {}).items():
+            print(f"{method:7s} text-to-text scene {row['scene_accuracy']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
