@@ -84,6 +84,12 @@ class BundleWriter:
             writer._components.update(existing.components)
         return writer
 
+    def set_info(self, *, overwrite: bool = True, **info: Any) -> None:
+        """Top-level manifest fields (description, world, training ...); ``overwrite=False`` keeps existing ones."""
+        for key, value in info.items():
+            if overwrite or not self._info.get(key):
+                self._info[key] = value
+
     def remove(self, prefix: str) -> None:
         """Drop every staged file under ``prefix/`` (before re-adding a component's files)."""
         folder = self._staging / _check_relpath(prefix)

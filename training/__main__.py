@@ -7,6 +7,7 @@ only maps names to modules, importing the chosen one lazily so ``--help`` is fas
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
@@ -41,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except (ValueError, OSError, RuntimeError) as err:  # input, file and weight errors: one line, no traceback
+        if os.environ.get("CAPDEMO_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message} (set CAPDEMO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

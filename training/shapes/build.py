@@ -52,7 +52,7 @@ class ShapesRecipe(Config):
     lm_steps: int = 400  # LM pretraining steps (batch 64 x 64 tokens)
     maccap_steps: int = 1500  # MacCap text-only training steps
     maccap_args: tuple[str, ...] = (
-        "--train-lm", "--n-query", "8", "--n-cr", "10", "--width", "64", "--heads", "4", "--ffn-dim", "256",
+        "--train-lm", "--memory-layernorm", "--n-query", "8", "--n-cr", "10", "--width", "64", "--heads", "4", "--ffn-dim", "256",
         "--batch-size", "64", "--lr", "3e-3", "--warmup", "100",
     )  # the shapes LM must train with the adaptor (shapes-world-prototype.md, round 2)
     tomcap_steps: int = 1500  # TOMCap text-only training steps

@@ -1,0 +1,151 @@
+"""Causal language models through transformers: loading, embedding access, generation from embeddings.
+
+Both methods drive a stock ``AutoModelForCausalLM`` (OPT, GPT-2, ...) with a
+sequence of input *embeddings* rather than token ids: a learned prefix (MacCap)
+or a prompt (VQA, TOMCap). What differs between LM families is read from the
+model itself (``get_input_embeddings()``, the generation config), never guessed
+from its name. Weights load only from safetensors and never run remote code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from capdemo.weights import resolve
+
+LM_WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")  # hub files a model + tokenizer need
+_WHITESPACE = re.compile(r"\s+")
+
+
+class LanguageModelError(ValueError):
+    """A language model or tokenizer that cannot drive generation as asked."""
+
+
+def load_causal_lm(
+    spec: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a local ``save_pretrained`` folder or ``hf-hub:org/name@rev``.
+
+    The model is returned in eval mode; ``dtype=None`` keeps the checkpoint's
+    stored dtype. Pickle checkpoints (``pytorch_model.bin``) are refused.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(spec, what="language model", patterns=LM_WEIGHT_PATTERNS)
+    if not path.is_dir():
+        raise LanguageModelError(f"language model {spec}: expected a folder with config.json, got the file {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=True, trust_remote_code=False, dtype=dtype if dtype is not None else "auto"
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def save_causal_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write model (safetensors) and tokenizer into ``out_dir`` in the form :func:`load_causal_lm` reads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def embedding_size(model: nn.Module) -> int:
+    """Width of the vectors ``inputs_embeds`` takes (OPT-350m: 512 although its hidden size is 1024)."""
+    return int(model.get_input_embeddings().embedding_dim)
+
+
+def embed_tokens(model: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (..., L) -> the LM's input embeddings (..., L, E)."""
+    return model.get_input_embeddings()(token_ids)
+
+
+def special_ids(tokenizer: Any) -> tuple[int | None, int, int]:
+    """``(bos, eos, pad)`` token ids; pad falls back to eos for tokenizers without one (GPT-2)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LanguageModelError(f"tokenizer {type(tokenizer).__name__} has no end-of-sequence token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return tokenizer.bos_token_id, eos, pad
+
+
+def generate_from_embeds(
+    model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    beams: int = 4,
+    max_new_tokens: int = 16,
+    num_return_sequences: int = 1,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """Beam search (greedy when ``beams == 1``) from embeddings (N, L, E): new token ids only.
+
+    Returns (N * num_return_sequences, <= max_new_tokens) ids, rows of one input
+    adjacent (the order transformers uses), finished rows padded with ``pad_token_id``.
+    ``inputs_embeds`` is cast to the model's dtype; extra keyword arguments go
+    straight to ``generate`` (e.g. ``length_penalty``, ``min_new_tokens``).
+    """
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != embedding_size(model):
+        raise LanguageModelError(
+            f"inputs_embeds must be (N, L, {embedding_size(model)}), got {tuple(inputs_embeds.shape)}"
+        )
+    if num_return_sequences > beams:
+        raise LanguageModelError(f"num_return_sequences ({num_return_sequences}) cannot exceed beams ({beams})")
+    n, length, _ = inputs_embeds.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(n, length, dtype=torch.long, device=inputs_embeds.device)
+    dtype = model.get_input_embeddings().weight.dtype
+    with torch.inference_mode():
+        return model.generate(
+            inputs_embeds=inputs_embeds.to(dtype),
+            attention_mask=attention_mask,
+            num_beams=beams,
+            num_return_sequences=num_return_sequences,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **generate_kwargs,
+        )
+
+
+def clean_text(text: str) -> str:
+    """Generated text as shown: control characters (and stray U+FFFD from cut byte sequences) become
+    spaces, surrounding whitespace is stripped and inner runs of whitespace are collapsed.
+
+    Deliberately minimal (the reference code also drops every character except
+    letters, digits, space, comma and period, and deletes 4-digit numbers; we
+    keep what the LM wrote so the demo shows its real output).
+    """
+    printable = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in text)
+    return _WHITESPACE.sub(" ", printable).strip()
+
+
+def decode(tokenizer: Any, token_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+    """Token id rows -> cleaned strings, special tokens (eos, pad) dropped."""
+    rows = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else [list(r) for r in token_ids]
+    return [clean_text(t) for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+__all__ = [
+    "LanguageModelError",
+    "clean_text",
+    "decode",
+    "embed_tokens",
+    "embedding_size",
+    "generate_from_embeds",
+    "load_causal_lm",
+    "save_causal_lm",
+    "special_ids",
+]

@@ -1,0 +1,499 @@
+"""TOMCap (CVPR 2026): retrieval-augmented GPT-2 with cross-attention to CLIP embeddings, trained on text only.
+
+Training (paper §3): a caption's CLIP text embedding is moved onto the image
+statistics (``(e - mu_T) * sigma_I / sigma_T + mu_I``), the K captions nearest to
+it in a caption datastore are retrieved, and GPT-2 reads
+``"Similar images have the following captions: {c1}. ... {cK}. Write a caption:"``
+while a cross-attention layer in every block attends to the memory
+``[corrected embedding; the K neighbours' CLIP embeddings]``. The target is the
+caption of the store nearest to the input, not the input caption. The GPT-2
+backbone is frozen; the new cross-attention layers and LoRA (r = 32) on the
+self-attention projections train.
+
+Inference: the CLIP *image* embedding queries the datastore and fills the memory
+directly (no correction: the correction maps text onto image statistics, the
+image already has them); beam search decodes, and CLIP reranks the beams.
+
+No official code exists, so every choice the paper leaves open is a field of
+:class:`TOMCapConfig` whose comment gives the default and the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capdemo.bundle import IN_BUNDLE_PREFIX
+from capdemo.config import Config
+from capdemo.encoders import ClipEncoder, EncoderConfig
+from capdemo.gap import GapCorrection, GapStats, inject_noise
+from capdemo.lm import LM_WEIGHT_PATTERNS, LanguageModelError, decode, embed_tokens, generate_from_embeds, special_ids
+from capdemo.rerank import ScoredTexts, clip_scores
+from capdemo.result import Candidate, Neighbour, Result
+from capdemo.retrieval import CaptionDatastore, DatastoreError
+from capdemo.weights import WeightSource, resolve
+
+METHOD = "tomcap"
+TARGETS = ("nearest", "input")
+SELECT_BY = ("clip", "beam")
+IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
+TOMCAP_COMPONENT = "tomcap"  # bundle component holding TOMCapConfig
+TRAINABLE_WEIGHTS = "tomcap/trainable.safetensors"  # cross-attention + LoRA + memory projection, by parameter name
+BUNDLED_LM = "tomcap/lm"  # the base GPT-2 (without cross-attention) and tokenizer, when the bundle carries them
+BUNDLED_DATASTORE = "tomcap/datastore"  # the caption datastore, when the bundle carries it
+BUNDLED_GAP_STATS = "tomcap/gap_stats.safetensors"  # the statistics the training inputs were corrected with
+STAGES = ("encode", "retrieve", "generate", "rerank")  # keys of Result.timings_ms
+
+# (fan_in, fan_out) of GPT-2's attention projections in units of n_embd: the LoRA targets TOMCap allows.
+# Names match peft's suffix rule, so "attn.c_attn" is the self-attention's c_attn and never crossattention's.
+LORA_TARGET_SHAPES: dict[str, tuple[int, int]] = {
+    "attn.c_attn": (1, 3),
+    "attn.c_proj": (1, 1),
+    "crossattention.c_attn": (1, 2),
+    "crossattention.q_attn": (1, 1),
+    "crossattention.c_proj": (1, 1),
+}
+
+
+@dataclass
+class TOMCapConfig(Config):
+    """Every setting that shapes a TOMCap model; stored in a bundle as component ``"tomcap"``.
+
+    Choices the paper leaves open, and why the defaults are what they are:
+
+    * Target and prompt. With the nearest retrieved caption as target and the K nearest in the
+      prompt, the target *is* c1 and training becomes "copy the first caption", which at
+      inference returns the image's nearest caption and ignores the memory. By default the
+      prompt therefore holds the next K (ranks 2..K+1) and the model must produce a caption the
+      memory points at ("similar embeddings produce the same caption"); ``target_in_prompt``
+      restores the literal reading.
+    * Noise is added after the correction, to the cross-attention input only (secondary sources
+      say TOMCap adds noise; the retrieval queries are computed once, clean, before training).
+    * The memory projection (Linear D -> n_embd, then LayerNorm) is always there: CLIP vectors
+      are unit-norm, far below GPT-2's hidden scale, and the projection is also what lets a
+      D != n_embd encoder feed the cross-attention.
+    """
+
+    # ---- language model
+    # GPT-2 as a save_pretrained folder, "hf-hub:org/name@rev" or "bundle:..."; the cross-attention
+    # layers are added on load (paper: GPT-2 base)
+    lm: str = "hf-hub:openai-community/gpt2"
+    embed_dim: int = 512  # D: width of the CLIP embeddings in the memory (ViT-B/32: 512)
+    # ---- LoRA on the frozen GPT-2; the new cross-attention layers train fully, so no LoRA on them by default
+    lora_r: int = 32  # rank (paper: 32)
+    lora_alpha: float = 32.0  # scale alpha / r = 1 (paper: unstated)
+    lora_dropout: float = 0.05  # dropout on the LoRA input (paper: unstated; peft's usual value)
+    # "the attention projections": q/k/v and output of each self-attention; keys of LORA_TARGET_SHAPES
+    lora_targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj")
+    # ---- retrieval
+    k: int = 4  # neighbour captions in the prompt and the memory (paper: 4 is best)
+    use_retrieval: bool = True  # False: the "without retrieval" ablation (no captions; memory = the input alone)
+    # the model that embedded the datastore; None: the captioning CLIP, so one tower pass serves both
+    # (shapes world, CPU demo). Paper: SigLIP2 (L/16 per secondary sources), e.g. ViT-B-16-SigLIP2/webli
+    retrieval_encoder: EncoderConfig | None = None
+    # the caption datastore: "bundle:tomcap/datastore", a local folder or "hf-hub:org/name@rev" (large stores)
+    datastore: str | None = None
+    # ---- training inputs and targets
+    target: str = "nearest"  # "nearest": the store caption nearest to the input (paper); "input": the input (ablation)
+    target_in_prompt: bool = False  # target "nearest": True puts it in the prompt as c1 (see the class docstring)
+    gap_correction: str = "mean_std"  # onto image statistics: "mean_std" (paper), "mean" (CapDec's offset), "none"
+    # Gaussian noise variance per dimension after the correction, training only (0.016: CapDec's);
+    # gap_correction "none" with noise is CapDec's recipe
+    noise_variance: float = 0.016
+    # the statistics of the correction ("bundle:tomcap/gap_stats.safetensors"); for analysis, unused at inference
+    gap_stats: str | None = None
+    max_caption_tokens: int = 25  # training target tokens including EOS; longer targets are cut (SmallCap: 25)
+    # ---- prompt (paper: "Similar images have the following captions: {c1}...{ck}. Write a caption:")
+    prompt_template: str = "Similar images have the following captions: {captions}. Write a caption:"
+    caption_separator: str = ". "  # joins the neighbours into {captions}, each a sentence (paper: unstated)
+    prompt_without_retrieval: str = "Write a caption:"  # the prompt when use_retrieval is False
+    # ---- decoding
+    beams: int = 3  # beam width; every beam is a candidate (SmallCap, TOMCap's code ancestor: 3)
+    max_new_tokens: int = 25  # generation length cap (SmallCap: 25)
+    select_by: str = "clip"  # "clip": beams reranked by CLIP image-text cosine (as MacCap); "beam": beam order
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"TOMCapConfig.target must be one of {TARGETS}, got {self.target!r}")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"TOMCapConfig.select_by must be one of {SELECT_BY}, got {self.select_by!r}")
+        modes = [mode.value for mode in GapCorrection]
+        if self.gap_correction not in modes:
+            raise ValueError(f"TOMCapConfig.gap_correction must be one of {modes}, got {self.gap_correction!r}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGET_SHAPES]
+        if unknown or not self.lora_targets:
+            raise ValueError(f"TOMCapConfig.lora_targets must be a non-empty subset of {sorted(LORA_TARGET_SHAPES)},"
+                             f" got {list(self.lora_targets)}")
+        for name in ("embed_dim", "lora_r", "k", "beams", "max_new_tokens", "max_caption_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TOMCapConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.noise_variance < 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("TOMCapConfig needs noise_variance >= 0 and 0 <= lora_dropout < 1")
+        if "{captions}" not in self.prompt_template:
+            raise ValueError("TOMCapConfig.prompt_template must contain the {captions} placeholder")
+
+    @property
+    def hits_for_training(self) -> int:
+        """Store captions retrieved per training caption: the prompt's neighbours, plus the target if not among them."""
+        in_prompt = self.k if self.use_retrieval else 0
+        separate_target = self.target == "nearest" and not (self.target_in_prompt and self.use_retrieval)
+        return in_prompt + int(separate_target)
+
+    def split_hits(self, hit_ids: Sequence[int]) -> tuple[int | None, list[int]]:
+        """A training caption's ranked hits -> (target id or None for the input caption, prompt neighbour ids)."""
+        hits = list(hit_ids)
+        if self.target == "input":
+            return None, hits[: self.k] if self.use_retrieval else []
+        if not self.use_retrieval:
+            return hits[0], []
+        return hits[0], hits[: self.k] if self.target_in_prompt else hits[1 : self.k + 1]
+
+
+def build_prompt(neighbours: Sequence[str], config: TOMCapConfig) -> str:
+    """The text GPT-2 reads before the caption; trailing periods of the neighbours give way to the separator."""
+    if not config.use_retrieval:
+        return config.prompt_without_retrieval
+    joined = config.caption_separator.join(text.strip().rstrip(".").strip() for text in neighbours)
+    return config.prompt_template.format(captions=joined)
+
+
+def parameter_count_formula(
+    config: TOMCapConfig, *, n_embd: int, n_layer: int, embed_dim: int | None = None
+) -> dict[str, int]:
+    """Trainable parameters by part, from the architecture alone (n = n_embd, D = embed_dim, L = n_layer).
+
+    memory projection: Linear D -> n and LayerNorm(n): D n + n + 2 n.
+    cross-attention per block: c_attn n -> 2n, q_attn n -> n, c_proj n -> n (each with bias), ln_cross_attn:
+    4 n^2 + 6 n. LoRA per block and target with shape (a n -> b n): r (a + b) n.
+    """
+    n, d = n_embd, embed_dim or config.embed_dim
+    projection = d * n + n + 2 * n
+    cross_attention = n_layer * (4 * n * n + 6 * n)
+    lora = n_layer * sum(config.lora_r * n * sum(LORA_TARGET_SHAPES[t]) for t in config.lora_targets)
+    return {"projection": projection, "cross_attention": cross_attention, "lora": lora,
+            "total": projection + cross_attention + lora}
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+def load_gpt2_with_cross_attention(spec: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """``(GPT2LMHeadModel with a new, randomly initialised cross-attention layer per block, tokenizer)``."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    path = resolve(spec, what="TOMCap language model", patterns=LM_WEIGHT_PATTERNS)
+    if not path.is_dir():
+        raise LanguageModelError(f"TOMCap language model {spec}: expected a folder with config.json, got {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the cross-attention weights are missing from a plain GPT-2 by design: no report
+    try:
+        lm = GPT2LMHeadModel.from_pretrained(
+            path, add_cross_attention=True, use_safetensors=True, trust_remote_code=False
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return lm.float().to(device).eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids of prompts and training examples for one config and tokenizer (picklable, for data workers)."""
+
+    config: TOMCapConfig
+    tokenizer: Any
+    eos_id: int
+    max_positions: int  # the LM's context length
+
+    def prompt_ids(self, neighbours: Sequence[str]) -> list[int]:
+        return self.tokenizer(build_prompt(neighbours, self.config), add_special_tokens=False)["input_ids"]
+
+    def training_tokens(self, neighbours: Sequence[str], target: str) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one example: prompt, then " target" and EOS; only the target carries labels."""
+        prompt = self.prompt_ids(neighbours)
+        caption = self.tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+        caption = caption[: self.config.max_caption_tokens - 1] + [self.eos_id]
+        if len(prompt) + len(caption) > self.max_positions:
+            raise ValueError(f"a TOMCap example is {len(prompt) + len(caption)} tokens, more than the LM's"
+                             f" {self.max_positions} positions")
+        return prompt + caption, [IGNORE_INDEX] * len(prompt) + caption
+
+
+class TOMCap(nn.Module):
+    """GPT-2 with cross-attention and LoRA, the memory projection and the tokenizer: loss and generation.
+
+    Trainable, and nothing else: the memory projection, every block's ``crossattention`` and
+    ``ln_cross_attn``, and the LoRA matrices peft injected (found by type, not by name).
+    """
+
+    def __init__(self, config: TOMCapConfig, lm: nn.Module, tokenizer: Any, *, lm_source: str | Path | None = None):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        from transformers import GPT2LMHeadModel
+
+        if not isinstance(lm, GPT2LMHeadModel) or not lm.config.add_cross_attention:
+            raise LanguageModelError("TOMCap needs a GPT2LMHeadModel loaded with add_cross_attention=True")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.lm_source = str(lm_source or config.lm)  # where the base LM was read from (for re-saving a loaded model)
+        self.bos_id, self.eos_id, self.pad_id = special_ids(tokenizer)
+        self.tokens = PromptTokens(config, tokenizer, self.eos_id, int(lm.config.n_positions))
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(config.lora_targets), fan_in_fan_out=True)  # GPT-2 uses Conv1D (in, out)
+        self.lm = inject_adapter_in_model(lora, lm)
+        width = lm.config.n_embd
+        # CLIP embeddings are unit vectors (entries ~ D^-1/2); the LayerNorm brings them to GPT-2's hidden scale
+        self.memory_proj = nn.Sequential(nn.Linear(config.embed_dim, width), nn.LayerNorm(width))
+        self.requires_grad_(False)
+        for param in self.trainable_parameters():
+            param.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The explicit trainable set (see the class docstring), each parameter once."""
+        from peft.tuners.lora import LoraLayer
+
+        blocks = self.lm.transformer.h
+        modules: list[nn.Module] = [self.memory_proj, *(b.crossattention for b in blocks)]
+        modules += [b.ln_cross_attn for b in blocks]
+        for module in self.lm.modules():
+            if isinstance(module, LoraLayer):
+                modules += [*module.lora_A.values(), *module.lora_B.values()]
+        unique = {id(p): p for module in modules for p in module.parameters()}
+        return list(unique.values())
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved trainable weights in; the names must be exactly this model's trainable set."""
+        params = {name: param for name, param in self.named_parameters() if param.requires_grad}
+        if set(tensors) != set(params):
+            missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+            raise ValueError(f"TOMCap weights do not fit this config (missing {missing[:3]},"
+                             f" unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(tensors[name])
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory_proj[0].weight.device
+
+    def memory(self, input_embeds: torch.Tensor, neighbour_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Keys/values of every cross-attention: input (B, D) and neighbours (B, K, D) -> (B, 1 + K, n_embd)."""
+        tokens = input_embeds.unsqueeze(1)  # (B, 1, D)
+        if neighbour_embeds is not None and neighbour_embeds.shape[1]:
+            tokens = torch.cat([tokens, neighbour_embeds.to(tokens.dtype)], dim=1)  # (B, 1 + K, D)
+        return self.memory_proj(tokens.to(self.device, self.memory_proj[0].weight.dtype))
+
+    # ---- training
+
+    def loss(self, input_embeds: torch.Tensor, neighbour_embeds: torch.Tensor | None, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the target tokens, averaged per caption, then over the batch.
+
+        input_embeds (B, D): gap-corrected text embeddings; the configured noise is added here
+        from torch's default generator (the training loop seeds it per step). input_ids,
+        attention_mask, labels (B, L), right-padded, labels IGNORE_INDEX off the target.
+        """
+        if self.config.noise_variance > 0:
+            input_embeds = inject_noise(input_embeds.float(), self.config.noise_variance)
+        memory = self.memory(input_embeds, neighbour_embeds)  # (B, 1 + K, n_embd)
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory).logits
+        targets = labels[:, 1:]  # (B, L - 1): position t predicts token t + 1
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                    ignore_index=IGNORE_INDEX, reduction="none")  # (B, L - 1)
+        counted = (targets != IGNORE_INDEX).sum(1).clamp_min(1)  # (B,)
+        return (per_token.sum(1) / counted).mean()
+
+    # ---- generation
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], memory: torch.Tensor, *, beams: int,
+                 max_new_tokens: int) -> list[str]:
+        """Beam search for each prompt (token ids) with its memory (B, M, n_embd): B x beams texts, best beam first."""
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[row, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, length - len(prompt):] = 1
+        new_tokens = generate_from_embeds(
+            self.lm, embed_tokens(self.lm, ids), mask, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            beams=beams, num_return_sequences=beams, max_new_tokens=max_new_tokens, encoder_hidden_states=memory,
+        )
+        return decode(self.tokenizer, new_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[name]`` in milliseconds (CUDA work included)."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[name] = timings.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
+
+
+def retrieve_neighbours(datastore: CaptionDatastore | None, queries: torch.Tensor, k: int) -> list[list[Neighbour]]:
+    """The K captions nearest to each query (Q, D), best first; a store too small for K is an error."""
+    if datastore is None:
+        raise DatastoreError("TOMCap retrieves neighbour captions but no datastore was given")
+    if len(datastore) < k:
+        raise DatastoreError(f"k={k} neighbours asked for, but the datastore holds only {len(datastore)} captions")
+    neighbours = datastore.retrieve(queries, k)
+    if any(len(row) < k for row in neighbours):
+        raise DatastoreError(f"the datastore returned fewer than k={k} neighbours for some images (IVF lists too few?)")
+    return neighbours
+
+
+@torch.inference_mode()
+def caption_images(
+    model: TOMCap,
+    encoder: ClipEncoder,
+    datastore: CaptionDatastore | None,
+    images: torch.Tensor,
+    *,
+    query_embeds: torch.Tensor | None = None,
+    k: int | None = None,
+    beams: int | None = None,
+    max_new_tokens: int | None = None,
+    select_by: str | None = None,
+) -> list[Result]:
+    """Caption B images: pixels (B, 3, H, W) or image embeddings (B, D) already computed by ``encoder``.
+
+    ``query_embeds`` (B, D_r) are the retrieval queries when the datastore was embedded by another
+    model (``config.retrieval_encoder``); None: the CLIP image embeddings query it. ``None``
+    settings take the config's values. One faiss search, one ``generate`` and one CLIP text call
+    serve the whole batch; each Result's timings are the batch's.
+    """
+    config = model.config
+    k, beams = k or config.k, beams or config.beams
+    max_new_tokens, select_by = max_new_tokens or config.max_new_tokens, select_by or config.select_by
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
+    timings = {stage: 0.0 for stage in STAGES}
+    with _stage(timings, "encode", model.device):
+        image_embeds = images if images.ndim == 2 else encoder.encode_image_embeds(images)  # (B, D)
+        image_embeds = image_embeds.float().to(model.device)
+    batch = image_embeds.shape[0]
+    with _stage(timings, "retrieve", model.device):
+        if config.use_retrieval:
+            if query_embeds is None and datastore is not None:
+                datastore.require_encoder(encoder.name)  # the image embeddings must live in the store's space
+            neighbours = retrieve_neighbours(datastore, image_embeds if query_embeds is None else query_embeds, k)
+            texts = [n.text for row in neighbours for n in row]
+            neighbour_embeds = encoder.encode_text(texts).float().to(model.device).view(batch, k, -1)  # (B, K, D)
+        else:
+            neighbours, neighbour_embeds = [[] for _ in range(batch)], None
+    with _stage(timings, "generate", model.device):
+        prompts = [model.tokens.prompt_ids([n.text for n in row]) for row in neighbours]
+        memory = model.memory(image_embeds, neighbour_embeds)  # (B, 1 + K, n_embd), the image is not corrected
+        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=max_new_tokens)
+    with _stage(timings, "rerank", model.device):
+        scored = clip_scores(encoder, image_embeds, [texts[b * beams : (b + 1) * beams] for b in range(batch)])
+    settings = {"k": k if config.use_retrieval else 0, "beams": beams, "max_new_tokens": max_new_tokens,
+                "select_by": select_by, "batch_size": batch}
+    return [
+        _result(b, image_embeds, neighbours[b], neighbour_embeds, scored[b], config, timings, settings)
+        for b in range(batch)
+    ]
+
+
+def _result(b: int, image_embeds: torch.Tensor, neighbours: list[Neighbour], neighbour_embeds: torch.Tensor | None,
+            scored: ScoredTexts, config: TOMCapConfig, timings: dict[str, float], settings: dict) -> Result:
+    """Result of image ``b``: beams as candidates (CLIP-ranked or in beam order), neighbours, plot embeddings."""
+    order = scored.order() if settings["select_by"] == "clip" else list(range(len(scored.texts)))
+    candidates = [Candidate(text=scored.texts[j], clip_score=float(scored.scores[j]), sample=j) for j in order]
+    dim = image_embeds.shape[-1]
+    embeddings = {
+        "image": image_embeds[b : b + 1].float().cpu(),  # (1, D)
+        "neighbours": torch.zeros(0, dim) if neighbour_embeds is None else neighbour_embeds[b].float().cpu(),  # (K, D)
+        "candidates": scored.embeds[order].float().cpu(),  # (beams, D), best first
+    }
+    return Result(
+        caption=candidates[0].text,
+        method=METHOD,
+        candidates=candidates,
+        neighbours=list(neighbours),
+        embeddings=embeddings,
+        timings_ms=dict(timings),
+        extras={"prompt": build_prompt([n.text for n in neighbours], config), **settings},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles
+
+
+def add_to_bundle(writer: Any, model: TOMCap, *, datastore: str | Path | None, copy_datastore: bool,
+                  gap_stats: GapStats | None = None) -> None:
+    """Record a trained model in a ``BundleWriter``.
+
+    Writes the config, the trainable weights, the base LM when it is local (a hub LM is kept
+    as its ``hf-hub:`` spec), the datastore (copied, or referenced by its path or hub spec when
+    ``copy_datastore`` is False) and the gap statistics the training inputs were corrected with.
+    """
+    config = model.config
+    writer.add_tensors(TRAINABLE_WEIGHTS, model.trainable_state())
+    if not WeightSource.parse(model.lm_source).on_hub:
+        writer.add_directory(BUNDLED_LM, resolve(model.lm_source, what="TOMCap language model"))
+        config = config.replace(lm=IN_BUNDLE_PREFIX + BUNDLED_LM)
+    if datastore is not None and copy_datastore:
+        writer.add_directory(BUNDLED_DATASTORE, resolve(datastore, what="TOMCap datastore", patterns=("*",)))
+        datastore = IN_BUNDLE_PREFIX + BUNDLED_DATASTORE
+    if gap_stats is not None:
+        gap_stats.save(writer.path(BUNDLED_GAP_STATS))
+        config = config.replace(gap_stats=IN_BUNDLE_PREFIX + BUNDLED_GAP_STATS)
+    writer.add_component(TOMCAP_COMPONENT, config.replace(datastore=str(datastore) if datastore else None).to_dict())
+
+
+def load_from_bundle(bundle: Any, *, device: str | torch.device = "cpu") -> TOMCap:
+    """Rebuild the bundle's TOMCap (eval mode) exactly from its stored config and weights."""
+    config = TOMCapConfig.from_dict(bundle.component(TOMCAP_COMPONENT))
+    source = bundle.locate(config.lm)
+    lm, tokenizer = load_gpt2_with_cross_attention(source, device=device)
+    model = TOMCap(config, lm, tokenizer, lm_source=source)
+    model.load_trainable_state(bundle.tensors(TRAINABLE_WEIGHTS))
+    return model.to(device).eval()
+
+
+def datastore_from_bundle(bundle: Any) -> CaptionDatastore | None:
+    """The bundle's caption datastore (inside it or referenced), or None when the model does not retrieve."""
+    config = TOMCapConfig.from_dict(bundle.component(TOMCAP_COMPONENT))
+    if not config.use_retrieval:
+        return None
+    if config.datastore is None:
+        raise DatastoreError(f"{bundle.path}: the tomcap component names no datastore")
+    return CaptionDatastore.load(resolve(bundle.locate(config.datastore), what="TOMCap datastore", patterns=("*",)))
+
+
+__all__ = [
+    "LORA_TARGET_SHAPES",
+    "PromptTokens",
+    "STAGES",
+    "TOMCap",
+    "TOMCapConfig",
+    "add_to_bundle",
+    "build_prompt",
+    "caption_images",
+    "datastore_from_bundle",
+    "load_from_bundle",
+    "load_gpt2_with_cross_attention",
+    "parameter_count_formula",
+    "retrieve_neighbours",
+]

@@ -1,0 +1,185 @@
+"""Zero-shot VQA through a caption (MacCap §4.4): caption -> LM answer -> nearest candidate answers.
+
+The image is captioned by MacCap; the LM alone (no visual prefix) continues the
+prompt ``"[caption] Question: [question] Answer:"``; its short free-form answer
+is embedded with the CLIP text encoder and the candidate answers (VQAv2's 3,128)
+are ranked by cosine with it (the paper). ``MacCapConfig.vqa_match = "word"``
+switches to the official code's matching instead: every candidate that occurs as
+a whole word in the generated answer, in list order (multi-word answers cannot
+match that way).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from capdemo.encoders import ClipEncoder, ImageFeatures
+from capdemo.lm import clean_text, decode, embed_tokens, generate_from_embeds
+from capdemo.maccap import MacCap
+from capdemo.maccap_pipeline import caption_images
+from capdemo.options import clean_question
+
+VQA_PROMPT = "{caption} Question: {question} Answer:"  # paper §4.4
+VQA_COMPONENT = "vqa"  # bundle component naming the answer files below
+ANSWERS_FILE = "vqa/answers.json"  # JSON list of candidate answers
+ANSWER_EMBEDS_FILE = "vqa/answer_embeds.safetensors"  # their CLIP text embeddings, "embeds" (N, D)
+ENCODE_BATCH = 512  # answers per CLIP text-encoder call when embedding the list
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+class AnswerListError(ValueError):
+    """A candidate-answer file that cannot be read as one."""
+
+
+class AnswerList:
+    """Candidate answers and (lazily) their CLIP text embeddings.
+
+    Embeddings are computed once, on first use, with the encoder that asks; or
+    they come precomputed (from a bundle), in which case they must be the
+    embeddings of that bundle's encoder, which the bundle guarantees.
+    """
+
+    def __init__(self, answers: Sequence[str], *, embeds: torch.Tensor | None = None):
+        self.answers = [a for a in answers if a.strip()]
+        if not self.answers:
+            raise AnswerListError("the candidate answer list is empty")
+        if embeds is not None and embeds.shape[0] != len(self.answers):
+            raise AnswerListError(f"{embeds.shape[0]} answer embeddings for {len(self.answers)} answers")
+        self._embeds = embeds
+        self._embedded_by: int | None = None  # id() of the encoder that computed _embeds (None: precomputed)
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    @classmethod
+    def from_openvqa(cls, path: str | Path) -> "AnswerList":
+        """The VQAv2 vocabulary file ``[ans_to_ix, ix_to_ans]`` (openvqa): its non-empty answers in index order."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            ans_to_ix = data[0]
+            ordered = sorted(ans_to_ix.items(), key=lambda item: int(item[1]))
+        except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError, ValueError) as err:
+            raise AnswerListError(f"{path}: not an openvqa answer dictionary [ans_to_ix, ix_to_ans] ({err})") from None
+        return cls([answer for answer, _ in ordered])
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> "AnswerList":
+        """The answers a bundle ships, with their precomputed embeddings."""
+        shipped = ANSWER_EMBEDS_FILE in bundle.manifest["files"]
+        embeds = bundle.tensors(ANSWER_EMBEDS_FILE)["embeds"] if shipped else None
+        return cls(bundle.json(ANSWERS_FILE), embeds=embeds)
+
+    def add_to_bundle(self, writer: Any, encoder: ClipEncoder) -> None:
+        """Ship the answers and their embeddings by ``encoder`` (the bundle's encoder) in a BundleWriter."""
+        writer.add_json(ANSWERS_FILE, self.answers)
+        writer.add_tensors(ANSWER_EMBEDS_FILE, {"embeds": self.embeddings(encoder)})
+        writer.add_component(VQA_COMPONENT, {"answers": ANSWERS_FILE, "embeddings": ANSWER_EMBEDS_FILE,
+                                             "count": len(self.answers)})
+
+    def embeddings(self, encoder: ClipEncoder) -> torch.Tensor:
+        """(N, D) L2-normalised CLIP text embeddings of the answers, computed at most once per encoder."""
+        stale = self._embeds is None or (self._embedded_by is not None and self._embedded_by != id(encoder))
+        if stale:
+            chunks = [encoder.encode_text(self.answers[i : i + ENCODE_BATCH]).cpu()
+                      for i in range(0, len(self.answers), ENCODE_BATCH)]
+            self._embeds, self._embedded_by = torch.cat(chunks), id(encoder)
+        if self._embeds.shape[1] != encoder.embed_dim:
+            raise AnswerListError(
+                f"answer embeddings are {self._embeds.shape[1]}-d, the encoder's are {encoder.embed_dim}-d"
+            )
+        return self._embeds
+
+
+@dataclass(frozen=True)
+class VQAResult:
+    """An answer and how it was reached."""
+
+    answer: str  # the best candidate answer (word mode with no match: the generated answer itself)
+    generated: str  # the LM's free-form answer
+    caption: str  # the caption the prompt was built from
+    prompt: str  # the exact text the LM continued
+    top_answers: list[tuple[str, float]] = field(default_factory=list)  # candidates best first, with scores
+
+    def to_json(self) -> dict[str, Any]:
+        return {"answer": self.answer, "generated": self.generated, "caption": self.caption, "prompt": self.prompt,
+                "top_answers": [{"text": a, "score": s} for a, s in self.top_answers]}
+
+
+def short_answer(text: str) -> str:
+    """The LM's continuation cut to its answer: the first line, before any new "Question:", no trailing dots."""
+    first_line = text.split("\n", 1)[0]
+    return clean_text(first_line.split("Question:", 1)[0]).strip(" .,;:")
+
+
+def word_matches(generated: str, answers: Sequence[str]) -> list[str]:
+    """Candidates that occur as a whole word of the answer after dropping punctuation (reference matching)."""
+    words = set(_PUNCTUATION.sub(" ", generated.lower()).split())
+    return [answer for answer in answers if answer in words]
+
+
+def generate_answer(model: MacCap, prompt: str) -> str:
+    """The LM's short answer to ``prompt`` (plain text; the tokenizer adds the LM's usual special tokens)."""
+    ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
+    out = generate_from_embeds(
+        model.lm, embed_tokens(model.lm, ids), eos_token_id=model.eos_id, pad_token_id=model.pad_id,
+        beams=model.config.beams, max_new_tokens=model.config.vqa_max_new_tokens,
+    )
+    return short_answer(decode(model.tokenizer, out)[0])
+
+
+@torch.inference_mode()
+def answer_question(
+    model: MacCap,
+    encoder: ClipEncoder,
+    image: torch.Tensor | ImageFeatures,
+    question: str,
+    answers: AnswerList,
+    *,
+    top_k: int = 10,
+    caption: str | None = None,
+    seed: int = 0,
+) -> VQAResult:
+    """Answer ``question`` about one image (pixels (1, 3, H, W) or its ImageFeatures).
+
+    ``caption`` skips captioning (e.g. the app already has one). Raises
+    ValueError for an empty, non-text or overly long question.
+    """
+    question = clean_question(question)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if caption is None:
+        batch = image.image_embeds.shape[0] if isinstance(image, ImageFeatures) else image.shape[0]
+        if batch != 1:
+            raise ValueError(f"answer_question takes one image, got a batch of {batch}")
+        caption = caption_images(model, encoder, image, seed=seed)[0].caption
+    prompt = VQA_PROMPT.format(caption=caption, question=question).strip()
+    generated = generate_answer(model, prompt)
+    if model.config.vqa_match == "word":
+        top = [(answer, 1.0) for answer in word_matches(generated, answers.answers)[:top_k]]
+        best = top[0][0] if top else generated
+    else:
+        query = encoder.encode_text([generated]).cpu()  # (1, D); "" is a valid CLIP input
+        scores = (answers.embeddings(encoder) @ query[0]).float()  # (N,)
+        values, index = scores.topk(min(top_k, len(answers)))
+        top = [(answers.answers[i], float(v)) for v, i in zip(values.tolist(), index.tolist())]
+        best = top[0][0]
+    return VQAResult(answer=best, generated=generated, caption=caption, prompt=prompt, top_answers=top)
+
+
+__all__ = [
+    "AnswerList",
+    "AnswerListError",
+    "VQAResult",
+    "VQA_PROMPT",
+    "answer_question",
+    "generate_answer",
+    "short_answer",
+    "word_matches",
+]

@@ -1,0 +1,172 @@
+"""TOMCap training: cached self-excluding retrieval, examples, a tiny model that learns, the CLI and its bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capdemo.bundle import Bundle
+from capdemo.encoders import encoder_from_bundle
+from capdemo.gap import GapStats
+from capdemo.retrieval import CaptionDatastore
+from capdemo.tomcap import IGNORE_INDEX, caption_images, datastore_from_bundle, load_from_bundle
+from tests.test_tomcap import EMBED_DIM, bag_of_words_embedder, build_model, save_tiny_lm, shapes_captions
+from tests.tiny_models import TINY_CORPUS, tiny_encoder_config
+from training.loop import TrainConfig, train
+from training.tomcap import (
+    RETRIEVAL_CACHE, build_task, collate, main, prepare_examples, reproduce_targets, retrieve_for_training,
+    store_caption_embeddings,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> tuple[list[str], torch.Tensor, CaptionDatastore, object]:
+    """The 200 shapes captions, their bag-of-words embeddings (N, D), a store of them, and the embedder."""
+    captions = shapes_captions()
+    embed = bag_of_words_embedder(captions)
+    embeds = embed(captions)
+    return captions, embeds, CaptionDatastore.build(embeds, captions, encoder_name="bag-of-words"), embed
+
+
+@pytest.fixture(scope="module")
+def shapes_lm(tmp_path_factory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("shapes-lm"), shapes_captions(), output_gain=16.0)
+
+
+def test_retrieval_leaves_out_the_caption_itself_and_its_duplicates(tmp_path):
+    captions = ["a red circle", "a red circle", "a blue circle", "a red square", "a blue square", "a green star"]
+    embed = bag_of_words_embedder(captions)
+    store = CaptionDatastore.build(embed(captions), captions, encoder_name="bag-of-words")
+    cache = tmp_path / RETRIEVAL_CACHE
+    ids = retrieve_for_training(store, embed(captions), captions, 3, cache_file=cache, progress=False)
+    assert ids.shape == (6, 3)
+    for row, caption in enumerate(captions):
+        texts = [store.captions[i] for i in ids[row]]
+        assert caption not in texts and len(set(texts)) == 3  # never itself (nor its copy), no repeats
+        scores = (embed(texts) @ embed([caption])[0]).tolist()
+        others = [c for c in set(captions) if c != caption]
+        best = max(others, key=lambda c: float(embed([c])[0] @ embed([caption])[0]))
+        assert scores == sorted(scores, reverse=True) and texts[0] == best  # the target is the nearest other caption
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    store.search = no_search  # same corpus, store and hit count: read from the cache
+    np.testing.assert_array_equal(retrieve_for_training(store, embed(captions), captions, 3, cache_file=cache), ids)
+    with pytest.raises(AssertionError, match="cache should have answered"):  # another hit count is recomputed
+        retrieve_for_training(store, embed(captions), captions, 2, cache_file=cache)
+    with pytest.raises(ValueError, match="holds 6 captions; .* needs more than 6"):
+        retrieve_for_training(CaptionDatastore.build(embed(captions), captions, encoder_name="x"), embed(captions),
+                              captions, 6)
+
+
+def test_store_captions_outside_the_corpus_are_embedded_once(corpus):
+    captions, embeds, _, embed = corpus
+    extra = ["a small red circle", "a large blue star"]
+    store = CaptionDatastore.build(embed(captions[:5] + extra), captions[:5] + extra, encoder_name="bag-of-words")
+    asked: list[list[str]] = []
+
+    def recording_embed(texts: list[str]) -> torch.Tensor:
+        asked.append(list(texts))
+        return embed(texts)
+
+    store_ids = np.array([[0, 5], [6, 5], [2, 3]])
+    table, rows = store_caption_embeddings(store_ids, store, captions, embeds, recording_embed)
+    assert asked == [extra]  # corpus captions reuse their embedding; the two others are embedded together
+    for r, c in np.ndindex(store_ids.shape):
+        torch.testing.assert_close(table[rows[r, c]], embed([store.captions[store_ids[r, c]]])[0])
+
+
+def test_examples_hold_corrected_input_neighbour_memory_and_target_tokens(lm_dir_for_examples, corpus):
+    captions, embeds, store, embed = corpus
+    gap_stats = GapStats.compute(torch.randn(50, EMBED_DIM) * 0.2 + 0.1, embeds)
+    model = build_model(lm_dir_for_examples, k=3)
+    examples = prepare_examples(model, captions, embeds, store, embed, gap_stats=gap_stats, progress=False)
+    hits = retrieve_for_training(store, embeds, captions, 4, progress=False)
+    for index in (0, 57, 199):
+        item = examples[index]
+        target, neighbours, _ = examples.parts(index)
+        assert target == store.captions[hits[index, 0]] and target != captions[index]  # the nearest, not the input
+        assert neighbours == [store.captions[i] for i in hits[index, 1:]] and target not in neighbours
+        torch.testing.assert_close(item["input_embeds"], gap_stats.correct(embeds[index], "mean_std"))
+        torch.testing.assert_close(item["neighbour_embeds"], embed(neighbours))
+        assert item["input_ids"].tolist() == model.tokens.training_tokens(neighbours, target)[0]
+        assert item["labels"].tolist() == model.tokens.training_tokens(neighbours, target)[1]
+    batch = collate(model.pad_id)([examples[0], examples[1]])
+    padded = batch["attention_mask"] == 0
+    assert (batch["labels"][padded] == IGNORE_INDEX).all() and (batch["input_ids"][padded] == model.pad_id).all()
+    assert batch["neighbour_embeds"].shape == (2, 3, EMBED_DIM)
+
+    in_prompt = prepare_examples(build_model(lm_dir_for_examples, k=3, target_in_prompt=True), captions, embeds, store,
+                                 embed, gap_stats=gap_stats, progress=False)
+    target, neighbours, _ = in_prompt.parts(57)
+    assert neighbours[0] == target == examples.parts(57)[0]
+    with pytest.raises(ValueError, match="needs gap statistics"):
+        prepare_examples(model, captions, embeds, store, embed, gap_stats=None, progress=False)
+
+    ablation = build_model(lm_dir_for_examples, use_retrieval=False, target="input", gap_correction="none")
+    plain = prepare_examples(ablation, captions, embeds, store, embed, gap_stats=None, progress=False)
+    item = plain[57]
+    assert plain.parts(57)[:2] == (captions[57], []) and item["neighbour_embeds"].shape == (0, EMBED_DIM)
+    assert item["input_ids"].tolist() == ablation.tokens.training_tokens([], captions[57])[0]
+    torch.testing.assert_close(item["input_embeds"], embeds[57])
+
+
+@pytest.fixture(scope="module")
+def lm_dir_for_examples(tmp_path_factory) -> Path:
+    return save_tiny_lm(tmp_path_factory.mktemp("examples-lm"), shapes_captions())
+
+
+def test_tiny_tomcap_reproduces_its_targets_text_to_text(shapes_lm, corpus, tmp_path):
+    captions, embeds, store, embed = corpus
+    model = build_model(shapes_lm, k=2, gap_correction="none", noise_variance=0.0, max_new_tokens=12)
+    examples = prepare_examples(model, captions, embeds, store, embed, gap_stats=None, progress=False)
+    before, _ = reproduce_targets(model, examples, range(len(examples)))
+    config = TrainConfig(out_dir=str(tmp_path / "run"), batch_size=32, max_steps=400, lr=5e-3, warmup_steps=20,
+                         checkpoint_every=0, log_every=100)
+    result = train(build_task(model, examples), config)
+    after, outputs = reproduce_targets(model, examples, range(len(examples)))
+    assert before == 0.0 and after >= 0.9, (after, outputs[:5])
+    assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]
+
+
+def test_cli_trains_resumes_and_writes_a_bundle_that_captions(tmp_path, lm_dir_for_examples):
+    """`python -m training tomcap` on a tiny CLIP: killed after one step, resumed, bundled, reloaded."""
+    from tests.tiny_models import tiny_encoder as build_encoder
+
+    captions = TINY_CORPUS + ["a blue circle on the left", "two red squares", "a yellow star at the top",
+                              "a white triangle on the right"]
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_text("\n".join(captions) + "\n")
+    encoder_json = tmp_path / "encoder.json"
+    tiny_encoder_config().save_json(encoder_json)
+    encoder = build_encoder()  # random weights: only its name (and width) must match what the CLI builds
+    store_dir = tmp_path / "store"
+    CaptionDatastore.build(encoder.encode_text(captions), captions, encoder_name=encoder.name).save(store_dir)
+    gap_file = tmp_path / "gap.safetensors"
+    GapStats.compute(torch.randn(20, EMBED_DIM), encoder.encode_text(captions)).save(gap_file)
+    out, run_dir = tmp_path / "bundle", tmp_path / "run"
+    argv = ["--corpus", str(corpus_file), "--datastore", str(store_dir), "--gap-stats", str(gap_file),
+            "--encoder", str(encoder_json), "--lm", str(lm_dir_for_examples), "--out", str(out),
+            "--run-dir", str(run_dir),
+            "--k", "2", "--steps", "3", "--batch-size", "4", "--warmup", "1", "--checkpoint-every", "1",
+            "--eval-samples", "4", "--max-new-tokens", "5", "--device", "cpu"]
+    assert main(argv + ["--stop-after", "1"]) == 0
+    assert not out.exists() and (run_dir / RETRIEVAL_CACHE).is_file()
+    assert main(argv + ["--resume"]) == 0
+
+    bundle = Bundle.load(out)
+    history = json.loads(bundle.file("tomcap/training.json").read_text())
+    assert history["history"][-1]["step"] == 3 and "text_to_text_exact" in history["evaluations"][-1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "step-00000003.safetensors"
+    component = bundle.component("tomcap")
+    assert (component["k"], component["embed_dim"], component["datastore"]) == (2, EMBED_DIM, "bundle:tomcap/datastore")
+    model, store = load_from_bundle(bundle), datastore_from_bundle(bundle)
+    bundled_encoder = encoder_from_bundle(bundle)
+    results = caption_images(model, bundled_encoder, store, torch.rand(2, 3, 32, 32))
+    assert len(results) == 2
+    assert all(len(r.neighbours) == 2 and len(r.candidates) == model.config.beams for r in results)

@@ -1,0 +1,131 @@
+"""Zero-shot VQA: the answer list, the prompt, CLIP answer ranking, word matching, and bad questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from capdemo.bundle import Bundle, BundleWriter
+from capdemo.maccap import MacCap, MacCapConfig
+from capdemo.vqa import AnswerList, AnswerListError, answer_question, short_answer, word_matches
+from tests.tiny_models import tiny_gpt2
+
+OPENVQA_ANSWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa" / "openvqa_answer_dict.json"
+SMALL_ANSWERS = ["yes", "no", "red", "blue", "two", "circle", "square", "left", "right", "black and white"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer) -> MacCap:
+    config = MacCapConfig(embed_dim=32, lm_embed_dim=64, n_cr=4, n_query=4, heads=4, ffn_dim=64, mlp_layers=2,
+                          lm="unused", samples=2, beams=2, max_new_tokens=4, vqa_max_new_tokens=4)
+    torch.manual_seed(0)
+    return MacCap(config, tiny_gpt2(tiny_tokenizer), tiny_tokenizer).eval()
+
+
+class CountingEncoder:
+    """The tiny encoder, counting text-encoder calls."""
+
+    def __init__(self, encoder):
+        self.encoder, self.text_calls = encoder, 0
+        self.embed_dim = encoder.embed_dim
+
+    def encode_text(self, texts):
+        self.text_calls += 1
+        return self.encoder.encode_text(texts)
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+
+@pytest.mark.skipif(not OPENVQA_ANSWERS.is_file(), reason="shared VQA answer dictionary not present")
+def test_openvqa_list_has_the_3128_non_empty_answers_in_index_order():
+    answers = AnswerList.from_openvqa(OPENVQA_ANSWERS)
+    ans_to_ix = json.loads(OPENVQA_ANSWERS.read_text())[0]
+    assert len(answers) == 3128 and "" not in answers.answers
+    assert answers.answers[:3] == ["net", "pitcher", "orange"]
+    assert [ans_to_ix[a] for a in answers.answers] == sorted(ans_to_ix[a] for a in answers.answers)
+
+
+def test_bad_answer_files_are_one_line_errors(tmp_path):
+    with pytest.raises(AnswerListError, match="not an openvqa answer dictionary"):
+        AnswerList.from_openvqa(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"yes": 0}')
+    with pytest.raises(AnswerListError, match="bad.json"):
+        AnswerList.from_openvqa(tmp_path / "bad.json")
+    with pytest.raises(AnswerListError, match="empty"):
+        AnswerList(["", "  "])
+
+
+def test_answers_are_ranked_by_clip_cosine_with_the_generated_answer(model, tiny_encoder):
+    encoder = CountingEncoder(tiny_encoder)
+    answers = AnswerList(SMALL_ANSWERS)
+    result = answer_question(model, encoder, torch.randn(1, 3, 32, 32), "What colour is the circle?", answers,
+                             top_k=4, caption="a red circle on the left")
+    assert result.prompt == "a red circle on the left Question: What colour is the circle? Answer:"
+    assert result.caption == "a red circle on the left"
+    query = tiny_encoder.encode_text([result.generated])[0]
+    cosines = tiny_encoder.encode_text(SMALL_ANSWERS) @ query
+    best = cosines.argsort(descending=True)[:4].tolist()
+    assert [a for a, _ in result.top_answers] == [SMALL_ANSWERS[i] for i in best]
+    assert [s for _, s in result.top_answers] == pytest.approx(cosines[best].tolist(), abs=1e-5)
+    assert result.answer == result.top_answers[0][0]
+    calls = encoder.text_calls
+    answer_question(model, encoder, torch.randn(1, 3, 32, 32), "Is it red?", answers, caption="x")
+    assert encoder.text_calls == calls + 1  # answer embeddings were cached; only the new answer is encoded
+    assert result.to_json()["top_answers"][0]["text"] == result.answer
+
+
+def test_without_a_caption_the_image_is_captioned_first(model, tiny_encoder):
+    pixels = torch.randn(1, 3, 32, 32)
+    result = answer_question(model, tiny_encoder, pixels, "How many?", AnswerList(SMALL_ANSWERS), seed=3)
+    from capdemo.maccap_pipeline import caption_images
+
+    assert result.caption == caption_images(model, tiny_encoder, pixels, seed=3)[0].caption
+    with pytest.raises(ValueError, match="one image"):
+        answer_question(model, tiny_encoder, torch.randn(2, 3, 32, 32), "How many?", AnswerList(SMALL_ANSWERS))
+
+
+@pytest.mark.parametrize("question, message", [("", "question is empty"), ("  \t\n", "question is empty"),
+                                               ("why " * 200, "characters long"), (None, "must be text")])
+def test_bad_questions_are_refused(model, tiny_encoder, question, message):
+    with pytest.raises(ValueError, match=message):
+        answer_question(model, tiny_encoder, torch.randn(1, 3, 32, 32), question, AnswerList(SMALL_ANSWERS),
+                        caption="c")
+
+
+def test_control_characters_never_reach_the_prompt(model, tiny_encoder):
+    result = answer_question(model, tiny_encoder, torch.randn(1, 3, 32, 32), "What\x00 is\x1b[31m it?",
+                             AnswerList(SMALL_ANSWERS), caption="a cat")
+    assert result.prompt == "a cat Question: What is [31m it? Answer:"
+
+
+def test_word_matching_is_the_reference_behaviour(model, tiny_encoder):
+    assert word_matches("Two red circles, left.", SMALL_ANSWERS) == ["red", "two", "left"]
+    assert word_matches("black and white", SMALL_ANSWERS) == []  # multi-word answers never match
+    word_model = MacCap(model.config.replace(vqa_match="word"), model.lm, model.tokenizer)
+    word_model.adaptor.load_state_dict(model.adaptor.state_dict())
+    result = answer_question(word_model, tiny_encoder, torch.randn(1, 3, 32, 32), "What?", AnswerList(SMALL_ANSWERS),
+                             caption="c")
+    assert all(score == 1.0 for _, score in result.top_answers)
+    assert result.top_answers == [(a, 1.0) for a in word_matches(result.generated, SMALL_ANSWERS)][:10]
+    assert result.answer == (result.top_answers[0][0] if result.top_answers else result.generated)
+
+
+def test_short_answer_cuts_the_continuation():
+    assert short_answer(" red.\nQuestion: next") == "red"
+    assert short_answer("two cats Question: what Answer: x") == "two cats"
+
+
+def test_answer_embeddings_travel_in_a_bundle(tiny_encoder, tmp_path):
+    answers = AnswerList(SMALL_ANSWERS)
+    writer = BundleWriter(tmp_path / "b", name="vqa")
+    answers.add_to_bundle(writer, tiny_encoder)
+    bundle = Bundle.load(writer.finish())
+    loaded = AnswerList.from_bundle(bundle)
+    assert loaded.answers == SMALL_ANSWERS and bundle.component("vqa")["count"] == len(SMALL_ANSWERS)
+    encoder = CountingEncoder(tiny_encoder)
+    torch.testing.assert_close(loaded.embeddings(encoder), tiny_encoder.encode_text(SMALL_ANSWERS))
+    assert encoder.text_calls == 0  # precomputed: the answers are not embedded again

@@ -1,0 +1,493 @@
+"""Train TOMCap text-only and write a bundle.
+
+CLI: ``python -m training tomcap --corpus FILE --datastore DIR --encoder SPEC --gap-stats FILE --out weights/NAME``.
+
+Steps, each cached so a rerun (or ``--resume``) skips what is done:
+
+1. CLIP text embeddings of the corpus (``training.embed``, sharded and resumable).
+2. Retrieval for every caption, once, before training: the caption's clean text embedding
+   queries the datastore with the caption itself and its exact duplicates excluded and
+   repeated captions collapsed (a text query in a text store, so no correction here).
+   Stored as ``retrieval.safetensors`` in the run folder, keyed by corpus, store and settings.
+3. Examples: the input is the caption's embedding corrected onto the image statistics
+   (noise is added per step in :meth:`TOMCap.loss`); the memory adds the prompt neighbours'
+   CLIP embeddings; the target is the nearest retrieved caption (or the input caption).
+4. The shared loop (``training.loop``: AMP on GPU, torchrun DDP, atomic checkpoints, --resume).
+5. A bundle: encoder, tomcap component, trainable weights, base LM when local, datastore
+   (copied or referenced), gap statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import capdemo  # noqa: F401  (the torchvision shim, before any model library)
+from capdemo.bundle import BundleWriter
+from capdemo.encoders import ClipEncoder, EncoderConfig, add_encoder_to_bundle, load_encoder
+from capdemo.gap import GapCorrection, GapStats
+from capdemo.retrieval import CaptionDatastore, atomic_output
+from capdemo.tomcap import (
+    IGNORE_INDEX, TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, add_to_bundle, load_gpt2_with_cross_attention,
+)
+from training.embed import EmbedFn, add_corpus_arguments, corpus_from_arguments, corpus_sha256
+from training.loop import TrainConfig, TrainResult, TrainTask, resolve_device, train
+from capdemo.encoders import parse_encoder_spec
+from training.maccap import CACHE_WAIT_S, cached_text_embeddings
+
+TRAINING_RECORD = "tomcap/training.json"  # bundle file: how the weights were trained
+RETRIEVAL_CACHE = "retrieval.safetensors"
+RETRIEVAL_FORMAT = "capdemo.tomcap-retrieval/1"
+_SEARCH_CHUNK = 4096  # training queries per datastore search call
+_EMBED_CHUNK = 256  # texts per encoder call when neighbours outside the corpus need embeddings
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval for training, cached
+
+
+def _retrieval_key(captions: Sequence[str], datastore: CaptionDatastore, hits: int) -> str:
+    """Fingerprint of what the cached hits depend on: the corpus, the store (captions, encoder, index) and ``hits``."""
+    identity = {"corpus": corpus_sha256(captions), "store_captions": corpus_sha256(datastore.captions),
+                "store": datastore.meta(), "hits": hits}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def retrieve_for_training(
+    datastore: CaptionDatastore,
+    query_embeds: torch.Tensor,
+    captions: Sequence[str],
+    hits: int,
+    *,
+    cache_file: str | Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Store ids (N, hits) of the captions nearest to each corpus caption, best first.
+
+    The caption's own text and its exact duplicates are excluded, and equal captions count
+    once, so the nearest hit is never the input caption itself. Reads ``cache_file`` when it
+    was made for the same corpus, store and ``hits``; writes it (atomically) otherwise.
+    """
+    key = _retrieval_key(captions, datastore, hits)
+    if cache_file is not None and Path(cache_file).is_file():
+        with safe_open(str(cache_file), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") == key:
+                return handle.get_tensor("ids").numpy()
+    if len(datastore) <= hits:
+        raise ValueError(f"the datastore holds {len(datastore)} captions; training retrieves {hits} per caption"
+                         f" besides the caption itself, so it needs more than {hits}")
+    ids = np.empty((len(captions), hits), dtype=np.int64)
+    for start in tqdm(range(0, len(captions), _SEARCH_CHUNK), desc="retrieval", unit="chunk", disable=not progress):
+        stop = min(start + _SEARCH_CHUNK, len(captions))
+        queries, own_texts = query_embeds[start:stop], list(captions[start:stop])
+        ids[start:stop] = datastore.search(queries, hits, exclude_texts=own_texts, dedupe=True).ids
+    if (ids < 0).any():
+        raise ValueError(f"some captions got fewer than {hits} neighbours from the datastore (IVF lists too few?)")
+    if cache_file is not None:
+        with atomic_output(cache_file) as tmp:
+            save_file({"ids": torch.from_numpy(ids)}, str(tmp), metadata={"format": RETRIEVAL_FORMAT, "key": key})
+    return ids
+
+
+def store_caption_embeddings(
+    store_ids: np.ndarray, datastore: CaptionDatastore, captions: Sequence[str], corpus_embeds: torch.Tensor,
+    embed_fn: EmbedFn,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """CLIP embeddings of the store captions in ``store_ids`` (N, H): ``(table (U, D), row of each id (N, H))``.
+
+    Store captions that are also corpus captions reuse the corpus embedding; the rest are embedded here.
+    """
+    unique, rows = np.unique(store_ids, return_inverse=True)
+    corpus_row = {}
+    for row, caption in enumerate(captions):
+        corpus_row.setdefault(caption, row)
+    texts = [datastore.captions[int(i)] for i in unique]
+    table = torch.empty(len(unique), corpus_embeds.shape[1], dtype=corpus_embeds.dtype)
+    missing = [j for j, text in enumerate(texts) if text not in corpus_row]
+    known = [j for j in range(len(texts)) if texts[j] in corpus_row]
+    table[known] = corpus_embeds[[corpus_row[texts[j]] for j in known]]
+    for start in range(0, len(missing), _EMBED_CHUNK):
+        part = missing[start : start + _EMBED_CHUNK]
+        table[part] = torch.as_tensor(embed_fn([texts[j] for j in part])).to(table.dtype).cpu()
+    return table, rows.reshape(store_ids.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+
+
+class TOMCapExamples(Dataset):
+    """One training example per corpus caption: corrected input embedding, neighbour memory, tokens and labels."""
+
+    def __init__(
+        self,
+        *,
+        tokens: PromptTokens,
+        captions: Sequence[str],
+        corpus_embeds: torch.Tensor,
+        hit_ids: np.ndarray,
+        store_texts: Sequence[str],
+        store_embeds: torch.Tensor,
+        store_rows: np.ndarray,
+        gap_stats: GapStats | None,
+    ):
+        config = tokens.config
+        if GapCorrection(config.gap_correction) is not GapCorrection.NONE and gap_stats is None:
+            raise ValueError(f"gap correction {config.gap_correction!r} needs gap statistics"
+                             " (python -m training gapstats)")
+        self.tokens = tokens
+        self.config = config
+        self.captions = captions  # corpus caption i: the query of example i
+        self.corpus_embeds = corpus_embeds  # (N, D) CLIP text embeddings of the corpus
+        self.hit_ids = hit_ids  # (N, H) store ids retrieved for each caption, best first
+        self.store_texts = store_texts  # store id -> caption
+        self.store_embeds = store_embeds  # (U, D) CLIP embeddings of the store captions used
+        self.store_rows = store_rows  # (N, H) row of store_embeds for each hit
+        self.gap_stats = gap_stats
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def parts(self, index: int) -> tuple[str, list[str], list[int]]:
+        """``(target text, prompt neighbour texts, their columns in the hits)`` of example ``index``."""
+        target_column, columns = self.config.split_hits(range(self.hit_ids.shape[1]))
+        ids = self.hit_ids[index]
+        target = self.captions[index] if target_column is None else self.store_texts[int(ids[target_column])]
+        return target, [self.store_texts[int(ids[c])] for c in columns], columns
+
+    def input_embed(self, index: int) -> torch.Tensor:
+        """The corrected (not yet noised) input embedding (D,)."""
+        embed = self.corpus_embeds[index].float()
+        mode = GapCorrection(self.config.gap_correction)
+        return embed if mode is GapCorrection.NONE else self.gap_stats.correct(embed, mode)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        target, neighbours, columns = self.parts(index)
+        input_ids, labels = self.tokens.training_tokens(neighbours, target)
+        rows = torch.as_tensor(self.store_rows[index][columns], dtype=torch.long)
+        return {
+            "input_embeds": self.input_embed(index),  # (D,)
+            "neighbour_embeds": self.store_embeds[rows].float(),  # (K, D)
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),  # (L,)
+            "labels": torch.tensor(labels, dtype=torch.long),  # (L,)
+        }
+
+
+def collate(pad_id: int) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """Stack embeddings and right-pad token rows (pad id, mask 0, label IGNORE_INDEX)."""
+
+    def collate_examples(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            size = len(item["input_ids"])
+            input_ids[row, :size], labels[row, :size], mask[row, :size] = item["input_ids"], item["labels"], 1
+        return {
+            "input_embeds": torch.stack([item["input_embeds"] for item in items]),  # (B, D)
+            "neighbour_embeds": torch.stack([item["neighbour_embeds"] for item in items]),  # (B, K, D)
+            "input_ids": input_ids,  # (B, L)
+            "attention_mask": mask,  # (B, L)
+            "labels": labels,  # (B, L)
+        }
+
+    return collate_examples
+
+
+def loss_fn(model: TOMCap, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.loss(batch["input_embeds"], batch["neighbour_embeds"], batch["input_ids"], batch["attention_mask"],
+                      batch["labels"])
+
+
+@torch.inference_mode()
+def reproduce_targets(model: TOMCap, examples: TOMCapExamples, indices: Sequence[int], *, beams: int = 1,
+                      batch_size: int = 64) -> tuple[float, list[str]]:
+    """Text-to-text check: decode examples from their clean corrected embeddings; (exact-match rate, outputs).
+
+    The ceiling of text-only training (no modality gap, no noise): a trained model should give
+    back each example's target.
+    """
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    hits = 0
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start : start + batch_size])
+        items = [examples[i] for i in chunk]
+        memory = model.memory(torch.stack([it["input_embeds"] for it in items]),
+                              torch.stack([it["neighbour_embeds"] for it in items]))  # (b, 1 + K, n_embd)
+        prompts = [model.tokens.prompt_ids(examples.parts(i)[1]) for i in chunk]
+        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=model.config.max_new_tokens)[::beams]
+        outputs += texts
+        hits += sum(text == " ".join(examples.parts(i)[0].split()) for text, i in zip(texts, chunk))
+    model.train(was_training)
+    return hits / max(1, len(indices)), outputs
+
+
+def build_task(model: TOMCap, examples: TOMCapExamples, *, eval_samples: int = 0) -> TrainTask:
+    """The shared loop's TrainTask; ``eval_samples`` > 0 adds a text-to-text check on the first examples."""
+    evaluate = None
+    if eval_samples > 0:
+        indices = list(range(min(eval_samples, len(examples))))
+
+        def evaluate(trained: TOMCap) -> dict[str, float]:
+            return {"text_to_text_exact": reproduce_targets(trained, examples, indices)[0]}
+
+    return TrainTask(model=model, dataset=examples, collate_fn=collate(model.pad_id), loss_fn=loss_fn,
+                     evaluate=evaluate)
+
+
+def prepare_examples(
+    model: TOMCap,
+    captions: Sequence[str],
+    corpus_embeds: torch.Tensor,
+    datastore: CaptionDatastore,
+    embed_fn: EmbedFn,
+    *,
+    gap_stats: GapStats | None,
+    query_embeds: torch.Tensor | None = None,
+    retrieval_cache: str | Path | None = None,
+    progress: bool = True,
+) -> TOMCapExamples:
+    """Retrieve (cached) and assemble the examples; ``query_embeds`` default to the corpus CLIP embeddings."""
+    config = model.config
+    hits = config.hits_for_training
+    if hits:
+        queries = corpus_embeds if query_embeds is None else query_embeds
+        hit_ids = retrieve_for_training(datastore, queries, captions, hits, cache_file=retrieval_cache,
+                                        progress=progress)
+    else:
+        hit_ids = np.zeros((len(captions), 0), dtype=np.int64)
+    store_embeds, store_rows = store_caption_embeddings(hit_ids, datastore, captions, corpus_embeds, embed_fn)
+    return TOMCapExamples(tokens=model.tokens, captions=captions, corpus_embeds=corpus_embeds, hit_ids=hit_ids,
+                          store_texts=datastore.captions, store_embeds=store_embeds, store_rows=store_rows,
+                          gap_stats=gap_stats)
+
+
+# --------------------------------------------------------------------------------------------
+# A whole run
+
+
+@dataclass
+class TOMCapRun:
+    """What :func:`train_tomcap` produced."""
+
+    result: TrainResult  # the loop's record (history, evaluations, final checkpoint)
+    model: TOMCap  # the trained model (on the training device)
+    examples: TOMCapExamples  # the training examples (targets, prompts) the model saw
+    bundle: Path | None  # the written bundle; None when the run stopped early or on ranks > 0
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_tomcap(
+    captions: list[str],
+    *,
+    encoder: ClipEncoder,
+    encoder_config: EncoderConfig,
+    datastore_dir: str | Path,
+    gap_stats: GapStats | None,
+    config: TOMCapConfig,
+    train_config: TrainConfig,
+    out: str | Path,
+    embeddings_dir: str | Path | None = None,
+    copy_datastore: bool = True,
+    eval_samples: int = 64,
+    resume: bool = False,
+    stop_after: int | None = None,
+    name: str | None = None,
+) -> TOMCapRun:
+    """Train TOMCap on ``captions`` and write the bundle ``out`` (the programmatic form of :func:`main`).
+
+    ``config.embed_dim`` is taken from the encoder. With ``config.retrieval_encoder`` set, the
+    corpus is embedded a second time with it for the retrieval queries.
+    """
+    config = config.replace(embed_dim=encoder.embed_dim)
+    datastore = CaptionDatastore.load(datastore_dir)
+    run_dir = Path(train_config.out_dir)
+    corpus_embeds = cached_text_embeddings(captions, encoder, Path(embeddings_dir or run_dir / "text-embeddings"))
+    query_embeds = None
+    if config.retrieval_encoder is not None:
+        retriever = load_encoder(config.retrieval_encoder, device=encoder.device)
+        query_embeds = cached_text_embeddings(captions, retriever, run_dir / "retrieval-embeddings")
+        datastore.require_encoder(retriever.name)
+    else:
+        datastore.require_encoder(encoder.name)
+    torch.manual_seed(train_config.seed)  # the cross-attention, LoRA and projection initialisation
+    lm, tokenizer = load_gpt2_with_cross_attention(config.lm)
+    model = TOMCap(config, lm, tokenizer)
+    retrieval_cache = run_dir / RETRIEVAL_CACHE
+    if config.hits_for_training and not _is_main_rank():  # rank 0 retrieves and writes the cache; the others read it
+        wait_for_file(retrieval_cache)
+    examples = prepare_examples(model, captions, corpus_embeds, datastore, encoder.encode_text, gap_stats=gap_stats,
+                                query_embeds=query_embeds, retrieval_cache=retrieval_cache, progress=_is_main_rank())
+    task = build_task(model, examples, eval_samples=eval_samples)
+    result = train(task, train_config, resume=resume, stop_after=stop_after)
+    bundle = None
+    if result.finished and _is_main_rank():
+        record = {"captions": len(captions), "datastore": str(datastore_dir), "train": train_config.to_dict(),
+                  "history": result.history, "evaluations": result.evaluations}
+        bundle = write_bundle(out, model=model, encoder=encoder, encoder_config=encoder_config,
+                              datastore_dir=datastore_dir, copy_datastore=copy_datastore, gap_stats=gap_stats,
+                              record=record, name=name or Path(out).name)
+    return TOMCapRun(result=result, model=model, examples=examples, bundle=bundle)
+
+
+def wait_for_file(path: Path, *, timeout_s: float = CACHE_WAIT_S) -> None:
+    """Block until ``path`` exists (another rank writes it atomically)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s; did rank 0 fail?")
+        time.sleep(1.0)
+
+
+def write_bundle(out: str | Path, *, model: TOMCap, encoder: ClipEncoder, encoder_config: EncoderConfig,
+                 datastore_dir: str | Path, copy_datastore: bool, gap_stats: GapStats | None,
+                 record: dict[str, Any], name: str) -> Path:
+    """The bundle capdemo serves: encoder, TOMCap (base LM when local), datastore, gap statistics, training record."""
+    writer = BundleWriter.extending(out, name=name)  # keeps the bundle's other components (e.g. MacCap)
+    writer.set_info(description=f"TOMCap trained text-only on {record['captions']} captions", overwrite=False)
+    writer.remove(TOMCAP_COMPONENT)
+    try:
+        copy_encoder = encoder_config.pretrained is None or Path(encoder_config.pretrained).exists()
+        add_encoder_to_bundle(writer, encoder, encoder_config, copy_weights=copy_encoder)
+        datastore = datastore_dir if copy_datastore else Path(datastore_dir).resolve()
+        add_to_bundle(writer, model, datastore=datastore, copy_datastore=copy_datastore, gap_stats=gap_stats)
+        writer.add_json(TRAINING_RECORD, record)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training tomcap", description=__doc__.split("\n\n")[0])
+    io = parser.add_argument_group("data and output")
+    add_corpus_arguments(io)
+    io.add_argument("--datastore", required=True, help="caption datastore folder (python -m training index)")
+    io.add_argument("--gap-stats", default=None,
+                    help="gap statistics file (python -m training gapstats); needed unless --gap-correction none")
+    io.add_argument("--out", required=True, help="bundle folder to write (weights/NAME)")
+    io.add_argument("--name", default=None, help="bundle name (default: the --out folder name)")
+    io.add_argument("--encoder", default="ViT-B-32/openai",
+                    help="frozen CLIP: MODEL[/PRETRAINED] as in ViT-B-32/openai, or an EncoderConfig JSON file")
+    io.add_argument("--lm", default=None, help="GPT-2: local save_pretrained folder or hf-hub:org/name@rev "
+                                               "(default: the config's, GPT-2 base)")
+    io.add_argument("--config", default=None, help="TOMCapConfig JSON file to start from (flags override it)")
+    io.add_argument("--run-dir", default=None, help="checkpoints, history and caches (default: runs/<bundle name>)")
+    io.add_argument("--embeddings", default=None,
+                    help="text-embedding cache folder (default: <run-dir>/text-embeddings)")
+    io.add_argument("--reference-datastore", action="store_true",
+                    help="record the datastore's absolute path in the bundle instead of copying it in (large stores)")
+
+    model = parser.add_argument_group("model (default: the paper's settings)")
+    model.add_argument("--k", type=int, default=None,
+                       help="retrieved neighbour captions in prompt and memory (paper: 4)")
+    model.add_argument("--lora-r", type=int, default=None, help="LoRA rank (paper: 32)")
+    model.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha / r)")
+    model.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input")
+    model.add_argument("--gap-correction", choices=[m.value for m in GapCorrection], default=None,
+                       help="how training inputs move onto image statistics (paper: mean_std)")
+    model.add_argument("--noise-variance", type=float, default=None,
+                       help="training noise variance after the correction (default 0.016)")
+    model.add_argument("--target", choices=TARGETS, default=None,
+                       help="training target: the nearest retrieved caption (paper) or the input caption")
+    model.add_argument("--target-in-prompt", action=argparse.BooleanOptionalAction, default=None,
+                       help="with target 'nearest': put the target among the prompt's neighbours (a copy task)")
+    model.add_argument("--retrieval", dest="use_retrieval", action=argparse.BooleanOptionalAction, default=None,
+                       help="retrieved captions in prompt and memory (--no-retrieval: the ablation)")
+    model.add_argument("--beams", type=int, default=None, help="beam width at inference (every beam is a candidate)")
+    model.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
+    model.add_argument("--max-caption-tokens", type=int, default=None, help="target tokens per caption incl. EOS")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    optim.add_argument("--epochs", type=int, default=10, help="passes over the corpus (SmallCap: 10)")
+    optim.add_argument("--batch-size", type=int, default=64, help="global batch size (SmallCap: 64)")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each rank")
+    optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (SmallCap: 1e-4)")
+    optim.add_argument("--warmup", type=int, default=500, help="linear warmup steps")
+    optim.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    optim.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="autocast precision on GPU (auto: bf16 where supported); CPU trains in fp32")
+    optim.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
+    optim.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    optim.add_argument("--seed", type=int, default=0, help="seeds the initialisation, data order and noise")
+    optim.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    optim.add_argument("--eval-samples", type=int, default=64,
+                       help="training examples decoded text-to-text at each evaluation (0: none)")
+    optim.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    optim.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
+    optim.add_argument("--stop-after", type=int, default=None, help="stop after this many steps as if killed (tests)")
+    return parser
+
+
+_MODEL_FLAGS = ("k", "lora_r", "lora_alpha", "lora_dropout", "gap_correction", "noise_variance", "target",
+                "target_in_prompt", "use_retrieval", "beams", "max_new_tokens", "max_caption_tokens", "lm")
+
+
+def configs_from_arguments(args: argparse.Namespace) -> tuple[TOMCapConfig, TrainConfig]:
+    config = TOMCapConfig.load_json(args.config) if args.config else TOMCapConfig()
+    config = config.replace(**{f: getattr(args, f) for f in _MODEL_FLAGS if getattr(args, f) is not None})
+    run_dir = args.run_dir or str(Path("runs") / (args.name or Path(args.out).name))
+    train_config = TrainConfig(
+        out_dir=run_dir, seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
+        max_steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, precision=args.precision,
+        device=args.device, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        num_workers=args.num_workers,
+    )
+    return config, train_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config, train_config = configs_from_arguments(args)
+    needs_stats = GapCorrection(config.gap_correction) is not GapCorrection.NONE
+    if needs_stats and not args.gap_stats:
+        raise SystemExit(f"error: --gap-stats is required for gap correction {config.gap_correction!r} "
+                         "(make it with `python -m training gapstats`, or pass --gap-correction none)")
+    captions = corpus_from_arguments(args)
+    encoder_config = parse_encoder_spec(args.encoder)
+    device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    encoder = load_encoder(encoder_config, device=device)
+    run = train_tomcap(
+        captions, encoder=encoder, encoder_config=encoder_config, datastore_dir=args.datastore,
+        gap_stats=GapStats.load(args.gap_stats) if needs_stats else None, config=config, train_config=train_config,
+        out=args.out, embeddings_dir=args.embeddings, copy_datastore=not args.reference_datastore,
+        eval_samples=args.eval_samples, resume=args.resume, stop_after=args.stop_after, name=args.name,
+    )
+    if run.bundle is not None:
+        summary = {"bundle": str(run.bundle), "steps": run.result.step,
+                   "final_loss": run.result.history[-1]["loss"] if run.result.history else None,
+                   "evaluations": run.result.evaluations[-1:]}
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
