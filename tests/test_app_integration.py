@@ -1,0 +1,203 @@
+"""The app served over HTTP and driven with gradio_client, as an API user would: /caption, /vqa and the rest.
+
+The served bundle comes from ``tests.app_server.served_bundle`` (the shipped
+``weights/shapes`` once it exists). Inputs: a generated shapes-world image and a
+real COCO photo from the project data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from gradio_client.utils import QueueError, Status
+from PIL import Image
+
+from capdemo import analysis, ui
+from capdemo.pipeline import Captioner
+from tests.app_server import ROOT, coco_photo, corrupt_png, running_app, served_bundle, shapes_image
+
+SETTINGS = dict(samples=6, beams=2, noise_variance=0.016, n_cr=3, k=3, max_new_tokens=12, seed=0)
+BOTH = ["maccap", "tomcap"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle_dir) -> Path:
+    return served_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def url(bundle):
+    demo = ui.build_app(str(bundle), device="cpu")
+    with running_app(demo) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    found = {"shapes": shapes_image(tmp_path_factory.mktemp("images") / "shapes.png")}
+    photo = coco_photo()
+    if photo is not None:
+        found["coco"] = photo
+    return found
+
+
+def image_of(images: dict[str, Path], name: str) -> Path:
+    if name not in images:
+        pytest.skip("no COCO photo: set CAPDEMO_DATA_DIR or provide ../shared/data/images/coco")
+    return images[name]
+
+
+def rows(table: dict) -> list[dict]:
+    """A Dataframe output as the client receives it ({"headers", "data"}) -> one dict per row."""
+    return [dict(zip(table["headers"], row)) for row in table["data"]]
+
+
+@pytest.mark.parametrize("name", ["shapes", "coco"])
+def test_caption_outputs_are_complete_and_consistent(client, images, name):
+    path = image_of(images, name)
+    (maccap_caption, tomcap_caption, maccap_table, tomcap_table, heatmap, neighbours, timings,
+     details) = client.predict(handle_file(str(path)), BOTH, *SETTINGS.values(), api_name="/caption")
+
+    for caption, table, count in ((maccap_caption, maccap_table, SETTINGS["samples"]),
+                                  (tomcap_caption, tomcap_table, SETTINGS["beams"])):
+        candidates = rows(table)
+        assert len(candidates) == count
+        scores = [c["CLIP score"] for c in candidates]
+        assert scores == sorted(scores, reverse=True)
+        assert caption == candidates[0]["caption"] and candidates[0]["chosen"] == "✓"
+        assert [c["chosen"] for c in candidates[1:]] == [""] * (count - 1)
+
+    with Image.open(path) as original:
+        size = original.size
+    assert details["image_size"] == list(size)
+    grid_rows, grid_cols = details["grid"]
+    patches = details["results"]["maccap"]["patches"]
+    assert len(patches) == SETTINGS["n_cr"]
+    assert len({p["index"] for p in patches}) == SETTINGS["n_cr"]
+    for patch in patches:
+        assert 0 <= patch["row"] < grid_rows and 0 <= patch["col"] < grid_cols
+        assert patch["index"] == patch["row"] * grid_cols + patch["col"]
+
+    listed = rows(neighbours)
+    assert len(listed) == SETTINGS["k"] and all(n["neighbour caption"] for n in listed)
+    assert [n["neighbour caption"] for n in listed] == [n["text"] for n in details["results"]["tomcap"]["neighbours"]]
+
+    with Image.open(heatmap) as drawn:  # the overlay keeps the photo's aspect ratio
+        assert max(drawn.size) == analysis.DISPLAY_SIDE
+        assert abs(drawn.size[0] / drawn.size[1] - size[0] / size[1]) < 0.02
+    stages = {(r["method"], r["stage"]) for r in rows(timings)}
+    assert ("MacCap", "total") in stages and ("TOMCap", "total") in stages
+
+
+@pytest.mark.parametrize("name", ["shapes", "coco"])
+def test_vqa_answer_comes_with_its_evidence(client, images, name):
+    path = image_of(images, name)
+    answer, top, generated, caption, prompt = client.predict(
+        handle_file(str(path)), "What colour is the biggest shape?", api_name="/vqa"
+    )
+    ranked = rows(top)
+    assert 1 <= len(ranked) <= ui.AppConfig().vqa_top_k
+    scores = [r["score"] for r in ranked]
+    assert scores == sorted(scores, reverse=True) and answer == ranked[0]["answer"]
+    assert prompt.endswith("Question: What colour is the biggest shape? Answer:") and caption in prompt
+    assert isinstance(generated, str)
+
+
+def test_embedding_endpoint_returns_two_plots_and_the_gap_table(client, images):
+    projection, histogram, table = client.predict(handle_file(str(images["shapes"])), "pca", api_name="/embedding")
+    for figure in (projection, histogram):
+        assert figure["type"] == "plotly" and json.loads(figure["plot"])["data"]
+    names = {trace["name"] for trace in json.loads(projection["plot"])["data"]}
+    assert {analysis.TRACE_STYLES[kind].label for kind in ("image", "patches", "maccap region")} <= names
+    assert rows(table) and all(isinstance(r["value"], float) for r in rows(table))
+
+
+def test_batch_endpoint_returns_a_table_and_downloads(client, images, tmp_path):
+    broken = corrupt_png(tmp_path / "broken.png")
+    files = [handle_file(str(images["shapes"])), handle_file(str(broken))]
+    table, csv_path, json_path = client.predict(files, api_name="/batch")
+    listed = rows(table)
+    assert [r["image"] for r in listed] == ["shapes.png", "broken.png"]
+    assert listed[0]["error"] == "" and listed[0]["maccap caption"] == listed[0]["maccap caption"].strip()
+    assert "truncated or corrupt" in listed[1]["error"]
+    with open(csv_path, newline="") as handle:
+        assert [r["image"] for r in csv.DictReader(handle)] == ["shapes.png", "broken.png"]
+    assert [r["image"] for r in json.loads(Path(json_path).read_text())] == ["shapes.png", "broken.png"]
+
+
+def test_about_endpoint_describes_the_served_bundle(client, bundle):
+    text, info = client.predict(api_name="/about")
+    assert info["folder"] == str(bundle) and f"`{info['name']}`" in text and "--weights" in text
+
+
+def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(client, images, tmp_path):
+    broken = corrupt_png(tmp_path / "broken.png")
+    with pytest.raises(AppError) as raised:
+        client.predict(handle_file(str(broken)), BOTH, *SETTINGS.values(), api_name="/caption")
+    assert str(raised.value).startswith("broken.png: truncated or corrupt image data")
+    assert "Traceback" not in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(AppError, match="question is empty"):
+        client.predict(handle_file(str(images["shapes"])), "   ", api_name="/vqa")
+    with pytest.raises(AppError, match="less than minimum value 1"):  # Gradio checks the slider's range itself
+        client.predict(handle_file(str(images["shapes"])), BOTH, 0, *list(SETTINGS.values())[1:], api_name="/caption")
+    with pytest.raises(AppError, match="samples must be a whole number"):
+        client.predict(handle_file(str(images["shapes"])), BOTH, 2.5, *list(SETTINGS.values())[1:], api_name="/caption")
+    caption = client.predict(handle_file(str(images["shapes"])), ["tomcap"], *SETTINGS.values(), api_name="/caption")
+    assert caption[1]
+
+
+def test_a_full_queue_turns_requests_away_with_a_clear_message(tiny_bundle_dir, monkeypatch):
+    captioner = Captioner.from_bundle(tiny_bundle_dir, device="cpu")
+    example = handle_file(str(captioner.examples()[0]))
+    entered, release = threading.Event(), threading.Event()
+    caption = captioner.caption
+
+    def held_caption(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return caption(*args, **kwargs)
+
+    monkeypatch.setattr(captioner, "caption", held_caption)
+    demo = ui.create_blocks(captioner, config=ui.AppConfig(concurrency_limit=1, max_queue_size=1))
+    request = (example, ["tomcap"], *SETTINGS.values())
+    with running_app(demo) as url:
+        client = Client(url, verbose=False)
+        try:
+            running = client.submit(*request, api_name="/caption")
+            assert entered.wait(60), "the first request never started"
+            waiting = client.submit(*request, api_name="/caption")
+            deadline = time.monotonic() + 60
+            while waiting.status().code != Status.IN_QUEUE:
+                assert time.monotonic() < deadline, "the second request never reached the queue"
+                time.sleep(0.05)
+            with pytest.raises(QueueError, match="Queue is full"):
+                client.predict(*request, api_name="/caption")
+        finally:
+            release.set()
+        assert running.result(timeout=60)[1] == waiting.result(timeout=60)[1]
+
+
+def test_the_readme_client_example_runs(url, bundle, tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Using the app"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'api_name="/caption"' in example and 'api_name="/vqa"' in example
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "shapes").symlink_to(bundle.resolve(), target_is_directory=True)
+    monkeypatch.chdir(tmp_path)  # the example reads weights/shapes/examples from the repository root
+    exec(compile(example.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "MacCap:" in printed and "neighbours:" in printed and "patches (row, col):" in printed

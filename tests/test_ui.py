@@ -1,0 +1,386 @@
+"""The app's event functions, called directly on the tiny bundle: the tables, images and figures they return."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import pytest
+from gradio.data_classes import FileData
+from PIL import Image
+
+from capdemo import analysis, ui
+from capdemo.options import CaptionOptions
+from capdemo.pipeline import Captioner
+from capdemo.vqa import VQA_PROMPT
+from tests.app_server import corrupt_png
+from tests.tiny_bundle import TINY_ANSWERS, TINY_MACCAP
+
+SETTINGS = dict(samples=5, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=1)
+BOTH = ["maccap", "tomcap"]
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_bundle_dir) -> Captioner:
+    return Captioner.from_bundle(tiny_bundle_dir, device="cpu")
+
+
+@pytest.fixture
+def app(captioner) -> ui.CaptionDemo:
+    return ui.CaptionDemo(captioner)
+
+
+@pytest.fixture(scope="module")
+def example(captioner) -> str:
+    return str(captioner.examples()[0])
+
+
+@pytest.fixture(scope="module")
+def both_view(captioner, example) -> ui.CaptionView:
+    return ui.CaptionDemo(captioner).caption_event(example, BOTH, **SETTINGS)
+
+
+def fresh_image(tmp_path, seed: int) -> str:
+    """An image no other test has shown the captioner (its encoder cache is shared by the module)."""
+    pixels = np.random.default_rng(1000 + seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    path = tmp_path / f"fresh-{seed}.png"
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def count_calls(monkeypatch, captioner, name: str) -> list:
+    calls = []
+    original = getattr(captioner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(captioner, name, spy)
+    return calls
+
+
+# --- /caption ---------------------------------------------------------------------------------------------------
+
+
+def test_caption_tables_list_every_candidate_best_first_with_the_chosen_one_marked(both_view):
+    table = both_view.maccap_candidates
+    assert list(table.columns) == ["rank", "caption", "CLIP score", "chosen", "sample"]
+    assert len(table) == SETTINGS["samples"]
+    assert list(table["rank"]) == list(range(1, SETTINGS["samples"] + 1))
+    assert sorted(table["sample"]) == list(range(SETTINGS["samples"]))  # every noisy sample appears once
+    assert table["CLIP score"].is_monotonic_decreasing
+    assert list(table["chosen"]) == ["✓"] + [""] * (SETTINGS["samples"] - 1)
+    assert both_view.maccap_caption == table["caption"][0]
+
+    tom = both_view.tomcap_candidates
+    assert len(tom) == SETTINGS["beams"] and tom["CLIP score"].is_monotonic_decreasing
+    assert both_view.tomcap_caption == tom["caption"][0]
+
+
+def test_caption_details_agree_with_the_tables(both_view):
+    results = both_view.details["results"]
+    assert set(results) == set(BOTH)
+    for method, table in (("maccap", both_view.maccap_candidates), ("tomcap", both_view.tomcap_candidates)):
+        listed = results[method]["candidates"]
+        assert [c["text"] for c in listed] == list(table["caption"])
+        assert np.allclose([c["clip_score"] for c in listed], table["CLIP score"], atol=5e-5)
+        assert results[method]["caption"] == listed[0]["text"]
+    assert [n["text"] for n in results["tomcap"]["neighbours"]] == list(both_view.neighbours["neighbour caption"])
+
+
+def test_neighbours_are_k_captions_from_the_datastore_most_similar_first(both_view, captioner):
+    table = both_view.neighbours
+    assert list(table.columns) == ["rank", "neighbour caption", "similarity"]
+    assert len(table) == SETTINGS["k"] and table["similarity"].is_monotonic_decreasing
+    corpus = set(captioner.datastore.captions[i] for i in range(len(captioner.datastore)))
+    assert set(table["neighbour caption"]) <= corpus
+
+
+def test_picked_patches_lie_in_the_grid_and_carry_the_grid_attention(both_view, captioner, example):
+    rows, cols = captioner.encoder.grid_size
+    assert both_view.details["grid"] == [rows, cols]
+    patches = both_view.details["results"]["maccap"]["patches"]
+    assert len(patches) == SETTINGS["n_cr"]
+    grid = ui.attention_grid(captioner.encode([Image.open(example).convert("RGB")]))
+    assert grid.shape == (rows, cols) and 0 < grid.sum() <= 1 + 1e-5  # CLS attention over patches (CLS excluded)
+    for patch in patches:
+        assert 0 <= patch["row"] < rows and 0 <= patch["col"] < cols
+        assert patch["index"] == patch["row"] * cols + patch["col"]
+        assert np.isclose(patch["attention"], grid[patch["row"], patch["col"]], atol=1e-5)
+    weights = [p["attention"] for p in patches]
+    assert weights == sorted(weights, reverse=True) and min(weights) >= np.sort(grid.ravel())[-len(patches)] - 1e-6
+
+
+def test_heatmap_is_the_attention_overlay_with_macaps_patches_outlined(both_view, captioner, example):
+    picture = Image.open(example).convert("RGB")
+    grid = ui.attention_grid(captioner.encode([picture]))
+    patches = both_view.details["results"]["maccap"]["patches"]
+    expected = analysis.attention_overlay(picture, grid, outlined=[(p["row"], p["col"]) for p in patches])
+    assert isinstance(both_view.heatmap, Image.Image) and max(both_view.heatmap.size) == analysis.DISPLAY_SIDE
+    assert np.array_equal(np.asarray(both_view.heatmap), np.asarray(expected))
+
+
+def test_timings_list_each_stage_and_their_total(both_view):
+    table = both_view.timings
+    assert list(table.columns) == ["method", "stage", "ms"]
+    for label, method in (("MacCap", "maccap"), ("TOMCap", "tomcap")):
+        rows = table[table["method"] == label]
+        stages = dict(zip(rows["stage"], rows["ms"]))
+        assert list(stages)[:-1] == list(both_view.details["results"][method]["timings_ms"])
+        assert np.isclose(stages.pop("total"), sum(stages.values()), atol=0.1 * len(stages))
+        assert all(ms >= 0 for ms in stages.values())
+
+
+def test_one_method_leaves_the_other_methods_outputs_empty(app, example):
+    view = app.caption_event(example, ["tomcap"], **SETTINGS)
+    assert view.maccap_caption == "" and view.maccap_candidates.empty and view.tomcap_caption
+    assert set(view.details["results"]) == {"tomcap"} and set(view.session.results) == {"tomcap"}
+    assert set(view.timings["method"]) == {"TOMCap"}
+    assert isinstance(view.heatmap, Image.Image)  # the attention is the encoder's: shown without outlines
+
+
+def test_same_seed_same_captions_and_the_session_remembers_them(app, example, both_view):
+    again = app.caption_event(example, BOTH, **SETTINGS)
+    assert again.maccap_candidates.equals(both_view.maccap_candidates)
+    assert again.session.key == both_view.session.key and set(again.session.results) == set(BOTH)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image": None}, "no image"),
+        ({"methods": []}, "no method chosen"),
+        ({"methods": ["blip"]}, "unknown method 'blip'"),
+        ({"samples": 0}, "samples must be between 1 and 64"),
+        ({"samples": 2.5}, "samples must be a whole number"),
+        ({"noise_variance": float("nan")}, "noise_variance must be finite"),
+        ({"n_cr": 17}, "n_cr must be between 1 and 16"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(app, example, change, message):
+    request = {"image": example, "methods": BOTH, **SETTINGS, **change}
+    with pytest.raises(gr.Error) as raised:
+        app.caption_event(**request)
+    assert message in raised.value.message and "\n" not in raised.value.message
+
+
+def test_bad_uploads_are_one_line_errors(app, tmp_path, captioner):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    cases = {
+        str(corrupt_png(tmp_path / "broken.png")): "broken.png: truncated or corrupt image data",
+        str(not_an_image): "notes.png: not an image",
+    }
+    for path, message in cases.items():
+        with pytest.raises(gr.Error) as raised:
+            app.caption_event(path, BOTH, **SETTINGS)
+        assert raised.value.message.startswith(message) and "\n" not in raised.value.message
+    small = ui.CaptionDemo(captioner, config=ui.AppConfig(max_upload_pixels=1000))
+    with pytest.raises(gr.Error, match=r"32x32 = 1,024 pixels, above the limit of 1,000"):
+        small.caption_event(str(captioner.examples()[0]), BOTH, **SETTINGS)
+
+
+def test_internal_errors_show_only_their_type_and_log_the_traceback(app, example, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA exploded at 0xdeadbeef")
+
+    monkeypatch.setattr(app.captioner, "caption", broken)
+    with caplog.at_level(logging.ERROR, logger="capdemo.ui"), pytest.raises(gr.Error) as raised:
+        app.caption_event(example, BOTH, **SETTINGS)
+    assert raised.value.message == "internal error while captioning: RuntimeError"
+    assert caplog.records and caplog.records[-1].exc_info[0] is RuntimeError
+
+
+# --- /vqa -------------------------------------------------------------------------------------------------------
+
+
+def test_vqa_uses_the_caption_tab_caption_and_ranks_the_answers(app, example, both_view):
+    view = app.vqa_event(example, "  what   colour is it? ", both_view.session)
+    assert view.caption == both_view.maccap_caption
+    assert view.prompt == VQA_PROMPT.format(caption=view.caption, question="what colour is it?").strip()
+    top = view.top_answers
+    assert list(top.columns) == ["rank", "answer", "score"]
+    assert len(top) == min(app.config.vqa_top_k, len(TINY_ANSWERS)) and set(top["answer"]) <= set(TINY_ANSWERS)
+    assert top["score"].is_monotonic_decreasing and view.answer == top["answer"][0]
+
+
+def test_vqa_without_a_session_captions_with_the_bundle_defaults(app, captioner, example):
+    view = app.vqa_event(example, "how many shapes?")
+    expected = captioner.caption([Image.open(example).convert("RGB")], "maccap", CaptionOptions())[0].caption
+    assert view.caption == expected
+
+
+@pytest.mark.parametrize("question", ["", "   \n\t "])
+def test_empty_question_is_an_error(app, example, question):
+    with pytest.raises(gr.Error, match="question is empty"):
+        app.vqa_event(example, question)
+
+
+# --- /embedding -------------------------------------------------------------------------------------------------
+
+
+def test_embedding_plot_shows_every_kind_with_the_right_counts(app, captioner, example, both_view):
+    view = app.embedding_event(example, "pca", both_view.session)
+    traces = {trace.name: trace for trace in view.projection.data}
+    rows, cols = captioner.encoder.grid_size
+    counts = {"image": 1, "patches": rows * cols, "maccap region": SETTINGS["n_cr"],
+              "maccap candidates": SETTINGS["samples"], "tomcap candidates": SETTINGS["beams"],
+              "tomcap neighbours": SETTINGS["k"]}
+    for kind, count in counts.items():
+        assert len(traces[analysis.TRACE_STYLES[kind].label].x) == count, kind
+    corpus = traces[analysis.TRACE_STYLES["corpus"].label]
+    assert len(corpus.x) == len(traces[analysis.TRACE_STYLES["corpus corrected"].label].x) > 0
+    shown = list(traces[analysis.TRACE_STYLES["maccap candidates"].label].text)
+    assert [text.rsplit(" (CLIP", 1)[0] for text in shown] == list(both_view.maccap_candidates["caption"])
+
+
+def test_gap_histogram_and_table(app, captioner, example, both_view):
+    view = app.embedding_event(example, "pca", both_view.session)
+    sizes = {t.name.split(" (")[0]: len(t.x) for t in view.gap_histogram.data if t.type == "histogram"}
+    dim = captioner.encoder.embed_dim
+    assert sizes == {"global image - best caption": dim, "MacCap regions - best caption": SETTINGS["n_cr"] * dim,
+                     "bundle mean gap mu_image - mu_text": dim}
+    table = view.gap_table
+    assert list(table.columns) == ["quantity", "value"]
+    assert "cos(caption, global image)" in set(table["quantity"]) and "std ratio median" in set(table["quantity"])
+    assert np.isfinite(table["value"].astype(float)).all()
+
+
+def test_caption_vqa_and_plot_share_one_encoder_pass(app, captioner, tmp_path, monkeypatch):
+    image = fresh_image(tmp_path, seed=1)
+    before = captioner.encoder.images_encoded
+    view = app.caption_event(image, BOTH, **SETTINGS)
+    captions = count_calls(monkeypatch, captioner, "caption")
+    app.vqa_event(image, "what is it?", view.session)
+    app.embedding_event(image, "pca", view.session)
+    assert captioner.encoder.images_encoded - before == 1
+    assert captions == []  # the plot reused the Caption tab's results
+
+
+def test_embedding_without_a_session_captions_each_method_once(app, captioner, tmp_path, monkeypatch):
+    captions = count_calls(monkeypatch, captioner, "caption")
+    view = app.embedding_event(fresh_image(tmp_path, seed=2), "pca")
+    assert sorted(call[1] for call in captions) == ["maccap", "tomcap"]
+    assert set(view.session.results) == {"maccap", "tomcap"}
+
+
+def test_unknown_projection_is_an_error(app, example):
+    with pytest.raises(gr.Error, match="unknown projection 'tsne'"):
+        app.embedding_event(example, "tsne")
+
+
+# --- /batch -----------------------------------------------------------------------------------------------------
+
+
+def test_batch_captions_each_image_and_reports_bad_files(app, captioner, tmp_path):
+    good = [str(p) for p in captioner.examples()]
+    bad = str(corrupt_png(tmp_path / "broken.png"))
+    view = app.batch_event([*good, bad])
+    table = view.table
+    assert list(table.columns) == ["image", "maccap caption", "maccap clip_score", "tomcap caption",
+                                   "tomcap clip_score", "error"]
+    assert list(table["image"]) == ["random-0.png", "random-1.png", "broken.png"]
+    assert list(table["error"][:2]) == ["", ""] and table["error"][2].startswith("broken.png: truncated or corrupt")
+    for row, path in enumerate(good):  # the same captions as one image at a time with the bundle's defaults
+        single = captioner.caption([Image.open(path).convert("RGB")], "maccap", CaptionOptions())[0]
+        assert table["maccap caption"][row] == single.caption
+        assert np.isclose(table["maccap clip_score"][row], single.candidates[0].clip_score, atol=5e-5)
+    records = json.loads(open(view.json_path).read())
+    assert records == json.loads(table.to_json(orient="records"))
+    from_csv = pd.read_csv(view.csv_path, keep_default_na=False)
+    assert list(from_csv["image"]) == list(table["image"]) and list(from_csv["error"]) == list(table["error"])
+    assert list(from_csv["tomcap caption"]) == list(table["tomcap caption"])
+
+
+def test_batch_limits_and_download_rotation(captioner, tmp_path):
+    app = ui.CaptionDemo(captioner, config=ui.AppConfig(max_batch_images=2, kept_downloads=1))
+    example = str(captioner.examples()[0])
+    with pytest.raises(gr.Error, match="3 images; the limit per batch is 2"):
+        app.batch_event([example] * 3)
+    with pytest.raises(gr.Error, match="no images"):
+        app.batch_event([])
+    first = app.batch_event([example])
+    second = app.batch_event([example])
+    assert not __import__("os").path.exists(first.csv_path) and open(second.csv_path).read()
+
+
+# --- /about and the page ----------------------------------------------------------------------------------------
+
+
+def test_about_describes_the_bundle_and_how_to_load_another(app):
+    text, info = app.about()
+    assert "`tiny` (shapes world)" in text and "MacCap, TOMCap" in text and "--weights hf-hub:" in text
+    assert info["methods"] == ["maccap", "tomcap"] and len(info["files"]) > 0
+    assert "path" not in info and info["folder"] == str(app.captioner.bundle.path)
+
+
+def test_sliders_are_preset_to_the_bundle_settings(captioner):
+    defaults = ui.bundle_defaults(captioner)
+    for name in ("samples", "beams", "noise_variance", "n_cr", "max_new_tokens"):
+        assert getattr(defaults, name) == TINY_MACCAP.get(name, getattr(captioner.maccap.config, name))
+    assert defaults.k == captioner.tomcap.config.k
+
+
+def _examples_shown(demo: gr.Blocks) -> list:
+    return [sample for block in demo.blocks.values() if isinstance(block, gr.Dataset) for sample in block.samples]
+
+
+def test_page_wires_stable_api_names_and_a_bounded_queue(captioner):
+    demo = ui.create_blocks(captioner, config=ui.AppConfig(concurrency_limit=2, max_queue_size=5))
+    public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert public == {"caption", "vqa", "embedding", "batch", "about"}
+    assert demo._queue.max_size == 5 and demo._queue.default_concurrency_limit == 2
+    model_events = [fn for fn in demo.fns.values() if fn.api_name in {"caption", "vqa", "embedding", "batch"}]
+    assert {fn.concurrency_id for fn in model_events} == {ui.MODEL_CONCURRENCY_ID}  # one shared limit
+    assert len(_examples_shown(demo)) == len(captioner.examples())
+
+
+def test_photo_examples_only_for_a_real_world_bundle(captioner, monkeypatch, tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    shapes_page = ui.create_blocks(captioner, photos=[photo])
+    assert len(_examples_shown(shapes_page)) == len(captioner.examples())
+    real_info = {**captioner.info(), "world": "real"}
+    monkeypatch.setattr(captioner, "info", lambda: real_info)
+    real_page = ui.create_blocks(captioner, photos=[photo])
+    assert len(_examples_shown(real_page)) == len(captioner.examples()) + 1
+
+
+def test_gpu_wrapping_only_when_spaces_is_importable(monkeypatch):
+    def event():
+        return "ran"
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError
+    assert ui.on_gpu(event) is event
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=lambda fn: ("on gpu", fn)))
+    assert ui.on_gpu(event) == ("on gpu", event)
+
+
+def test_image_input_hands_over_the_upload_path_without_decoding(tmp_path):
+    broken = corrupt_png(tmp_path / "broken.png")
+    with gr.Blocks():
+        image = ui.image_input()
+    assert image.type == "filepath" and image.get_block_name() == "image"
+    assert image.preprocess(FileData(path=str(broken), orig_name="broken.png")) == str(broken)
+    assert image.preprocess(None) is None
+    assert not list(Path(ui.__file__).parent.glob("*.pyi"))  # no stub written next to the package
+
+
+def test_user_facing_squeezes_messages_onto_one_line():
+    @ui.user_facing("testing")
+    def event(kind):
+        raise kind("first line\n  second line")
+
+    with pytest.raises(gr.Error) as raised:
+        event(ValueError)
+    assert raised.value.message == "first line second line"
+    with pytest.raises(gr.Error) as raised:
+        event(KeyError)
+    assert raised.value.message == "internal error while testing: KeyError"
