@@ -302,7 +302,10 @@ BUNDLED_WEIGHTS = f"{ENCODER_COMPONENT}/{OPEN_CLIP_WEIGHTS_FILE}"
 def add_encoder_to_bundle(writer: Any, encoder: ClipEncoder, config: EncoderConfig, *, copy_weights: bool) -> None:
     """Record the encoder in a bundle: by reference (hub tag/id) or with its weights copied in."""
     if copy_weights:
-        writer.add_tensors(BUNDLED_WEIGHTS, encoder.model.state_dict())
+        state = encoder.model.state_dict()
+        if all(not t.is_floating_point() or torch.equal(t, t.half().to(t.dtype)) for t in state.values()):
+            state = {k: t.half() if t.is_floating_point() else t for k, t in state.items()}  # lossless: half the bytes
+        writer.add_tensors(BUNDLED_WEIGHTS, state)
         config = config.replace(pretrained=f"bundle:{BUNDLED_WEIGHTS}", revision=None)
     writer.add_component(ENCODER_COMPONENT, config.to_dict())
 

@@ -9,6 +9,7 @@ PIL images (or an ``Encoded`` batch) and return plain results.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from capdemo.bundle import Bundle
 from capdemo.encoders import ClipEncoder, ImageFeatures, encoder_from_bundle
 from capdemo.options import CaptionOptions, check_method, clean_question
 from capdemo.result import Result
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = Path(os.environ.get("CAPDEMO_WEIGHTS") or REPO_ROOT / "weights" / "shapes")
@@ -142,19 +145,37 @@ class Captioner:
         encoded = self.encode(images)
         if len(encoded) == 0:
             raise ValueError("no images to caption")
+        return self._caption_degrading(model, method, encoded.features, options)
+
+    def _caption_degrading(self, model, method: str, features: ImageFeatures, options: CaptionOptions) -> list[Result]:
+        """Caption a batch; when it does not fit in memory, caption its halves instead (recursively)."""
+        try:
+            return self._caption_batch(model, method, features, options)
+        except torch.OutOfMemoryError:
+            batch = features.image_embeds.shape[0]
+            if batch == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = batch // 2
+            log.warning("out of memory captioning %d images; retrying as %d + %d", batch, half, batch - half)
+            return (self._caption_degrading(model, method, features.select(slice(0, half)), options)
+                    + self._caption_degrading(model, method, features.select(slice(half, batch)), options))
+
+    def _caption_batch(self, model, method: str, features: ImageFeatures, options: CaptionOptions) -> list[Result]:
         with torch.inference_mode():
             if method == "maccap":
                 from capdemo.maccap_pipeline import caption_images
 
                 return caption_images(
-                    model, self.encoder, encoded.features, samples=options.samples, beams=options.beams,
+                    model, self.encoder, features, samples=options.samples, beams=options.beams,
                     noise_variance=options.noise_variance, n_cr=options.n_cr, max_new_tokens=options.max_new_tokens,
                     seed=options.seed,
                 )
             from capdemo.tomcap import caption_images
 
             return caption_images(
-                model, self.encoder, self.datastore, encoded.features.image_embeds, k=options.k, beams=options.beams,
+                model, self.encoder, self.datastore, features.image_embeds, k=options.k, beams=options.beams,
                 max_new_tokens=options.max_new_tokens,
             )
 

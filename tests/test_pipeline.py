@@ -118,3 +118,25 @@ def test_cli_captions_good_images_and_reports_bad_ones(tiny_bundle_dir, tmp_path
         assert len(line["candidates"]) == 3 and line["caption"] == line["candidates"][0]["text"]
     errors = [l for l in run.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "broken.jpg" in errors[0]
+
+
+def test_out_of_memory_degrades_to_smaller_batches(captioner, monkeypatch):
+    """A batch that does not fit is captioned in halves, with the same results as one by one."""
+    from capdemo import maccap_pipeline
+
+    real = maccap_pipeline.caption_images
+    sizes = []
+
+    def limited(model, encoder, features, **kwargs):
+        sizes.append(features.image_embeds.shape[0])
+        if features.image_embeds.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, encoder, features, **kwargs)
+
+    images = example_images() + example_images(seed=5)
+    expected = [captioner.caption([image], "maccap", CaptionOptions(samples=3))[0].to_json()["candidates"]
+                for image in images]
+    monkeypatch.setattr(maccap_pipeline, "caption_images", limited)
+    results = captioner.caption(images, "maccap", CaptionOptions(samples=3))
+    assert [r.to_json()["candidates"] for r in results] == expected
+    assert sizes[0] == 4 and sizes.count(1) == 4

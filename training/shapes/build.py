@@ -104,7 +104,8 @@ def train_encoder(recipe: ShapesRecipe, work: Path) -> Path:
     if spec.is_file():
         return spec
     clip_config = TinyClipConfig.smoke() if recipe.corpus_captions < ShapesRecipe().corpus_captions else TinyClipConfig()
-    encoder, encoder_config, metrics = train_clip(clip_config, world=recipe.world)
+    clip_config = clip_config.replace(train=clip_config.train.replace(out_dir=str(work / "clip-run")))
+    encoder, encoder_config, metrics = train_clip(clip_config, world=recipe.world, resume=True)
     spec.parent.mkdir(parents=True, exist_ok=True)
     weights = spec.parent / OPEN_CLIP_WEIGHTS_FILE
     save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(weights))
