@@ -32,6 +32,7 @@ import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import BundleWriter
 from capdemo.config import Config
 from training.loop import TrainConfig
+from training.shapes.clip import TinyClipConfig
 from training.shapes import world
 from training.shapes.lm import TinyLMConfig, pretrain_lm
 from training.shapes.questions import qa_texts
@@ -44,19 +45,21 @@ class ShapesRecipe(Config):
     """Sizes of every stage; ``full()`` makes the shipped bundle, ``smoke()`` the CI one."""
 
     world: world.WorldConfig = field(default_factory=world.WorldConfig)
+    clip: TinyClipConfig = field(default_factory=TinyClipConfig)  # the tiny CLIP and its contrastive training
     corpus_captions: int = 20000  # text-only captions drawn (deduplicated: the world has ~2.5k distinct ones)
     unpaired_images: int = 2000  # images for the image-side gap statistics (never paired with text)
-    qa_texts: int = 20000  # question-answer texts for LM pretraining (VQA)
+    qa_texts: int = 10000  # question-answer texts for LM pretraining (so VQA works on the shapes LM)
+    prompt_texts: int = 4000  # TOMCap-prompt-shaped texts for LM pretraining (its template words, listing captions)
     examples: int = 8  # example images shipped in the bundle
     lm: TinyLMConfig = field(default_factory=TinyLMConfig)
-    lm_steps: int = 400  # LM pretraining steps (batch 64 x 64 tokens)
-    maccap_steps: int = 1500  # MacCap text-only training steps
+    lm_steps: int = 200  # LM pretraining steps (batch 64 x 48 tokens)
+    maccap_steps: int = 1000  # MacCap text-only training steps
     maccap_args: tuple[str, ...] = (
-        "--train-lm", "--memory-layernorm", "--n-query", "8", "--n-cr", "10", "--width", "64", "--heads", "4", "--ffn-dim", "256",
-        "--batch-size", "64", "--lr", "3e-3", "--warmup", "100",
+        "--train-lm", "--memory-layernorm", "--n-query", "8", "--n-cr", "10", "--width", "64", "--heads", "4",
+        "--ffn-dim", "256", "--batch-size", "64", "--lr", "3e-3", "--warmup", "100",
     )  # the shapes LM must train with the adaptor (shapes-world-prototype.md, round 2)
-    tomcap_steps: int = 1500  # TOMCap text-only training steps
-    tomcap_args: tuple[str, ...] = ("--batch-size", "64", "--lr", "2e-3", "--warmup", "100", "--lora-r", "32")
+    tomcap_steps: int = 500  # TOMCap text-only training steps
+    tomcap_args: tuple[str, ...] = ("--batch-size", "32", "--lr", "2e-3", "--warmup", "60", "--lora-r", "32")
     seed: int = 0
 
     @classmethod
@@ -65,9 +68,10 @@ class ShapesRecipe(Config):
 
     @classmethod
     def smoke(cls) -> "ShapesRecipe":
-        return cls(corpus_captions=3000, unpaired_images=300, qa_texts=2000, examples=2,
-                   lm=TinyLMConfig(n_embd=64, n_layer=2, n_positions=128), lm_steps=60, maccap_steps=150,
-                   tomcap_steps=150)
+        return cls(clip=TinyClipConfig.smoke(), corpus_captions=3000, unpaired_images=300, qa_texts=1000, prompt_texts=500, examples=2,
+                   lm=TinyLMConfig(n_embd=64, n_layer=2, n_positions=128), lm_steps=40, maccap_steps=120,
+                   maccap_args=cls().maccap_args[:-6] + ("--batch-size", "32", "--lr", "3e-3", "--warmup", "20"),
+                   tomcap_steps=60, tomcap_args=("--batch-size", "16", "--lr", "3e-3", "--warmup", "10", "--lora-r", "16"))
 
 
 def log(message: str) -> None:
@@ -98,13 +102,12 @@ def train_encoder(recipe: ShapesRecipe, work: Path) -> Path:
     """The tiny CLIP as an EncoderConfig JSON whose weights sit next to it."""
     from capdemo.encoders import OPEN_CLIP_WEIGHTS_FILE
     from safetensors.torch import save_file
-    from training.shapes.clip import TinyClipConfig, train_clip
+    from training.shapes.clip import train_clip
 
     spec = work / "clip" / "encoder.json"
     if spec.is_file():
         return spec
-    clip_config = TinyClipConfig.smoke() if recipe.corpus_captions < ShapesRecipe().corpus_captions else TinyClipConfig()
-    clip_config = clip_config.replace(train=clip_config.train.replace(out_dir=str(work / "clip-run")))
+    clip_config = recipe.clip.replace(train=recipe.clip.train.replace(out_dir=str(work / "clip-run")))
     encoder, encoder_config, metrics = train_clip(clip_config, world=recipe.world, resume=True)
     spec.parent.mkdir(parents=True, exist_ok=True)
     weights = spec.parent / OPEN_CLIP_WEIGHTS_FILE
@@ -123,14 +126,29 @@ def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path
         return out
     captions = [line for line in corpus.read_text().splitlines() if line]
     scenes = world.generate_scenes(recipe.qa_texts, seed=recipe.world.text_seed + 7, config=recipe.world)
-    qa = qa_texts(scenes, np.random.default_rng(recipe.seed))
+    rng = np.random.default_rng(recipe.seed)
+    qa = qa_texts(scenes, rng)
+    prompts = prompt_texts(captions, recipe.prompt_texts, rng)
     train_config = TrainConfig(out_dir=str(work / "lm-run"), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps,
                                lr=3e-3, warmup_steps=max(1, recipe.lm_steps // 10), checkpoint_every=0, log_every=50)
     shutil.rmtree(train_config.out_dir, ignore_errors=True)
-    lm, tokenizer, result = pretrain_lm([*captions, *qa], recipe.lm, train_config)
+    lm, tokenizer, result = pretrain_lm([*captions, *qa, *prompts], recipe.lm, train_config)
     log(f"LM: loss {result.history[-1]['loss']:.3f} after {result.step} steps")
     save_causal_lm(lm, tokenizer, out)
     return out
+
+
+def prompt_texts(captions: list[str], count: int, rng: np.random.Generator) -> list[str]:
+    """Texts in TOMCap's prompt format (its default template) that end by repeating one listed caption."""
+    from capdemo.tomcap import TOMCapConfig
+
+    config = TOMCapConfig()
+    texts = []
+    for _ in range(count):
+        listed = [captions[int(i)] for i in rng.integers(len(captions), size=config.k)]
+        prompt = config.prompt_template.format(captions=config.caption_separator.join(listed))
+        texts.append(f"{prompt} {listed[int(rng.integers(config.k))]}")
+    return texts
 
 
 def run_command(argv: list[str]) -> None:
