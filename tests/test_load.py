@@ -1,0 +1,53 @@
+"""Many users at once: 16 concurrent gradio_client users, each with its own image, get their own answers."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from capdemo import ui
+from capdemo.options import CaptionOptions
+from capdemo.pipeline import Captioner
+from tests.app_server import running_app
+
+USERS = 16
+SETTINGS = dict(samples=3, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory) -> list:
+    folder = tmp_path_factory.mktemp("users")
+    paths = []
+    for user in range(USERS):
+        pixels = np.random.default_rng(100 + user).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        paths.append(folder / f"user-{user}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def test_sixteen_concurrent_users_get_their_own_results(tiny_bundle_dir, user_images):
+    captioner = Captioner.from_bundle(tiny_bundle_dir, device="cpu")
+    expected = []
+    for path in user_images:
+        result = captioner.caption([Image.open(path).convert("RGB")], "maccap", CaptionOptions(
+            samples=SETTINGS["samples"], beams=SETTINGS["beams"], noise_variance=SETTINGS["noise_variance"],
+            n_cr=SETTINGS["n_cr"], max_new_tokens=SETTINGS["max_new_tokens"], seed=SETTINGS["seed"]))[0]
+        expected.append(([p.index for p in result.patches], [round(c.clip_score, 4) for c in result.candidates]))
+    assert len({tuple(e[0]) + tuple(e[1]) for e in expected}) > USERS // 2  # the images really differ
+
+    demo = ui.create_blocks(captioner, config=ui.AppConfig(concurrency_limit=2, max_queue_size=USERS))
+    with running_app(demo) as url:
+        def one_user(path):
+            client = Client(url, verbose=False)
+            outputs = client.predict(handle_file(str(path)), ["maccap"], *SETTINGS.values(), api_name="/caption")
+            details = outputs[-1]["results"]["maccap"]
+            return ([p["index"] for p in details["patches"]],
+                    [round(c["clip_score"], 4) for c in details["candidates"]])
+
+        with ThreadPoolExecutor(max_workers=USERS) as pool:
+            answers = list(pool.map(one_user, user_images))
+    assert answers == expected  # every response belongs to its own image: no cross-talk, none failed
