@@ -4,6 +4,12 @@ The torchvision compatibility shim is imported first, before anything can import
 open_clip, timm, transformers or peft (see ``_torchvision_compat``).
 """
 
-from capdemo import _torchvision_compat  # noqa: F401  (must stay the first import)
+import os
+
+# Idle OpenMP threads sleep instead of spinning. Measured here on 2 shared cores: training the shapes CLIP ran at
+# 0.35 steps/s with the default (spinning) policy and 1.3 steps/s with PASSIVE. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from capdemo import _torchvision_compat  # noqa: E402,F401  (before open_clip, timm, transformers, peft)
 
 __version__ = "0.1.0"

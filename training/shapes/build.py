@@ -38,14 +38,20 @@ from training.shapes.lm import TinyLMConfig, pretrain_lm
 from training.shapes.questions import qa_texts
 
 ANSWERS_FILE = Path(__file__).resolve().parents[1] / "data" / "openvqa_answer_dict.json"
+# The CLIP that won the measured comparison (i2t 0.98, 828-way zero-shot 0.96, image nearest-neighbour scene
+# recovery 0.93, gap 0.27 with probe 1.0): 32 px images, 8 px patches (a 4x4 grid), a 96-wide 3-layer ViT,
+# plain in-batch negatives; 40k pairs x 6 epochs (~400 CPU s).
+SHAPES_IMAGE_SIZE = 32
+SHAPES_CLIP = dict(image_size=SHAPES_IMAGE_SIZE, patch_size=8, vision_width=96, vision_layers=3,
+                   same_scene_positives=False)
 
 
 @dataclass
 class ShapesRecipe(Config):
     """Sizes of every stage; ``full()`` makes the shipped bundle, ``smoke()`` the CI one."""
 
-    world: world.WorldConfig = field(default_factory=world.WorldConfig)
-    clip: TinyClipConfig = field(default_factory=TinyClipConfig)  # the tiny CLIP and its contrastive training
+    world: world.WorldConfig = field(default_factory=lambda: world.WorldConfig(image_size=SHAPES_IMAGE_SIZE))
+    clip: TinyClipConfig = field(default_factory=lambda: TinyClipConfig(**SHAPES_CLIP))  # the tiny CLIP and its training
     corpus_captions: int = 20000  # text-only captions drawn (deduplicated: the world has ~2.5k distinct ones)
     unpaired_images: int = 2000  # images for the image-side gap statistics (never paired with text)
     qa_texts: int = 10000  # question-answer texts for LM pretraining (so VQA works on the shapes LM)
@@ -68,7 +74,8 @@ class ShapesRecipe(Config):
 
     @classmethod
     def smoke(cls) -> "ShapesRecipe":
-        return cls(clip=TinyClipConfig.smoke(), corpus_captions=3000, unpaired_images=300, qa_texts=1000, prompt_texts=500, examples=2,
+        return cls(clip=TinyClipConfig.smoke().replace(**{**SHAPES_CLIP, "vision_width": 64, "vision_layers": 2}),
+                   corpus_captions=3000, unpaired_images=300, qa_texts=1000, prompt_texts=500, examples=2,
                    lm=TinyLMConfig(n_embd=64, n_layer=2, n_positions=128), lm_steps=40, maccap_steps=120,
                    maccap_args=cls().maccap_args[:-6] + ("--batch-size", "32", "--lr", "3e-3", "--warmup", "20"),
                    tomcap_steps=60, tomcap_args=("--batch-size", "16", "--lr", "3e-3", "--warmup", "10", "--lora-r", "16"))
