@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from capdemo.retrieval import atomic_output
+
+CACHE_WAIT_S = 3600  # how long DDP ranks > 0 wait for rank 0 to finish the embedding cache
 
 EmbedFn = Callable[[list[str]], np.ndarray | torch.Tensor]
 """Texts -> (len(texts), D) L2-normalised embeddings, e.g. ``ClipEncoder.encode_text``."""
@@ -339,3 +343,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def cached_text_embeddings(captions: list[str], encoder: Any, cache_dir: Path) -> torch.Tensor:
+    """(N, D) float32 text embeddings of a training corpus, from the cache or embedded into it.
+
+    Under DDP only rank 0 embeds; the other ranks wait for its complete cache (up to CACHE_WAIT_S).
+    """
+    if int(os.environ.get("RANK", "0")) == 0:
+        cache = embed_corpus(captions, encoder.encode_text, cache_dir, encoder_name=encoder.name)
+        return cache.tensor()
+    deadline = time.monotonic() + CACHE_WAIT_S
+    while True:  # other ranks read what rank 0 writes
+        try:
+            return EmbeddingCache.load(cache_dir, captions=captions, encoder_name=encoder.name).tensor()
+        except StaleCacheError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)

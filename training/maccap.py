@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,10 @@ from capdemo.lm import embedding_size, load_causal_lm
 from capdemo.maccap import MACCAP_COMPONENT, MacCap, MacCapConfig, add_to_bundle, caption_text_embeddings
 from capdemo.vqa import AnswerList
 from capdemo.weights import WeightSource
-from training.embed import EmbeddingCache, StaleCacheError, add_corpus_arguments, corpus_from_arguments, embed_corpus
+from training.embed import add_corpus_arguments, cached_text_embeddings, corpus_from_arguments
 from training.loop import TrainConfig, TrainResult, TrainTask, resolve_device, train
 
 TRAINING_RECORD = "maccap/training.json"  # bundle file: how the weights were trained
-CACHE_WAIT_S = 3600  # how long DDP ranks > 0 wait for rank 0 to finish the embedding cache
 
 
 class CaptionDataset(Dataset):
@@ -71,21 +69,6 @@ def text_to_text_exact(model: MacCap, text_embeds: torch.Tensor, captions: list[
     """Share of captions decoded (greedy, no noise) exactly from their own text embeddings."""
     decoded = caption_text_embeddings(model, text_embeds.to(model.device), beams=1)
     return sum(" ".join(a.split()) == " ".join(b.split()) for a, b in zip(decoded, captions)) / max(1, len(captions))
-
-
-def cached_text_embeddings(captions: list[str], encoder: ClipEncoder, cache_dir: Path) -> torch.Tensor:
-    """(N, D) float32 text embeddings, from the cache or embedded into it (by rank 0 under DDP)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        cache = embed_corpus(captions, encoder.encode_text, cache_dir, encoder_name=encoder.name)
-        return cache.tensor()
-    deadline = time.monotonic() + CACHE_WAIT_S
-    while True:  # other ranks read what rank 0 writes
-        try:
-            return EmbeddingCache.load(cache_dir, captions=captions, encoder_name=encoder.name).tensor()
-        except StaleCacheError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
 
 
 @dataclass

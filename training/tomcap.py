@@ -44,10 +44,11 @@ from capdemo.retrieval import CaptionDatastore, atomic_output
 from capdemo.tomcap import (
     IGNORE_INDEX, TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, add_to_bundle, load_gpt2_with_cross_attention,
 )
-from training.embed import EmbedFn, add_corpus_arguments, corpus_from_arguments, corpus_sha256
+from training.embed import (
+    CACHE_WAIT_S, EmbedFn, add_corpus_arguments, cached_text_embeddings, corpus_from_arguments, corpus_sha256,
+)
 from training.loop import TrainConfig, TrainResult, TrainTask, resolve_device, train
 from capdemo.encoders import parse_encoder_spec
-from training.maccap import CACHE_WAIT_S, cached_text_embeddings
 
 TRAINING_RECORD = "tomcap/training.json"  # bundle file: how the weights were trained
 RETRIEVAL_CACHE = "retrieval.safetensors"
