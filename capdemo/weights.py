@@ -15,9 +15,12 @@ pickle-based formats are refused here, before any loader can unpickle them.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
@@ -95,6 +98,9 @@ def resolve(
 def _hub_download(source: WeightSource, *, what: str, filename: str | None, patterns: tuple[str, ...]) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
 
+    if source.revision is None:
+        log.warning("%s %s has no pinned revision; pin one (hf-hub:%s@<commit>) for reproducible weights",
+                    what, source, source.location)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     kwargs = dict(repo_id=source.location, revision=source.revision, local_files_only=offline)
     try:
