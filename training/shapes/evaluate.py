@@ -23,7 +23,7 @@ from capdemo.options import CaptionOptions
 from capdemo.pipeline import Captioner
 from training.evaluate import score_captions
 from training.shapes import world
-from training.shapes.language import Scene, attribute_accuracy, captions, references, scene_accuracy
+from training.shapes.language import Scene, attribute_accuracy, captions, parse_caption, references, scene_accuracy
 
 CAPTION_BATCH = 50  # images per captioning call
 TEXT_METRICS = ("Bleu", "CIDEr")  # no METEOR: it needs a JVM start per call and adds nothing on a 35-word world
@@ -42,7 +42,9 @@ def score(predictions: list[str], scenes: list[Scene]) -> dict[str, Any]:
     refs = {i: references(scene) for i, scene in enumerate(scenes)}
     text = score_captions(dict(enumerate(predictions)), refs, spice=False, metrics=TEXT_METRICS)
     attributes = attribute_accuracy(predictions, scenes)
+    parsed = sum(parse_caption(p) is not None for p in predictions) / max(1, len(predictions))
     return {"scene_accuracy": scene_accuracy(predictions, scenes), "attribute_accuracy": attributes["overall"],
+            "parse_rate": parsed,  # captions that are valid scene descriptions (an untrained LM's never are)
             "attributes": attributes, "cider": text["CIDEr"], "bleu4": text["Bleu_4"]}
 
 
