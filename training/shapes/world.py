@@ -1,13 +1,9 @@
 """The shapes world: seeded procedural images of coloured shapes with paraphrased captions.
 
-It stands in for COCO where there is no network or GPU. Every caption fully specifies its scene and
-``parse_caption`` maps it back to the exact ``Scene``, so a generated caption can be scored by meaning
-(``scene_accuracy``, ``attribute_accuracy``) as well as by n-gram metrics against ``references``.
-Three kinds of scene:
-
-- single: one object with a size and a position ("a large red circle on the left");
-- pair: two different objects side by side or stacked ("a red circle to the left of a blue square");
-- group: two or three identical objects ("three white triangles").
+It stands in for COCO where there is no network or GPU. This module samples scenes, draws them and
+builds the seeded datasets. What a scene is and how captions say it (``Scene``, ``captions``,
+``parse_caption``, ``scene_accuracy``, ...) live in :mod:`training.shapes.language`; they are
+re-exported here, so ``training.shapes.world`` is the one import for users of the world.
 
 All randomness comes from explicitly seeded numpy Generators: the same seed gives the same bytes.
 """
@@ -16,18 +12,33 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from capdemo.config import Config, ConfigError
+from training.shapes.language import (
+    ATTRIBUTES,
+    COLOURS,
+    COUNT_WORDS,
+    KINDS,
+    PAIR_RELATIONS,
+    POSITION_PHRASES,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneError,
+    attribute_accuracy,
+    captions,
+    parse_caption,
+    references,
+    sample_caption,
+    scene_accuracy,
+)
 
-# Vocabulary. Colours are bright or saturated and far apart in RGB, so they survive downsampling and
-# stand out against the dark, desaturated backgrounds.
+# Colours are bright or saturated and far apart in RGB, so they survive downsampling and stand out
+# against the dark, desaturated backgrounds. One entry per colour word, in the order of COLOURS.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 45, 45),
     "green": (40, 200, 70),
@@ -36,14 +47,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (190, 70, 235),
     "white": (240, 240, 240),
 }
-SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = ("small", "large")
-POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
-                    "bottom": "at the bottom", "centre": "in the centre"}
-PAIR_RELATIONS = ("left of", "above")  # canonical: the first object is left of / above the second
-COUNT_WORDS = {2: "two", 3: "three"}
-KINDS = ("single", "pair", "group")
-ATTRIBUTES = ("type", "colour", "shape", "size", "position", "relation", "count")
+
 
 # Geometry, as fractions of the image side. At 64 px a small object is ~13 px across, a large one ~26 px.
 _SUPERSAMPLE = 4  # draw this many times larger, then box-downsample for anti-aliased edges
@@ -63,54 +67,11 @@ _BACKGROUND_TINT = 12  # at most this far from grey per channel: dark and desatu
 _NOISE_AMPLITUDE = 10  # per-pixel noise, uniform integers in [-10, 10] (std ~6; far cheaper than Gaussian)
 
 
-class SceneError(ValueError):
-    """A Scene whose fields do not describe a valid scene."""
-
-
-@dataclass(frozen=True)
-class Scene:
-    """One scene in canonical form: two captions mean the same thing iff they parse to equal Scenes.
-
-    A pair stores its left (or upper) object first, so "a blue square to the right of a red circle"
-    and "a red circle to the left of a blue square" are the same Scene.
-    """
-
-    kind: str  # "single", "pair" or "group"
-    colour: str  # colour of the object (pair: of the left or upper one)
-    shape: str  # shape of the object (pair: of the left or upper one)
-    size: str | None = None  # single only: "small" or "large"
-    position: str | None = None  # single only: "left", "right", "top", "bottom" or "centre"
-    relation: str | None = None  # pair only: "left of" or "above", the first object relative to the second
-    colour2: str | None = None  # pair only: colour of the right or lower object
-    shape2: str | None = None  # pair only: shape of the right or lower object
-    count: int = 1  # objects drawn: 1 for single, 2 for pair, 2 or 3 for group
-
-    def __post_init__(self) -> None:
-        single, pair = self.kind == "single", self.kind == "pair"
-        rules = {
-            f"kind must be one of {KINDS}": self.kind in KINDS,
-            "unknown colour or shape": self.colour in PALETTE and self.shape in SHAPES,
-            "size and position are required for single scenes and only for them":
-                (self.size in SIZES and self.position in POSITION_PHRASES) if single
-                else self.size is None and self.position is None,
-            "relation, colour2 and shape2 are required for pair scenes and only for them":
-                (self.relation in PAIR_RELATIONS and self.colour2 in PALETTE and self.shape2 in SHAPES) if pair
-                else self.relation is None and self.colour2 is None and self.shape2 is None,
-            "the two objects of a pair must differ":
-                not pair or (self.colour, self.shape) != (self.colour2, self.shape2),
-            "count must be 1 for single, 2 for pair, 2 or 3 for group":
-                self.count in {"single": (1,), "pair": (2,), "group": tuple(COUNT_WORDS)}.get(self.kind, ()),
-        }
-        broken = [message for message, ok in rules.items() if not ok]
-        if broken:
-            raise SceneError(f"invalid {self.kind!r} scene: {broken[0]}")
-
-
 @dataclass
 class WorldConfig(Config):
     """What the shapes world contains, how its images look and which seed makes each split."""
 
-    colours: tuple[str, ...] = tuple(PALETTE)  # colour words in use (a subset of PALETTE)
+    colours: tuple[str, ...] = COLOURS  # colour words in use (a subset of COLOURS)
     shapes: tuple[str, ...] = ("circle", "square", "triangle")  # shapes in use ("cross" is also available)
     image_size: int = 64  # side of the square RGB images, in pixels
     kind_probs: tuple[float, float, float] = (0.4, 0.4, 0.2)  # probabilities of single, pair and group scenes
@@ -120,8 +81,8 @@ class WorldConfig(Config):
     test_seed: int = 3  # held-out test images
 
     def __post_init__(self) -> None:
-        if not self.colours or not set(self.colours) <= set(PALETTE) or len(set(self.colours)) < len(self.colours):
-            raise ConfigError(f"colours must be distinct names from {tuple(PALETTE)}, got {self.colours}")
+        if not self.colours or not set(self.colours) <= set(COLOURS) or len(set(self.colours)) < len(self.colours):
+            raise ConfigError(f"colours must be distinct names from {COLOURS}, got {self.colours}")
         if not self.shapes or not set(self.shapes) <= set(SHAPES) or len(set(self.shapes)) < len(self.shapes):
             raise ConfigError(f"shapes must be distinct names from {SHAPES}, got {self.shapes}")
         if self.image_size < 16:
@@ -209,109 +170,6 @@ def render(scene: Scene, rng: np.random.Generator, *, image_size: int = 64) -> I
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
 
 
-# Language: captions and their parser
-
-
-def _plural(shape: str) -> str:
-    return shape + ("es" if shape.endswith("s") else "s")
-
-
-def captions(scene: Scene) -> list[str]:
-    """Paraphrases that each fully specify ``scene``; the first is the canonical one."""
-    if scene.kind == "single":
-        thing, where = f"a {scene.size} {scene.colour} {scene.shape}", POSITION_PHRASES[scene.position]
-        return [f"{thing} {where}", f"there is {thing} {where}", f"{where} there is {thing}"]
-    if scene.kind == "pair":
-        first, second = f"a {scene.colour} {scene.shape}", f"a {scene.colour2} {scene.shape2}"
-        if scene.relation == "left of":
-            return [f"{first} to the left of {second}", f"{second} to the right of {first}",
-                    f"{first} {POSITION_PHRASES['left']} and {second} {POSITION_PHRASES['right']}"]
-        return [f"{first} above {second}", f"{second} below {first}",
-                f"{first} {POSITION_PHRASES['top']} and {second} {POSITION_PHRASES['bottom']}"]
-    number, things = COUNT_WORDS[scene.count], f"{scene.colour} {_plural(scene.shape)}"
-    return [f"{number} {things}", f"there are {number} {things}", f"{number} identical {things}"]
-
-
-def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One paraphrase of ``scene``, chosen uniformly (e.g. a fresh one each training epoch)."""
-    options = captions(scene)
-    return options[rng.integers(len(options))]
-
-
-def references(scene: Scene) -> list[str]:
-    """All paraphrases of ``scene``: the reference set for BLEU/CIDEr."""
-    return captions(scene)
-
-
-def _either(words: Iterable[str]) -> str:
-    """Regex alternation of ``words``, longest first."""
-    return "|".join(sorted(map(re.escape, words), key=len, reverse=True))
-
-
-_PLACES = {**{phrase: place for place, phrase in POSITION_PHRASES.items()},
-           "in the center": "centre", "in the middle": "centre"}
-_RELATION_PLACE = {"to the left of": "left", "to the right of": "right", "above": "top", "below": "bottom"}
-_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-_PLACE = rf"(?:{_either(_PLACES)})"
-
-
-def _thing(tag: str) -> str:
-    """Regex for "a [size] colour shape", with named groups prefixed by ``tag``."""
-    return (rf"an? (?:(?P<{tag}_size>{_either(SIZES)}) )?"
-            rf"(?P<{tag}_colour>{_either(PALETTE)}) (?P<{tag}_shape>{_either(SHAPES)})")
-
-
-_CAPTION_FORMS = (  # (kind, pattern) for every sentence form that captions() writes, and near-variants
-    ("single", re.compile(rf"(?:there is )?{_thing('a')} (?P<a_place>{_PLACE})")),
-    ("single", re.compile(rf"(?P<a_place>{_PLACE}) there is {_thing('a')}")),
-    ("pair", re.compile(rf"{_thing('a')} (?P<relation>{_either(_RELATION_PLACE)}) {_thing('b')}")),
-    ("pair", re.compile(rf"{_thing('a')} (?P<a_place>{_PLACE}) and {_thing('b')} (?P<b_place>{_PLACE})")),
-    ("group", re.compile(rf"(?:there are )?(?P<number>{_either(COUNT_WORDS.values())}) (?:identical )?"
-                         rf"(?P<colour>{_either(PALETTE)}) (?P<plural>{_either(map(_plural, SHAPES))})")),
-)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().replace(",", " ").strip().rstrip(".!").split())
-
-
-def _scene_from_match(kind: str, match: re.Match) -> Scene:
-    """Build the canonical Scene from a full match of one of the caption forms (may raise SceneError)."""
-    groups = match.groupdict()
-    if kind == "group":
-        count = {word: n for n, word in COUNT_WORDS.items()}[groups["number"]]
-        shape = {_plural(shape): shape for shape in SHAPES}[groups["plural"]]
-        return Scene("group", groups["colour"], shape, count=count)
-    if kind == "single":
-        return Scene("single", groups["a_colour"], groups["a_shape"], size=groups["a_size"],
-                     position=_PLACES[groups["a_place"]])
-    if groups["a_size"] or groups["b_size"]:
-        raise SceneError("objects of a pair have no size")
-    a_place = _RELATION_PLACE[groups["relation"]] if groups.get("relation") else _PLACES[groups["a_place"]]
-    if groups.get("b_place") and _PLACES[groups["b_place"]] != _OPPOSITE.get(a_place):
-        raise SceneError("the two objects of a pair must be on opposite sides")
-    a, b = (groups["a_colour"], groups["a_shape"]), (groups["b_colour"], groups["b_shape"])
-    (colour, shape), (colour2, shape2) = (a, b) if a_place in ("left", "top") else (b, a)
-    relation = "left of" if a_place in ("left", "right") else "above"
-    return Scene("pair", colour, shape, relation=relation, colour2=colour2, shape2=shape2, count=2)
-
-
-def parse_caption(text: str) -> Scene | None:
-    """The Scene that ``text`` fully specifies, or None when it is not a (near-)caption of this world.
-
-    Case, extra spaces, commas and a final period are ignored; the world's full vocabulary is accepted.
-    """
-    normalised = _normalise(text)
-    for kind, form in _CAPTION_FORMS:
-        match = form.fullmatch(normalised)
-        if match:
-            try:
-                return _scene_from_match(kind, match)
-            except SceneError:
-                return None
-    return None
-
-
 # Datasets
 
 
@@ -363,53 +221,9 @@ def vocabulary(config: WorldConfig) -> list[str]:
     return sorted({word for scene in all_scenes(config) for text in captions(scene) for word in text.split()})
 
 
-# Scoring
-
-
-def _attributes(scene: Scene) -> dict[str, object]:
-    """Comparable attributes; None where one does not apply. Pairs list their objects left (upper) first,
-    so the order a caption mentions them in does not matter."""
-    pair = scene.kind == "pair"
-    return {
-        "type": scene.kind,
-        "colour": (scene.colour, scene.colour2) if pair else (scene.colour,),
-        "shape": (scene.shape, scene.shape2) if pair else (scene.shape,),
-        "size": scene.size,
-        "position": scene.position,
-        "relation": scene.relation,
-        "count": scene.count if scene.kind == "group" else None,
-    }
-
-
-def _check_lengths(predictions: list[str], scenes: list[Scene]) -> None:
-    if not scenes or len(predictions) != len(scenes):
-        raise ValueError(f"need one prediction per scene and at least one scene, got {len(predictions)} "
-                         f"predictions for {len(scenes)} scenes")
-
-
-def scene_accuracy(predictions: list[str], scenes: list[Scene]) -> float:
-    """Fraction of predictions that parse to exactly their scene."""
-    _check_lengths(predictions, scenes)
-    return sum(parse_caption(text) == scene for text, scene in zip(predictions, scenes)) / len(scenes)
-
-
-def attribute_accuracy(predictions: list[str], scenes: list[Scene]) -> dict[str, float]:
-    """Per-attribute accuracy, each over the scenes it applies to, plus "overall" over all judgements.
-
-    type, colour and shape apply to every scene (colour/shape compare the tuple of object colours/shapes,
-    a pair's left or upper object first); size and position to single scenes; relation (the axis, "left of"
-    or "above") to pairs; count to groups. An unparseable prediction is wrong on everything. Attributes
-    that apply to none of ``scenes`` are left out.
-    """
-    _check_lengths(predictions, scenes)
-    correct, total = Counter(), Counter()
-    for text, scene in zip(predictions, scenes):
-        parsed = parse_caption(text)
-        guess = _attributes(parsed) if parsed else {}
-        for name, value in _attributes(scene).items():
-            if value is not None:
-                total[name] += 1
-                correct[name] += guess.get(name) == value
-    scores = {name: correct[name] / total[name] for name in ATTRIBUTES if total[name]}
-    scores["overall"] = sum(correct.values()) / sum(total.values())
-    return scores
+__all__ = [  # the language's names are re-exported: this module is the world's one import
+    "ATTRIBUTES", "COLOURS", "COUNT_WORDS", "KINDS", "PAIR_RELATIONS", "PALETTE", "POSITION_PHRASES", "SHAPES",
+    "SIZES", "Scene", "SceneError", "WorldConfig", "all_scenes", "attribute_accuracy", "captions",
+    "generate_captions", "generate_images", "generate_pairs", "generate_scenes", "parse_caption", "references",
+    "render", "sample_caption", "sample_scene", "scene_accuracy", "vocabulary",
+]

@@ -1,0 +1,167 @@
+"""The shapes world's tiny CLIP: exact preprocessing, the loss, near misses, training quality, the gap, bundles."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capdemo.bundle import Bundle, BundleWriter
+from capdemo.config import ConfigError
+from capdemo.encoders import ENCODER_COMPONENT, add_encoder_to_bundle, encoder_from_bundle
+from training.shapes.clip import (
+    SHAPES_CLIP_NAME,
+    ClipPairs,
+    TinyClipConfig,
+    build_encoder,
+    collate_pairs,
+    contrastive_loss,
+    evaluate_clip,
+    generate_training_pairs,
+    near_miss,
+    normalise_pixels,
+    train_clip,
+    uint8_pixels,
+)
+from training.shapes.language import COLOURS
+from training.shapes.world import PALETTE, WorldConfig, captions, generate_pairs, generate_scenes
+
+WORLD = WorldConfig()
+EVAL_PAIRS = 300  # held-out pairs per evaluation here: enough to tell trained from untrained
+EVAL_REFERENCE = 1000
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    return build_encoder(TinyClipConfig.smoke())[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The CI-sized CLIP, trained once for this module: (encoder, encoder_config, config, metrics)."""
+    config = TinyClipConfig.smoke(out_dir=str(tmp_path_factory.mktemp("clip-run")))
+    encoder, encoder_config, metrics = train_clip(config, world=WORLD, evaluate=False)
+    metrics["eval"] = evaluate_clip(encoder, world=WORLD, n=EVAL_PAIRS, n_reference=EVAL_REFERENCE)
+    return encoder, encoder_config, config, metrics
+
+
+def test_config_builds_the_open_clip_model_it_describes(untrained):
+    config = TinyClipConfig.smoke()
+    assert TinyClipConfig.from_dict(config.to_dict()) == config
+    encoder_config = config.encoder_config()
+    assert encoder_config.model_name == SHAPES_CLIP_NAME and encoder_config.pretrained is None
+    assert encoder_config.model_config == config.open_clip_config()
+    assert untrained.embed_dim == config.embed_dim
+    assert untrained.grid_size == (config.image_size // config.patch_size,) * 2
+    assert untrained.tokenizer.context_length == config.context_length
+    assert untrained.model.logit_scale.exp().item() == pytest.approx(config.logit_scale)
+    assert not any(p.requires_grad for p in untrained.model.parameters())
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        TinyClipConfig(patch_size=12)
+    with pytest.raises(ConfigError, match="near_misses"):
+        TinyClipConfig(near_misses=2, pairs=1000)  # 1000 pairs do not split into families of 3
+
+
+def test_palette_draws_every_colour_word():
+    assert tuple(PALETTE) == COLOURS
+
+
+def test_training_pixels_equal_the_apps_preprocess(untrained):
+    images = [image for _, image, _ in generate_pairs(6, seed=5, config=WORLD)]
+    pixels = normalise_pixels(uint8_pixels(images), untrained.model)
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, untrained.preprocess(images))
+    with pytest.raises(ValueError, match="draw the world at the CLIP's image_size"):
+        normalise_pixels(uint8_pixels([images[0].resize((32, 32))]), untrained.model)
+
+
+def test_near_misses_change_exactly_one_attribute():
+    rng = np.random.default_rng(0)
+    object_fields = {("colour",), ("colour2",), ("shape",), ("shape2",), ("relation",)}
+    for scene in generate_scenes(600, seed=2, config=WORLD):
+        variant = near_miss(scene, rng, world=WORLD)
+        changed = tuple(f.name for f in dataclasses.fields(scene) if getattr(scene, f.name) != getattr(variant, f.name))
+        assert variant.kind == scene.kind and changed, scene
+        swapped = (variant.colour, variant.shape, variant.colour2, variant.shape2) == (
+            scene.colour2, scene.shape2, scene.colour, scene.shape)
+        assert len(changed) == 1 or (scene.kind == "pair" and swapped), (scene, variant)
+        if scene.kind == "pair" and not swapped:
+            assert changed in object_fields
+
+
+def test_dataset_serves_families_with_every_paraphrase(untrained):
+    config = TinyClipConfig.smoke(batch_size=8).replace(near_misses=3, pairs=40)
+    pairs = generate_training_pairs(config, world=WORLD)
+    dataset = ClipPairs(pairs, untrained.tokenizer, family_size=config.family_size)
+    assert len(dataset) == 10
+    batch = collate_pairs([dataset[2], dataset[7]])
+    assert batch["pixels"].shape == (8, 3, 64, 64) and batch["pixels"].dtype == torch.uint8
+    assert batch["captions"].shape == (8, 3, config.context_length)
+    for row, index in enumerate([8, 9, 10, 11, 28, 29, 30, 31]):  # families 2 and 7, each of 4 pairs
+        scene, image = pairs[index]
+        expected = untrained.tokenizer(captions(scene))
+        assert torch.equal(batch["captions"][row, : batch["caption_count"][row]], expected)
+        assert torch.equal(batch["pixels"][row], uint8_pixels([image])[0])
+    anchor, misses = pairs[8][0], [scene for scene, _ in pairs[9:12]]
+    assert all(miss != anchor for miss in misses)
+
+
+def test_contrastive_loss_counts_pairs_of_one_scene_as_matches(untrained):
+    pairs = generate_pairs(4, seed=1, config=WORLD)
+    tokens = untrained.tokenizer([text for _, _, text in pairs])  # (4, L)
+    batch = {"pixels": uint8_pixels([image for _, image, _ in pairs]), "captions": tokens[:, None],
+             "caption_count": torch.ones(4, dtype=torch.long), "scene": torch.tensor([0, 0, 1, 2])}
+    with torch.no_grad():
+        images = F.normalize(untrained.model.encode_image(normalise_pixels(batch["pixels"], untrained.model)), dim=-1)
+        texts = F.normalize(untrained.model.encode_text(tokens), dim=-1)
+        logits = untrained.model.logit_scale.exp() * images @ texts.T
+        targets = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+        by_hand = -(targets * logits.log_softmax(1)).sum(1).mean() / 2 - (targets * logits.T.log_softmax(1)).sum(1).mean() / 2
+        plain = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
+        torch.testing.assert_close(contrastive_loss(untrained.model, batch, same_scene_positives=True), by_hand)
+        torch.testing.assert_close(contrastive_loss(untrained.model, batch, same_scene_positives=False), plain)
+
+
+def test_training_beats_an_untrained_clip_by_far(trained, untrained):
+    encoder, _, _, metrics = trained
+    before = evaluate_clip(untrained, world=WORLD, n=EVAL_PAIRS, n_reference=EVAL_REFERENCE)
+    after = metrics["eval"]
+    assert before["i2t"] < 0.03 and before["zero_shot"] < 0.02  # chance is about 1/828 per scene
+    assert after["i2t"] > 0.08 and after["t2i"] > 0.08
+    assert after["zero_shot"] > 0.04 and after["image_nn"] > 0.08
+    assert after["zero_shot_attributes"]["overall"] > before["zero_shot_attributes"]["overall"] + 0.15
+    assert metrics["final_loss"] < math.log(TinyClipConfig.smoke().train.batch_size) - 1.5
+    assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
+
+
+def test_fixed_logit_scale_leaves_a_real_modality_gap(trained):
+    encoder, _, config, metrics = trained
+    gap = metrics["eval"]["gap"]
+    assert encoder.model.logit_scale.exp().item() == pytest.approx(config.logit_scale, rel=1e-3)  # never trained
+    assert gap["probe_accuracy"] > 0.9  # a linear probe tells the two modalities apart
+    assert gap["mean_distance"] > 0.2 and gap["image_mean_norm"] > 0.2 and gap["text_mean_norm"] > 0.2
+    assert gap["paired_cosine"] > gap["unpaired_cosine"] + 0.1
+
+
+def test_trained_weights_round_trip_through_a_bundle(trained, tmp_path):
+    encoder, encoder_config, _, _ = trained
+    state = encoder.model.state_dict()
+    assert all(torch.equal(t.half().float(), t) for t in state.values() if t.is_floating_point())  # fp16-exact
+    writer = BundleWriter(tmp_path / "bundle", name="clip-test")
+    add_encoder_to_bundle(writer, encoder, encoder_config, copy_weights=True)
+    bundle = Bundle.load(writer.finish())
+    assert bundle.component(ENCODER_COMPONENT)["model_config"] == encoder_config.model_config
+    reloaded = encoder_from_bundle(bundle)
+    pairs = generate_pairs(8, seed=11, config=WORLD)
+    images, texts = [image for _, image, _ in pairs], [text for _, _, text in pairs]
+    assert torch.equal(reloaded.encode_image_embeds(reloaded.preprocess(images)),
+                       encoder.encode_image_embeds(encoder.preprocess(images)))
+    assert torch.equal(reloaded.encode_text(texts), encoder.encode_text(texts))
+
+
+def test_train_clip_refuses_a_world_drawn_at_another_size():
+    with pytest.raises(ConfigError, match="image_size"):
+        train_clip(TinyClipConfig.smoke(), world=WorldConfig(image_size=32))
