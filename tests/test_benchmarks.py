@@ -1,0 +1,233 @@
+"""The benchmarks compare equal work and report what they claim: equality of the two MacCap paths, fixed
+generation length, the timing/percentile/table helpers, and the JSON each benchmark prints (tiny mode)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import common, maccap_latency, throughput, tomcap_latency, training_throughput
+from benchmarks import run as runner
+from benchmarks.models import fix_generation_length, maccap_stack, random_pixels, synthetic_tokenizer
+from capdemo.lm import generate_from_embeds
+from capdemo.maccap_pipeline import caption_images, sequential_reference
+from capdemo.result import Candidate, Result
+
+SAMPLES, BEAMS, NEW_TOKENS, BATCH = 6, 2, 5, 2
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return maccap_stack(tiny=True, samples=SAMPLES, beams=BEAMS, new_tokens=NEW_TOKENS, seed=0)
+
+
+# --- the two MacCap paths do the same work ---------------------------------------------------------------
+
+
+def test_batched_and_sequential_paths_return_identical_candidates(stack):
+    pixels = random_pixels(BATCH, tiny=True, seed=3)
+    options = dict(samples=SAMPLES, beams=BEAMS, max_new_tokens=NEW_TOKENS, seed=7)
+    encoded = stack.encoder.images_encoded
+    batched = caption_images(stack.model, stack.encoder, pixels, **options)
+    batched_passes = stack.encoder.images_encoded - encoded
+    sequential = sequential_reference(stack.model, stack.encoder, pixels, **options)
+    sequential_passes = stack.encoder.images_encoded - encoded - batched_passes
+
+    assert len(batched) == len(sequential) == BATCH
+    for fast, slow in zip(batched, sequential):
+        assert len(fast.candidates) == SAMPLES
+        assert [c.text for c in fast.candidates] == [c.text for c in slow.candidates]
+        assert [c.sample for c in fast.candidates] == [c.sample for c in slow.candidates]
+        assert sorted(c.sample for c in fast.candidates) == list(range(SAMPLES))
+        np.testing.assert_allclose([c.clip_score for c in fast.candidates], [c.clip_score for c in slow.candidates],
+                                   atol=1e-5)
+        assert fast.caption == slow.caption
+    assert maccap_latency.same_candidates(batched, sequential)
+    assert batched_passes == BATCH  # one vision-tower pass per image
+    assert sequential_passes == (SAMPLES + 1) * BATCH  # the reference: one per sample, one more for the rerank
+
+
+def _result(*candidates: tuple[str, float, int]) -> Result:
+    items = [Candidate(text=t, clip_score=s, sample=j) for t, s, j in candidates]
+    return Result(caption=items[0].text, method="maccap", candidates=items)
+
+
+def test_same_candidates_notices_a_different_text_score_or_sample():
+    reference = [_result(("a red circle", 0.30, 1), ("a blue square", 0.20, 0))]
+    reordered = [_result(("a blue square", 0.20, 0), ("a red circle", 0.30, 1))]
+    same = maccap_latency.same_candidates
+    assert same(reference, reordered)  # matched by sample, not by position
+    assert same(reference, [_result(("a red circle", 0.30005, 1), ("a blue square", 0.2, 0))])  # within 1e-4
+    assert not same(reference, [_result(("a red square", 0.30, 1), ("a blue square", 0.2, 0))])
+    assert not same(reference, [_result(("a red circle", 0.31, 1), ("a blue square", 0.2, 0))])
+    assert not same(reference, [_result(("a red circle", 0.30, 2), ("a blue square", 0.2, 0))])
+    assert not same(reference, reference * 2)
+
+
+def test_fixed_generation_length_runs_every_beam_to_the_cap(stack):
+    lm, tokenizer = stack.model.lm, stack.model.tokenizer
+    prompt = torch.randn(3, 4, lm.config.n_embd, generator=torch.Generator().manual_seed(0))  # (N, P, E)
+    fix_generation_length(lm, 9)
+    try:
+        ids = generate_from_embeds(lm, prompt, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   beams=3, num_return_sequences=3, max_new_tokens=9)
+    finally:
+        fix_generation_length(lm, NEW_TOKENS)
+    assert ids.shape == (9, 9)
+    assert not (ids == tokenizer.eos_token_id).any()
+    assert not (ids == tokenizer.pad_token_id).any()
+
+
+def test_synthetic_tokenizer_has_the_lm_vocabulary_and_decodes_every_id():
+    tokenizer = synthetic_tokenizer(300, eos_id=299, pad_id=1)
+    assert len(tokenizer) == 300
+    assert tokenizer.eos_token_id == 299 and tokenizer.pad_token_id == 1 and tokenizer.unk_token_id == 0
+    assert tokenizer("w5 w7 unheard", add_special_tokens=False)["input_ids"] == [5, 7, 0]
+    assert tokenizer.decode([5, 7, 298]) == "w5 w7 w298"
+    assert tokenizer.decode([5, 299, 1], skip_special_tokens=True) == "w5"
+    with pytest.raises(ValueError, match="id 0"):
+        synthetic_tokenizer(300, eos_id=0)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def test_time_calls_warms_up_interleaves_and_reports_the_median():
+    now, order = [0.0], []
+    durations = {"a": iter([9.0, 1.0, 3.0, 2.0]), "b": iter([9.0, 10.0, 30.0, 20.0])}  # first of each: warm-up
+
+    def call(name):
+        def go():
+            order.append(name)
+            now[0] += next(durations[name])
+            return name.upper()
+        return go
+
+    timings, outputs = common.time_calls({"a": call("a"), "b": call("b")}, warmup=1, repeats=3, clock=lambda: now[0])
+    assert order == ["a", "b"] * 4
+    assert timings["a"].samples == (1.0, 3.0, 2.0) and timings["a"].median == 2.0
+    assert timings["b"].median == 20.0
+    assert timings["b"].to_dict(per=10) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0, "repeats": 3}
+    assert outputs == {"a": "A", "b": "B"}
+    with pytest.raises(common.BenchmarkError, match="repeats"):
+        common.time_calls({"a": call("a")}, repeats=0)
+
+
+@pytest.mark.parametrize("q", [0, 25, 50, 90, 95, 100])
+def test_percentile_is_numpys_linear_percentile(q):
+    values = [0.31, 4.0, 1.5, 2.25, 9.0, 0.7, 3.3]
+    assert common.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_results_rows_go_at_the_end_of_the_table(tmp_path):
+    readme = tmp_path / "README.md"
+    table_lines = [common.TABLE_START, "| a | b |", "|---|---|", "| old | row |", common.TABLE_END]
+    readme.write_text("# B\n\n" + "\n".join(table_lines) + "\n\nAfter.\n")
+    info = {"cpu": "CPU X", "cores": 2, "load_average": [3.25, 1, 1]}
+    row = common.results_row(benchmark="maccap_latency", figures="2.1x | fast", command="python run.py",
+                             machine_info=info, date="2026-01-02 03:04")
+    common.append_results_rows([row, row.replace("2.1x", "2.2x")], readme)
+    text = readme.read_text()
+    table = text.split(common.TABLE_START)[1].split(common.TABLE_END)[0].strip().splitlines()
+    assert table[2] == "| old | row |"
+    assert table[3] == ("| 2026-01-02 03:04 | CPU X, 2 cores, no GPU, load 3.2 | `python run.py` | maccap_latency "
+                        "| 2.1x \\| fast |")
+    assert "2.2x" in table[4] and len(table) == 5
+    assert text.startswith("# B\n") and text.endswith(f"{common.TABLE_END}\n\nAfter.\n")
+
+    fresh = tmp_path / "NEW.md"
+    common.append_results_rows([row], fresh)
+    lines = fresh.read_text().split(common.TABLE_START)[1].split(common.TABLE_END)[0].strip().splitlines()
+    assert lines[0].startswith("| date (UTC) |") and lines[2] == row
+
+
+def test_settings_refuse_what_cannot_run():
+    with pytest.raises(common.BenchmarkError, match="fp16"):
+        common.Settings(dtype="fp16")
+    with pytest.raises(common.BenchmarkError, match="dtype"):
+        common.Settings(dtype="fp8")
+    with pytest.raises(common.BenchmarkError, match="device"):
+        common.Settings(device="tpu")
+    assert common.Settings(quick=True).mode == "quick" and common.Settings(quick=True, tiny=True).mode == "tiny"
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    with common.PeakMemory(poll_s=0.001) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, so resident
+        time.sleep(0.05)  # several samples while it is alive
+        del block
+    assert memory.delta_mb > 48
+    assert memory.to_dict()["rss_peak_mb"] >= memory.to_dict()["rss_start_mb"]
+
+
+# --- the JSON each benchmark prints ---------------------------------------------------------------------------
+
+
+def test_maccap_benchmark_reports_the_speedup_of_equal_work():
+    result = maccap_latency.run(tiny=True)
+    assert result["benchmark"] == "maccap_latency" and result["mode"] == "tiny"
+    assert isinstance(result["speedup_vs_sequential"], float) and result["speedup_vs_sequential"] > 0
+    assert result["same_candidates"] is True
+    assert isinstance(result["meets_target"], bool) and result["target_speedup"] == maccap_latency.TARGET_SPEEDUP
+    first = result["cases"][0]
+    assert (first["samples"], first["batch"]) == (maccap_latency.SAMPLES, 1)
+    assert first["speedup"] == result["speedup_vs_sequential"]
+    assert first["speedup"] == pytest.approx(first["sequential"]["median_s"] / first["batched"]["median_s"], rel=0.01)
+    assert first["vision_passes_per_image"] == {"batched": 1.0, "sequential": maccap_latency.SAMPLES + 1.0}
+    assert set(first["stage_ms_per_image"]["batched"]) == {"encode", "aggregate", "adaptor", "generate", "rerank"}
+    assert [c["batch"] for c in result["batch_sweep"]] == [1, 2]
+    assert len(result["machine"]["load_average"]) == 3 and result["machine"]["cores"] >= 1
+    assert result["memory"]["rss_peak_mb"] >= result["memory"]["rss_start_mb"] > 0
+    assert "speedup" in maccap_latency.summary(result)
+
+
+def test_tomcap_benchmark_times_both_datastores():
+    result = tomcap_latency.run(tiny=True)
+    assert [case["batch"] for case in result["cases"]] == [1, 4]
+    for case in result["cases"]:
+        for kind in tomcap_latency.STORE_KINDS:
+            assert case[kind]["median_s"] > 0
+            assert set(case[kind]["stage_ms_per_image"]) == {"encode", "retrieve", "generate", "rerank"}
+    assert result["stores"][0]["ivfpq_spec"]["kind"] == "ivfpq"
+
+
+def test_throughput_benchmark_times_every_method_of_the_bundle():
+    from tests.tiny_bundle import TINY_MACCAP, TINY_TOMCAP
+
+    result = throughput.run(tiny=True)
+    (entry,) = result["runs"]
+    assert entry["models"] == "bundle tiny"
+    for method in ("maccap", "tomcap"):
+        assert entry[method]["images"] == throughput.plan_for(common.Settings(tiny=True)).bundle_images
+        assert entry[method]["images_per_s"] == pytest.approx(entry[method]["images"] / entry[method]["seconds"],
+                                                              rel=0.02)
+    assert entry["decoding"]["maccap"]["samples"] == TINY_MACCAP["samples"]
+    assert entry["decoding"]["tomcap"]["k"] == TINY_TOMCAP["k"]
+
+
+def test_training_benchmark_compares_cached_and_on_the_fly_embeddings():
+    result = training_throughput.run(tiny=True)
+    for method in ("maccap", "tomcap"):
+        entry = result[method]
+        for variant in training_throughput.VARIANTS:
+            assert entry[variant]["captions_per_s"] > 0 and entry[variant]["trainable_parameters"] > 0
+            assert "rss_peak_mb" in entry[variant]["memory"]
+        assert entry["cached_speedup"] == pytest.approx(
+            entry["cached"]["captions_per_s"] / entry["on_the_fly"]["captions_per_s"], rel=0.01)
+    assert result["cache_build_s"] > 0 and result["corpus_captions"] == 8 * 3
+
+
+def test_runner_prints_one_object_with_every_benchmark(tmp_path):
+    settings = common.Settings(tiny=True)
+    assert runner.arguments_for(runner.BY_NAME["maccap_latency"], settings, 2)[-1] == "--tiny"
+    assert runner.arguments_for(runner.BY_NAME["datastore"], common.Settings(), 2) == []
+    assert runner.parse_output('noise\n{"a": 1}\n') == {"a": 1}
+    combined = runner.run_all(["maccap_latency"], settings)
+    assert combined["failed"] == {}
+    assert combined["maccap_latency"]["speedup_vs_sequential"] > 0
+    readme = tmp_path / "README.md"
+    runner.record(combined, ["maccap_latency"], "python benchmarks/run.py --tiny", readme=readme)
+    assert "| maccap_latency |" in readme.read_text()
