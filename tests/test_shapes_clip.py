@@ -30,7 +30,7 @@ from training.shapes.clip import (
 from training.shapes.language import COLOURS
 from training.shapes.world import PALETTE, WorldConfig, captions, generate_pairs, generate_scenes
 
-WORLD = WorldConfig()
+WORLD = WorldConfig(image_size=TinyClipConfig().image_size)  # training draws the world at the CLIP's input size
 EVAL_PAIRS = 300  # held-out pairs per evaluation here: enough to tell trained from untrained
 EVAL_REFERENCE = 1000
 
@@ -75,7 +75,7 @@ def test_training_pixels_equal_the_apps_preprocess(untrained):
     pixels = normalise_pixels(uint8_pixels(images), untrained.model)
     assert pixels.dtype == torch.float32 and torch.equal(pixels, untrained.preprocess(images))
     with pytest.raises(ValueError, match="draw the world at the CLIP's image_size"):
-        normalise_pixels(uint8_pixels([images[0].resize((32, 32))]), untrained.model)
+        normalise_pixels(uint8_pixels([images[0].resize((48, 48))]), untrained.model)
 
 
 def test_near_misses_change_exactly_one_attribute():
@@ -98,7 +98,7 @@ def test_dataset_serves_families_with_every_paraphrase(untrained):
     dataset = ClipPairs(pairs, untrained.tokenizer, family_size=config.family_size)
     assert len(dataset) == 10
     batch = collate_pairs([dataset[2], dataset[7]])
-    assert batch["pixels"].shape == (8, 3, 64, 64) and batch["pixels"].dtype == torch.uint8
+    assert batch["pixels"].shape == (8, 3, 32, 32) and batch["pixels"].dtype == torch.uint8
     assert batch["captions"].shape == (8, 3, config.context_length)
     for row, index in enumerate([8, 9, 10, 11, 28, 29, 30, 31]):  # families 2 and 7, each of 4 pairs
         scene, image = pairs[index]
@@ -164,4 +164,4 @@ def test_trained_weights_round_trip_through_a_bundle(trained, tmp_path):
 
 def test_train_clip_refuses_a_world_drawn_at_another_size():
     with pytest.raises(ConfigError, match="image_size"):
-        train_clip(TinyClipConfig.smoke(), world=WorldConfig(image_size=32))
+        train_clip(TinyClipConfig.smoke(), world=WorldConfig(image_size=64))
