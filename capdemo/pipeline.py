@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from capdemo.bundle import Bundle
-from capdemo.encoders import ClipEncoder, ImageFeatures, encoder_from_bundle
+from capdemo.encoders import ClipEncoder, ImageFeatures, encoder_from_bundle, load_encoder
 from capdemo.options import CaptionOptions, check_method, clean_question
 from capdemo.result import Result
 
@@ -72,9 +72,10 @@ class Captioner:
     """A loaded bundle: encoder, MacCap and/or TOMCap, datastore, gap statistics, VQA answers."""
 
     def __init__(self, bundle: Bundle, encoder: ClipEncoder, *, maccap=None, tomcap=None, datastore=None,
-                 gap_stats=None, answers=None):
+                 gap_stats=None, answers=None, retriever: ClipEncoder | None = None):
         self.bundle = bundle
         self.encoder = encoder
+        self.retriever = retriever  # TOMCap's separate retrieval encoder (the paper's SigLIP2), when it has one
         self.maccap, self.tomcap = maccap, tomcap
         self.datastore, self.gap_stats, self.answers = datastore, gap_stats, answers
         self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
@@ -98,6 +99,8 @@ class Captioner:
         if bundle.has(tomcap_module.TOMCAP_COMPONENT):
             parts["tomcap"] = tomcap_module.load_from_bundle(bundle, device=device)
             parts["datastore"] = tomcap_module.datastore_from_bundle(bundle)
+            if parts["tomcap"].config.retrieval_encoder is not None:
+                parts["retriever"] = load_encoder(parts["tomcap"].config.retrieval_encoder, device=device)
             gap_spec = parts["tomcap"].config.gap_stats
             if gap_spec:
                 parts["gap_stats"] = GapStats.load(bundle.locate(gap_spec))
@@ -145,12 +148,18 @@ class Captioner:
         encoded = self.encode(images)
         if len(encoded) == 0:
             raise ValueError("no images to caption")
-        return self._caption_degrading(model, method, encoded.features, options)
+        queries = None
+        if method == "tomcap" and self.retriever is not None:  # the datastore lives in another model's space
+            if isinstance(images, Encoded):
+                raise ValueError("this bundle retrieves with its own encoder: pass the images, not an Encoded batch")
+            queries = self.retriever.encode_image_embeds(self.retriever.preprocess(images))  # (B, D_r)
+        return self._caption_degrading(model, method, encoded.features, options, queries)
 
-    def _caption_degrading(self, model, method: str, features: ImageFeatures, options: CaptionOptions) -> list[Result]:
+    def _caption_degrading(self, model, method: str, features: ImageFeatures, options: CaptionOptions,
+                           queries: torch.Tensor | None = None) -> list[Result]:
         """Caption a batch; when it does not fit in memory, caption its halves instead (recursively)."""
         try:
-            return self._caption_batch(model, method, features, options)
+            return self._caption_batch(model, method, features, options, queries)
         except torch.OutOfMemoryError:
             batch = features.image_embeds.shape[0]
             if batch == 1:
@@ -159,10 +168,12 @@ class Captioner:
                 torch.cuda.empty_cache()
             half = batch // 2
             log.warning("out of memory captioning %d images; retrying as %d + %d", batch, half, batch - half)
-            return (self._caption_degrading(model, method, features.select(slice(0, half)), options)
-                    + self._caption_degrading(model, method, features.select(slice(half, batch)), options))
+            halves = (slice(0, half), slice(half, batch))
+            return [result for part in halves for result in self._caption_degrading(
+                model, method, features.select(part), options, None if queries is None else queries[part])]
 
-    def _caption_batch(self, model, method: str, features: ImageFeatures, options: CaptionOptions) -> list[Result]:
+    def _caption_batch(self, model, method: str, features: ImageFeatures, options: CaptionOptions,
+                       queries: torch.Tensor | None) -> list[Result]:
         with torch.inference_mode():
             if method == "maccap":
                 from capdemo.maccap_pipeline import caption_images
@@ -175,8 +186,8 @@ class Captioner:
             from capdemo.tomcap import caption_images
 
             return caption_images(
-                model, self.encoder, self.datastore, features.image_embeds, k=options.k, beams=options.beams,
-                max_new_tokens=options.max_new_tokens,
+                model, self.encoder, self.datastore, features.image_embeds, query_embeds=queries, k=options.k,
+                beams=options.beams, max_new_tokens=options.max_new_tokens,
             )
 
     def answer(self, image: Image.Image | Encoded, question: str, *, top_k: int = 10, caption: str | None = None):

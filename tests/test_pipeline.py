@@ -139,3 +139,26 @@ def test_out_of_memory_degrades_to_smaller_batches(captioner, monkeypatch):
     results = captioner.caption(images, "maccap", CaptionOptions(samples=3))
     assert [r.to_json()["candidates"] for r in results] == expected
     assert sizes[0] == 4 and sizes.count(1) == 4
+
+
+def test_a_separate_retrieval_encoder_queries_the_datastore(captioner, monkeypatch):
+    """TOMCap with its own retrieval encoder (the paper's SigLIP2): queries come from that encoder's pass."""
+    from capdemo import tomcap
+    from tests.tiny_models import tiny_encoder
+
+    seen = {}
+    real = tomcap.caption_images
+
+    def spy(model, encoder, datastore, images, *, query_embeds=None, **kwargs):
+        seen["queries"] = query_embeds
+        return real(model, encoder, datastore, images, query_embeds=query_embeds, **kwargs)
+
+    images = example_images()
+    retriever = tiny_encoder(seed=9)
+    monkeypatch.setattr(tomcap, "caption_images", spy)
+    monkeypatch.setattr(captioner, "retriever", retriever)
+    results = captioner.caption(images, "tomcap", CaptionOptions())
+    expected = retriever.encode_image_embeds(retriever.preprocess(images))
+    assert torch.equal(seen["queries"], expected) and len(results) == 2
+    with pytest.raises(ValueError, match="pass the images"):
+        captioner.caption(captioner.encode(images), "tomcap", CaptionOptions())
