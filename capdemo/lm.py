@@ -87,6 +87,7 @@ def generate_from_embeds(
     beams: int = 4,
     max_new_tokens: int = 16,
     num_return_sequences: int = 1,
+    share_prompt: bool = True,
     **generate_kwargs: Any,
 ) -> torch.Tensor:
     """Beam search (greedy when ``beams == 1``) from embeddings (N, L, E): new token ids only.
@@ -94,7 +95,13 @@ def generate_from_embeds(
     Returns (N * num_return_sequences, <= max_new_tokens) ids, rows of one input
     adjacent (the order transformers uses), finished rows padded with ``pad_token_id``.
     ``inputs_embeds`` is cast to the model's dtype; extra keyword arguments go
-    straight to ``generate`` (e.g. ``length_penalty``, ``min_new_tokens``).
+    straight to ``generate`` (e.g. ``length_penalty``, ``min_new_tokens``,
+    ``encoder_hidden_states``).
+
+    ``generate`` copies every prompt once per beam before its first forward pass,
+    so a prompt of L positions costs beams x L token forwards. With
+    ``share_prompt`` the first L - 1 positions run once per prompt and their
+    key/value cache is repeated per beam (:func:`prompt_cache`); the ids are the same.
     """
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != embedding_size(model):
         raise LanguageModelError(
@@ -106,9 +113,13 @@ def generate_from_embeds(
     if attention_mask is None:
         attention_mask = torch.ones(n, length, dtype=torch.long, device=inputs_embeds.device)
     dtype = model.get_input_embeddings().weight.dtype
+    inputs_embeds = inputs_embeds.to(dtype)
     with torch.inference_mode():
+        if share_prompt and beams > 1 and length > 1:
+            context = {k: v for k, v in generate_kwargs.items() if k in _PREFILL_INPUTS}
+            generate_kwargs["past_key_values"] = prompt_cache(model, inputs_embeds, attention_mask, beams, **context)
         return model.generate(
-            inputs_embeds=inputs_embeds.to(dtype),
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             num_beams=beams,
             num_return_sequences=num_return_sequences,
@@ -118,6 +129,27 @@ def generate_from_embeds(
             pad_token_id=pad_token_id,
             **generate_kwargs,
         )
+
+
+_PREFILL_INPUTS = ("encoder_hidden_states", "encoder_attention_mask")  # generate kwargs the prompt's forward needs
+
+
+def prompt_cache(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeats: int,
+                 **model_kwargs: Any) -> Any:
+    """Key/value cache of every prompt position but the last (N, L, E) -> cache of N * ``repeats`` rows.
+
+    Runs the LM body once per prompt on positions [0, L - 1), with the position
+    ids ``generate`` derives from the attention mask (left padding works), then
+    repeats each row ``repeats`` times, adjacent as ``generate`` expands beams.
+    ``generate`` then runs only the last prompt position per beam.
+    """
+    mask = attention_mask[:, :-1]
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (N, L - 1), as generate makes them
+    out = model.base_model(inputs_embeds=inputs_embeds[:, :-1], attention_mask=mask, position_ids=position_ids,
+                           use_cache=True, **model_kwargs)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(repeats)
+    return cache
 
 
 def clean_text(text: str) -> str:
@@ -146,6 +178,7 @@ __all__ = [
     "embedding_size",
     "generate_from_embeds",
     "load_causal_lm",
+    "prompt_cache",
     "save_causal_lm",
     "special_ids",
 ]

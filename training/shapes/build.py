@@ -214,9 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole recipe in about a minute (CI)")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first instead of resuming")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--maccap-steps", type=int, default=None, help="override the recipe's MacCap steps")
+    parser.add_argument("--tomcap-steps", type=int, default=None, help="override the recipe's TOMCap steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = ShapesRecipe.smoke() if args.smoke else ShapesRecipe.full()
+    steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps}
+    recipe = recipe.replace(**{name: value for name, value in steps.items() if value is not None})
     work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build'}")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
