@@ -124,10 +124,11 @@ class MacCapConfig(Config):
 def select_patches(
     features: ImageFeatures, n_cr: int, *, include_cls: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n_cr`` tokens the CLS token attends to most (head-averaged, last block), highest first.
+    """The ``n_cr`` tokens the pooling query attends to most (head-averaged), highest first.
 
-    Returns ``(token_index (B, N_cr), attention (B, N_cr))``; indices count all T
-    tokens, so patch ``p`` is token ``p + num_prefix_tokens``.
+    The query is the CLS token in the last block, or a MAP head's latent (towers without a CLS
+    token; see :class:`ImageFeatures`). Returns ``(token_index (B, N_cr), attention (B, N_cr))``;
+    indices count all T tokens, so patch ``p`` is token ``p + num_prefix_tokens``.
     """
     scores = features.cls_attention_mean  # (B, T)
     if not include_cls:
@@ -155,7 +156,7 @@ def aggregate_regions(
     if resoftmax:
         rows = rows.softmax(dim=-1)
     tokens = features.token_embeds  # (B, T, D) = I'_p
-    global_embed = tokens[:, 0]  # (B, D) = I_c, the projected CLS token (eq. 11)
+    global_embed = features.global_embeds  # (B, D) = I_c: the projected CLS token (eq. 11), or a MAP head's output
     if normalise_parts:
         tokens, global_embed = F.normalize(tokens, dim=-1), F.normalize(global_embed, dim=-1)
     subregions = torch.bmm(rows, tokens)  # (B, N_cr, D) = I_s

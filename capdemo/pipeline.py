@@ -272,15 +272,7 @@ class Captioner:
 
 
 def _concat(parts: list[ImageFeatures]) -> ImageFeatures:
-    if len(parts) == 1:
-        return parts[0]
-    return ImageFeatures(
-        image_embeds=torch.cat([p.image_embeds for p in parts]),
-        token_embeds=torch.cat([p.token_embeds for p in parts]),
-        attention=torch.cat([p.attention for p in parts]),
-        grid_size=parts[0].grid_size,
-        num_prefix_tokens=parts[0].num_prefix_tokens,
-    )
+    return parts[0] if len(parts) == 1 else ImageFeatures.cat(parts)
 
 
 def _table_one(features: ImageFeatures, results: dict[str, Result]) -> dict[str, float]:
