@@ -311,11 +311,16 @@ class MacCap(nn.Module):
         return per_caption.mean()
 
     @torch.inference_mode()
-    def generate_from_prompt(self, prompt: torch.Tensor, *, beams: int, max_new_tokens: int) -> list[str]:
-        """Decode one caption per prompt row (N, P, E) with beam search."""
+    def generate_from_prompt(self, prompt: torch.Tensor, *, beams: int, max_new_tokens: int,
+                             share_prompt: bool = True) -> list[str]:
+        """Decode one caption per prompt row (N, P, E) with beam search.
+
+        ``share_prompt=False`` is stock ``generate`` (the prompt forwarded once per beam, as the
+        official code runs it); the captions are the same.
+        """
         ids = generate_from_embeds(
             self.lm, prompt, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            beams=beams, max_new_tokens=max_new_tokens,
+            beams=beams, max_new_tokens=max_new_tokens, share_prompt=share_prompt,
         )
         return decode(self.tokenizer, ids)
 

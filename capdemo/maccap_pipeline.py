@@ -4,7 +4,8 @@ The paper's "multiple sampling and filtering" (§4.3) as the official code runs
 it re-encodes the image and runs beam search once per sample, then reranks image
 by image. Here the image is encoded once, its region features are replicated S
 times with independent noise, all B x S prefixes are decoded in a single
-``generate`` call, and all B x S candidates are scored in one CLIP text call.
+``generate`` call (each prompt forwarded once, its KV cache shared by the beams),
+and all B x S candidates are scored in one CLIP text call.
 :func:`sequential_reference` keeps the official code's order of work (same
 seeds, same candidates) for tests and benchmarks.
 
@@ -132,8 +133,9 @@ def sequential_reference(
     max_new_tokens: int | None = None,
     seed: int = 0,
 ) -> list[Result]:
-    """The official code's order of work: per sample a fresh CLIP pass, aggregation, noise and beam search;
-    one more CLIP pass for the rerank, then one text-encoder call per image. Same seeds, same candidates
+    """The official code's order of work: per sample a fresh CLIP pass, aggregation, noise and stock beam
+    search (the prompt forwarded once per beam); one more CLIP pass for the rerank, then one text-encoder
+    call per image. Same seeds, same candidates
     as :func:`caption_images`; slower by design (for tests and benchmarks)."""
     settings = _settings(model, samples, beams, noise_variance, n_cr, max_new_tokens)
     timer = StageTimer(model.device)
@@ -147,9 +149,9 @@ def sequential_reference(
         with timer("adaptor"):
             prompt = model.prompt_embeds(noisy)  # (B, P, E)
         with timer("generate"):
-            texts_by_sample.append(
-                model.generate_from_prompt(prompt, beams=settings["beams"], max_new_tokens=settings["max_new_tokens"])
-            )
+            texts_by_sample.append(model.generate_from_prompt(
+                prompt, beams=settings["beams"], max_new_tokens=settings["max_new_tokens"], share_prompt=False,
+            ))
     with timer("encode"):
         image_embeds = encoder.encode_image_embeds(pixels)  # (B, D)
     results = []
