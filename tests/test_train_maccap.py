@@ -21,8 +21,12 @@ from capdemo.lm import save_causal_lm
 from capdemo.maccap import MacCapAdaptor, MacCapConfig, caption_text_embeddings, load_from_bundle
 from capdemo.maccap_pipeline import caption_images
 from capdemo.vqa import AnswerList
-from training.loop import TrainConfig, latest_checkpoint
-from training.maccap import main, train_maccap
+from training.loop import TrainConfig, checkpoint_paths, latest_checkpoint
+from training.maccap import TRAINING_RECORD, main, train_maccap
+from tests.kill_resume import (
+    MID_WRITE, assert_same_tensors, differs, final_checkpoint_tensors, kill_during_training, temp_files,
+    write_checkpoint_as_step,
+)
 from tests.tiny_models import tiny_encoder_config, tiny_gpt2, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +137,48 @@ def test_killed_then_resumed_run_ends_with_the_same_weights(cli_inputs):
     lm_whole = Bundle.load(whole).tensors("maccap/lm/model.safetensors")
     lm_split = Bundle.load(split).tensors("maccap/lm/model.safetensors")
     assert all(torch.equal(lm_whole[k], lm_split[k]) for k in lm_whole)
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons with runs in other processes (OMP_NUM_THREADS=1) need the same CPU kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sigkilled_cli_runs_resume_to_the_weights_of_an_uninterrupted_run(cli_inputs, one_thread):
+    """`python -m training maccap` SIGKILLed twice (a seeded random delay after a checkpoint, then just as a
+    checkpoint write begins) and resumed by the same command ends bit-identical to a run never killed."""
+    steps = 30  # 6 epochs of 5 steps; a checkpoint every step, so a kill often lands in a write
+    extra = ("--steps", str(steps), "--train-lm", "--checkpoint-every", "1")  # LM dropout and noise draw every step
+    root = cli_inputs["root"]
+    main(cli_args(cli_inputs, "sigkill-whole", *extra))
+    plans = [random.Random(8).uniform(0.0, 0.3), MID_WRITE]
+    command = ["-m", "training", "maccap", *cli_args(cli_inputs, "sigkill", *extra, "--resume")]
+    kills = kill_during_training(command, root / "sigkill" / "run" / "checkpoints", plans, total_steps=steps)
+    assert not (root / "sigkill" / "bundle").exists()
+    assert main(cli_args(cli_inputs, "sigkill", *extra, "--resume")) == 0
+
+    whole, resumed = root / "sigkill-whole", root / "sigkill"
+    assert_same_tensors(adaptor_weights(resumed / "bundle"), adaptor_weights(whole / "bundle"), f"adaptor {kills}")
+    lm = "maccap/lm/model.safetensors"
+    assert_same_tensors(Bundle.load(resumed / "bundle").tensors(lm), Bundle.load(whole / "bundle").tensors(lm), "LM")
+    reference = final_checkpoint_tensors(whole / "run")
+    assert any(key.endswith("/exp_avg_sq") for key in reference)
+    assert_same_tensors(final_checkpoint_tensors(resumed / "run"), reference, "final checkpoint (weights and AdamW)")
+    for key in ("history", "evaluations"):  # the loss sums of intervals cut by a kill survive too
+        assert Bundle.load(resumed / "bundle").json(TRAINING_RECORD)[key] == Bundle.load(whole / "bundle").json(
+            TRAINING_RECORD)[key]
+    assert not temp_files(resumed / "run" / "checkpoints")  # a killed writer's leftovers are cleared
+    assert [p.name for p in checkpoint_paths(resumed / "run" / "checkpoints")][-1] == f"step-{steps:08d}.safetensors"
+
+    # The comparison can fail: resuming the first kill's checkpoint as if it were one step earlier ends elsewhere.
+    first = kills[0].checkpoints[-1]
+    write_checkpoint_as_step(first, root / "sigkill-wrong" / "run" / "checkpoints", first.step - 1)
+    assert main(cli_args(cli_inputs, "sigkill-wrong", *extra, "--resume")) == 0
+    assert differs(adaptor_weights(root / "sigkill-wrong" / "bundle"), adaptor_weights(whole / "bundle"))
 
 
 def _free_port() -> int:

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from capdemo.bundle import Bundle
 from capdemo.encoders import encoder_from_bundle
 from capdemo.gap import GapStats
 from capdemo.retrieval import CaptionDatastore
 from capdemo.tomcap import IGNORE_INDEX, caption_images, datastore_from_bundle, load_from_bundle
+from tests.kill_resume import (
+    MID_WRITE, assert_same_tensors, differs, final_checkpoint_tensors, kill_during_training, temp_files,
+    write_checkpoint_as_step,
+)
 from tests.test_tomcap import EMBED_DIM, bag_of_words_embedder, build_model, save_tiny_lm, shapes_captions
 from tests.tiny_models import TINY_CORPUS, tiny_encoder_config
-from training.loop import TrainConfig, train
+from training.loop import TrainConfig, checkpoint_paths, train
 from training.tomcap import (
-    RETRIEVAL_CACHE, build_task, collate, main, prepare_examples, reproduce_targets, retrieve_for_training,
+    RETRIEVAL_CACHE, TRAINING_RECORD, build_task, collate, main, prepare_examples, reproduce_targets, retrieve_for_training,
     store_caption_embeddings,
 )
 
@@ -170,3 +176,64 @@ def test_cli_trains_resumes_and_writes_a_bundle_that_captions(tmp_path, lm_dir_f
     results = caption_images(model, bundled_encoder, store, torch.rand(2, 3, 32, 32))
     assert len(results) == 2
     assert all(len(r.neighbours) == 2 and len(r.candidates) == model.config.beams for r in results)
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons with runs in other processes (OMP_NUM_THREADS=1) need the same CPU kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sigkilled_cli_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_path, tiny_encoder,
+                                                                           lm_dir_for_examples, one_thread):
+    """`python -m training tomcap` SIGKILLed twice (a seeded random delay after a checkpoint, then just as a
+    checkpoint write begins) and resumed by the same command ends bit-identical to a run never killed."""
+    from capdemo.tomcap import TRAINABLE_WEIGHTS
+
+    captions = TINY_CORPUS + ["a blue circle on the left", "two red squares", "a yellow star at the top",
+                              "a white triangle on the right"]
+    (tmp_path / "corpus.txt").write_text("\n".join(captions) + "\n")
+    save_file(tiny_encoder.model.state_dict(), tmp_path / "clip.safetensors")  # the same encoder in every process
+    tiny_encoder_config(pretrained=str(tmp_path / "clip.safetensors")).save_json(tmp_path / "encoder.json")
+    embeds = tiny_encoder.encode_text(captions)
+    CaptionDatastore.build(embeds, captions, encoder_name=tiny_encoder.name).save(tmp_path / "store")
+    image_like = torch.randn(20, EMBED_DIM, generator=torch.Generator().manual_seed(0))
+    GapStats.compute(image_like, embeds).save(tmp_path / "gap.safetensors")
+    steps = 30  # 10 epochs of 3 steps; a checkpoint every step, so a kill often lands in a write
+
+    def argv(name: str, *extra: str) -> list[str]:  # LoRA dropout and the input noise draw every step
+        return ["--corpus", str(tmp_path / "corpus.txt"), "--datastore", str(tmp_path / "store"),
+                "--gap-stats", str(tmp_path / "gap.safetensors"), "--encoder", str(tmp_path / "encoder.json"),
+                "--lm", str(lm_dir_for_examples), "--out", str(tmp_path / name / "bundle"),
+                "--run-dir", str(tmp_path / name / "run"), "--embeddings", str(tmp_path / "embeddings"),
+                "--k", "2", "--steps", str(steps), "--batch-size", "4", "--warmup", "1", "--lr", "1e-3",
+                "--checkpoint-every", "1", "--eval-samples", "2", "--max-new-tokens", "5", "--device", "cpu", *extra]
+
+    assert main(argv("whole")) == 0
+    plans = [random.Random(9).uniform(0.0, 0.3), MID_WRITE]
+    kills = kill_during_training(["-m", "training", "tomcap", *argv("killed", "--resume")],
+                                 tmp_path / "killed" / "run" / "checkpoints", plans, total_steps=steps)
+    assert not (tmp_path / "killed" / "bundle").exists()
+    assert main(argv("killed", "--resume")) == 0
+
+    whole, resumed = Bundle.load(tmp_path / "whole" / "bundle"), Bundle.load(tmp_path / "killed" / "bundle")
+    assert_same_tensors(resumed.tensors(TRAINABLE_WEIGHTS), whole.tensors(TRAINABLE_WEIGHTS), f"weights {kills}")
+    reference = final_checkpoint_tensors(tmp_path / "whole" / "run")
+    assert any(key.endswith("/exp_avg_sq") for key in reference) and any("lora" in key for key in reference)
+    assert_same_tensors(final_checkpoint_tensors(tmp_path / "killed" / "run"), reference,
+                        "final checkpoint (weights and AdamW)")
+    for key in ("history", "evaluations"):  # the loss sums of intervals cut by a kill survive too
+        assert resumed.json(TRAINING_RECORD)[key] == whole.json(TRAINING_RECORD)[key]
+    checkpoints = tmp_path / "killed" / "run" / "checkpoints"
+    assert not temp_files(checkpoints)  # a killed writer's leftovers are cleared
+    assert [p.name for p in checkpoint_paths(checkpoints)][-1] == f"step-{steps:08d}.safetensors"
+
+    # The comparison can fail: resuming the first kill's checkpoint as if it were one step earlier ends elsewhere.
+    first = kills[0].checkpoints[-1]
+    write_checkpoint_as_step(first, tmp_path / "wrong" / "run" / "checkpoints", first.step - 1)
+    assert main(argv("wrong", "--resume")) == 0
+    wrong = Bundle.load(tmp_path / "wrong" / "bundle").tensors(TRAINABLE_WEIGHTS)
+    assert differs(wrong, whole.tensors(TRAINABLE_WEIGHTS))

@@ -247,7 +247,8 @@ def embed_corpus(
 
 def _prepare_folder(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> None:
     """Clear leftovers of killed writes; refuse (or with ``overwrite``, wipe) a cache of something else."""
-    for pattern in (".shard-*.tmp", f".{MANIFEST_FILE}.*.tmp"):  # atomic_output's temporary names
+    # atomic_output's temporary names, and the one safetensors' save_file writes through first (.tmpXXXXXX)
+    for pattern in (".shard-*.tmp", f".{MANIFEST_FILE}.*.tmp", ".tmp*"):
         for leftover in out_dir.glob(pattern):
             leftover.unlink(missing_ok=True)
     existing = _read_manifest(out_dir)

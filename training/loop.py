@@ -444,9 +444,14 @@ def write_json_atomically(path: Path, data: Any) -> None:
 
 
 def _remove_stale_temp_files(directory: Path) -> None:
-    """Temp files of a run that was killed while writing; never a checkpoint, so never needed."""
-    for path in directory.glob(f".*{_TEMP_SUFFIX}"):
-        path.unlink(missing_ok=True)
+    """Temp files of a run that was killed while writing; never a checkpoint, so never needed.
+
+    Besides ours (``.step-*.tmp``), safetensors' ``save_file`` writes through a temp file of its
+    own in the same folder (``.tmpXXXXXX``), which a kill during the write leaves behind too.
+    """
+    for pattern in (f".*{_TEMP_SUFFIX}", ".tmp*"):
+        for path in directory.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the trainer
