@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "evaluate": ("training.evaluate", "caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) and VQA accuracy"),
     "shapes": ("training.shapes.build", "rebuild the shapes-world bundle (weights/shapes) from scratch"),
     "shapes-eval": ("training.shapes.evaluate", "score a bundle on freshly generated held-out shapes scenes"),
+    "shapes-ablate": ("training.shapes.ablate", "gap handling, retrieval and sampling ablations in the shapes world"),
 }
 
 

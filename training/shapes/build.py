@@ -168,6 +168,16 @@ def run_command(argv: list[str]) -> None:
         raise SystemExit(f"training command failed with status {status}: {' '.join(argv)}")
 
 
+def tomcap_command(recipe: ShapesRecipe, work: Path, *, out: Path, run_dir: Path, steps: int | None = None,
+                   extra: tuple[str, ...] = ()) -> list[str]:
+    """The recipe's ``python -m training tomcap`` arguments on a work dir's stage outputs (``extra`` last wins)."""
+    return ["tomcap", "--corpus", str(work / "corpus.txt"), "--datastore", str(work / "datastore"),
+            "--gap-stats", str(work / "gap_stats.safetensors"), "--encoder", str(work / "clip" / "encoder.json"),
+            "--lm", str(work / "lm"), "--out", str(out), "--run-dir", str(run_dir),
+            "--steps", str(recipe.tomcap_steps if steps is None else steps), "--seed", str(recipe.seed),
+            "--device", "cpu", *recipe.tomcap_args, *extra, "--resume"]
+
+
 def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
     start = time.time()
     work.mkdir(parents=True, exist_ok=True)
@@ -187,10 +197,7 @@ def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
     run_command(["maccap", "--corpus", corpus, "--encoder", encoder, "--lm", lm, "--out", str(staging),
                  "--run-dir", str(work / "maccap-run"), "--steps", str(recipe.maccap_steps), "--seed", str(recipe.seed),
                  "--vqa-answers", str(ANSWERS_FILE), "--device", "cpu", *recipe.maccap_args, "--resume"])
-    run_command(["tomcap", "--corpus", corpus, "--datastore", str(datastore), "--gap-stats", str(gap_stats),
-                 "--encoder", encoder, "--lm", lm, "--out", str(staging), "--run-dir", str(work / "tomcap-run"),
-                 "--steps", str(recipe.tomcap_steps), "--seed", str(recipe.seed), "--device", "cpu",
-                 *recipe.tomcap_args, "--resume"])
+    run_command(tomcap_command(recipe, work, out=staging, run_dir=work / "tomcap-run"))
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
         description="The shapes world: a tiny CLIP, LM, MacCap and TOMCap trained text-only on synthetic captions",

@@ -1,0 +1,128 @@
+"""``python -m training shapes-ablate``: what each part of the two methods is worth in the shapes world.
+
+Rows, each scored by :func:`training.shapes.evaluate.evaluate_bundle` on the
+same freshly generated held-out scenes:
+
+* modality-gap handling: TOMCap decoders trained with no gap handling, noise
+  injection only, mean-only correction, mean+std correction, and mean+std
+  with noise (the recipe's default), every other setting equal;
+* retrieval: TOMCap trained and run without retrieved captions (mean+std with noise);
+* multiple sampling: MacCap at S = 1 and S = 20 with CLIP rerank (inference only,
+  on the built bundle).
+
+It reuses a finished build's stage outputs (``--work-dir`` of ``python -m
+training shapes``: CLIP, LM, datastore, gap statistics), trains each variant
+with the build's own ``python -m training tomcap`` command, and keeps every
+variant's bundle and scores under ``<work-dir>/ablation`` so an interrupted run
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capdemo.options import CaptionOptions
+from training.shapes.build import ShapesRecipe, log, run_command, tomcap_command
+from training.shapes.evaluate import evaluate_bundle
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row: a name, what it tests, and how it differs from the default."""
+
+    name: str
+    group: str
+    description: str
+    tomcap_flags: tuple[str, ...] = ()  # extra ``python -m training tomcap`` flags (trained variants)
+    samples: int | None = None  # MacCap S (inference-only variants)
+
+    @property
+    def trained(self) -> bool:
+        return self.samples is None
+
+
+NO_NOISE = ("--noise-variance", "0")
+VARIANTS = (
+    Variant("gap-none", "gap", "no gap handling", ("--gap-correction", "none", *NO_NOISE)),
+    Variant("gap-noise", "gap", "noise injection only", ("--gap-correction", "none")),
+    Variant("gap-mean", "gap", "mean-only correction", ("--gap-correction", "mean", *NO_NOISE)),
+    Variant("gap-mean-std", "gap", "mean+std correction", ("--gap-correction", "mean_std", *NO_NOISE)),
+    Variant("gap-mean-std-noise", "gap", "mean+std correction + noise (default)", ("--gap-correction", "mean_std")),
+    Variant("no-retrieval", "retrieval", "TOMCap without retrieval", ("--gap-correction", "mean_std", "--no-retrieval")),
+    Variant("maccap-s1", "sampling", "MacCap S = 1 (no rerank)", samples=1),
+    Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", samples=20),
+)
+REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate")
+
+
+def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: Path, steps: int | None, n: int,
+                seed: int) -> dict[str, Any]:
+    """Train (if needed) and score one variant; scores are cached next to its bundle."""
+    folder = work / "ablation" / variant.name
+    scores_file = folder / f"scores-n{n}-seed{seed}.json"
+    if scores_file.is_file():
+        return json.loads(scores_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    if variant.trained:
+        bundle = folder / "bundle"
+        if not (bundle / "bundle.json").is_file():
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
+                run_command(tomcap_command(recipe, work, out=bundle, run_dir=folder / "run", steps=steps,
+                                           extra=variant.tomcap_flags))
+        report = evaluate_bundle(str(bundle), n=n, seed=seed, methods=["tomcap"], options=CaptionOptions(),
+                                 ceiling=False)["tomcap"]
+    else:
+        report = evaluate_bundle(str(weights), n=n, seed=seed, methods=["maccap"],
+                                 options=CaptionOptions(samples=variant.samples), ceiling=False)["maccap"]
+    row = {"group": variant.group, "description": variant.description, **{k: report[k] for k in REPORTED}}
+    tmp = scores_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(scores_file)
+    log(f"{variant.name}: scene {row['scene_accuracy']:.3f} attributes {row['attribute_accuracy']:.3f}")
+    return row
+
+
+def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The ablation as a Markdown table, one line per variant."""
+    lines = ["| variant | scene acc. | attribute acc. | CIDEr | BLEU-4 |", "|---|---|---|---|---|"]
+    for row in rows.values():
+        lines.append(f"| {row['description']} | {row['scene_accuracy']:.3f} | {row['attribute_accuracy']:.3f} "
+                     f"| {row['cider']:.2f} | {row['bleu4']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training shapes-ablate", description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", default="runs/shapes-build", help="a finished `python -m training shapes` work dir")
+    parser.add_argument("--weights", default="weights/shapes", help="bundle for the inference-only (MacCap) rows")
+    parser.add_argument("--steps", type=int, default=None, help="TOMCap steps per trained variant (recipe default)")
+    parser.add_argument("--n", type=int, default=500, help="held-out scenes per row")
+    parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes")
+    parser.add_argument("--smoke", action="store_true", help="the work dir is a --smoke build (its TOMCap flags)")
+    parser.add_argument("--only", nargs="+", default=None, choices=[v.name for v in VARIANTS], help="run these rows")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
+    args = parser.parse_args(argv)
+    work = Path(args.work_dir)
+    missing = [p for p in ("corpus.txt", "clip/encoder.json", "lm/config.json", "datastore/datastore.json",
+                           "gap_stats.safetensors") if not (work / p).is_file()]
+    if missing:
+        print(f"error: {work} is not a finished shapes build (missing {', '.join(missing)}); "
+              "run python -m training shapes --work-dir first", file=sys.stderr)
+        return 2
+    recipe = ShapesRecipe.smoke() if args.smoke else ShapesRecipe.full()
+    chosen = [v for v in VARIANTS if args.only is None or v.name in args.only]
+    rows = {v.name: run_variant(v, recipe=recipe, work=work, weights=Path(args.weights), steps=args.steps, n=args.n,
+                                seed=args.seed) for v in chosen}
+    report = {"n": args.n, "seed": args.seed, "tomcap_steps": args.steps or recipe.tomcap_steps, "rows": rows}
+    print(json.dumps(report) if args.json else markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
