@@ -84,8 +84,8 @@ class TOMCapConfig(Config):
 
     # ---- language model
     # GPT-2 as a save_pretrained folder, "hf-hub:org/name@rev" or "bundle:..."; the cross-attention
-    # layers are added on load (paper: GPT-2 base)
-    lm: str = "hf-hub:openai-community/gpt2"
+    # layers are added on load (paper: GPT-2 base; pinned to the hub's commit of Feb 2024, which has safetensors)
+    lm: str = "hf-hub:openai-community/gpt2@607a30d783dfa663caf39e06633721c8d4cfcd7e"
     embed_dim: int = 512  # D: width of the CLIP embeddings in the memory (ViT-B/32: 512)
     # ---- LoRA on the frozen GPT-2; the new cross-attention layers train fully, so no LoRA on them by default
     lora_r: int = 32  # rank (paper: 32)
