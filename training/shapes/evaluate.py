@@ -5,7 +5,8 @@ every method with its bundle defaults), parsed back into scenes and scored:
 exact scene accuracy, per-attribute accuracy, BLEU-4 and CIDEr against all
 paraphrases. ``text_to_text`` is the ceiling of text-only training: each test
 scene's caption decoded from its own CLIP text embedding, where no modality gap
-exists.
+exists (MacCap: one clean sample, greedy; TOMCap: its training input, decoded
+with its default beams and selection).
 """
 
 from __future__ import annotations
@@ -65,13 +66,39 @@ def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[st
         model = captioner.maccap
         return [out for i in range(0, len(texts), CAPTION_BATCH)
                 for out in caption_text_embeddings(model, embeds[i: i + CAPTION_BATCH].to(model.device))]
-    from training.tomcap import prepare_examples, reproduce_targets
+    return tomcap_text_to_text(captioner, texts, embeds)
 
-    model = captioner.tomcap
+
+@torch.inference_mode()
+def tomcap_text_to_text(captioner: Captioner, texts: list[str], embeds: torch.Tensor) -> list[str]:
+    """TOMCap's captions of its own training-style inputs, decoded as images are by default.
+
+    Each text's input is what training feeds (its gap-corrected embedding and the
+    captions retrieved for it, itself excluded); decoding uses the config's beam
+    width and picks the beam by CLIP cosine with the text's embedding, as
+    inference picks it by the image's (``select_by``).
+    """
+    from capdemo.rerank import clip_scores
+    from training.tomcap import prepare_examples
+
+    model, config = captioner.tomcap, captioner.tomcap.config
     examples = prepare_examples(model, texts, embeds, captioner.datastore, captioner.encoder.encode_text,
-                                gap_stats=captioner.gap_stats if model.config.gap_correction != "none" else None,
+                                gap_stats=captioner.gap_stats if config.gap_correction != "none" else None,
                                 progress=False)
-    return reproduce_targets(model, examples, list(range(len(texts))))[1]
+    outputs: list[str] = []
+    for start in range(0, len(texts), CAPTION_BATCH):
+        items = [examples[i] for i in range(start, min(start + CAPTION_BATCH, len(texts)))]
+        memory = model.memory(torch.stack([it["input_embeds"] for it in items]),
+                              torch.stack([it["neighbour_embeds"] for it in items]))  # (b, 1 + K, n_embd)
+        prompts = [model.tokens.prompt_ids(examples.parts(start + j)[1]) for j in range(len(items))]
+        beams = model.generate(prompts, memory, beams=config.beams, max_new_tokens=config.max_new_tokens)
+        groups = [beams[j * config.beams: (j + 1) * config.beams] for j in range(len(items))]
+        if config.select_by == "clip":
+            scored = clip_scores(captioner.encoder, embeds[start: start + len(items)], groups)
+            outputs += [s.texts[s.order()[0]] for s in scored]
+        else:
+            outputs += [group[0] for group in groups]
+    return outputs
 
 
 def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str], options: CaptionOptions,
