@@ -1,0 +1,140 @@
+"""``python -m training caption-split``: caption a Karpathy test split with a bundle and score it, in one command.
+
+    python -m training caption-split --weights weights/maccap-coco --method maccap \
+        --split dataset_coco.json --images COCO/ --subset test --out results/maccap-coco-test.jsonl
+
+This is how the papers' tables are reproduced (MacCap: COCO and Flickr30k
+Karpathy test splits, 5000 / 1000 images; TOMCap: the same with its bundle):
+every image of the subset is captioned by the app's own code path
+(:class:`capdemo.pipeline.Captioner`, the bundle's default settings unless
+overridden), the captions are appended to ``--out`` as capdemo JSON lines
+(``{image_id, image, caption}``) batch by batch, and the finished file is
+scored by :func:`training.evaluate.evaluate_captions` against the split's
+references. A killed run continues where it stopped: images already in
+``--out`` are not captioned again (a line cut short by the kill is dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import capdemo  # noqa: F401  (the torchvision shim, before any model library)
+from capdemo.images import ImageLoadError, load_image
+from capdemo.options import METHODS, CaptionOptions
+from training.datasets import DataFormatError, ImageId, SplitImage, load_karpathy_split, references_from_split
+from training.evaluate import CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions
+
+
+def select_subset(items: Sequence[SplitImage], subset: str | None, limit: int | None) -> list[SplitImage]:
+    """The split's images of ``subset`` ("test", ...; None: all), the first ``limit`` of them."""
+    chosen = [item for item in items if subset is None or item.split == subset]
+    if not chosen:
+        found = sorted({item.split for item in items})
+        raise DataFormatError(f"no image of split {subset!r} in the file (splits present: {found})")
+    return chosen[:limit] if limit else chosen
+
+
+def find_images(items: Sequence[SplitImage], root: Path) -> dict[str, Path]:
+    """``image_name -> file`` under ``root`` (directly, or in any sub-folder such as COCO's val2014/)."""
+    found = {item.image_name: root / item.image_name for item in items if (root / item.image_name).is_file()}
+    if len(found) < len(items):
+        wanted = {item.image_name for item in items} - set(found)
+        for path in root.rglob("*"):
+            if path.name in wanted:
+                found[path.name] = path
+    missing = [item.image_name for item in items if item.image_name not in found]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} split images are not under {root} (first: {missing[0]})")
+    return found
+
+
+def done_ids(out: Path) -> set[ImageId]:
+    """Image ids already captioned in ``out``; a last line cut short by a kill is removed from the file."""
+    if not out.is_file():
+        return set()
+    lines = out.read_text().splitlines(keepends=True)
+    done, keep = set(), []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # only the last line can be partial (lines are flushed one batch at a time)
+        if not line.endswith("\n"):
+            break
+        done.add(record["image_id"])
+        keep.append(line)
+    if len(keep) < len(lines):
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, out)
+    return done
+
+
+def caption_split(captioner, items: Sequence[SplitImage], files: dict[str, Path], out: Path, *, method: str,
+                  options: CaptionOptions, batch_size: int) -> int:
+    """Caption every image of ``items`` not yet in ``out``, appending JSON lines; returns how many were captioned."""
+    done = done_ids(out)
+    todo = [item for item in items if item.image_id not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as sink:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start: start + batch_size]
+            images = [load_image(files[item.image_name]) for item in batch]
+            results = captioner.caption(images, method, options)
+            sink.write("".join(json.dumps({"image_id": item.image_id, "image": item.image_name,
+                                           "caption": result.caption}) + "\n"
+                               for item, result in zip(batch, results)))
+            sink.flush()
+            os.fsync(sink.fileno())
+            print(f"captioned {len(done) + start + len(batch)}/{len(items)}", file=sys.stderr)
+    return len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training caption-split", description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, help="bundle folder or hf-hub:org/name@revision")
+    parser.add_argument("--method", choices=METHODS, required=True, help="captioning method")
+    parser.add_argument("--split", required=True, type=Path, help="Karpathy split file [{image_name, captions, split}]")
+    parser.add_argument("--images", required=True, type=Path, help="folder holding the split's image files")
+    parser.add_argument("--subset", default="test", help="which split to caption ('all': every image)")
+    parser.add_argument("--out", required=True, type=Path, help="JSON lines of captions (appended; resumable)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images (a quick check)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per captioning call")
+    parser.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (bundle default)")
+    parser.add_argument("--beams", type=int, default=None, help="beam width (bundle default)")
+    parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS))
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        items = select_subset(load_karpathy_split(args.split), None if args.subset == "all" else args.subset,
+                              args.limit)
+        files = find_images(items, args.images)
+        from capdemo.pipeline import Captioner
+
+        captioner = Captioner.from_bundle(args.weights, device=args.device)
+        options = CaptionOptions(samples=args.samples, beams=args.beams).validated()
+        caption_split(captioner, items, files, args.out, method=args.method, options=options,
+                      batch_size=args.batch_size)
+        from training.evaluate import load_predictions
+
+        predictions = load_predictions(args.out)
+        wanted = {item.image_id for item in items}
+        report = evaluate_captions({k: v for k, v in predictions.items() if k in wanted},
+                                   references_from_split(items), metrics=args.metrics, spice=False)
+    except (DataFormatError, FileNotFoundError, ImageLoadError, EvaluationError, MetricUnavailableError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"method": args.method, "images": len(items), **report.to_json()}) if args.json
+          else report.to_table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
