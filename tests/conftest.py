@@ -36,3 +36,12 @@ def tiny_bundle_dir(tmp_path_factory):
     from tests.tiny_bundle import build_tiny_bundle
 
     return build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons with runs in other processes (OMP_NUM_THREADS=1) need the same CPU kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

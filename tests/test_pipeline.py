@@ -115,7 +115,7 @@ def test_cli_captions_good_images_and_reports_bad_ones(tiny_bundle_dir, tmp_path
     for line in lines:
         assert set(line) >= {"caption", "candidates", "patches", "neighbours", "timings_ms"}
         assert len(line["candidates"]) == 3 and line["caption"] == line["candidates"][0]["text"]
-    errors = [l for l in run.stderr.splitlines() if l.startswith("error:")]
+    errors = [row for row in run.stderr.splitlines() if row.startswith("error:")]
     assert len(errors) == 1 and "broken.jpg" in errors[0]
 
 

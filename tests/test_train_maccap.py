@@ -139,15 +139,6 @@ def test_killed_then_resumed_run_ends_with_the_same_weights(cli_inputs):
     assert all(torch.equal(lm_whole[k], lm_split[k]) for k in lm_whole)
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-exact comparisons with runs in other processes (OMP_NUM_THREADS=1) need the same CPU kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sigkilled_cli_runs_resume_to_the_weights_of_an_uninterrupted_run(cli_inputs, one_thread):
     """`python -m training maccap` SIGKILLed twice (a seeded random delay after a checkpoint, then just as a
     checkpoint write begins) and resumed by the same command ends bit-identical to a run never killed."""

@@ -178,15 +178,6 @@ def test_cli_trains_resumes_and_writes_a_bundle_that_captions(tmp_path, lm_dir_f
     assert all(len(r.neighbours) == 2 and len(r.candidates) == model.config.beams for r in results)
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-exact comparisons with runs in other processes (OMP_NUM_THREADS=1) need the same CPU kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sigkilled_cli_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_path, tiny_encoder,
                                                                            lm_dir_for_examples, one_thread):
     """`python -m training tomcap` SIGKILLed twice (a seeded random delay after a checkpoint, then just as a
