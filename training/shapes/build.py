@@ -64,7 +64,7 @@ class ShapesRecipe(Config):
         "--train-lm", "--memory-layernorm", "--n-query", "8", "--n-cr", "10", "--width", "64", "--heads", "4",
         "--ffn-dim", "256", "--batch-size", "64", "--lr", "3e-3", "--warmup", "100",
     )  # the shapes LM must train with the adaptor (shapes-world-prototype.md, round 2)
-    tomcap_steps: int = 1200  # TOMCap text-only training steps
+    tomcap_steps: int = 2400  # TOMCap text-only training steps
     tomcap_args: tuple[str, ...] = ("--batch-size", "32", "--lr", "2e-3", "--warmup", "60", "--lora-r", "32")
     seed: int = 0
 
