@@ -26,8 +26,10 @@ from typing import Sequence
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.images import ImageLoadError, load_image
 from capdemo.options import METHODS, CaptionOptions
+from capdemo.retrieval import atomic_output
 from training.datasets import DataFormatError, ImageId, SplitImage, load_karpathy_split, references_from_split
-from training.evaluate import CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions
+from training.evaluate import (CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions,
+                               load_predictions)
 
 
 def select_subset(items: Sequence[SplitImage], subset: str | None, limit: int | None) -> list[SplitImage]:
@@ -69,9 +71,8 @@ def done_ids(out: Path) -> set[ImageId]:
         done.add(record["image_id"])
         keep.append(line)
     if len(keep) < len(lines):
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, out)
+        with atomic_output(out) as tmp:
+            tmp.write_text("".join(keep))
     return done
 
 
@@ -121,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         options = CaptionOptions(samples=args.samples, beams=args.beams).validated()
         caption_split(captioner, items, files, args.out, method=args.method, options=options,
                       batch_size=args.batch_size)
-        from training.evaluate import load_predictions
-
         predictions = load_predictions(args.out)
         wanted = {item.image_id for item in items}
         report = evaluate_captions({k: v for k, v in predictions.items() if k in wanted},

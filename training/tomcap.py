@@ -223,21 +223,27 @@ def reproduce_targets(model: TOMCap, examples: TOMCapExamples, indices: Sequence
     The ceiling of text-only training (no modality gap, no noise): a trained model should give
     back each example's target.
     """
+    outputs = [group[0] for group in decode_examples(model, examples, indices, beams=beams, batch_size=batch_size)]
+    hits = sum(text == " ".join(examples.parts(i)[0].split()) for text, i in zip(outputs, indices))
+    return hits / max(1, len(indices)), outputs
+
+
+def decode_examples(model: TOMCap, examples: TOMCapExamples, indices: Sequence[int], *, beams: int,
+                    batch_size: int = 64) -> list[list[str]]:
+    """Beam search from examples' clean inputs (corrected embedding, neighbours, prompt): every beam, best first."""
     was_training = model.training
     model.eval()
-    outputs: list[str] = []
-    hits = 0
+    groups: list[list[str]] = []
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start : start + batch_size])
         items = [examples[i] for i in chunk]
         memory = model.memory(torch.stack([it["input_embeds"] for it in items]),
                               torch.stack([it["neighbour_embeds"] for it in items]))  # (b, 1 + K, n_embd)
         prompts = [model.tokens.prompt_ids(examples.parts(i)[1]) for i in chunk]
-        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=model.config.max_new_tokens)[::beams]
-        outputs += texts
-        hits += sum(text == " ".join(examples.parts(i)[0].split()) for text, i in zip(texts, chunk))
+        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=model.config.max_new_tokens)
+        groups += [texts[j * beams : (j + 1) * beams] for j in range(len(chunk))]
     model.train(was_training)
-    return hits / max(1, len(indices)), outputs
+    return groups
 
 
 def build_task(model: TOMCap, examples: TOMCapExamples, *, eval_samples: int = 0) -> TrainTask:

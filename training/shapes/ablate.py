@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from capdemo.options import CaptionOptions
-from training.shapes.build import ShapesRecipe, log, run_command, tomcap_command
+from capdemo.retrieval import atomic_output
+from training.shapes.build import ShapesRecipe, StageOutputs, log, run_command, tomcap_command
 from training.shapes.evaluate import evaluate_bundle
 
 
@@ -81,9 +82,8 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
         report = evaluate_bundle(str(weights), n=n, seed=seed, methods=["maccap"],
                                  options=CaptionOptions(samples=variant.samples), ceiling=False)["maccap"]
     row = {"group": variant.group, "description": variant.description, **{k: report[k] for k in REPORTED}}
-    tmp = scores_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1))
-    tmp.replace(scores_file)
+    with atomic_output(scores_file) as tmp:
+        tmp.write_text(json.dumps(row, indent=1))
     log(f"{variant.name}: scene {row['scene_accuracy']:.3f} attributes {row['attribute_accuracy']:.3f}")
     return row
 
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
-    missing = [p for p in ("corpus.txt", "clip/encoder.json", "lm/config.json", "datastore/datastore.json",
-                           "gap_stats.safetensors") if not (work / p).is_file()]
+    missing = StageOutputs(work).missing()
     if missing:
         print(f"error: {work} is not a finished shapes build (missing {', '.join(missing)}); "
               "run python -m training shapes --work-dir first", file=sys.stderr)

@@ -85,9 +85,41 @@ def log(message: str) -> None:
     print(f"[shapes] {message}", file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class StageOutputs:
+    """Where the build's stages leave what the training commands read, inside its work dir."""
+
+    work: Path
+
+    @property
+    def corpus(self) -> Path:
+        return self.work / "corpus.txt"
+
+    @property
+    def encoder(self) -> Path:
+        return self.work / "clip" / "encoder.json"  # EncoderConfig JSON; the weights sit beside it
+
+    @property
+    def lm(self) -> Path:
+        return self.work / "lm"
+
+    @property
+    def datastore(self) -> Path:
+        return self.work / "datastore"
+
+    @property
+    def gap_stats(self) -> Path:
+        return self.work / "gap_stats.safetensors"
+
+    def missing(self) -> list[str]:
+        """The stage outputs not (completely) written yet, as paths relative to the work dir."""
+        done = [self.corpus, self.encoder, self.lm / "config.json", self.datastore / "datastore.json", self.gap_stats]
+        return [str(path.relative_to(self.work)) for path in done if not path.is_file()]
+
+
 def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
     """Corpus, unpaired images and examples on disk (skipped when already there)."""
-    paths = {"corpus": work / "corpus.txt", "unpaired": work / "unpaired", "examples": work / "examples"}
+    paths = {"corpus": StageOutputs(work).corpus, "unpaired": work / "unpaired", "examples": work / "examples"}
     config = recipe.world
     if not paths["corpus"].is_file():
         captions = world.generate_captions(recipe.corpus_captions, seed=config.text_seed, config=config)
@@ -111,7 +143,7 @@ def train_encoder(recipe: ShapesRecipe, work: Path) -> Path:
     from safetensors.torch import save_file
     from training.shapes.clip import train_clip
 
-    spec = work / "clip" / "encoder.json"
+    spec = StageOutputs(work).encoder
     if spec.is_file():
         return spec
     clip_config = recipe.clip.replace(train=recipe.clip.train.replace(out_dir=str(work / "clip-run")))
@@ -128,7 +160,7 @@ def train_encoder(recipe: ShapesRecipe, work: Path) -> Path:
 def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path:
     from capdemo.lm import save_causal_lm
 
-    out = work / "lm"
+    out = StageOutputs(work).lm
     if (out / "config.json").is_file():
         return out
     captions = [line for line in corpus.read_text().splitlines() if line]
@@ -171,9 +203,10 @@ def run_command(argv: list[str]) -> None:
 def tomcap_command(recipe: ShapesRecipe, work: Path, *, out: Path, run_dir: Path, steps: int | None = None,
                    extra: tuple[str, ...] = ()) -> list[str]:
     """The recipe's ``python -m training tomcap`` arguments on a work dir's stage outputs (``extra`` last wins)."""
-    return ["tomcap", "--corpus", str(work / "corpus.txt"), "--datastore", str(work / "datastore"),
-            "--gap-stats", str(work / "gap_stats.safetensors"), "--encoder", str(work / "clip" / "encoder.json"),
-            "--lm", str(work / "lm"), "--out", str(out), "--run-dir", str(run_dir),
+    stages = StageOutputs(work)
+    return ["tomcap", "--corpus", str(stages.corpus), "--datastore", str(stages.datastore),
+            "--gap-stats", str(stages.gap_stats), "--encoder", str(stages.encoder),
+            "--lm", str(stages.lm), "--out", str(out), "--run-dir", str(run_dir),
             "--steps", str(recipe.tomcap_steps if steps is None else steps), "--seed", str(recipe.seed),
             "--device", "cpu", *recipe.tomcap_args, *extra, "--resume"]
 
@@ -186,7 +219,8 @@ def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
     encoder = str(train_encoder(recipe, work))
     lm = str(train_language_model(recipe, work, data["corpus"]))
     corpus = str(data["corpus"])
-    datastore, gap_stats = work / "datastore", work / "gap_stats.safetensors"
+    stages = StageOutputs(work)
+    datastore, gap_stats = stages.datastore, stages.gap_stats
     if not (datastore / "datastore.json").is_file():
         run_command(["index", "--corpus", corpus, "--encoder", encoder, "--out", str(datastore), "--kind", "flat"])
     if not gap_stats.is_file():

@@ -79,26 +79,16 @@ def tomcap_text_to_text(captioner: Captioner, texts: list[str], embeds: torch.Te
     inference picks it by the image's (``select_by``).
     """
     from capdemo.rerank import clip_scores
-    from training.tomcap import prepare_examples
+    from training.tomcap import decode_examples, prepare_examples
 
     model, config = captioner.tomcap, captioner.tomcap.config
     examples = prepare_examples(model, texts, embeds, captioner.datastore, captioner.encoder.encode_text,
                                 gap_stats=captioner.gap_stats if config.gap_correction != "none" else None,
                                 progress=False)
-    outputs: list[str] = []
-    for start in range(0, len(texts), CAPTION_BATCH):
-        items = [examples[i] for i in range(start, min(start + CAPTION_BATCH, len(texts)))]
-        memory = model.memory(torch.stack([it["input_embeds"] for it in items]),
-                              torch.stack([it["neighbour_embeds"] for it in items]))  # (b, 1 + K, n_embd)
-        prompts = [model.tokens.prompt_ids(examples.parts(start + j)[1]) for j in range(len(items))]
-        beams = model.generate(prompts, memory, beams=config.beams, max_new_tokens=config.max_new_tokens)
-        groups = [beams[j * config.beams: (j + 1) * config.beams] for j in range(len(items))]
-        if config.select_by == "clip":
-            scored = clip_scores(captioner.encoder, embeds[start: start + len(items)], groups)
-            outputs += [s.texts[s.order()[0]] for s in scored]
-        else:
-            outputs += [group[0] for group in groups]
-    return outputs
+    groups = decode_examples(model, examples, range(len(texts)), beams=config.beams, batch_size=CAPTION_BATCH)
+    if config.select_by != "clip":
+        return [group[0] for group in groups]
+    return [scored.texts[scored.order()[0]] for scored in clip_scores(captioner.encoder, embeds, groups)]
 
 
 def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str], options: CaptionOptions,
