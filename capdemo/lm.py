@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from capdemo.beam_cache import prompt_cache
 from capdemo.weights import resolve
 
 LM_WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")  # hub files a model + tokenizer need
@@ -101,7 +102,8 @@ def generate_from_embeds(
     ``generate`` copies every prompt once per beam before its first forward pass,
     so a prompt of L positions costs beams x L token forwards. With
     ``share_prompt`` the first L - 1 positions run once per prompt and their
-    key/value cache is repeated per beam (:func:`prompt_cache`); the ids are the same.
+    key/value cache is repeated per beam, in a cache whose beam reordering leaves
+    those shared positions in place (:mod:`capdemo.beam_cache`); the ids are the same.
     """
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != embedding_size(model):
         raise LanguageModelError(
@@ -117,7 +119,8 @@ def generate_from_embeds(
     with torch.inference_mode():
         if share_prompt and beams > 1 and length > 1:
             context = {k: v for k, v in generate_kwargs.items() if k in _PREFILL_INPUTS}
-            generate_kwargs["past_key_values"] = prompt_cache(model, inputs_embeds, attention_mask, beams, **context)
+            generate_kwargs["past_key_values"] = prompt_cache(model, inputs_embeds, attention_mask, beams,
+                                                              max_new_tokens=max_new_tokens, **context)
         return model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -132,24 +135,6 @@ def generate_from_embeds(
 
 
 _PREFILL_INPUTS = ("encoder_hidden_states", "encoder_attention_mask")  # generate kwargs the prompt's forward needs
-
-
-def prompt_cache(model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, repeats: int,
-                 **model_kwargs: Any) -> Any:
-    """Key/value cache of every prompt position but the last (N, L, E) -> cache of N * ``repeats`` rows.
-
-    Runs the LM body once per prompt on positions [0, L - 1), with the position
-    ids ``generate`` derives from the attention mask (left padding works), then
-    repeats each row ``repeats`` times, adjacent as ``generate`` expands beams.
-    ``generate`` then runs only the last prompt position per beam.
-    """
-    mask = attention_mask[:, :-1]
-    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (N, L - 1), as generate makes them
-    out = model.base_model(inputs_embeds=inputs_embeds[:, :-1], attention_mask=mask, position_ids=position_ids,
-                           use_cache=True, **model_kwargs)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(repeats)
-    return cache
 
 
 def clean_text(text: str) -> str:
