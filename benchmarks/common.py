@@ -22,11 +22,12 @@ import statistics
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from capdemo.fileio import atomic_output
 
 import psutil
 import torch
@@ -324,12 +325,8 @@ def append_results_rows(rows: list[str], readme: Path = README) -> None:
         text = text.rstrip("\n") + f"\n\n{TABLE_START}\n{header}\n{TABLE_END}\n"
     head, rest = text.split(TABLE_END, 1)
     text = head.rstrip("\n") + "\n" + "\n".join(rows) + "\n" + TABLE_END + rest
-    temporary = readme.with_name(f".{readme.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_output(readme) as temporary:
         temporary.write_text(text)
-        os.replace(temporary, readme)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def command_line() -> str:

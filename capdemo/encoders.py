@@ -36,6 +36,12 @@ from capdemo.config import Config
 from capdemo.weights import WeightSource, check_not_pickle, resolve
 
 OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+# Hub commits that open_clip's pretrained tags are pinned to (open_clip itself always downloads the repo's
+# main branch). Keyed by the tag's hub repo, so every tag stored there shares the pin.
+PRETRAINED_HUB_REVISIONS = {
+    "timm/vit_base_patch32_clip_224.openai": "a6f597a30f7b82c51704746581f9a4e41421e878",  # ViT-B-32/openai
+    "timm/ViT-B-16-SigLIP2": "eee10eff6dd8cabae2d7f379d4e8cfcd352030aa",  # ViT-B-16-SigLIP2/webli
+}
 
 
 @dataclass
@@ -46,7 +52,8 @@ class EncoderConfig(Config):
     # Weights: an open_clip pretrained tag ("openai"), "hf-hub:org/repo@rev", a local .safetensors
     # file or folder holding open_clip_model.safetensors, or None for random initialisation.
     pretrained: str | None = "openai"
-    revision: str | None = None  # pinned hub revision used with a pretrained tag (None: the hub's default)
+    # hub revision used with a pretrained tag; None: the pin in PRETRAINED_HUB_REVISIONS, else the hub's main
+    revision: str | None = None
     # An open_clip architecture JSON (embed_dim, vision_cfg, text_cfg) registered under `model_name`
     # at load time, for custom towers such as the shapes world's tiny CLIP. None: a built-in config.
     model_config: dict[str, Any] | None = None
@@ -165,6 +172,16 @@ def _is_pretrained_tag(config: EncoderConfig) -> bool:
     return bool(tag) and tag in open_clip.list_pretrained_tags_by_model(config.model_name)
 
 
+def _tag_hub_source(config: EncoderConfig) -> tuple[str, str | None, dict[str, Any]]:
+    """(hub repo, revision, open_clip's tag config) of a pretrained tag; the revision is the config's own,
+    else the pin in PRETRAINED_HUB_REVISIONS, else None (the hub's main)."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
+    hub_id = tag_cfg["hf_hub"].strip("/")
+    return hub_id, config.revision or PRETRAINED_HUB_REVISIONS.get(hub_id), tag_cfg
+
+
 def create_clip(config: EncoderConfig, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, Any]:
     """Build (model, preprocess, tokenizer) for ``config``; weights always load from a local safetensors file."""
     import open_clip
@@ -175,9 +192,8 @@ def create_clip(config: EncoderConfig, *, device: str | torch.device = "cpu") ->
     kwargs: dict[str, Any] = {}
     weights: Path | None = None
     if _is_pretrained_tag(config):
-        tag_cfg = open_clip.get_pretrained_cfg(config.model_name, config.pretrained)
-        hub_id = tag_cfg["hf_hub"].strip("/")
-        spec = f"hf-hub:{hub_id}" + (f"@{config.revision}" if config.revision else "")
+        hub_id, revision, tag_cfg = _tag_hub_source(config)
+        spec = f"hf-hub:{hub_id}" + (f"@{revision}" if revision else "")
         weights = resolve(spec, what=f"{what} ({config.pretrained})", filename=OPEN_CLIP_WEIGHTS_FILE)
         kwargs.update(image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"))
         kwargs["force_quick_gelu"] = tag_cfg.get("quick_gelu", False) if config.quick_gelu is None else config.quick_gelu
@@ -525,6 +541,8 @@ def add_encoder_to_bundle(writer: Any, encoder: ClipEncoder, config: EncoderConf
             state = {k: t.half() if t.is_floating_point() else t for k, t in state.items()}  # lossless: half the bytes
         writer.add_tensors(BUNDLED_WEIGHTS, state)
         config = config.replace(pretrained=f"bundle:{BUNDLED_WEIGHTS}", revision=None)
+    elif _is_pretrained_tag(config):
+        config = config.replace(revision=_tag_hub_source(config)[1])  # the commit it loads, recorded with it
     writer.add_component(ENCODER_COMPONENT, config.to_dict())
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from capdemo.retrieval import atomic_output
+from capdemo.fileio import atomic_output
 
 ArrayLike = torch.Tensor | np.ndarray
 

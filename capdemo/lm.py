@@ -43,6 +43,12 @@ def load_causal_lm(
     path = resolve(spec, what="language model", patterns=LM_WEIGHT_PATTERNS)
     if not path.is_dir():
         raise LanguageModelError(f"language model {spec}: expected a folder with config.json, got the file {path}")
+    if not any(path.glob("*.safetensors")):
+        raise LanguageModelError(
+            f"language model {spec}: no *.safetensors weights in {path}; capdemo never loads pickle checkpoints "
+            "(pytorch_model.bin): use a revision or folder with model.safetensors, e.g. the hub's safetensors "
+            "conversion pull request as hf-hub:org/name@refs/pr/N"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
         path, use_safetensors=True, trust_remote_code=False, dtype=dtype if dtype is not None else "auto"

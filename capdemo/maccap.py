@@ -49,8 +49,9 @@ class MacCapConfig(Config):
     """Every setting that shapes a MacCap model; stored in a bundle as component ``"maccap"``."""
 
     # ---- language model
-    # Causal LM: local save_pretrained folder, "hf-hub:org/name@rev", or "bundle:<path>" (paper: OPT-1.3b).
-    lm: str = "hf-hub:facebook/opt-1.3b"
+    # Causal LM: local save_pretrained folder, "hf-hub:org/name@rev", or "bundle:<path>" (paper: OPT-1.3b,
+    # pinned to the commit that has been the hub's main since 2023-09-15)
+    lm: str = "hf-hub:facebook/opt-1.3b@3f5c25d0bc631cb57ac65913f76e22c2dfb61d62"
     lm_embed_dim: int = 2048  # E: width of the LM's input embeddings = the adaptor's output (OPT-1.3b: 2048)
     # Paper: False, the LM stays frozen. True trains it with the adaptor, as CapDec/DeCap do: a tiny LM trained
     # unconditionally and then frozen cannot be steered by a prefix (shapes world: 0.02-0.04 vs 0.92 text-to-text).

@@ -31,9 +31,7 @@ import json
 import math
 import mmap
 import os
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -43,6 +41,7 @@ import numpy as np
 import torch
 
 from capdemo.config import Config
+from capdemo.fileio import atomic_output
 from capdemo.result import Neighbour
 
 DATASTORE_FORMAT = "capdemo.datastore/1"
@@ -62,23 +61,6 @@ _MMAP_FLAGS = {"flat": faiss.IO_FLAG_MMAP_IFC, "ivfpq": faiss.IO_FLAG_MMAP, "hns
 
 class DatastoreError(ValueError):
     """A datastore that cannot be built, loaded or searched as asked."""
-
-
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` in one rename only if the block succeeds.
-
-    A killed or failing writer leaves the old file (or none) and at most a
-    hidden ``.<name>.*.tmp`` file, never a truncated ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -157,6 +157,63 @@ def test_missing_hub_model_offline_is_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in message
     assert "timm/vit_base_patch32_clip_224.openai" in message and "ViT-B-32" in message
     assert "hf download" in message
+    assert "--revision a6f597a30f7b82c51704746581f9a4e41421e878" in message  # the tag's pinned commit
+
+
+HEX_COMMIT = r"[0-9a-f]{40}"
+
+
+@pytest.mark.parametrize("model_name,tag,hub_id", [
+    ("ViT-B-32", "openai", "timm/vit_base_patch32_clip_224.openai"),
+    ("ViT-B-16-SigLIP2", "webli", "timm/ViT-B-16-SigLIP2"),
+])
+def test_pretrained_tags_download_a_pinned_commit(monkeypatch, model_name, tag, hub_id):
+    """open_clip fetches a tag from its repo's main branch; capdemo asks for a fixed commit (or the config's own)."""
+    import re
+
+    import capdemo.encoders as encoders
+
+    asked = []
+
+    def fake_resolve(spec, **kwargs):
+        asked.append(spec)
+        raise WeightsUnavailableError("stop here")
+
+    monkeypatch.setattr(encoders, "resolve", fake_resolve)
+    for revision in (None, "f" * 40):
+        with pytest.raises(WeightsUnavailableError, match="stop here"):
+            encoders.create_clip(EncoderConfig(model_name=model_name, pretrained=tag, revision=revision))
+    pinned, chosen = (WeightSource.parse(spec) for spec in asked)
+    assert pinned.location == chosen.location == hub_id
+    assert re.fullmatch(HEX_COMMIT, pinned.revision) and pinned.revision == encoders.PRETRAINED_HUB_REVISIONS[hub_id]
+    assert chosen.revision == "f" * 40
+
+
+def test_a_bundle_that_references_a_tag_records_its_commit(monkeypatch):
+    from capdemo.encoders import ENCODER_COMPONENT, PRETRAINED_HUB_REVISIONS, add_encoder_to_bundle
+
+    class Recorder:
+        def __init__(self):
+            self.components = {}
+
+        def add_component(self, name, config):
+            self.components[name] = config
+
+    writer = Recorder()
+    add_encoder_to_bundle(writer, None, EncoderConfig(model_name="ViT-B-32", pretrained="openai"), copy_weights=False)
+    recorded = EncoderConfig.from_dict(writer.components[ENCODER_COMPONENT])
+    assert recorded.revision == PRETRAINED_HUB_REVISIONS["timm/vit_base_patch32_clip_224.openai"]
+
+
+def test_default_language_models_are_pinned_to_commits():
+    import re
+
+    from capdemo.maccap import MacCapConfig
+    from capdemo.tomcap import TOMCapConfig
+
+    for spec in (MacCapConfig().lm, TOMCapConfig().lm):
+        source = WeightSource.parse(spec)
+        assert source.on_hub and re.fullmatch(HEX_COMMIT, source.revision or ""), spec
 
 
 def test_source_spec_parsing():

@@ -71,3 +71,17 @@ def test_shared_prompt_prefill_runs_the_prompt_once_per_input(tiny_tokenizer):
     shared = _positions_processed(model, share_prompt=True, **common)
     assert stock == N * beams * LENGTH + decode_steps
     assert shared == N * (LENGTH - 1) + N * beams + decode_steps
+
+
+def test_a_language_model_without_safetensors_is_refused_by_name(tmp_path, tiny_tokenizer):
+    """A folder (or hub revision) holding only a pickle checkpoint gets one line naming the fix, not a load."""
+    from capdemo.lm import LanguageModelError, load_causal_lm, save_causal_lm
+
+    folder = save_causal_lm(tiny_gpt2(tiny_tokenizer), tiny_tokenizer, tmp_path / "lm")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04\x95\x10\x00\x00")
+    with pytest.raises(LanguageModelError) as info:
+        load_causal_lm(folder)
+    message = str(info.value)
+    assert "\n" not in message and "no *.safetensors" in message and "refs/pr/N" in message

@@ -26,7 +26,7 @@ from typing import Sequence
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.images import ImageLoadError, load_image
 from capdemo.options import METHODS, CaptionOptions
-from capdemo.retrieval import atomic_output
+from capdemo.fileio import atomic_output
 from training.datasets import DataFormatError, ImageId, SplitImage, load_karpathy_split, references_from_split
 from training.evaluate import (CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions,
                                load_predictions)

@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from capdemo.retrieval import atomic_output
+from capdemo.fileio import atomic_output
 
 CACHE_WAIT_S = 3600  # how long DDP ranks > 0 wait for rank 0 to finish the embedding cache
 

@@ -10,7 +10,7 @@ bundle with the encoder, the MacCap config and weights, and optionally the VQA
 answer list, which ``capdemo`` loads as is.
 
     python -m training maccap --corpus coco_train.json --encoder ViT-B-32/openai \\
-        --lm hf-hub:facebook/opt-1.3b@<rev> --out weights/maccap-coco --epochs 8
+        --out weights/maccap-coco --epochs 8   # LM: the config's pinned OPT-1.3b
     torchrun --nproc-per-node 2 -m training maccap ...   # data parallel
 """
 

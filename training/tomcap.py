@@ -40,7 +40,8 @@ import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import BundleWriter
 from capdemo.encoders import ClipEncoder, EncoderConfig, add_encoder_to_bundle, load_encoder
 from capdemo.gap import GapCorrection, GapStats
-from capdemo.retrieval import CaptionDatastore, atomic_output
+from capdemo.fileio import atomic_output
+from capdemo.retrieval import CaptionDatastore
 from capdemo.tomcap import (
     IGNORE_INDEX, TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, add_to_bundle, load_gpt2_with_cross_attention,
 )

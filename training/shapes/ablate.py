@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from capdemo.options import CaptionOptions
-from capdemo.retrieval import atomic_output
+from capdemo.fileio import atomic_output
 from training.shapes.build import ShapesRecipe, StageOutputs, log, run_command, tomcap_command
 from training.shapes.evaluate import evaluate_bundle
 

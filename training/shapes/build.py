@@ -31,6 +31,7 @@ import torch
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import BundleWriter
 from capdemo.config import Config
+from capdemo.fileio import atomic_output
 from training.loop import TrainConfig
 from training.shapes.clip import TinyClipConfig
 from training.shapes import world
@@ -123,9 +124,8 @@ def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
     config = recipe.world
     if not paths["corpus"].is_file():
         captions = world.generate_captions(recipe.corpus_captions, seed=config.text_seed, config=config)
-        tmp = paths["corpus"].with_suffix(".tmp")
-        tmp.write_text("\n".join(captions) + "\n")
-        tmp.replace(paths["corpus"])
+        with atomic_output(paths["corpus"]) as tmp:
+            tmp.write_text("\n".join(captions) + "\n")
     for key, count, seed in (("unpaired", recipe.unpaired_images, config.unpaired_seed),
                              ("examples", recipe.examples, config.test_seed + 1)):
         folder = paths[key]

@@ -1,0 +1,27 @@
+"""atomic_output: the target is the old file or the whole new one, and no temp file stays behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from capdemo.fileio import atomic_output
+
+
+def test_a_finished_block_replaces_the_file(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    with atomic_output(target) as tmp:
+        assert tmp.parent == target.parent and not target.exists()
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+
+
+def test_a_failing_block_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_output(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("writer died")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
