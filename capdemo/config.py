@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from capdemo.fileio import atomic_output
+
 T = TypeVar("T", bound="Config")
 
 
@@ -80,7 +82,9 @@ class Config:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as JSON, atomically (a killed writer never leaves half a file)."""
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load_json(cls: type[T], path: str | Path) -> T:

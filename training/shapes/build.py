@@ -150,8 +150,10 @@ def train_encoder(recipe: ShapesRecipe, work: Path) -> Path:
     encoder, encoder_config, metrics = train_clip(clip_config, world=recipe.world, resume=True)
     spec.parent.mkdir(parents=True, exist_ok=True)
     weights = spec.parent / OPEN_CLIP_WEIGHTS_FILE
-    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(weights))
-    (spec.parent / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with atomic_output(weights) as tmp:
+        save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(tmp))
+    with atomic_output(spec.parent / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
     encoder_config.replace(pretrained=str(weights.resolve())).save_json(spec)
     log(f"tiny CLIP: {json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))})}")
     return spec
