@@ -10,7 +10,9 @@ Loading verifies the manifest before anything is read: every listed file must
 exist with the recorded sha256, nothing pickle-like may sit in the folder, and
 the format version must be one this code understands. Writing goes to a
 temporary sibling folder that replaces the target only once complete, so a
-killed export never leaves a half-written bundle behind.
+killed export never leaves a half-written bundle behind; what a killed writer
+does leave beside it (its staging folder, or the previous bundle set aside in
+the middle of the swap) is tidied, or put back, by the next writer or reader.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -61,7 +64,9 @@ class BundleWriter:
     def __init__(self, out_dir: str | Path, *, name: str, description: str = "", **info: Any):
         self.out_dir = Path(out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        recover_interrupted_write(self.out_dir)
+        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.{_STAGING}-{os.getpid()}-",
+                                              dir=self.out_dir.parent))
         self._components: dict[str, dict[str, Any]] = {}
         self._info = {"name": name, "description": description, **info}
 
@@ -144,15 +149,51 @@ class BundleWriter:
         shutil.rmtree(self._staging, ignore_errors=True)
 
 
+_STAGING, _ASIDE = "staging", "old"  # what a writer leaves beside a bundle: .NAME.staging-PID-*, .NAME.old-PID
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move ``new`` to ``target``, replacing an existing folder with one rename each way."""
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(f".{target.name}.{_ASIDE}-{os.getpid()}")
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_interrupted_write(target: str | Path) -> None:
+    """Tidy what writers that died mid-way left beside ``target``.
+
+    A writer killed between :func:`_replace_dir`'s two renames leaves no
+    ``target`` and the previous bundle at ``.NAME.old-PID``: that bundle is put
+    back. Staging folders and set-aside bundles of dead writers are deleted.
+    Leftovers of a live process are never touched (it may still be writing).
+    """
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.({_STAGING}|{_ASIDE})-(\d+)(-.*)?")
+    dead: dict[str, list[Path]] = {_STAGING: [], _ASIDE: []}
+    for sibling in target.parent.glob(f".{target.name}.*"):
+        match = pattern.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not _process_alive(int(match.group(2))):
+            dead[match.group(1)].append(sibling)
+    aside = sorted((p for p in dead[_ASIDE] if (p / MANIFEST).is_file()), key=lambda p: p.stat().st_mtime)
+    if not target.exists() and aside:
+        os.replace(aside.pop(), target)  # the newest previous bundle
+    for leftover in dead[_STAGING] + dead[_ASIDE]:
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @dataclass
@@ -168,6 +209,8 @@ class Bundle:
         source = WeightSource.parse(spec)
         path = resolve(spec, what="bundle", patterns=("*",)) if source.on_hub else Path(source.location)
         manifest_path = path / MANIFEST
+        if not source.on_hub and not manifest_path.is_file():
+            recover_interrupted_write(path)  # a writer killed mid-swap may have left it aside
         if not manifest_path.is_file():
             raise BundleError(f"{path}: not a capdemo bundle ({MANIFEST} missing)")
         try:

@@ -149,3 +149,61 @@ def test_extending_keeps_other_components(bundle_dir):
     rebuilt = encoder_from_bundle(bundle)
     pixels = torch.randn(1, 3, 32, 32)
     assert torch.equal(rebuilt.encode_images(pixels).image_embeds, original.encode_images(pixels).image_embeds)
+
+
+# A writer that SIGKILLs itself at the n-th os.replace of BundleWriter.finish: 1 = before the swap (the
+# finished staging folder is about to replace the old bundle), 2 = between the swap's two renames.
+_KILLED_WRITER = """
+import os, signal, sys
+import capdemo.bundle as bundle
+calls = 0
+real_replace = os.replace
+def replace(src, dst):
+    global calls
+    calls += 1
+    if calls == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+bundle.os.replace = replace
+writer = bundle.BundleWriter.extending(sys.argv[1])
+writer.add_json("b/notes.json", {"written": "second"})
+writer.add_component("b", {"n": 2})
+writer.finish()
+"""
+
+
+def _kill_a_writer_of(target, at_rename: int) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.kill_resume import REPO_ROOT
+
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target), str(at_rename)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def _first_bundle(path):
+    writer = BundleWriter(path, name="kept")
+    writer.add_json("a/notes.json", {"written": "first"})
+    writer.add_component("a", {"n": 1})
+    return writer.finish()
+
+
+@pytest.mark.parametrize("at_rename", [1, 2])
+def test_a_writer_killed_mid_finish_loses_nothing(tmp_path, at_rename):
+    target = _first_bundle(tmp_path / "kept")
+    _kill_a_writer_of(target, at_rename)
+    leftovers = sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".kept."))
+    if at_rename == 1:  # killed before the swap: the old bundle stands, a staging folder is left over
+        assert target.is_dir() and leftovers == [".kept.staging"]
+    else:  # killed between the renames: no bundle at the path, the previous one set aside
+        assert not target.exists() and leftovers == [".kept.old", ".kept.staging"]
+    bundle = Bundle.load(target)  # verified; the previous bundle is back where it was
+    assert set(bundle.components) == {"a"} and bundle.json("a/notes.json") == {"written": "first"}
+    writer = BundleWriter.extending(target)  # the next writer clears what the dead one left
+    writer.add_component("b", {"n": 3})
+    writer.finish()
+    assert set(Bundle.load(target).components) == {"a", "b"}
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
