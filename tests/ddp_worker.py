@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from training.loop import TrainConfig, Trainer, TrainTask, distributed_session, train
+from training.distributed import distributed_session
+from training.loop import TrainConfig, Trainer, TrainTask, train
 
 DIM_IN = 6  # features per sample
 HIDDEN = 16  # width of the trainable head

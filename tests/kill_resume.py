@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.loop import CHECKPOINT_FORMAT, Checkpoint, checkpoint_paths, load_checkpoint
+from training.checkpoints import CHECKPOINT_FORMAT, Checkpoint, checkpoint_paths, load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")

@@ -21,7 +21,8 @@ from capdemo.lm import save_causal_lm
 from capdemo.maccap import MacCapAdaptor, MacCapConfig, caption_text_embeddings, load_from_bundle
 from capdemo.maccap_pipeline import caption_images
 from capdemo.vqa import AnswerList
-from training.loop import TrainConfig, checkpoint_paths, latest_checkpoint
+from training.checkpoints import checkpoint_paths, latest_checkpoint
+from training.loop import TrainConfig
 from training.maccap import TRAINING_RECORD, main, train_maccap
 from tests.kill_resume import (
     MID_WRITE, assert_same_tensors, differs, final_checkpoint_tensors, kill_during_training, temp_files,

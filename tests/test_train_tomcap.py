@@ -22,7 +22,8 @@ from tests.kill_resume import (
 )
 from tests.test_tomcap import EMBED_DIM, bag_of_words_embedder, build_model, save_tiny_lm, shapes_captions
 from tests.tiny_models import TINY_CORPUS, tiny_encoder_config
-from training.loop import TrainConfig, checkpoint_paths, train
+from training.checkpoints import checkpoint_paths
+from training.loop import TrainConfig, train
 from training.tomcap import (
     RETRIEVAL_CACHE, TRAINING_RECORD, build_task, collate, main, prepare_examples, reproduce_targets, retrieve_for_training,
     store_caption_embeddings,

@@ -31,54 +31,52 @@ through a module whose ``forward`` is ``loss_fn``, so only trainable gradients a
 a frozen LM is never broadcast. Rank 0 alone writes checkpoints and the history and runs
 ``TrainTask.evaluate``; all ranks read the same checkpoint on resume (a shared filesystem).
 
-A checkpoint is one file, ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors``: trainable weights
-under ``model/``, AdamW state under ``optim/``, and the JSON training state (step, config,
-loss scaler, history) in the safetensors metadata. It is written to a temporary file in the
-same folder, fsynced and renamed, so a file under a final name is always complete; resuming
-takes the newest file that loads and skips, with a warning, any that do not.
+Checkpoints (one safetensors file per step, never left corrupt) are :mod:`training.checkpoints`;
+the data order and seeds :mod:`training.data_order`; devices and ranks :mod:`training.distributed`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from capdemo.config import Config
+from training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    CheckpointError,
+    checkpoint_path,
+    checkpoint_paths,
+    latest_checkpoint,
+    remove_stale_temp_files,
+    replace_atomically,
+    write_json_atomically,
+)
+from training.data_order import DataOrder, StepRangeSampler, derive_seed
+from training.distributed import DEVICES, DistEnv, distributed_session
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "capdemo.train-checkpoint/1"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
-_TEMP_SUFFIX = ".tmp"
 # Config fields that may differ between a run and its resume: none of them changes the weights.
 _RESUMABLE_CHANGES = frozenset(
     {"out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "num_workers"})
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, from another format, or from another run."""
 
 
 @dataclass
@@ -166,17 +164,6 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_r
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
-def resolve_device(device: str, *, local_rank: int = 0) -> torch.device:
-    """The device this rank trains on: ``cuda:LOCAL_RANK`` or ``cpu``."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available; use 'auto' or 'cpu'")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
 def resolve_precision(precision: str, *, device: torch.device) -> str:
     """The precision a run uses: autocast is for CUDA only, so CPU runs are fp32."""
     if precision not in PRECISIONS:
@@ -205,70 +192,6 @@ def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
     return norm
 
 
-# ----------------------------------------------------------------------------- data order and seeds
-
-
-def derive_seed(seed: int, *stream: object) -> int:
-    """A 63-bit seed for one named random stream, e.g. ``("order", epoch)`` or ``("step", step, micro, rank)``."""
-    key = "/".join(str(part) for part in (seed, *stream)).encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
-class DataOrder:
-    """Which samples each optimizer step reads: a pure function of (seed, step), so resuming needs no sampler state."""
-
-    def __init__(self, *, dataset_size: int, batch_size: int, seed: int):
-        if dataset_size < batch_size:
-            raise ValueError(f"the dataset has {dataset_size} samples, fewer than one batch of {batch_size}")
-        self.dataset_size = dataset_size
-        self.batch_size = batch_size
-        self.seed = seed
-        self.steps_per_epoch = dataset_size // batch_size
-        self._cached: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The order of the whole dataset in ``epoch``."""
-        if self._cached is None or self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-            self._cached = (epoch, torch.randperm(self.dataset_size, generator=generator))
-        return self._cached[1]
-
-    def global_batch(self, step: int) -> list[int]:
-        """Dataset indices of the global batch of optimizer step ``step``."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        start = position * self.batch_size
-        return self.permutation(epoch)[start : start + self.batch_size].tolist()
-
-    def micro_batch_size(self, *, world_size: int, grad_accum: int) -> int:
-        """Samples per micro-batch; the global batch must split evenly over ranks and micro-batches."""
-        if self.batch_size % (world_size * grad_accum):
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by world_size * grad_accum"
-                             f" = {world_size} * {grad_accum}")
-        return self.batch_size // (world_size * grad_accum)
-
-    def micro_batches(self, step: int, *, rank: int, world_size: int, grad_accum: int) -> list[list[int]]:
-        """This rank's contiguous slice of the global batch, cut into ``grad_accum`` equal micro-batches."""
-        size = self.micro_batch_size(world_size=world_size, grad_accum=grad_accum)
-        shard = self.global_batch(step)[rank * grad_accum * size : (rank + 1) * grad_accum * size]
-        return [shard[i * size : (i + 1) * size] for i in range(grad_accum)]
-
-
-class _StepRangeSampler(Sampler[list[int]]):
-    """A DataLoader batch sampler over this rank's micro-batches of steps [start, end)."""
-
-    def __init__(self, order: DataOrder, *, start: int, end: int, rank: int, world_size: int, grad_accum: int):
-        self.order, self.start, self.end = order, start, end
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.end):
-            yield from self.order.micro_batches(step, rank=self.rank, world_size=self.world_size,
-                                                grad_accum=self.grad_accum)
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start) * self.grad_accum
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor (also inside dicts, lists, tuples, or objects with ``.to``) on ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -284,56 +207,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in a data-parallel run (world_size 1 when run alone)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 alone writes checkpoints and logs."""
-        return self.rank == 0
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-@contextmanager
-def distributed_session(*, device: str = "auto") -> Iterator[DistEnv]:
-    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.
-
-    Initialises the group (nccl on CUDA, gloo on CPU; MASTER_ADDR/PORT from the environment)
-    unless the caller already did, and destroys only a group it created.
-    """
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if dist.is_available() and dist.is_initialized():
-        rank, world_size, created = dist.get_rank(), dist.get_world_size(), False
-    else:
-        rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-        created = world_size > 1
-    torch_device = resolve_device(device, local_rank=local_rank)
-    if created:
-        if torch_device.type == "cuda":
-            torch.cuda.set_device(torch_device)
-        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
-    try:
-        yield DistEnv(rank=rank, world_size=world_size, device=torch_device)
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
 class _LossModule(nn.Module):
     """``loss_fn(model, batch)`` behind ``forward``, so DDP can hook the backward of any loss."""
 
@@ -344,114 +217,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One checkpoint read back from disk (tensors on the CPU)."""
-
-    path: Path
-    tensors: dict[str, torch.Tensor]  # "model/<param name>" and "optim/<param name>/<AdamW state key>"
-    state: dict[str, Any]  # JSON training state: step, config, dataset_size, grad_scaler, history, ...
-
-    @property
-    def step(self) -> int:
-        return int(self.state["step"])
-
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """The trainable weights, keyed by parameter name (ready for ``load_state_dict(strict=False)``)."""
-        return {key.removeprefix("model/"): value for key, value in self.tensors.items() if key.startswith("model/")}
-
-
-def checkpoint_path(directory: str | Path, step: int) -> Path:
-    return Path(directory) / f"step-{step:08d}.safetensors"
-
-
-def checkpoint_paths(directory: str | Path) -> list[Path]:
-    """Files under a checkpoint's final name in ``directory``, oldest step first (temp files excluded)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(match[1]), path) for path in directory.iterdir() if (match := _CHECKPOINT_NAME.match(path.name))]
-    return [path for _, path in sorted(found)]
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read one checkpoint; raises CheckpointError (one line) unless it is complete and ours."""
-    path = Path(path)
-    try:
-        with safe_open(path, framework="pt") as reader:
-            metadata = reader.metadata() or {}
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    except (SafetensorError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: format {metadata.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
-    try:
-        state = json.loads(metadata["state"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: training state is missing or not JSON ({err})") from None
-    return Checkpoint(path=path, tensors=tensors, state=state)
-
-
-def latest_checkpoint(directory: str | Path) -> Checkpoint | None:
-    """The newest checkpoint in ``directory`` that loads, skipping broken ones with a warning.
-
-    None when there is no checkpoint at all; CheckpointError when there are some but none loads,
-    because silently starting over would throw a run away.
-    """
-    candidates = checkpoint_paths(directory)
-    for path in reversed(candidates):
-        try:
-            return load_checkpoint(path)
-        except CheckpointError as err:
-            log.warning("skipping a broken checkpoint: %s", err)
-    if candidates:
-        raise CheckpointError(f"none of the {len(candidates)} checkpoint(s) in {directory} loads;"
-                              " see the warnings above")
-    return None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temp file in the same folder: readers see the old file or the whole new one."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    try:
-        write(temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    _replace_atomically(path, lambda temp: temp.write_text(json.dumps(data, indent=1) + "\n"))
-
-
-def _remove_stale_temp_files(directory: Path) -> None:
-    """Temp files of a run that was killed while writing; never a checkpoint, so never needed.
-
-    Besides ours (``.step-*.tmp``), safetensors' ``save_file`` writes through a temp file of its
-    own in the same folder (``.tmpXXXXXX``), which a kill during the write leaves behind too.
-    """
-    for pattern in (f".*{_TEMP_SUFFIX}", ".tmp*"):
-        for path in directory.glob(pattern):
-            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -566,7 +331,7 @@ class Trainer:
         loader = DataLoader(
             self.task.dataset, collate_fn=self.task.collate_fn, num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
-            batch_sampler=_StepRangeSampler(self.order, start=self.step, end=end, rank=self.env.rank,
+            batch_sampler=StepRangeSampler(self.order, start=self.step, end=end, rank=self.env.rank,
                                             world_size=self.env.world_size, grad_accum=self.config.grad_accum))
         batches = iter(loader)
         self.model.train()
@@ -601,7 +366,7 @@ class Trainer:
         """Restore the newest checkpoint if asked to, and give every rank rank 0's trainable weights."""
         if self.env.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temp_files(self.checkpoint_dir)
+            remove_stale_temp_files(self.checkpoint_dir)
         found = latest_checkpoint(self.checkpoint_dir)
         if found is not None and not resume:
             raise CheckpointError(f"{self.checkpoint_dir} already holds checkpoints; pass resume=True to continue"
@@ -683,7 +448,7 @@ class Trainer:
             "evaluations": self.evaluations,
         }
         metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)}
-        _replace_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+        replace_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
         for old in checkpoint_paths(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path

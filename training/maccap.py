@@ -34,7 +34,8 @@ from capdemo.maccap import MACCAP_COMPONENT, MacCap, MacCapConfig, add_to_bundle
 from capdemo.vqa import AnswerList
 from capdemo.weights import WeightSource
 from training.embed import add_corpus_arguments, cached_text_embeddings, corpus_from_arguments
-from training.loop import TrainConfig, TrainResult, TrainTask, resolve_device, train
+from training.distributed import resolve_device
+from training.loop import TrainConfig, TrainResult, TrainTask, train
 
 TRAINING_RECORD = "maccap/training.json"  # bundle file: how the weights were trained
 

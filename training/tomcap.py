@@ -48,7 +48,8 @@ from capdemo.tomcap import (
 from training.embed import (
     CACHE_WAIT_S, EmbedFn, add_corpus_arguments, cached_text_embeddings, corpus_from_arguments, corpus_sha256,
 )
-from training.loop import TrainConfig, TrainResult, TrainTask, resolve_device, train
+from training.distributed import resolve_device
+from training.loop import TrainConfig, TrainResult, TrainTask, train
 from capdemo.encoders import parse_encoder_spec
 
 TRAINING_RECORD = "tomcap/training.json"  # bundle file: how the weights were trained
