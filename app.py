@@ -38,7 +38,10 @@ def photo_files(folder: str | None) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     from capdemo.ui import build_app, serve
 
+    from transformers.utils import logging as transformers_logging
+
     args = parse_args(argv)
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars on every model load: noise in a server log
     try:
         demo = build_app(args.weights, device=args.device, photos=photo_files(args.photos))
     except (ValueError, OSError) as err:  # a missing or tampered bundle, a missing folder: one line, no traceback
