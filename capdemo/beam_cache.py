@@ -32,6 +32,8 @@ class BeamSharedPrefixLayer(DynamicLayer):
     :meth:`update` writes into the buffer (growing it only when full) and returns the views.
     """
 
+    is_croppable = False
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, shared_length: int, room: int):
         super().__init__()
         rows, heads, length, _ = keys.shape  # (rows, heads, length, head_dim)
@@ -75,6 +77,9 @@ class BeamSharedPrefixLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("BeamSharedPrefixLayer is built after the beams are laid out")
 
+    def reset(self) -> None:
+        raise NotImplementedError("BeamSharedPrefixLayer serves one beam search; build a new cache instead")
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("BeamSharedPrefixLayer only serves beam search")
 
@@ -83,9 +88,12 @@ class BeamSharedPrefixLayer(DynamicLayer):
 
 
 def _share_prefix(cache: DynamicCache, room: int) -> None:
-    """Swap each layer of a freshly prefilled ``cache`` for a :class:`BeamSharedPrefixLayer` whose
-    shared prefix is everything cached so far, with ``room`` positions to come."""
+    """Swap each plain layer of a freshly prefilled ``cache`` for a :class:`BeamSharedPrefixLayer` whose
+    shared prefix is everything cached so far, with ``room`` positions to come. Other layer kinds
+    (sliding-window, linear-attention, ...) keep their own reordering."""
     for index, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer:
+            continue
         length = layer.get_seq_length()
         if length:
             cache.layers[index] = BeamSharedPrefixLayer(layer.keys, layer.values, shared_length=length, room=room)

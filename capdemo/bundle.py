@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,9 @@ class BundleWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         recover_interrupted_write(self.out_dir)
-        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.{_STAGING}-{os.getpid()}-",
+        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.{_STAGING}-{_writer_tag()}-",
                                               dir=self.out_dir.parent))
+        _in_use.add(self._staging)
         self._components: dict[str, dict[str, Any]] = {}
         self._info = {"name": name, "description": description, **info}
 
@@ -78,6 +80,7 @@ class BundleWriter:
         component without dropping the others.
         """
         out_dir = Path(out_dir)
+        recover_interrupted_write(out_dir)  # before looking: a killed writer may have set the bundle aside
         existing = Bundle.load(out_dir) if (out_dir / MANIFEST).is_file() else None
         base_info = {k: v for k, v in (existing.manifest if existing else {}).items()
                      if k not in ("format", "format_version", "components", "files")}
@@ -143,57 +146,86 @@ class BundleWriter:
         }
         (self._staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         _replace_dir(self._staging, self.out_dir)
+        _in_use.discard(self._staging)
         return self.out_dir
 
     def abort(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
+        _in_use.discard(self._staging)
 
 
-_STAGING, _ASIDE = "staging", "old"  # what a writer leaves beside a bundle: .NAME.staging-PID-*, .NAME.old-PID
+# What a writer leaves beside a bundle if it dies: .NAME.staging-HOST-PID-* and, mid-swap, .NAME.old-HOST-PID.
+_STAGING, _ASIDE = "staging", "old"
+_LEFTOVER = re.compile(rf"\.(?P<bundle>.+)\.(?P<kind>{_STAGING}|{_ASIDE})-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)(-.*)?")
+_in_use: set[Path] = set()  # leftovers-to-be that this process made and may still be writing
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
+
+
+def _writer_tag() -> str:
+    return f"{_host()}-{os.getpid()}"
 
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Move ``new`` to ``target``, replacing an existing folder with one rename each way."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.{_ASIDE}-{os.getpid()}")
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.{_ASIDE}-{_writer_tag()}")
+    _in_use.add(old)
+    try:
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    finally:
+        _in_use.discard(old)
 
 
-def _process_alive(pid: int) -> bool:
+def _writer_gone(path: Path, host: str, pid: int) -> bool:
+    """Whether the writer that left ``path`` is certainly dead: on this host (POSIX), and its pid is not
+    running, or is this process's own but ``path`` is not one it is using. Unsure means alive."""
+    if os.name != "posix" or host != _host():
+        return False
+    if pid == os.getpid():
+        return path not in _in_use
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
         return True
-    return True
+    except OSError:  # someone else's live process
+        return False
+    return False
 
 
 def recover_interrupted_write(target: str | Path) -> None:
     """Tidy what writers that died mid-way left beside ``target``.
 
     A writer killed between :func:`_replace_dir`'s two renames leaves no
-    ``target`` and the previous bundle at ``.NAME.old-PID``: that bundle is put
-    back. Staging folders and set-aside bundles of dead writers are deleted.
-    Leftovers of a live process are never touched (it may still be writing).
+    ``target`` and the previous bundle set aside at ``.NAME.old-HOST-PID``: the
+    newest such bundle is put back (should its writer still be alive, its second
+    rename then fails loudly and nothing is lost). Staging folders and set-aside
+    bundles are deleted only when their writer is certainly dead.
     """
     target = Path(target)
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.({_STAGING}|{_ASIDE})-(\d+)(-.*)?")
-    dead: dict[str, list[Path]] = {_STAGING: [], _ASIDE: []}
-    for sibling in target.parent.glob(f".{target.name}.*"):
-        match = pattern.fullmatch(sibling.name)
-        if match and sibling.is_dir() and not _process_alive(int(match.group(2))):
-            dead[match.group(1)].append(sibling)
-    aside = sorted((p for p in dead[_ASIDE] if (p / MANIFEST).is_file()), key=lambda p: p.stat().st_mtime)
-    if not target.exists() and aside:
-        os.replace(aside.pop(), target)  # the newest previous bundle
-    for leftover in dead[_STAGING] + dead[_ASIDE]:
-        if leftover.exists():
-            shutil.rmtree(leftover, ignore_errors=True)
+    if not target.parent.is_dir():
+        return
+    leftovers = []  # (path, kind, writer gone)
+    for sibling in target.parent.iterdir():
+        match = _LEFTOVER.fullmatch(sibling.name)
+        if match and match["bundle"] == target.name and sibling.is_dir():
+            leftovers.append((sibling, match["kind"], _writer_gone(sibling, match["host"], int(match["pid"]))))
+    aside = sorted((p for p, kind, _ in leftovers if kind == _ASIDE and (p / MANIFEST).is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    if aside and not target.exists():
+        try:
+            os.replace(aside[-1], target)
+        except OSError:  # another process put it back first
+            pass
+    for path, _, gone in leftovers:
+        if gone and path.exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

@@ -206,7 +206,26 @@ def create_clip(config: EncoderConfig, *, device: str | torch.device = "cpu") ->
         config.model_name, pretrained=str(weights) if weights else None, device=device, **kwargs
     )
     model.eval().requires_grad_(False)
-    return model, preprocess, open_clip.get_tokenizer(config.model_name)
+    return model, preprocess, _tokenizer(config.model_name)
+
+
+TOKENIZER_PATTERNS = ("*.json", "*.model", "*.txt")  # the files a transformers tokenizer loads from
+
+
+def _tokenizer(model_name: str) -> Any:
+    """open_clip's tokenizer for ``model_name``; one backed by a transformers tokenizer on the hub
+    (SigLIP2's) loads from the commit pinned in PRETRAINED_HUB_REVISIONS, which open_clip cannot ask for."""
+    import open_clip
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
+
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    repo = text_cfg.get("hf_tokenizer_name")
+    revision = PRETRAINED_HUB_REVISIONS.get(repo) if repo else None
+    if revision is None:
+        return open_clip.get_tokenizer(model_name)
+    folder = resolve(f"hf-hub:{repo}@{revision}", what=f"tokenizer of {model_name}", patterns=TOKENIZER_PATTERNS)
+    return HFTokenizer(str(folder), context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
+                       tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
 
 
 class ClipEncoder(nn.Module):

@@ -191,8 +191,9 @@ def _first_bundle(path):
     return writer.finish()
 
 
+@pytest.mark.parametrize("next_step", ["load", "extend"])
 @pytest.mark.parametrize("at_rename", [1, 2])
-def test_a_writer_killed_mid_finish_loses_nothing(tmp_path, at_rename):
+def test_a_writer_killed_mid_finish_loses_nothing(tmp_path, at_rename, next_step):
     target = _first_bundle(tmp_path / "kept")
     _kill_a_writer_of(target, at_rename)
     leftovers = sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".kept."))
@@ -200,10 +201,35 @@ def test_a_writer_killed_mid_finish_loses_nothing(tmp_path, at_rename):
         assert target.is_dir() and leftovers == [".kept.staging"]
     else:  # killed between the renames: no bundle at the path, the previous one set aside
         assert not target.exists() and leftovers == [".kept.old", ".kept.staging"]
-    bundle = Bundle.load(target)  # verified; the previous bundle is back where it was
-    assert set(bundle.components) == {"a"} and bundle.json("a/notes.json") == {"written": "first"}
-    writer = BundleWriter.extending(target)  # the next writer clears what the dead one left
+    if next_step == "load":  # a reader: verified, and the previous bundle is back where it was
+        bundle = Bundle.load(target)
+        assert set(bundle.components) == {"a"} and bundle.json("a/notes.json") == {"written": "first"}
+    writer = BundleWriter.extending(target)  # the next training command: keeps what was there, clears the rest
     writer.add_component("b", {"n": 3})
     writer.finish()
     assert set(Bundle.load(target).components) == {"a", "b"}
     assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+
+
+def test_leftovers_of_a_live_or_unknown_writer_are_left_alone(tmp_path):
+    import subprocess
+    import sys
+
+    from capdemo.bundle import _host
+
+    target = _first_bundle(tmp_path / "kept")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept = [tmp_path / f".kept.staging-{_host()}-{live.pid}-x",  # a writer still running here
+                tmp_path / ".kept.staging-elsewhere-1-x"]  # a writer on another host: cannot tell
+        for folder in kept:
+            folder.mkdir()
+        writer = BundleWriter.extending(target)
+        writer.add_component("b", {"n": 2})
+        writer.finish()
+        assert all(folder.is_dir() for folder in kept)
+    finally:
+        live.kill()
+        live.wait()
+    BundleWriter(target, name="again").abort()  # its writer now dead, the local leftover goes
+    assert not kept[0].exists() and kept[1].is_dir()

@@ -252,3 +252,35 @@ def test_encoder_spec_forms(tmp_path, tiny_bundle_dir):
     from_bundle = parse_encoder_spec(str(tiny_bundle_dir))
     assert from_bundle.model_name == "capdemo-tiny-test"
     assert from_bundle.pretrained == str(tiny_bundle_dir / "encoder" / "open_clip_model.safetensors")
+
+
+def test_a_hub_tokenizer_loads_from_its_pinned_commit(tmp_path, monkeypatch, tiny_tokenizer):
+    """SigLIP2-style configs name a transformers tokenizer on the hub; it comes from the pinned commit,
+    offline from the cache, and tokenizes as the tokenizer saved there."""
+    import copy
+
+    import huggingface_hub.constants as hub_constants
+    from open_clip.tokenizer import HFTokenizer
+
+    import capdemo.encoders as encoders
+    from tests.tiny_models import TINY_CLIP_CONFIG
+
+    revision = "89abcdef0123456789abcdef0123456789abcdef"
+    saved = tmp_path / "saved"
+    tiny_tokenizer.save_pretrained(saved)
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "capdemo/tiny-tok", revision, {p.name: p.read_bytes() for p in saved.iterdir()})
+    (cache / "models--capdemo--tiny-tok" / "refs" / "main").write_text("0" * 40)  # main moved on: unused
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(encoders.PRETRAINED_HUB_REVISIONS, "capdemo/tiny-tok", revision)
+    model_config = copy.deepcopy(TINY_CLIP_CONFIG)
+    model_config["text_cfg"].update(hf_tokenizer_name="capdemo/tiny-tok", context_length=12)
+
+    _, _, tokenizer = encoders.create_clip(tiny_encoder_config(model_name="capdemo-tiny-hub-tok",
+                                                               model_config=model_config))
+    assert isinstance(tokenizer, HFTokenizer)
+    ids = tokenizer(["two green triangles"])
+    assert ids.shape == (1, 12)
+    expected = tiny_tokenizer("two green triangles")["input_ids"]
+    assert ids[0, : len(expected)].tolist() == expected
