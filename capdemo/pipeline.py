@@ -54,9 +54,19 @@ class Encoded:
 
     keys: list[str]  # content hash per image
     features: ImageFeatures  # batch B, on the encoder's device
+    # (B, D_r) L2-normalised embeddings from TOMCap's own retrieval encoder, when the bundle has one
+    queries: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    """One image's tower outputs, as the encode cache keeps them."""
+
+    features: ImageFeatures  # batch 1
+    query: torch.Tensor | None  # (1, D_r) from the retrieval encoder, or None
 
 
 @dataclass
@@ -78,7 +88,7 @@ class Captioner:
         self.retriever = retriever  # TOMCap's separate retrieval encoder (the paper's SigLIP2), when it has one
         self.maccap, self.tomcap = maccap, tomcap
         self.datastore, self.gap_stats, self.answers = datastore, gap_stats, answers
-        self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self._corpus: tuple[list[str], torch.Tensor] | None = None
 
@@ -115,26 +125,33 @@ class Captioner:
     # ------------------------------------------------------------------ encoding (cached)
 
     def encode(self, images: Sequence[Image.Image] | Encoded) -> Encoded:
-        """One vision-tower pass for the images not already cached; cached ones are reused."""
+        """One vision-tower pass (and one retrieval-encoder pass, when TOMCap has its own) for the
+        images not already cached; cached ones are reused. Any number of images."""
         if isinstance(images, Encoded):
             return images
         keys = [image_key(image) for image in images]
+        with self._lock:  # (an entry cached before a retrieval encoder was attached lacks its query)
+            entries = {key: self._cache[key] for key in keys
+                       if key in self._cache and (self.retriever is None or self._cache[key].query is not None)}
+        first_index = {key: i for i, key in reversed(list(enumerate(keys)))}
+        todo = [key for key in first_index if key not in entries]  # distinct new images, in batch order
+        if todo:
+            picked = [images[first_index[key]] for key in todo]
+            fresh = self.encoder.encode_images(self.encoder.preprocess(picked))
+            queries = None
+            if self.retriever is not None:  # TOMCap's datastore lives in another model's space
+                queries = self.retriever.encode_image_embeds(self.retriever.preprocess(picked))  # (n, D_r)
+            for j, key in enumerate(todo):
+                entries[key] = _Cached(fresh.select([j]), None if queries is None else queries[j : j + 1])
         with self._lock:
-            missing = [i for i, key in enumerate(keys) if key not in self._cache]
-        if missing:
-            pixels = self.encoder.preprocess([images[i] for i in missing])
-            fresh = self.encoder.encode_images(pixels)
-            with self._lock:
-                for j, i in enumerate(missing):
-                    self._cache[keys[i]] = fresh.select([j])
-                    self._cache.move_to_end(keys[i])
-                while len(self._cache) > ENCODE_CACHE_SIZE:
-                    self._cache.popitem(last=False)
-        with self._lock:
-            parts = [self._cache[key] for key in keys]
             for key in keys:
+                self._cache[key] = entries[key]
                 self._cache.move_to_end(key)
-        return Encoded(keys=keys, features=_concat(parts))
+            while len(self._cache) > ENCODE_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        cached = [entries[key] for key in keys]
+        queries = torch.cat([entry.query for entry in cached]) if self.retriever is not None else None
+        return Encoded(keys=keys, features=_concat([entry.features for entry in cached]), queries=queries)
 
     # ------------------------------------------------------------------ methods
 
@@ -148,11 +165,9 @@ class Captioner:
         encoded = self.encode(images)
         if len(encoded) == 0:
             raise ValueError("no images to caption")
-        queries = None
-        if method == "tomcap" and self.retriever is not None:  # the datastore lives in another model's space
-            if isinstance(images, Encoded):
-                raise ValueError("this bundle retrieves with its own encoder: pass the images, not an Encoded batch")
-            queries = self.retriever.encode_image_embeds(self.retriever.preprocess(images))  # (B, D_r)
+        queries = encoded.queries if method == "tomcap" else None
+        if queries is None and method == "tomcap" and self.retriever is not None:
+            raise ValueError("this Encoded batch was made without the bundle's retrieval encoder; pass the images")
         return self._caption_degrading(model, method, encoded.features, options, queries)
 
     def _caption_degrading(self, model, method: str, features: ImageFeatures, options: CaptionOptions,

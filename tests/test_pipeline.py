@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from capdemo.options import CaptionOptions
 from capdemo.pipeline import Captioner
@@ -160,5 +161,27 @@ def test_a_separate_retrieval_encoder_queries_the_datastore(captioner, monkeypat
     results = captioner.caption(images, "tomcap", CaptionOptions())
     expected = retriever.encode_image_embeds(retriever.preprocess(images))
     assert torch.equal(seen["queries"], expected) and len(results) == 2
-    with pytest.raises(ValueError, match="pass the images"):
-        captioner.caption(captioner.encode(images), "tomcap", CaptionOptions())
+    # the app hands over an Encoded batch (one tower pass for every tab): it carries the same queries
+    encoded = captioner.encode(images)
+    assert torch.equal(encoded.queries, expected)
+    again = captioner.caption(encoded, "tomcap", CaptionOptions())
+    assert torch.equal(seen["queries"], expected)
+    assert [r.to_json()["candidates"] for r in again] == [r.to_json()["candidates"] for r in results]
+
+
+def test_encoding_more_images_than_the_cache_holds(captioner):
+    """A batch larger than the encode cache is encoded whole, once, in order; the cache stays bounded."""
+    from capdemo.pipeline import ENCODE_CACHE_SIZE
+
+    count = ENCODE_CACHE_SIZE + 6
+    generator = torch.Generator().manual_seed(11)
+    images = [Image.fromarray((torch.rand(32, 32, 3, generator=generator) * 255).byte().numpy())
+              for _ in range(count)]
+    before = captioner.encoder.images_encoded
+    encoded = captioner.encode(images + images[:2])  # the repeats are encoded once
+    assert captioner.encoder.images_encoded - before == count
+    assert len(encoded) == count + 2 and encoded.features.image_embeds.shape[0] == count + 2
+    assert torch.equal(encoded.features.image_embeds[count:], encoded.features.image_embeds[:2])
+    alone = captioner.encoder.encode_images(captioner.encoder.preprocess([images[-1]])).image_embeds
+    torch.testing.assert_close(encoded.features.image_embeds[count - 1], alone[0], atol=1e-5, rtol=1e-5)
+    assert len(captioner._cache) == ENCODE_CACHE_SIZE
