@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -242,6 +243,7 @@ class ClipEncoder(nn.Module):
         self._last_attn = _last_block_attention(visual)
         self._map_tower = _map_pool_tower(visual) if self._last_attn is None else None
         self.images_encoded = 0  # vision-tower passes, counted per image (the app promises one per image)
+        self._hooked_pass = threading.Lock()  # see encode_images
 
     @classmethod
     def from_config(cls, config: EncoderConfig, *, device: str | torch.device = "cpu") -> "ClipEncoder":
@@ -289,9 +291,18 @@ class ClipEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> ImageFeatures:
-        """Pixels (B, 3, H, W) -> :class:`ImageFeatures`, from one forward pass of the tower."""
-        if self._map_tower is not None:
-            return self._encode_images_map(pixels)
+        """Pixels (B, 3, H, W) -> :class:`ImageFeatures`, from one forward pass of the tower.
+
+        The pass hooks the tower (and toggles its token output), which is state shared by every
+        caller, so concurrent calls (an app serving several requests at once) take turns.
+        """
+        with self._hooked_pass:
+            if self._map_tower is not None:
+                return self._encode_images_map(pixels)
+            return self._encode_images_cls(pixels)
+
+    def _encode_images_cls(self, pixels: torch.Tensor) -> ImageFeatures:
+        """:meth:`encode_images` for an open_clip ViT whose CLS token pools: hooks on one pass."""
         if self._last_attn is None:
             raise NotImplementedError(
                 f"{self.name}: patch tokens and the pooling attention need an open_clip ViT with a CLS token "

@@ -60,6 +60,7 @@ class AppConfig(Config):
     max_batch_images: int = 32  # images per Batch request
     batch_chunk: int = 8  # images per pipeline call in Batch (one progress step each)
     kept_downloads: int = 8  # Batch CSV/JSON pairs kept on disk for download; older ones are deleted
+    cache_max_age_s: int = 3600  # Gradio's copies of uploads, heatmaps and downloads older than this are deleted
     vqa_top_k: int = 10  # candidate answers listed by Ask
 
 
@@ -191,18 +192,14 @@ def attention_grid(encoded: Encoded, index: int = 0) -> np.ndarray:
     return over_patches.float().cpu().numpy().reshape(features.grid_size)
 
 
-def bundle_defaults(captioner: Captioner) -> CaptionOptions:
-    """The decoding settings the bundle's models were configured with, to preset the sliders.
-
-    Shared settings (beams, max tokens) take MacCap's values when both methods are present.
-    """
-    configs = [model.config for model in (captioner.maccap, captioner.tomcap) if model is not None]
-    values = {}
-    for name in ("samples", "beams", "noise_variance", "n_cr", "k", "max_new_tokens"):
-        found = [getattr(config, name) for config in configs if hasattr(config, name)]
-        if found:
-            values[name] = found[0]
-    return CaptionOptions(**values)
+def bundle_defaults(captioner: Captioner, method: str) -> CaptionOptions:
+    """The decoding settings ``method``'s model was configured with (its fields only), to preset the sliders."""
+    model = getattr(captioner, method)
+    if model is None:
+        return CaptionOptions()
+    return CaptionOptions(**{name: getattr(model.config, name) for name in
+                             ("samples", "beams", "noise_variance", "n_cr", "k", "max_new_tokens")
+                             if hasattr(model.config, name)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,15 +261,26 @@ class CaptionDemo:
         k: float,
         max_new_tokens: float,
         seed: float,
+        tomcap_beams: float | None = None,
+        tomcap_max_new_tokens: float | None = None,
         session: SessionResults | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> CaptionView:
-        """Caption one image with the chosen methods and show the evidence behind each caption."""
+        """Caption one image with the chosen methods and show the evidence behind each caption.
+
+        ``beams`` and ``max_new_tokens`` are MacCap's, ``tomcap_beams`` and ``tomcap_max_new_tokens``
+        TOMCap's (None: the bundle's); the other settings belong to one method each.
+        """
         chosen = self.chosen_methods(methods)
-        options = CaptionOptions(
+        maccap_options = CaptionOptions(
             samples=samples, beams=beams, noise_variance=noise_variance, n_cr=n_cr, k=k,
             max_new_tokens=max_new_tokens, seed=seed,
         ).validated()
+        try:
+            tomcap_options = maccap_options.replace(beams=tomcap_beams, max_new_tokens=tomcap_max_new_tokens).validated()
+        except ValueError as err:
+            raise ValueError(f"TOMCap {err}") from None
+        per_method = {"maccap": maccap_options, "tomcap": tomcap_options}
         progress(0.0, desc="Reading the image")
         picture = self.load(image)
         progress(0.05, desc="Encoding the image")
@@ -280,7 +288,7 @@ class CaptionDemo:
         results: dict[str, Result] = {}
         for i, method in enumerate(chosen):
             progress((i, len(chosen)), desc=f"{METHOD_LABELS[method]}: sampling, decoding, reranking")
-            results[method] = self.captioner.caption(encoded, method, options)[0]
+            results[method] = self.captioner.caption(encoded, method, per_method[method])[0]
         maccap, tomcap = results.get("maccap"), results.get("tomcap")
         attention = attention_grid(encoded)
         outlined = [(p.row, p.col) for p in maccap.patches] if maccap else []
@@ -361,23 +369,24 @@ class CaptionDemo:
         if len(paths) > self.config.max_batch_images:
             raise ValueError(f"{len(paths)} images; the limit per batch is {self.config.max_batch_images}")
         rows: list[dict[str, Any]] = [{"image": Path(p).name, "error": ""} for p in paths]
-        pictures: list[tuple[int, Image.Image]] = []
-        for index, path in enumerate(paths):
-            try:
-                pictures.append((index, self.load(path)))
-            except ValueError as err:  # one bad file does not sink the batch
-                rows[index]["error"] = _one_line(err)
         methods = list(self.captioner.methods)
-        chunk_size = self.config.batch_chunk
-        steps, done = max(1, len(methods) * -(-len(pictures) // chunk_size)), 0
-        for start in range(0, len(pictures), chunk_size):
-            chunk = pictures[start : start + chunk_size]
-            encoded = self.captioner.encode([picture for _, picture in chunk])
+        size = self.config.batch_chunk
+        chunks = [range(start, min(start + size, len(paths))) for start in range(0, len(paths), size)]
+        steps, done = max(1, len(methods) * len(chunks)), 0
+        for chunk in chunks:  # decoded a chunk at a time: 32 photos of 25 MP would hold ~2.4 GB at once
+            pictures: list[tuple[int, Image.Image]] = []
+            for index in chunk:
+                try:
+                    pictures.append((index, self.load(paths[index])))
+                except ValueError as err:  # one bad file does not sink the batch
+                    rows[index]["error"] = _one_line(err)
+            encoded = self.captioner.encode([picture for _, picture in pictures]) if pictures else None
             for method in methods:
-                progress((done, steps), desc=f"{METHOD_LABELS[method]}: images {start + 1}-{start + len(chunk)}")
-                for (index, _), result in zip(chunk, self.captioner.caption(encoded, method, CaptionOptions())):
-                    rows[index][f"{method} caption"] = result.caption
-                    rows[index][f"{method} clip_score"] = round(result.candidates[0].clip_score, 4)
+                progress((done, steps), desc=f"{METHOD_LABELS[method]}: images {chunk[0] + 1}-{chunk[-1] + 1}")
+                if encoded is not None:
+                    for (index, _), result in zip(pictures, self.captioner.caption(encoded, method, CaptionOptions())):
+                        rows[index][f"{method} caption"] = result.caption
+                        rows[index][f"{method} clip_score"] = round(result.candidates[0].clip_score, 4)
                 done += 1
         columns = ["image", *(f"{m} {name}" for m in methods for name in BATCH_FIELDS), "error"]
         table = pd.DataFrame(rows, columns=columns).fillna("")
@@ -502,7 +511,8 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
     shown_photos = list(photos) if captioner.info()["world"] == "real" else []
     examples = [[str(path)] for path in [*captioner.examples(), *shown_photos]]
 
-    with gr.Blocks(title="capdemo: MacCap and TOMCap") as demo:
+    age = config.cache_max_age_s  # checked as often as files may live: Gradio keeps them forever by default
+    with gr.Blocks(title="capdemo: MacCap and TOMCap", delete_cache=(age, age)) as demo:
         session = gr.State(SessionResults())
         gr.Markdown(HEADER)
         with gr.Row(equal_height=False):
@@ -544,7 +554,8 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
 
 
 def _caption_tab(captioner: Captioner) -> tuple[list, list, gr.Button]:
-    defaults = bundle_defaults(captioner)
+    defaults = bundle_defaults(captioner, "maccap")
+    tomcap_defaults = bundle_defaults(captioner, "tomcap")
     rows, cols = captioner.encoder.grid_size
     methods = [(METHOD_LABELS[m], m) for m in captioner.methods]
     chosen = gr.CheckboxGroup(methods, value=[m for _, m in methods], label="Methods (both: side by side)",
@@ -552,16 +563,21 @@ def _caption_tab(captioner: Captioner) -> tuple[list, list, gr.Button]:
     with gr.Accordion("Decoding settings (preset to the bundle's)", open=False):
         with gr.Row():
             samples = _slider("samples", defaults.samples, "Samples S (MacCap)", "noisy samples reranked by CLIP")
-            beams = _slider("beams", defaults.beams, "Beams", "beam width per sample")
+            beams = _slider("beams", defaults.beams, "Beams (MacCap)", "beam width per sample")
             noise = _slider("noise_variance", defaults.noise_variance, "Noise variance (MacCap)",
                             "inference noise on the region features")
         with gr.Row():
             n_cr = _slider("n_cr", defaults.n_cr, "Patches N_cr (MacCap)", "picked by the CLS attention",
                            maximum=rows * cols)
-            k = _slider("k", defaults.k, "Neighbours K (TOMCap)", "retrieved captions in the prompt")
-            max_tokens = _slider("max_new_tokens", defaults.max_new_tokens, "Max new tokens", "caption length cap")
+            max_tokens = _slider("max_new_tokens", defaults.max_new_tokens, "Max new tokens (MacCap)",
+                                 "caption length cap")
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=LIMITS["seed"][1], label="Seed",
                              info="same seed, same captions")
+        with gr.Row():
+            k = _slider("k", tomcap_defaults.k, "Neighbours K (TOMCap)", "retrieved captions in the prompt")
+            tomcap_beams = _slider("beams", tomcap_defaults.beams, "Beams (TOMCap)", "beam width")
+            tomcap_tokens = _slider("max_new_tokens", tomcap_defaults.max_new_tokens, "Max new tokens (TOMCap)",
+                                    "caption length cap")
     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
     with gr.Row():
         maccap_caption = gr.Textbox(label="MacCap caption", elem_id="maccap-caption",
@@ -581,7 +597,7 @@ def _caption_tab(captioner: Captioner) -> tuple[list, list, gr.Button]:
                               elem_id="neighbours")
     with gr.Accordion("Everything as JSON", open=False):
         details = gr.JSON(label="Caption details")
-    inputs = [chosen, samples, beams, noise, n_cr, k, max_tokens, seed]
+    inputs = [chosen, samples, beams, noise, n_cr, k, max_tokens, seed, tomcap_beams, tomcap_tokens]
     outputs = [maccap_caption, tomcap_caption, maccap_table, tomcap_table, heatmap, neighbours, timings, details]
     return inputs, outputs, button
 

@@ -24,7 +24,8 @@ from capdemo import analysis, ui
 from capdemo.pipeline import Captioner
 from tests.app_server import ROOT, coco_photo, corrupt_png, running_app, served_bundle, shapes_image
 
-SETTINGS = dict(samples=6, beams=2, noise_variance=0.016, n_cr=3, k=3, max_new_tokens=12, seed=0)
+SETTINGS = dict(samples=6, beams=2, noise_variance=0.016, n_cr=3, k=3, max_new_tokens=12, seed=0,
+                tomcap_beams=3, tomcap_max_new_tokens=10)
 BOTH = ["maccap", "tomcap"]
 
 
@@ -72,7 +73,7 @@ def test_caption_outputs_are_complete_and_consistent(client, images, name):
      details) = client.predict(handle_file(str(path)), BOTH, *SETTINGS.values(), api_name="/caption")
 
     for caption, table, count in ((maccap_caption, maccap_table, SETTINGS["samples"]),
-                                  (tomcap_caption, tomcap_table, SETTINGS["beams"])):
+                                  (tomcap_caption, tomcap_table, SETTINGS["tomcap_beams"])):
         candidates = rows(table)
         assert len(candidates) == count
         scores = [c["CLIP score"] for c in candidates]

@@ -284,3 +284,16 @@ def test_a_hub_tokenizer_loads_from_its_pinned_commit(tmp_path, monkeypatch, tin
     assert ids.shape == (1, 12)
     expected = tiny_tokenizer("two green triangles")["input_ids"]
     assert ids[0, : len(expected)].tolist() == expected
+
+
+def test_concurrent_image_passes_do_not_mix_their_outputs(tiny_encoder):
+    """The hooked pass is shared state: threads encoding different batches each get their own features."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
+    alone = [tiny_encoder.encode_images(pixels) for pixels in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(tiny_encoder.encode_images, batches * 3))
+    for i, features in enumerate(together):
+        torch.testing.assert_close(features.attention, alone[i % len(batches)].attention)
+        torch.testing.assert_close(features.token_embeds, alone[i % len(batches)].token_embeds)

@@ -15,7 +15,8 @@ from capdemo.pipeline import Captioner
 from tests.app_server import running_app
 
 USERS = 16
-SETTINGS = dict(samples=3, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=0)
+SETTINGS = dict(samples=3, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=0,
+                tomcap_beams=2, tomcap_max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from capdemo.vqa import VQA_PROMPT
 from tests.app_server import corrupt_png
 from tests.tiny_bundle import TINY_ANSWERS, TINY_MACCAP
 
-SETTINGS = dict(samples=5, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=1)
+SETTINGS = dict(samples=5, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=1,
+                tomcap_beams=3, tomcap_max_new_tokens=7)  # each method its own beams and length cap
 BOTH = ["maccap", "tomcap"]
 
 
@@ -80,7 +81,7 @@ def test_caption_tables_list_every_candidate_best_first_with_the_chosen_one_mark
     assert both_view.maccap_caption == table["caption"][0]
 
     tom = both_view.tomcap_candidates
-    assert len(tom) == SETTINGS["beams"] and tom["CLIP score"].is_monotonic_decreasing
+    assert len(tom) == SETTINGS["tomcap_beams"] and tom["CLIP score"].is_monotonic_decreasing
     assert both_view.tomcap_caption == tom["caption"][0]
 
 
@@ -231,7 +232,7 @@ def test_embedding_plot_shows_every_kind_with_the_right_counts(app, captioner, e
     traces = {trace.name: trace for trace in view.projection.data}
     rows, cols = captioner.encoder.grid_size
     counts = {"image": 1, "patches": rows * cols, "maccap region": SETTINGS["n_cr"],
-              "maccap candidates": SETTINGS["samples"], "tomcap candidates": SETTINGS["beams"],
+              "maccap candidates": SETTINGS["samples"], "tomcap candidates": SETTINGS["tomcap_beams"],
               "tomcap neighbours": SETTINGS["k"]}
     for kind, count in counts.items():
         assert len(traces[analysis.TRACE_STYLES[kind].label].x) == count, kind
@@ -321,11 +322,25 @@ def test_about_describes_the_bundle_and_how_to_load_another(app):
     assert "path" not in info and info["folder"] == str(app.captioner.bundle.path)
 
 
-def test_sliders_are_preset_to_the_bundle_settings(captioner):
-    defaults = ui.bundle_defaults(captioner)
+def test_sliders_are_preset_to_each_methods_bundle_settings(captioner):
+    maccap, tomcap = ui.bundle_defaults(captioner, "maccap"), ui.bundle_defaults(captioner, "tomcap")
     for name in ("samples", "beams", "noise_variance", "n_cr", "max_new_tokens"):
-        assert getattr(defaults, name) == TINY_MACCAP.get(name, getattr(captioner.maccap.config, name))
-    assert defaults.k == captioner.tomcap.config.k
+        assert getattr(maccap, name) == TINY_MACCAP.get(name, getattr(captioner.maccap.config, name))
+    for name in ("k", "beams", "max_new_tokens"):
+        assert getattr(tomcap, name) == getattr(captioner.tomcap.config, name)
+    assert tomcap.samples is None and maccap.k is None  # each method's own fields only
+
+
+def test_tomcap_decodes_with_its_own_settings_in_the_caption_tab(app, example, captioner):
+    """The Caption tab's TOMCap result equals the pipeline's with TOMCap's sliders, not MacCap's."""
+    from capdemo.options import CaptionOptions
+
+    view = app.caption_event(example, ["tomcap"], **{**SETTINGS, "tomcap_beams": None, "tomcap_max_new_tokens": None})
+    alone = captioner.caption([app.load(example)], "tomcap", CaptionOptions(k=SETTINGS["k"]))[0]
+    assert view.tomcap_caption == alone.caption
+    assert len(view.tomcap_candidates) == captioner.tomcap.config.beams
+    with pytest.raises(ValueError, match="TOMCap beams must be between"):
+        app.caption_event(example, ["tomcap"], **{**SETTINGS, "tomcap_beams": 99})
 
 
 def _examples_shown(demo: gr.Blocks) -> list:
@@ -337,6 +352,7 @@ def test_page_wires_stable_api_names_and_a_bounded_queue(captioner):
     public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert public == {"caption", "vqa", "embedding", "batch", "about"}
     assert demo._queue.max_size == 5 and demo._queue.default_concurrency_limit == 2
+    assert demo.delete_cache == (3600, 3600)  # Gradio's file cache is swept, not kept until a restart
     model_events = [fn for fn in demo.fns.values() if fn.api_name in {"caption", "vqa", "embedding", "batch"}]
     assert {fn.concurrency_id for fn in model_events} == {ui.MODEL_CONCURRENCY_ID}  # one shared limit
     assert len(_examples_shown(demo)) == len(captioner.examples())
