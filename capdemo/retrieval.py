@@ -54,6 +54,9 @@ _ADD_CHUNK = 65_536  # rows converted to float32 and added to faiss at a time
 _SCAN_CHUNK = 1 << 26  # bytes scanned at a time when indexing the lines of captions.txt
 _MIN_TRAIN_PER_CENTROID = 39  # below this faiss k-means warns; PQ needs 256 centroids per sub-quantizer
 _PQ_BITS = 8  # bits per PQ code: 256 centroids per sub-quantizer, one byte each
+# rows sampled to train the 8-bit scalar quantizer, which learns one range per dimension: a million pin those
+# down, and training on all 16M rows would copy them to float32 (~65 GB at 1024 dims)
+_SQ_TRAIN_MAX = 1_000_000
 # faiss read flags that memory-map the bulk of each index kind instead of reading it into RAM
 # (checked on faiss 1.15: IO_FLAG_MMAP_IFC maps flat codes; IO_FLAG_MMAP maps IVF inverted lists).
 _MMAP_FLAGS = {"flat": faiss.IO_FLAG_MMAP_IFC, "ivfpq": faiss.IO_FLAG_MMAP, "hnsw_sq": faiss.IO_FLAG_MMAP_IFC}
@@ -71,7 +74,8 @@ class IndexSpec(Config):
     flat_max_count: int = 200_000  # auto's threshold: exact search for fewer captions than this
     nlist: int | None = None  # IVF coarse lists; None: round(4 * sqrt(N)), at most N // 39 (k-means needs 39 per list)
     pq_m: int | None = None  # PQ sub-quantizers = bytes per code; must divide D; None: D // 8 (64 at 512-d)
-    train_size: int | None = None  # vectors sampled to train IVF-PQ / SQ; None: min(N, 64 * nlist); >= 39 per centroid
+    # vectors sampled to train IVF-PQ / SQ; None: min(N, 64 * nlist) (>= 39 per centroid) / min(N, 1M)
+    train_size: int | None = None
     nprobe: int | None = None  # IVF lists scanned per query; None: clamp(nlist // 16, 16, 256)
     hnsw_m: int = 32  # HNSW neighbours per node (hnsw_sq)
     hnsw_ef_search: int = 64  # HNSW search breadth (hnsw_sq); must be >= the k searched for
@@ -87,7 +91,8 @@ class IndexSpec(Config):
         if kind == "flat":
             return self.replace(kind=kind, nlist=None, pq_m=None, train_size=None, nprobe=None)
         if kind == "hnsw_sq":
-            return self.replace(kind=kind, nlist=None, pq_m=None, nprobe=None, train_size=self.train_size or count)
+            train_size = min(count, self.train_size or _SQ_TRAIN_MAX)
+            return self.replace(kind=kind, nlist=None, pq_m=None, nprobe=None, train_size=train_size)
         if count < _MIN_TRAIN_PER_CENTROID * 2**_PQ_BITS:
             raise DatastoreError(
                 f"ivfpq needs at least {_MIN_TRAIN_PER_CENTROID * 2**_PQ_BITS} captions to train its PQ codebooks, "

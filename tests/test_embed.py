@@ -196,7 +196,8 @@ def test_index_command_end_to_end_with_a_tiny_clip(tmp_path):
     too_long = " ".join(["word"] * 16)
     corpus_file.write_text("\n".join(CORPUS[:30] + [CORPUS[0], "   ", too_long]))
     out = tmp_path / "store"
-    argv = ["--corpus", str(corpus_file), "--encoder", str(config_file), "--out", str(out), "--device", "cpu"]
+    argv = ["--corpus", str(corpus_file), "--encoder", str(config_file), "--out", str(out), "--device", "cpu",
+            "--max-words", "15"]  # a datastore keeps every caption by default; MacCap's filter asked for here
     assert index.main([*argv, "--shard-size", "8"]) == 0
     store = CaptionDatastore.load(out)
     assert len(store) == 30 and list(store.captions) == CORPUS[:30]  # blank, repeated and >15-word lines dropped
@@ -205,3 +206,13 @@ def test_index_command_end_to_end_with_a_tiny_clip(tmp_path):
     assert len(cache.shard_paths) == 4
     hits = store.search(cache.tensor()[:5], 1)
     np.testing.assert_array_equal(hits.ids[:, 0], np.arange(5))  # each caption finds itself
+
+
+def test_caption_length_filter_defaults_per_command():
+    """MacCap's reference drops captions over 15 words; a datastore, its gap statistics and TOMCap keep them all."""
+    from training import gapstats, index, maccap, tomcap
+
+    required = ["--corpus", "c.txt", "--encoder", "ViT-B-32", "--out", "o", "--images", "i", "--datastore", "d"]
+    defaults = {name: module.build_parser().parse_known_args(required)[0].max_words
+                for name, module in (("index", index), ("gapstats", gapstats), ("maccap", maccap), ("tomcap", tomcap))}
+    assert defaults == {"index": 0, "gapstats": 0, "maccap": 15, "tomcap": 0}

@@ -151,6 +151,30 @@ def test_checkpoints_without_resume_are_an_error_and_changed_settings_are_refuse
         train(toy_task(), config.replace(lr=5e-3), resume=True)
 
 
+def test_a_resume_with_another_model_or_data_is_refused_by_key(tmp_path):
+    """The task's identity (model settings, data fingerprints) is stored with the checkpoint and must match."""
+    from dataclasses import replace
+
+    config = TrainConfig(**RESUME_SETTINGS, out_dir=str(tmp_path))
+    identity = {"model.noise": 0.016, "corpus_sha256": "abc", "targets": ("nearest", 4)}
+    train(replace(toy_task(), identity=identity), config, stop_after=2)
+    changed = {**identity, "model.noise": 0.1, "corpus_sha256": "abd"}
+    with pytest.raises(CheckpointError, match=r"model or its data changed .*\(corpus_sha256, model.noise\)"):
+        train(replace(toy_task(), identity=changed), config, resume=True)
+    with pytest.raises(CheckpointError, match=r"\(extra\)"):
+        train(replace(toy_task(), identity={**identity, "extra": 1}), config, resume=True)
+    resumed = train(replace(toy_task(), identity=identity), config, resume=True)  # tuples read back as lists
+    assert resumed.finished and resumed.step > 2
+
+
+def test_frozen_weights_follow_the_autocast_dtype():
+    from training.loop import frozen_weights_dtype
+
+    assert frozen_weights_dtype("bf16") is torch.bfloat16
+    assert frozen_weights_dtype("fp16") is torch.float16  # with the GradScaler fp16 runs always have
+    assert frozen_weights_dtype("fp32") is torch.float32
+
+
 def test_truncated_checkpoints_are_never_picked(tmp_path, reference, caplog):
     config = TrainConfig(**RESUME_SETTINGS, out_dir=str(tmp_path))
     train(toy_task(**NOISY), config, stop_after=11)  # checkpoints 6, 8, 10

@@ -202,3 +202,12 @@ def test_bad_input_is_a_clear_error(store, vectors, tmp_path):
     captions_file.write_text("just one caption\n")
     with pytest.raises(DatastoreError, match="files disagree"):
         CaptionDatastore.load(tmp_path)
+
+
+def test_scalar_quantizer_trains_on_a_bounded_sample():
+    """hnsw_sq learns one range per dimension: a million rows, not all 16M copied to float32."""
+    from capdemo.retrieval import IndexSpec
+
+    assert IndexSpec(kind="hnsw_sq").resolve(16_000_000, 1024).train_size == 1_000_000
+    assert IndexSpec(kind="hnsw_sq").resolve(500, 8).train_size == 500
+    assert IndexSpec(kind="hnsw_sq", train_size=2_000).resolve(16_000_000, 8).train_size == 2_000

@@ -201,3 +201,16 @@ def test_two_process_ddp_matches_one_process_on_the_same_global_batch(cli_inputs
     trained_config = Bundle.load(cli_inputs["root"] / "single" / "bundle").component("maccap")
     initial = MacCapAdaptor(MacCapConfig.from_dict(trained_config))
     assert any((single[name] - value).abs().max() > 1e-4 for name, value in initial.state_dict().items())
+
+
+def test_run_identity_names_what_a_resume_must_share():
+    """Model settings and the exact corpus are part of a run's identity; where the LM lives is not."""
+    from training.maccap import run_identity
+
+    config, captions = MacCapConfig(), ["a red circle.", "two blue squares."]
+    base = run_identity(config, captions)
+    assert run_identity(config.replace(lm="/elsewhere/opt"), captions) == base
+    changed = run_identity(config.replace(noise_variance=0.1), captions)
+    assert {k for k in base if base[k] != changed[k]} == {"maccap.noise_variance"}
+    reordered = run_identity(config, captions[::-1])
+    assert {k for k in base if base[k] != reordered[k]} == {"corpus_sha256"}

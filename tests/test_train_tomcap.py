@@ -229,3 +229,27 @@ def test_sigkilled_cli_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_pa
     assert main(argv("wrong", "--resume")) == 0
     wrong = Bundle.load(tmp_path / "wrong" / "bundle").tensors(TRAINABLE_WEIGHTS)
     assert differs(wrong, whole.tensors(TRAINABLE_WEIGHTS))
+
+
+def test_run_identity_covers_settings_corpus_datastore_and_gap_statistics():
+    from types import SimpleNamespace
+
+    from capdemo.gap import GapStats
+    from capdemo.tomcap import TOMCapConfig
+    from training.tomcap import run_identity
+
+    store = SimpleNamespace(meta=lambda: {"encoder_name": "tiny", "count": 10, "kind": "flat"})
+    other_store = SimpleNamespace(meta=lambda: {"encoder_name": "tiny", "count": 11, "kind": "flat"})
+    gap = GapStats(*(torch.full((4,), float(i)) for i in range(4)), n_image=5, n_text=5)
+    shifted = GapStats(*(torch.full((4,), float(i) + (i == 1)) for i in range(4)), n_image=5, n_text=5)
+    config, captions = TOMCapConfig(), ["a red circle.", "two blue squares."]
+    base = run_identity(config, captions, store, gap)
+
+    def changed(identity):
+        return {key for key in base if base[key] != identity[key]}
+
+    assert changed(run_identity(config.replace(lm="/moved/gpt2", datastore="/moved/store"), captions, store, gap)) == set()
+    assert changed(run_identity(config.replace(k=2), captions, store, gap)) == {"tomcap.k"}
+    assert changed(run_identity(config, captions[:1], store, gap)) == {"corpus_sha256"}
+    assert changed(run_identity(config, captions, other_store, gap)) == {"datastore"}
+    assert changed(run_identity(config, captions, store, shifted)) == {"gap_stats_sha256"}

@@ -290,18 +290,23 @@ def encoder_from_arguments(args: argparse.Namespace) -> Any:
     return load_encoder(config, device=device)
 
 
-def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
-    """--corpus / --max-words, shared by the commands that read a caption corpus."""
+def add_corpus_arguments(parser: argparse.ArgumentParser, *, max_words: int | None = None) -> None:
+    """--corpus / --max-words, shared by the commands that read a caption corpus.
+
+    ``max_words`` is the command's default filter: MacCap's reference code drops captions over
+    15 words; a retrieval datastore and TOMCap keep every caption (SmallCap: up to 25 tokens).
+    """
     from training.datasets import MACCAP_MAX_CAPTION_WORDS
 
+    default = MACCAP_MAX_CAPTION_WORDS if max_words is None else max_words
     parser.add_argument(
         "--corpus", required=True, help="caption corpus: one caption per line, or a JSON list of strings"
     )
     parser.add_argument(
         "--max-words",
         type=int,
-        default=MACCAP_MAX_CAPTION_WORDS,
-        help="drop captions longer than this many words (0: keep all)",
+        default=default,
+        help=f"drop captions longer than this many words (0: keep all; default {default or 'keep all'})",
     )
 
 

@@ -87,7 +87,7 @@ def embed_captions(captions: Sequence[str], encoder: Any, *, batch_size: int, pr
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training gapstats", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="folder of images (recursive) or a text file of image paths")
-    add_corpus_arguments(parser)
+    add_corpus_arguments(parser, max_words=0)  # a datastore / its statistics keep every caption
     add_encoder_arguments(parser)
     parser.add_argument("--out", required=True, help="gap statistics file to write (.safetensors)")
     parser.add_argument(

@@ -70,7 +70,7 @@ def build_datastore(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training index", description=__doc__.split("\n\n")[0])
-    add_corpus_arguments(parser)
+    add_corpus_arguments(parser, max_words=0)  # a datastore / its statistics keep every caption
     add_encoder_arguments(parser)
     parser.add_argument(
         "--out", required=True, help="datastore folder to write (index.faiss, captions.txt, datastore.json)"

@@ -43,7 +43,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ from training.distributed import DEVICES, DistEnv, distributed_session
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype per precision
 # Config fields that may differ between a run and its resume: none of them changes the weights.
 _RESUMABLE_CHANGES = frozenset(
     {"out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "num_workers"})
@@ -135,6 +135,9 @@ class TrainTask:
     collate_fn: Callable[[list[Any]], Any]  # samples -> batch of tensors (nested in dicts/lists/tuples is fine)
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]  # (bare model, batch on device) -> scalar mean loss
     evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None  # rank 0 only, eval mode, no_grad
+    # What else a resumed run must match, as flat JSON values: the model's settings, fingerprints of its data.
+    # Stored in every checkpoint; a resume that differs in any key is refused with the keys named.
+    identity: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,6 +165,12 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_r
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+def frozen_weights_dtype(precision: str) -> torch.dtype:
+    """The dtype to hold a frozen pretrained model in for a run of ``precision`` (already resolved):
+    autocast's own dtype, so no fp16 tensor carries gradients without a loss scaler; else float32."""
+    return AMP_DTYPES.get(precision, torch.float32)
 
 
 def resolve_precision(precision: str, *, device: torch.device) -> str:
@@ -297,7 +306,7 @@ class Trainer:
         when the precision is fp16.
         """
         micro_batches = self.micro_batches(step) if micro_batches is None else micro_batches
-        amp_dtype = _AMP_DTYPES.get(self.precision)
+        amp_dtype = AMP_DTYPES.get(self.precision)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro, batch in enumerate(micro_batches):
@@ -442,6 +451,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "precision": self.precision,
             "config": self.config.to_dict(),
+            "identity": self._identity(),
             "grad_scaler": self.scaler.state_dict(),
             "pending_loss": [self._pending_loss.item(), self._pending_steps],
             "history": self.history,
@@ -493,6 +503,19 @@ class Trainer:
         if checkpoint.state["dataset_size"] != self.order.dataset_size:
             raise CheckpointError(f"{checkpoint.path}: the dataset had {checkpoint.state['dataset_size']} samples,"
                                   f" it now has {self.order.dataset_size}")
+        now = self._identity()
+        saved = checkpoint.state.get("identity", now)  # checkpoints written before identities were: nothing to compare
+        changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+        if changed:
+            raise CheckpointError(f"{checkpoint.path}: the model or its data changed since this checkpoint"
+                                  f" ({', '.join(changed)}); resume the same run or use another out_dir")
+        if checkpoint.state.get("world_size", self.env.world_size) != self.env.world_size:
+            log.warning("resuming a %d-process run on %d processes: per-rank noise differs, so the result will not"
+                        " be bit-identical to an uninterrupted run", checkpoint.state["world_size"], self.env.world_size)
+
+    def _identity(self) -> dict[str, Any]:
+        """The task's identity as it reads back from a checkpoint's JSON (tuples become lists)."""
+        return json.loads(json.dumps(dict(self.task.identity)))
 
 
 def train(task: TrainTask, config: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:

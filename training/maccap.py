@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,9 +34,9 @@ from capdemo.lm import embedding_size, load_causal_lm
 from capdemo.maccap import MACCAP_COMPONENT, MacCap, MacCapConfig, add_to_bundle, caption_text_embeddings
 from capdemo.vqa import AnswerList
 from capdemo.weights import WeightSource
-from training.embed import add_corpus_arguments, cached_text_embeddings, corpus_from_arguments
+from training.embed import add_corpus_arguments, cached_text_embeddings, corpus_from_arguments, corpus_sha256
 from training.distributed import resolve_device
-from training.loop import TrainConfig, TrainResult, TrainTask, train
+from training.loop import TrainConfig, TrainResult, TrainTask, frozen_weights_dtype, resolve_precision, train
 
 TRAINING_RECORD = "maccap/training.json"  # bundle file: how the weights were trained
 
@@ -64,6 +65,13 @@ def collate(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> d
 
 def maccap_loss(model: MacCap, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model.loss(batch["text_embeds"], batch["token_ids"], batch["attention_mask"])
+
+
+def run_identity(config: MacCapConfig, captions: Sequence[str]) -> dict[str, Any]:
+    """What a resumed run must share with the killed one: every model setting (the LM's location aside:
+    a moved folder is the same model) and the exact caption list."""
+    settings = {f"maccap.{name}": value for name, value in config.to_dict().items() if name != "lm"}
+    return {**settings, "corpus_sha256": corpus_sha256(captions)}
 
 
 def text_to_text_exact(model: MacCap, text_embeds: torch.Tensor, captions: list[str]) -> float:
@@ -109,8 +117,11 @@ def train_maccap(
     if (lm is None) != (tokenizer is None):
         raise ValueError("pass both lm and tokenizer, or neither (then config.lm is loaded)")
     if lm is None:  # trainable weights must be float32 (autocast brings the low precision); so must CPU maths
-        keep_stored_dtype = device.type == "cuda" and not config.train_lm
-        lm, tokenizer = load_causal_lm(config.lm, dtype=None if keep_stored_dtype else torch.float32)
+        precision = resolve_precision(train_config.precision, device=device)
+        # a frozen LM in autocast's dtype (OPT-1.3b is stored in fp16, which under bf16 autocast would carry
+        # the prefix's gradient in fp16 with no loss scaler)
+        dtype = torch.float32 if config.train_lm else frozen_weights_dtype(precision)
+        lm, tokenizer = load_causal_lm(config.lm, dtype=dtype)
     config = config.replace(embed_dim=encoder.embed_dim, lm_embed_dim=embedding_size(lm))
     cache_dir = Path(embeddings_dir) if embeddings_dir else Path(train_config.out_dir) / "text-embeddings"
     text_embeds = cached_text_embeddings(captions, encoder, cache_dir)  # (N, D)
@@ -123,7 +134,8 @@ def train_maccap(
         return {"text_to_text_exact": text_to_text_exact(trained, text_embeds[scored], captions[scored])}
 
     task = TrainTask(model=model, dataset=CaptionDataset(text_embeds, token_ids, attention_mask), collate_fn=collate,
-                     loss_fn=maccap_loss, evaluate=evaluate if eval_captions > 0 else None)
+                     loss_fn=maccap_loss, evaluate=evaluate if eval_captions > 0 else None,
+                     identity=run_identity(config, captions))
     result = train(task, train_config, resume=resume, stop_after=stop_after)
     bundle = None
     if result.finished and int(os.environ.get("RANK", "0")) == 0:

@@ -248,7 +248,27 @@ def decode_examples(model: TOMCap, examples: TOMCapExamples, indices: Sequence[i
     return groups
 
 
-def build_task(model: TOMCap, examples: TOMCapExamples, *, eval_samples: int = 0) -> TrainTask:
+_LOCATION_FIELDS = ("lm", "datastore", "gap_stats")  # where things are, not what they are: may move between runs
+
+
+def run_identity(config: TOMCapConfig, captions: Sequence[str], datastore: CaptionDatastore,
+                 gap_stats: GapStats | None) -> dict[str, Any]:
+    """What a resumed run must share with the killed one: the model settings, the exact corpus, the
+    datastore (its encoder, size and index) and the gap statistics' values."""
+    settings = {f"tomcap.{name}": json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+                for name, value in config.to_dict().items() if name not in _LOCATION_FIELDS}
+    gap = None
+    if gap_stats is not None:
+        digest = hashlib.sha256()
+        for tensor in (gap_stats.mu_image, gap_stats.mu_text, gap_stats.sigma_image, gap_stats.sigma_text):
+            digest.update(tensor.detach().cpu().float().numpy().tobytes())
+        gap = digest.hexdigest()
+    return {**settings, "corpus_sha256": corpus_sha256(captions),
+            "datastore": json.dumps(datastore.meta(), sort_keys=True), "gap_stats_sha256": gap}
+
+
+def build_task(model: TOMCap, examples: TOMCapExamples, *, eval_samples: int = 0,
+               identity: dict[str, Any] | None = None) -> TrainTask:
     """The shared loop's TrainTask; ``eval_samples`` > 0 adds a text-to-text check on the first examples."""
     evaluate = None
     if eval_samples > 0:
@@ -258,7 +278,7 @@ def build_task(model: TOMCap, examples: TOMCapExamples, *, eval_samples: int = 0
             return {"text_to_text_exact": reproduce_targets(trained, examples, indices)[0]}
 
     return TrainTask(model=model, dataset=examples, collate_fn=collate(model.pad_id), loss_fn=loss_fn,
-                     evaluate=evaluate)
+                     evaluate=evaluate, identity=identity or {})
 
 
 def prepare_examples(
@@ -347,7 +367,8 @@ def train_tomcap(
         wait_for_file(retrieval_cache)
     examples = prepare_examples(model, captions, corpus_embeds, datastore, encoder.encode_text, gap_stats=gap_stats,
                                 query_embeds=query_embeds, retrieval_cache=retrieval_cache, progress=_is_main_rank())
-    task = build_task(model, examples, eval_samples=eval_samples)
+    task = build_task(model, examples, eval_samples=eval_samples,
+                      identity=run_identity(config, captions, datastore, gap_stats))
     result = train(task, train_config, resume=resume, stop_after=stop_after)
     bundle = None
     if result.finished and _is_main_rank():
@@ -394,7 +415,7 @@ def write_bundle(out: str | Path, *, model: TOMCap, encoder: ClipEncoder, encode
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training tomcap", description=__doc__.split("\n\n")[0])
     io = parser.add_argument_group("data and output")
-    add_corpus_arguments(io)
+    add_corpus_arguments(io, max_words=0)  # TOMCap trains on every caption, as its datastore holds them
     io.add_argument("--datastore", required=True, help="caption datastore folder (python -m training index)")
     io.add_argument("--gap-stats", default=None,
                     help="gap statistics file (python -m training gapstats); needed unless --gap-correction none")
