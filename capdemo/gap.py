@@ -75,21 +75,29 @@ class GapStats:
     sigma_text: torch.Tensor  # (D,)
     n_image: int  # how many image embeddings the image statistics summarise
     n_text: int  # how many text embeddings the text statistics summarise
+    encoder_name: str = ""  # the embedding space they describe ("": unknown, a file from before it was recorded)
 
     @property
     def dim(self) -> int:
         return int(self.mu_image.shape[0])
 
     @classmethod
-    def compute(cls, image_embeds: ArrayLike, text_embeds: ArrayLike) -> "GapStats":
-        """Statistics of an (unpaired) image set (N_I, D) and text set (N_T, D)."""
+    def compute(cls, image_embeds: ArrayLike, text_embeds: ArrayLike, *, encoder_name: str = "") -> "GapStats":
+        """Statistics of an (unpaired) image set (N_I, D) and text set (N_T, D) from the encoder ``encoder_name``."""
         images = _as_float_tensor(image_embeds, what="image embeddings")
         texts = _as_float_tensor(text_embeds, what="text embeddings")
         if images.shape[1] != texts.shape[1]:
             raise GapStatsError(f"image embeddings are {images.shape[1]}-d but text embeddings are {texts.shape[1]}-d")
         sigma_image, mu_image = torch.std_mean(images, dim=0, correction=0)  # (D,), (D,)
         sigma_text, mu_text = torch.std_mean(texts, dim=0, correction=0)  # (D,), (D,)
-        return cls(mu_image, sigma_image, mu_text, sigma_text, n_image=images.shape[0], n_text=texts.shape[0])
+        return cls(mu_image, sigma_image, mu_text, sigma_text, n_image=images.shape[0], n_text=texts.shape[0],
+                   encoder_name=encoder_name)
+
+    def require_encoder(self, encoder_name: str) -> None:
+        """Refuse statistics of another embedding space (two CLIPs of one width are not interchangeable)."""
+        if self.encoder_name and self.encoder_name != encoder_name:
+            raise GapStatsError(f"the gap statistics describe {self.encoder_name}'s embeddings, not {encoder_name}'s;"
+                                " compute them with the same encoder (`python -m training gapstats`)")
 
     def correct(
         self, embeds: torch.Tensor, mode: GapCorrection | str, *, renormalize: bool = False
@@ -123,6 +131,8 @@ class GapStats:
         """Write one safetensors file (the four vectors; counts in its metadata), atomically."""
         tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous() for name in _TENSOR_NAMES}
         metadata = {"format": GAP_STATS_FORMAT, "n_image": str(self.n_image), "n_text": str(self.n_text)}
+        if self.encoder_name:
+            metadata["encoder_name"] = self.encoder_name
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
@@ -140,7 +150,8 @@ class GapStats:
         shapes = {tuple(t.shape) for t in tensors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
             raise GapStatsError(f"{path}: the four statistics must be (D,) vectors of one size, got {sorted(shapes)}")
-        return cls(**tensors, n_image=int(metadata["n_image"]), n_text=int(metadata["n_text"]))
+        return cls(**tensors, n_image=int(metadata["n_image"]), n_text=int(metadata["n_text"]),
+                   encoder_name=metadata.get("encoder_name", ""))
 
 
 # --------------------------------------------------------------------------------------------

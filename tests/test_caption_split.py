@@ -73,3 +73,16 @@ def test_missing_images_and_subsets_are_one_line_errors(split, tmp_path, capsys)
     assert err.startswith("error: no image of split 'val'") and "\n" not in err
     assert caption_split.main(_argv(split, tmp_path / "r.jsonl", images=tmp_path)) == 2  # no image files there
     assert "split images are not under" in capsys.readouterr().err
+
+
+def test_a_resume_with_other_settings_is_refused(split, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    assert caption_split.main(_argv(split, out)) == 0
+    record = json.loads((tmp_path / "results.jsonl.run.json").read_text())
+    assert record["method"] == "tomcap" and len(record["bundle_sha256"]) == 64
+    before = out.read_text()
+    capsys.readouterr()
+    assert caption_split.main(_argv(split, out, "--beams", "2")) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' loading bars)
+    assert error.startswith("error: ") and "(options differ)" in error
+    assert out.read_text() == before  # nothing appended from the other run

@@ -195,6 +195,16 @@ def test_stats_save_load_round_trip(clouds, tmp_path):
         GapStats.load(tmp_path / "missing.safetensors")
 
 
+def test_stats_remember_their_encoder_and_refuse_another(clouds, tmp_path):
+    GapStats.compute(*clouds, encoder_name="ViT-B-16/openai").save(tmp_path / "gap.safetensors")
+    loaded = GapStats.load(tmp_path / "gap.safetensors")
+    assert loaded.encoder_name == "ViT-B-16/openai"
+    loaded.require_encoder("ViT-B-16/openai")
+    with pytest.raises(GapStatsError, match="ViT-B-16/openai's embeddings, not ViT-B-32/openai's"):
+        loaded.require_encoder("ViT-B-32/openai")  # same width (512), another space
+    GapStats.compute(*clouds).require_encoder("anything")  # unknown (files from before): not checked
+
+
 def test_gapstats_command_end_to_end_with_a_tiny_clip(tmp_path, capsys):
     """``python -m training gapstats`` on a random tiny CLIP and generated images, offline."""
     import json

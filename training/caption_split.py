@@ -11,7 +11,9 @@ overridden), the captions are appended to ``--out`` as capdemo JSON lines
 (``{image_id, image, caption}``) batch by batch, and the finished file is
 scored by :func:`training.evaluate.evaluate_captions` against the split's
 references. A killed run continues where it stopped: images already in
-``--out`` are not captioned again (a line cut short by the kill is dropped).
+``--out`` are not captioned again (a line cut short by the kill is dropped), and
+``--out.run.json`` records the bundle, method and options, so a resume with
+other ones is refused instead of mixing two runs in one score.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
+from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.images import ImageLoadError, load_image
 from capdemo.options import METHODS, CaptionOptions
 from capdemo.fileio import atomic_output
@@ -76,6 +79,24 @@ def done_ids(out: Path) -> set[ImageId]:
     return done
 
 
+def run_record_path(out: Path) -> Path:
+    return out.with_name(out.name + ".run.json")
+
+
+def check_run_record(out: Path, record: dict) -> None:
+    """Resume only the run that wrote ``out``: its bundle (manifest hash), method and options are kept beside
+    it, and a run that differs is refused, naming what changed, rather than mixing two runs' captions."""
+    path = run_record_path(out)
+    if out.is_file() and path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(key for key in saved.keys() | record.keys() if saved.get(key) != record.get(key))
+        if changed:
+            raise ValueError(f"{out} holds captions of another run ({', '.join(changed)} differ); "
+                             "use another --out, or delete it to start over")
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def caption_split(captioner, items: Sequence[SplitImage], files: dict[str, Path], out: Path, *, method: str,
                   options: CaptionOptions, batch_size: int) -> int:
     """Caption every image of ``items`` not yet in ``out``, appending JSON lines; returns how many were captioned."""
@@ -120,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
         captioner = Captioner.from_bundle(args.weights, device=args.device)
         options = CaptionOptions(samples=args.samples, beams=args.beams).validated()
+        check_run_record(args.out, {"bundle_sha256": sha256_of(captioner.bundle.path / MANIFEST),
+                                    "method": args.method, "options": options.to_dict()})
         caption_split(captioner, items, files, args.out, method=args.method, options=options,
                       batch_size=args.batch_size)
         predictions = load_predictions(args.out)

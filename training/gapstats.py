@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(captions) > args.max_captions:
             captions = [captions[i] for i in sorted(rng.sample(range(len(captions)), args.max_captions))]
         text_embeds = embed_captions(captions, encoder, batch_size=args.batch_size)
-    GapStats.compute(image_embeds, text_embeds).save(args.out)
+    GapStats.compute(image_embeds, text_embeds, encoder_name=encoder.name).save(args.out)
     report = gap_report(image_embeds, text_embeds, seed=args.seed)
     if not args.per_dim:
         report.pop("std_ratio_per_dim")

@@ -359,6 +359,8 @@ def train_tomcap(
         datastore.require_encoder(retriever.name)
     else:
         datastore.require_encoder(encoder.name)
+    if gap_stats is not None:  # corrects the captioning CLIP's text embeddings onto its image statistics
+        gap_stats.require_encoder(encoder.name)
     torch.manual_seed(train_config.seed)  # the cross-attention, LoRA and projection initialisation
     lm, tokenizer = load_gpt2_with_cross_attention(config.lm)
     model = TOMCap(config, lm, tokenizer)
