@@ -186,7 +186,8 @@ def build_result(
             patches.append(Patch(index=token - prefix_tokens, row=row, col=col, attention=float(weight)))
     embeddings = {
         "image": features.image_embeds[b : b + 1].float().cpu(),  # (1, D)
-        "region": F.normalize(regions[b].float(), dim=-1).cpu(),  # (N_cr, D) I_cr before noise
+        # (N_cr, D) I_cr before noise, row for row with ``patches`` (a picked CLS token has no patch: left out)
+        "region": F.normalize(regions[b][token_index[b] >= prefix_tokens].float(), dim=-1).cpu(),
         "candidates": scored.embeds[order].float().cpu(),  # (S, D), best first
         "patches": F.normalize(features.patch_embeds[b].float(), dim=-1).cpu(),  # (N_p, D)
     }

@@ -331,3 +331,17 @@ def test_bundle_round_trip_gives_the_same_captions(trained, tiny_encoder, tmp_pa
     pixels = torch.randn(1, 3, 32, 32)
     original = caption_images(trained, tiny_encoder, pixels)[0]
     assert caption_images(loaded, tiny_encoder, pixels)[0].caption == original.caption
+
+
+def test_a_picked_cls_token_leaves_patches_and_region_rows_aligned(tiny_encoder):
+    """With include_cls_in_topk the CLS token can be picked: it is no patch, so its region row is left out too."""
+    from capdemo.maccap_pipeline import build_result
+    from capdemo.rerank import ScoredTexts
+
+    features = tiny_encoder.encode_images(torch.randn(1, 3, 32, 32))
+    token_index = torch.tensor([[0, 6, 1]])  # CLS, then patches 5 and 0
+    regions = torch.randn(1, 3, 32)
+    scored = ScoredTexts(texts=["a", "b"], scores=torch.tensor([0.2, 0.3]), embeds=torch.eye(2, 32))
+    result = build_result(features, 0, token_index, torch.tensor([[0.5, 0.3, 0.2]]), regions, scored, {}, {}, 0)
+    assert [p.index for p in result.patches] == [5, 0]
+    torch.testing.assert_close(result.embeddings["region"], F.normalize(regions[0, 1:], dim=-1))
