@@ -68,7 +68,7 @@ class BundleWriter:
         recover_interrupted_write(self.out_dir)
         self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.{_STAGING}-{_writer_tag()}-",
                                               dir=self.out_dir.parent))
-        _in_use.add(self._staging)
+        _in_use.add(self._staging.resolve())
         self._components: dict[str, dict[str, Any]] = {}
         self._info = {"name": name, "description": description, **info}
 
@@ -146,18 +146,18 @@ class BundleWriter:
         }
         (self._staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         _replace_dir(self._staging, self.out_dir)
-        _in_use.discard(self._staging)
+        _in_use.discard(self._staging.resolve())
         return self.out_dir
 
     def abort(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
-        _in_use.discard(self._staging)
+        _in_use.discard(self._staging.resolve())
 
 
 # What a writer leaves beside a bundle if it dies: .NAME.staging-HOST-PID-* and, mid-swap, .NAME.old-HOST-PID.
 _STAGING, _ASIDE = "staging", "old"
 _LEFTOVER = re.compile(rf"\.(?P<bundle>.+)\.(?P<kind>{_STAGING}|{_ASIDE})-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)(-.*)?")
-_in_use: set[Path] = set()  # leftovers-to-be that this process made and may still be writing
+_in_use: set[Path] = set()  # leftovers-to-be that this process made and may still be writing (resolved paths)
 
 
 def _host() -> str:
@@ -174,13 +174,13 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
         return
     old = target.with_name(f".{target.name}.{_ASIDE}-{_writer_tag()}")
-    _in_use.add(old)
+    _in_use.add(old.resolve())
     try:
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        _in_use.discard(old)
+        _in_use.discard(old.resolve())
 
 
 def _writer_gone(path: Path, host: str, pid: int) -> bool:
@@ -189,7 +189,7 @@ def _writer_gone(path: Path, host: str, pid: int) -> bool:
     if os.name != "posix" or host != _host():
         return False
     if pid == os.getpid():
-        return path not in _in_use
+        return path.resolve() not in _in_use
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -233,3 +233,14 @@ def test_leftovers_of_a_live_or_unknown_writer_are_left_alone(tmp_path):
         live.wait()
     BundleWriter(target, name="again").abort()  # its writer now dead, the local leftover goes
     assert not kept[0].exists() and kept[1].is_dir()
+
+
+def test_a_live_writer_in_this_process_keeps_its_staging_whatever_the_path_spelling(tmp_path, monkeypatch):
+    from capdemo.bundle import recover_interrupted_write
+
+    monkeypatch.chdir(tmp_path)
+    writer = BundleWriter("kept", name="kept")  # a relative path here, an absolute one below
+    writer.add_component("a", {"n": 1})
+    recover_interrupted_write(tmp_path / "kept")
+    assert writer._staging.is_dir()
+    assert set(Bundle.load(writer.finish()).components) == {"a"}
