@@ -14,6 +14,13 @@ from pathlib import Path
 from capdemo.options import METHODS, CaptionOptions
 
 
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
 def _parser() -> argparse.ArgumentParser:
     from capdemo.pipeline import DEFAULT_WEIGHTS
 
@@ -35,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--k", type=int, default=None, help="TOMCap retrieved neighbours")
     cap.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
     cap.add_argument("--seed", type=int, default=0, help="seed for the inference noise")
-    cap.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    cap.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass")
     common(cap)
 
     vqa = sub.add_parser("vqa", help="answer a question about an image")
@@ -67,7 +74,7 @@ def _caption(args: argparse.Namespace, captioner) -> int:
         except (ImageLoadError, OSError) as err:
             _error(str(err) if isinstance(err, ImageLoadError) else f"{path}: {err.strerror or err}")
             failures += 1
-    for start in range(0, len(loaded), max(1, args.batch_size)):
+    for start in range(0, len(loaded), args.batch_size):
         chunk = loaded[start: start + args.batch_size]
         results = captioner.caption([image for _, image in chunk], args.method, options)
         for (path, _), result in zip(chunk, results):

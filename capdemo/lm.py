@@ -155,10 +155,12 @@ def clean_text(text: str) -> str:
     return _WHITESPACE.sub(" ", printable).strip()
 
 
-def decode(tokenizer: Any, token_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
-    """Token id rows -> cleaned strings, special tokens (eos, pad) dropped."""
+def decode(tokenizer: Any, token_ids: torch.Tensor | Sequence[Sequence[int]], *, raw: bool = False) -> list[str]:
+    """Token id rows -> strings, special tokens (eos, pad) dropped; cleaned (:func:`clean_text`) unless ``raw``,
+    which keeps line breaks for a caller that cuts at them first."""
     rows = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else [list(r) for r in token_ids]
-    return [clean_text(t) for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return texts if raw else [clean_text(t) for t in texts]
 
 
 __all__ = [

@@ -111,6 +111,9 @@ class Captioner:
             parts["datastore"] = tomcap_module.datastore_from_bundle(bundle)
             if parts["tomcap"].config.retrieval_encoder is not None:
                 parts["retriever"] = load_encoder(parts["tomcap"].config.retrieval_encoder, device=device)
+            # the datastore must live in the space of whichever encoder makes the queries (checked once, here)
+            if parts["datastore"] is not None:
+                parts["datastore"].require_encoder(parts.get("retriever", encoder).name)
             gap_spec = parts["tomcap"].config.gap_stats
             if gap_spec:
                 parts["gap_stats"] = GapStats.load(bundle.locate(gap_spec))

@@ -131,7 +131,7 @@ def generate_answer(model: MacCap, prompt: str) -> str:
         model.lm, embed_tokens(model.lm, ids), eos_token_id=model.eos_id, pad_token_id=model.pad_id,
         beams=model.config.beams, max_new_tokens=model.config.vqa_max_new_tokens,
     )
-    return short_answer(decode(model.tokenizer, out)[0])
+    return short_answer(decode(model.tokenizer, out, raw=True)[0])  # cut at the first line break, then clean
 
 
 @torch.inference_mode()

@@ -120,6 +120,15 @@ def test_cli_captions_good_images_and_reports_bad_ones(tiny_bundle_dir, tmp_path
     assert len(errors) == 1 and "broken.jpg" in errors[0]
 
 
+@pytest.mark.parametrize("size", ["0", "-1", "two"])
+def test_cli_refuses_a_batch_size_that_is_not_a_positive_number(size, tmp_path, capsys):
+    from capdemo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(tmp_path / "a.png"), "--batch-size", size])
+    assert exit_info.value.code == 2 and "--batch-size" in capsys.readouterr().err
+
+
 def test_out_of_memory_degrades_to_smaller_batches(captioner, monkeypatch):
     """A batch that does not fit is captioned in halves, with the same results as one by one."""
     from capdemo import maccap_pipeline

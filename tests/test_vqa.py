@@ -119,6 +119,16 @@ def test_short_answer_cuts_the_continuation():
     assert short_answer("two cats Question: what Answer: x") == "two cats"
 
 
+def test_the_generated_answer_is_cut_at_its_first_line_break(model, monkeypatch):
+    """The LM's continuation is cut before cleaning (cleaning turns line breaks into spaces)."""
+    import capdemo.vqa as vqa
+
+    continuation = " two\n\nThe man is holding a red umbrella."
+    ids = torch.tensor([model.tokenizer(continuation)["input_ids"]])
+    monkeypatch.setattr(vqa, "generate_from_embeds", lambda *args, **kwargs: ids)
+    assert vqa.generate_answer(model, "Question: how many? Answer:") == "two"
+
+
 def test_answer_embeddings_travel_in_a_bundle(tiny_encoder, tmp_path):
     answers = AnswerList(SMALL_ANSWERS)
     writer = BundleWriter(tmp_path / "b", name="vqa")
