@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ class Settings:
     tiny: bool = False  # tiny random models and minimal repeats: checks the plumbing (tests), measures nothing
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "fp32"  # model weights for inference: "fp32", "bf16" or "fp16" (fp16 needs CUDA)
+    # the machine's 1/5/15-minute load when the benchmark started (made with its Settings), before its own work
+    load_at_start: tuple[float, ...] = field(default_factory=lambda: tuple(round(x, 2) for x in os.getloadavg()),
+                                             compare=False)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -262,7 +265,7 @@ def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # now (a benchmark's envelope adds its start's)
         "platform": platform.platform(terse=True),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -277,7 +280,7 @@ def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
 def machine_label(info: dict[str, Any]) -> str:
     """One short line for the results table: CPU, cores, GPU, load average at the start."""
     gpu = info.get("gpu", "no GPU")
-    load = info.get("load_average", [float("nan")])[0]
+    load = info.get("load_average_at_start", info.get("load_average", [float("nan")]))[0]
     return f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores, {gpu}, load {load:.1f}"
 
 
@@ -291,7 +294,7 @@ def envelope(name: str, settings: Settings, figures: dict[str, Any], *, started:
         "mode": settings.mode,
         "device": settings.device,
         "dtype": settings.dtype,
-        "machine": machine(settings.device),
+        "machine": {**machine(settings.device), "load_average_at_start": list(settings.load_at_start)},
         **figures,
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -35,7 +35,7 @@ from benchmarks.models import (
 )
 from capdemo.options import CaptionOptions
 from capdemo.pipeline import Captioner
-from training.shapes.evaluate import CAPTION_BATCH, caption_all, world_config_of
+from training.shapes.evaluate import CAPTION_BATCH, caption_all, in_batches, world_config_of
 
 NAME = "throughput"
 REAL_STORE_SIZE = 20_000  # captions in the real-size run's flat datastore
@@ -76,10 +76,10 @@ def measure(captioners: dict[str, Captioner], images: list, settings: common.Set
     warmup = random_images(2, size=images[0].size[0], seed=SEED + 1)
     out = {}
     for method, captioner in captioners.items():
-        caption_all(captioner, warmup, method, CaptionOptions())
+        caption_all(captioner, in_batches(warmup), method, CaptionOptions())
         with common.PeakMemory(settings.device) as memory:
             started = time.perf_counter()
-            caption_all(captioner, images, method, CaptionOptions())
+            caption_all(captioner, in_batches(images), method, CaptionOptions())
             common.synchronize(settings.device)
             seconds = time.perf_counter() - started
         out[method] = {"images": len(images), "seconds": round(seconds, 3),

@@ -231,3 +231,14 @@ def test_runner_prints_one_object_with_every_benchmark(tmp_path):
     readme = tmp_path / "README.md"
     runner.record(combined, ["maccap_latency"], "python benchmarks/run.py --tiny", readme=readme)
     assert "| maccap_latency |" in readme.read_text()
+
+
+def test_the_recorded_load_is_the_one_before_the_benchmark_ran(monkeypatch):
+    """A benchmark's own threads raise the load average: the table shows the load at its start."""
+    loads = iter([(0.3, 0.5, 0.75), (2.0, 1.0, 1.0)])
+    monkeypatch.setattr(common.os, "getloadavg", lambda: next(loads))
+    settings = common.Settings()  # made when a benchmark starts
+    result = common.envelope("x", settings, {}, started=0.0)  # after its work
+    assert result["machine"]["load_average_at_start"] == [0.3, 0.5, 0.75]
+    assert result["machine"]["load_average"] == [2.0, 1.0, 1.0]
+    assert common.machine_label(result["machine"]).endswith("load 0.3")

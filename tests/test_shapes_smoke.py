@@ -78,11 +78,18 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
     for row in first["rows"].values():
         assert 0.0 <= row["scene_accuracy"] <= row["attribute_accuracy"] <= 1.0
     assert first["rows"]["maccap-s1"]["parse_rate"] > 0.5  # the smoke MacCap, scored through the ablation
-    variant = Bundle.load(work / "ablation" / "gap-none" / "bundle").component("tomcap")
+    trained_dir = work / "ablation" / "gap-none" / "steps-10"
+    variant = Bundle.load(trained_dir / "bundle").component("tomcap")
     assert variant["gap_correction"] == "none" and variant["noise_variance"] == 0.0  # the row's flags took effect
-    trained = (work / "ablation" / "gap-none" / "bundle" / "bundle.json").stat().st_mtime_ns
+    trained = (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns
     assert ablate.main(argv) == 0  # a second run reads the stored scores: no training, same numbers
     assert json.loads(capsys.readouterr().out) == first
-    assert (work / "ablation" / "gap-none" / "bundle" / "bundle.json").stat().st_mtime_ns == trained
+    assert (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns == trained
+    other = ["--smoke", "--work-dir", str(work), "--weights", str(smoke_bundle), "--only", "gap-none",
+             "--steps", "12", "--n", "20", "--json"]  # other inputs: a new row, trained in its own folder
+    assert ablate.main(other) == 0
+    assert json.loads(capsys.readouterr().out)["tomcap_steps"] == 12
+    assert (work / "ablation" / "gap-none" / "steps-12" / "bundle" / "bundle.json").is_file()
+    assert (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns == trained
     assert ablate.main(["--work-dir", str(work / "missing")]) == 2
     assert "not a finished shapes build" in capsys.readouterr().err

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.options import CaptionOptions
 from capdemo.fileio import atomic_output
 from training.shapes.build import ShapesRecipe, StageOutputs, log, run_command, tomcap_command
@@ -64,9 +66,20 @@ REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rat
 
 def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: Path, steps: int | None, n: int,
                 seed: int) -> dict[str, Any]:
-    """Train (if needed) and score one variant; scores are cached next to its bundle."""
-    folder = work / "ablation" / variant.name
-    scores_file = folder / f"scores-n{n}-seed{seed}.json"
+    """Train (if needed) and score one variant; scores are cached next to its bundle.
+
+    Trained variants live in a folder per step count; a row's file name carries a hash of what it was
+    measured on (the recipe, or the scored weights' manifest), so a rerun with other inputs never reuses it.
+    """
+    if variant.trained:
+        tomcap_steps = recipe.tomcap_steps if steps is None else steps
+        folder = work / "ablation" / variant.name / f"steps-{tomcap_steps}"
+        source: dict[str, Any] = {"recipe": recipe.to_dict(), "steps": tomcap_steps}
+    else:
+        folder = work / "ablation" / variant.name
+        source = {"weights": sha256_of(weights / MANIFEST)}
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+    scores_file = folder / f"scores-n{n}-seed{seed}-{key}.json"
     if scores_file.is_file():
         return json.loads(scores_file.read_text())
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,10 +90,11 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
                 run_command(tomcap_command(recipe, work, out=bundle, run_dir=folder / "run", steps=steps,
                                            extra=variant.tomcap_flags))
         report = evaluate_bundle(str(bundle), n=n, seed=seed, methods=["tomcap"], options=CaptionOptions(),
-                                 ceiling=False)["tomcap"]
+                                 ceiling=False, world_config=recipe.world)["tomcap"]  # its bundle has no recipe
     else:
         report = evaluate_bundle(str(weights), n=n, seed=seed, methods=["maccap"],
-                                 options=CaptionOptions(samples=variant.samples), ceiling=False)["maccap"]
+                                 options=CaptionOptions(samples=variant.samples), ceiling=False,
+                                 world_config=recipe.world)["maccap"]
     row = {"group": variant.group, "description": variant.description, **{k: report[k] for k in REPORTED}}
     with atomic_output(scores_file) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
