@@ -66,6 +66,12 @@ def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
+def grid_box(size: tuple[int, int], *, center_crop: bool = True) -> tuple[int, int, int, int]:
+    """The part ``(left, top, right, bottom)`` of an image of ``size`` that the patch grid covers: the centre
+    square for a tower that centre-crops (OpenAI CLIP), the whole image for one that squashes it (SigLIP2)."""
+    return center_square(size) if center_crop else (0, 0, *size)
+
+
 def cell_box(row: int, col: int, grid: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """Pixel box ``(x0, y0, x1, y1)``, end-exclusive, of patch (row, col) of a (rows, cols) grid over ``box``."""
     rows, cols = grid
@@ -90,6 +96,7 @@ def attention_overlay(
     *,
     outlined: Sequence[tuple[int, int]] = (),
     side: int = DISPLAY_SIDE,
+    center_crop: bool = True,
 ) -> Image.Image:
     """The patch attention drawn over the part of ``image`` CLIP saw, with ``outlined`` patches boxed and numbered.
 
@@ -99,9 +106,11 @@ def attention_overlay(
             last block); min-max scaled for the colormap, so only the relative pattern is shown.
         outlined: (row, col) of the picked patches, best first; patch ``i`` of the list is labelled ``i + 1``.
         side: longest side of the returned image in pixels.
+        center_crop: the tower's preprocessing centre-crops (the grid covers the centre square); False: it
+            squashes the whole image onto the grid (:attr:`capdemo.encoders.ClipEncoder.center_crops`).
 
     Returns:
-        A new RGB image. Outside the centre square the image is dimmed, since the grid does not cover it.
+        A new RGB image. Outside the part the grid covers the image is dimmed.
     """
     grid = np.asarray(attention, dtype=np.float64)
     if grid.ndim != 2 or 0 in grid.shape or not np.isfinite(grid).all():
@@ -112,7 +121,7 @@ def attention_overlay(
             raise ValueError(f"patch ({row}, {col}) lies outside the {rows}x{cols} grid")
 
     canvas = display_copy(image, side=side)
-    box = center_square(canvas.size)
+    box = grid_box(canvas.size, center_crop=center_crop)
     left, top, right, bottom = box
     pixels = np.asarray(canvas, dtype=np.float64)  # (H, W, 3)
     shaded = pixels * OUTSIDE_GRID_DIM

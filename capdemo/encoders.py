@@ -196,7 +196,9 @@ def create_clip(config: EncoderConfig, *, device: str | torch.device = "cpu") ->
         hub_id, revision, tag_cfg = _tag_hub_source(config)
         spec = f"hf-hub:{hub_id}" + (f"@{revision}" if revision else "")
         weights = resolve(spec, what=f"{what} ({config.pretrained})", filename=OPEN_CLIP_WEIGHTS_FILE)
-        kwargs.update(image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"))
+        # the tag's whole preprocessing (SigLIP2 squashes the image instead of centre-cropping it)
+        kwargs.update(image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"),
+                      image_interpolation=tag_cfg.get("interpolation"), image_resize_mode=tag_cfg.get("resize_mode"))
         kwargs["force_quick_gelu"] = tag_cfg.get("quick_gelu", False) if config.quick_gelu is None else config.quick_gelu
     elif config.pretrained:
         weights = _local_weights_file(config.pretrained, what)
@@ -244,6 +246,14 @@ class ClipEncoder(nn.Module):
         self._map_tower = _map_pool_tower(visual) if self._last_attn is None else None
         self.images_encoded = 0  # vision-tower passes, counted per image (the app promises one per image)
         self._hooked_pass = threading.Lock()  # see encode_images
+
+    @property
+    def center_crops(self) -> bool:
+        """Whether preprocessing centre-crops (the patch grid covers the centre square) rather than squashing
+        the whole image onto the grid; read from the transform itself."""
+        from torchvision.transforms import CenterCrop
+
+        return any(isinstance(step, CenterCrop) for step in getattr(self.transform, "transforms", []))
 
     @classmethod
     def from_config(cls, config: EncoderConfig, *, device: str | torch.device = "cpu") -> "ClipEncoder":

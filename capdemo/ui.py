@@ -297,7 +297,8 @@ class CaptionDemo:
             tomcap_caption=tomcap.caption if tomcap else "",
             maccap_candidates=candidates_table(maccap),
             tomcap_candidates=candidates_table(tomcap),
-            heatmap=analysis.attention_overlay(picture, attention, outlined=outlined),
+            heatmap=analysis.attention_overlay(picture, attention, outlined=outlined,
+                                               center_crop=self.captioner.encoder.center_crops),
             neighbours=neighbours_table(tomcap),
             timings=timings_table(results),
             details={

@@ -183,3 +183,14 @@ def test_gap_histogram_has_a_histogram_and_normal_fit_per_series():
     curve = figure.data[1]
     reach = 0.25 / values.std()  # the curve spans min..max: +-reach standard deviations
     assert np.isclose(np.trapezoid(curve.y, curve.x), math.erf(reach / math.sqrt(2)), atol=1e-3)
+
+
+def test_a_squashing_tower_covers_the_whole_image():
+    assert analysis.grid_box((200, 100)) == (50, 0, 150, 100)
+    assert analysis.grid_box((200, 100), center_crop=False) == (0, 0, 200, 100)
+    picture = Image.new("RGB", (200, 100), (200, 200, 200))
+    grid = np.ones((2, 2))
+    cropped = np.asarray(analysis.attention_overlay(picture, grid, side=200))
+    squashed = np.asarray(analysis.attention_overlay(picture, grid, side=200, center_crop=False))
+    assert (cropped[50, 10] < 200).all()  # outside the centre square: dimmed
+    assert not np.array_equal(squashed[50, 10], cropped[50, 10])  # covered by the heatmap instead

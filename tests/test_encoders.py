@@ -297,3 +297,33 @@ def test_concurrent_image_passes_do_not_mix_their_outputs(tiny_encoder):
     for i, features in enumerate(together):
         torch.testing.assert_close(features.attention, alone[i % len(batches)].attention)
         torch.testing.assert_close(features.token_embeds, alone[i % len(batches)].token_embeds)
+
+
+@pytest.mark.parametrize("model_name,tag,resize_mode", [("ViT-B-32", "openai", "shortest"),
+                                                          ("ViT-B-16-SigLIP2", "webli", "squash")])
+def test_a_pretrained_tag_keeps_its_whole_preprocessing(monkeypatch, tmp_path, model_name, tag, resize_mode):
+    """open_clip forgets a tag's resize mode when weights come from a file; capdemo passes it on."""
+    import open_clip
+
+    import capdemo.encoders as encoders
+
+    seen = {}
+
+    def fake_create(name, **kwargs):
+        seen.update(kwargs)
+        raise WeightsUnavailableError("stop here")
+
+    monkeypatch.setattr(encoders, "resolve", lambda spec, **kwargs: tmp_path / "weights.safetensors")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
+    with pytest.raises(WeightsUnavailableError, match="stop here"):
+        encoders.create_clip(EncoderConfig(model_name=model_name, pretrained=tag))
+    assert seen["image_resize_mode"] == resize_mode and seen["image_interpolation"] == "bicubic"
+
+
+def test_center_crops_is_read_from_the_preprocessing(tiny_encoder):
+    import open_clip
+
+    assert tiny_encoder.center_crops
+    _, _, squash = open_clip.create_model_and_transforms("ViT-B-32", image_resize_mode="squash")
+    squashing = ClipEncoder(tiny_encoder.model, squash, tiny_encoder.tokenizer, embed_dim=tiny_encoder.embed_dim)
+    assert not squashing.center_crops
