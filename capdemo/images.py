@@ -38,7 +38,8 @@ BACKGROUND_RGB = (255, 255, 255)
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF"})
 
 # Integer and float modes have no fixed white point, so they are stretched by their own range.
-_HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # a fixed range: 0..65535
+_HIGH_DEPTH_MODES = frozenset({"I", "F"}) | _SIXTEEN_BIT_MODES
 
 # ISO-BMFF brands of HEIC/HEIF files, to name the format when Pillow cannot read it.
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
@@ -191,7 +192,12 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
 def _to_rgb(image: Image.Image, prefix: str) -> Image.Image:
     """A new 8-bit RGB copy of a loaded image of any mode, transparency composited on white."""
     if image.mode in _HIGH_DEPTH_MODES:
-        image = _stretch_to_8bit(image)
+        transparent = image.info.get("transparency")  # a grey value marked transparent (PNG tRNS)
+        values = np.asarray(image)
+        image = _scale_to_8bit(values) if image.mode in _SIXTEEN_BIT_MODES else _stretch_to_8bit(image)
+        if isinstance(transparent, int):
+            alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
+            image = Image.merge("LA", (image, alpha))
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         composite = Image.new("RGB", rgba.size, BACKGROUND_RGB)
@@ -203,8 +209,15 @@ def _to_rgb(image: Image.Image, prefix: str) -> Image.Image:
         raise ImageLoadError(f"{prefix}unsupported colour mode {image.mode}") from exc
 
 
+def _scale_to_8bit(values: np.ndarray) -> Image.Image:
+    """16-bit grey levels onto 0..255 as a viewer shows them (v * 255 / 65535, rounded half up)."""
+    levels = np.floor(values.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    return Image.fromarray(levels)
+
+
 def _stretch_to_8bit(image: Image.Image) -> Image.Image:
-    """Map the image's own finite value range linearly onto 0..255, rounding half up.
+    """Map a 32-bit integer or float image's own finite value range (it has no fixed one) linearly onto 0..255,
+    rounding half up.
 
     A flat image has no range to stretch, so its value is clipped to 0..255.
     """

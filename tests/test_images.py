@@ -209,15 +209,22 @@ def test_image_without_pixels_is_refused():
 # ---------------------------------------------------------------- colour modes
 
 
-def test_16_bit_png_is_stretched_by_its_own_range():
-    gradient = Image.fromarray(np.array([[1000, 1400, 2000, 3000]], dtype=np.uint16))
+def test_16_bit_png_is_scaled_to_8_bits_as_a_viewer_shows_it():
+    gradient = Image.fromarray(np.array([[1000, 1400, 2000, 3000, 30000, 65535]], dtype=np.uint16))
     data = encode(gradient, "PNG")
     assert Image.open(io.BytesIO(data)).mode == "I;16"
-    # (v - 1000) * 255 / 2000, rounded half up: 0, 51, 127.5 -> 128, 255
-    expected = np.array([0, 51, 128, 255], dtype=np.uint8)
+    # v * 255 / 65535, rounded half up: a dark image stays dark, a flat mid-grey stays mid-grey
+    expected = np.array([4, 5, 8, 12, 117, 255], dtype=np.uint8)
     values = rgb_values(load_image(data))
-    assert values.shape == (1, 4, 3)
+    assert values.shape == (1, 6, 3)
     np.testing.assert_array_equal(values, np.repeat(expected[None, :, None], 3, axis=2))
+
+
+def test_16_bit_png_transparency_is_composited_on_white():
+    grey = Image.fromarray(np.array([[0, 30000]], dtype=np.uint16))
+    data = encode(grey, "PNG", transparency=0)  # tRNS: value 0 is transparent
+    assert Image.open(io.BytesIO(data)).info.get("transparency") == 0
+    np.testing.assert_array_equal(rgb_values(load_image(data))[0, :, 0], [255, 117])
 
 
 def test_float_image_ignores_non_finite_values_for_the_range():
@@ -227,9 +234,9 @@ def test_float_image_ignores_non_finite_values_for_the_range():
     np.testing.assert_array_equal(rgb_values(load_image(floats))[0, :, 0], [0, 128, 255, 0, 255])
 
 
-def test_flat_16_bit_image_is_clipped():
-    flat = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
-    assert rgb_values(load_image(encode(flat, "PNG"))).min() == 255
+def test_flat_16_bit_image_keeps_its_level():
+    flat = Image.fromarray(np.full((2, 2), 30000, dtype=np.uint16))
+    assert np.unique(rgb_values(load_image(encode(flat, "PNG")))).tolist() == [117]
 
 
 def test_palette_png_with_transparency_is_composited_on_white():
