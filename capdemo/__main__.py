@@ -11,15 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from capdemo.options import METHODS, CaptionOptions
+from capdemo.options import METHODS, CaptionOptions, positive_int
 
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
 
 def _parser() -> argparse.ArgumentParser:
     from capdemo.pipeline import DEFAULT_WEIGHTS
@@ -42,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--k", type=int, default=None, help="TOMCap retrieved neighbours")
     cap.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
     cap.add_argument("--seed", type=int, default=0, help="seed for the inference noise")
-    cap.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass")
+    cap.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     common(cap)
 
     vqa = sub.add_parser("vqa", help="answer a question about an image")

@@ -28,7 +28,7 @@ from typing import Sequence
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.images import ImageLoadError, load_image
-from capdemo.options import METHODS, CaptionOptions
+from capdemo.options import METHODS, CaptionOptions, positive_int
 from capdemo.fileio import atomic_output
 from training.datasets import DataFormatError, ImageId, SplitImage, load_karpathy_split, references_from_split
 from training.evaluate import (CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions,
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", default="test", help="which split to caption ('all': every image)")
     parser.add_argument("--out", required=True, type=Path, help="JSON lines of captions (appended; resumable)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (a quick check)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per captioning call")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per captioning call")
     parser.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (bundle default)")
     parser.add_argument("--beams", type=int, default=None, help="beam width (bundle default)")
     parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS))

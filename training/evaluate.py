@@ -40,6 +40,7 @@ from pycocoevalcap.spice import get_stanford_models as spice_corenlp
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from capdemo.options import positive_int
 from training.datasets import (
     DataFormatError,
     ImageId,
@@ -377,13 +378,6 @@ def load_vqa_answers(path: str | Path) -> dict[QuestionId, list[str]]:
 # CLI
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training evaluate",
@@ -422,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ks",
         nargs="+",
-        type=_positive_int,
+        type=positive_int,
         default=list(VQA_TOP_KS),
         help="--vqa: top-k cut-offs (default: 1 5 10)",
     )
