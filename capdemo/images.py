@@ -37,8 +37,9 @@ BACKGROUND_RGB = (255, 255, 255)
 # attack surface small. HEIF is only present when a plugin such as pillow-heif is.
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF"})
 
-# Integer and float modes have no fixed white point, so they are stretched by their own range.
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # a fixed range: 0..65535
+# 16-bit grey has a fixed range (0..65535) and is scaled; 32-bit integer and float modes have no fixed white
+# point, so they are stretched by their own range.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _HIGH_DEPTH_MODES = frozenset({"I", "F"}) | _SIXTEEN_BIT_MODES
 
 # ISO-BMFF brands of HEIC/HEIF files, to name the format when Pillow cannot read it.
@@ -194,7 +195,7 @@ def _to_rgb(image: Image.Image, prefix: str) -> Image.Image:
     if image.mode in _HIGH_DEPTH_MODES:
         transparent = image.info.get("transparency")  # a grey value marked transparent (PNG tRNS)
         values = np.asarray(image)
-        image = _scale_to_8bit(values) if image.mode in _SIXTEEN_BIT_MODES else _stretch_to_8bit(image)
+        image = _scale_to_8bit(values) if image.mode in _SIXTEEN_BIT_MODES else _stretch_to_8bit(values)
         if isinstance(transparent, int):
             alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
             image = Image.merge("LA", (image, alpha))
@@ -215,13 +216,13 @@ def _scale_to_8bit(values: np.ndarray) -> Image.Image:
     return Image.fromarray(levels)
 
 
-def _stretch_to_8bit(image: Image.Image) -> Image.Image:
+def _stretch_to_8bit(values: np.ndarray) -> Image.Image:
     """Map a 32-bit integer or float image's own finite value range (it has no fixed one) linearly onto 0..255,
     rounding half up.
 
     A flat image has no range to stretch, so its value is clipped to 0..255.
     """
-    values = np.asarray(image, dtype=np.float64)  # (H, W)
+    values = values.astype(np.float64)  # (H, W)
     finite = values[np.isfinite(values)]
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
     values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
