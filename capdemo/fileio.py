@@ -9,18 +9,37 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+TEMP_SUFFIX = ".tmp"  # every temp file written here is hidden and ends so: ``.<name>.<pid>-<random>.tmp``
+
+
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` in one rename only if the block succeeds.
 
     A killed or failing writer leaves the old file (or none) and at most a
-    hidden ``.<name>.*.tmp`` file, never a truncated ``path``.
+    hidden ``.<name>.*.tmp`` file, never a truncated ``path``. ``durable``
+    also fsyncs the file before the rename and the folder after it, so the new
+    file survives a power cut once this returns (training checkpoints).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     try:
         yield tmp
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if durable:
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -25,3 +25,18 @@ def test_a_failing_block_leaves_the_old_file_and_no_temp(tmp_path):
             raise RuntimeError("writer died")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_a_durable_write_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.isdir(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    with atomic_output(tmp_path / "plain.txt") as tmp:
+        tmp.write_text("a")
+    assert synced == []
+    with atomic_output(tmp_path / "durable.txt", durable=True) as tmp:
+        tmp.write_text("b")
+    assert synced == [False, True]  # the temp file before the rename, then the folder
+    assert (tmp_path / "durable.txt").read_text() == "b"

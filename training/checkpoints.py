@@ -3,17 +3,16 @@
 A checkpoint is one file, ``<out_dir>/checkpoints/step-XXXXXXXX.safetensors``: trainable weights
 under ``model/``, AdamW state under ``optim/``, and the JSON training state (step, config,
 loss scaler, history) in the safetensors metadata. It is written to a temporary file in the
-same folder, fsynced and renamed, so a file under a final name is always complete; resuming
-takes the newest file that loads and skips, with a warning, any that do not.
+same folder, fsynced and renamed (:func:`capdemo.fileio.atomic_output`), so a file under a final
+name is always complete; resuming takes the newest file that loads and skips, with a warning, any
+that do not.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from capdemo.fileio import TEMP_SUFFIX, atomic_output
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "capdemo.train-checkpoint/1"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.safetensors$")
-TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -99,37 +99,15 @@ def latest_checkpoint(directory: str | Path) -> Checkpoint | None:
     return None
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temp file in the same folder: readers see the old file or the whole new one."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
-        write(temp)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
 def write_json_atomically(path: Path, data: Any) -> None:
-    replace_atomically(path, lambda temp: temp.write_text(json.dumps(data, indent=1) + "\n"))
+    with atomic_output(path, durable=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def remove_stale_temp_files(directory: Path) -> None:
     """Temp files of a run that was killed while writing; never a checkpoint, so never needed.
 
-    Besides ours (``.step-*.tmp``), safetensors' ``save_file`` writes through a temp file of its
+    Besides ours (``.step-*.tmp``, from :func:`capdemo.fileio.atomic_output`), safetensors' ``save_file`` writes through a temp file of its
     own in the same folder (``.tmpXXXXXX``), which a kill during the write leaves behind too.
     """
     for pattern in (f".*{TEMP_SUFFIX}", ".tmp*"):

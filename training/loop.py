@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from capdemo.config import Config
+from capdemo.fileio import atomic_output
 from training.checkpoints import (
     CHECKPOINT_FORMAT,
     Checkpoint,
@@ -64,7 +65,6 @@ from training.checkpoints import (
     checkpoint_paths,
     latest_checkpoint,
     remove_stale_temp_files,
-    replace_atomically,
     write_json_atomically,
 )
 from training.data_order import DataOrder, StepRangeSampler, derive_seed
@@ -458,7 +458,8 @@ class Trainer:
             "evaluations": self.evaluations,
         }
         metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)}
-        replace_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+        with atomic_output(path, durable=True) as temp:
+            save_file(tensors, temp, metadata=metadata)
         for old in checkpoint_paths(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path
