@@ -21,6 +21,12 @@ from capdemo.fileio import atomic_output
 T = TypeVar("T", bound="Config")
 
 
+def differing_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between a saved run record and the current one (missing on either side
+    counts), sorted: what a resume that must continue the same run names when it refuses."""
+    return sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+
+
 class ConfigError(ValueError):
     """A config dict that does not match its dataclass."""
 

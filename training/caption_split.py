@@ -27,6 +27,7 @@ from typing import Sequence
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import MANIFEST, sha256_of
+from capdemo.config import differing_keys
 from capdemo.images import ImageLoadError, load_image
 from capdemo.options import METHODS, CaptionOptions, positive_int
 from capdemo.fileio import atomic_output
@@ -89,7 +90,7 @@ def check_run_record(out: Path, record: dict) -> None:
     path = run_record_path(out)
     if out.is_file() and path.is_file():
         saved = json.loads(path.read_text())
-        changed = sorted(key for key in saved.keys() | record.keys() if saved.get(key) != record.get(key))
+        changed = differing_keys(saved, record)
         if changed:
             raise ValueError(f"{out} holds captions of another run ({', '.join(changed)} differ); "
                              "use another --out, or delete it to start over")

@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from capdemo.config import Config
+from capdemo.config import Config, differing_keys
 from capdemo.fileio import atomic_output
 from training.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -257,6 +257,7 @@ class Trainer:
         self.order.micro_batch_size(world_size=env.world_size, grad_accum=config.grad_accum)  # fails early if uneven
         self.total_steps = config.max_steps or config.epochs * self.order.steps_per_epoch
         self.checkpoint_dir = Path(config.out_dir) / "checkpoints"
+        self.identity = json.loads(json.dumps(dict(task.identity)))  # as a checkpoint reads back (tuples: lists)
         self.forward = self._loss_module()
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -451,7 +452,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "precision": self.precision,
             "config": self.config.to_dict(),
-            "identity": self._identity(),
+            "identity": self.identity,
             "grad_scaler": self.scaler.state_dict(),
             "pending_loss": [self._pending_loss.item(), self._pending_steps],
             "history": self.history,
@@ -504,19 +505,14 @@ class Trainer:
         if checkpoint.state["dataset_size"] != self.order.dataset_size:
             raise CheckpointError(f"{checkpoint.path}: the dataset had {checkpoint.state['dataset_size']} samples,"
                                   f" it now has {self.order.dataset_size}")
-        now = self._identity()
-        saved = checkpoint.state.get("identity", now)  # checkpoints written before identities were: nothing to compare
-        changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+        # checkpoints written before identities were stored have nothing to compare
+        changed = differing_keys(checkpoint.state.get("identity", self.identity), self.identity)
         if changed:
             raise CheckpointError(f"{checkpoint.path}: the model or its data changed since this checkpoint"
                                   f" ({', '.join(changed)}); resume the same run or use another out_dir")
         if checkpoint.state.get("world_size", self.env.world_size) != self.env.world_size:
             log.warning("resuming a %d-process run on %d processes: per-rank noise differs, so the result will not"
                         " be bit-identical to an uninterrupted run", checkpoint.state["world_size"], self.env.world_size)
-
-    def _identity(self) -> dict[str, Any]:
-        """The task's identity as it reads back from a checkpoint's JSON (tuples become lists)."""
-        return json.loads(json.dumps(dict(self.task.identity)))
 
 
 def train(task: TrainTask, config: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
