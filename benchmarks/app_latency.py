@@ -145,8 +145,7 @@ def vision_passes_per_request(captioner: Any, image: Path) -> dict[str, int]:
     demo = CaptionDemo(captioner)
     encoder = captioner.encoder
     before = encoder.images_encoded
-    view = demo.caption_event(str(image), list(captioner.methods), None, None, None, None, None, None, 0,
-                              progress=lambda *a, **k: None)
+    view = demo.caption_event(str(image), list(captioner.methods), progress=lambda *a, **k: None)
     after_caption = encoder.images_encoded
     demo.embedding_event(str(image), "pca", view.session, progress=lambda *a, **k: None)
     return {"caption": after_caption - before, "caption_then_embedding": encoder.images_encoded - before}

@@ -211,7 +211,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.start_mb = self.peak_mb = rss_mb()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -301,7 +301,7 @@ def envelope(name: str, settings: Settings, figures: dict[str, Any], *, started:
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _cell(text: str) -> str:

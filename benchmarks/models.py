@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +22,9 @@ from PIL import Image
 
 from capdemo.encoders import ClipEncoder, EncoderConfig, load_encoder
 from capdemo.lm import embedding_size
-from capdemo.maccap import MacCap, MacCapConfig
+from capdemo.methods.maccap.model import MacCap, MacCapConfig
 from capdemo.retrieval import CaptionDatastore, IndexSpec
-from capdemo.tomcap import TOMCap, TOMCapConfig
+from capdemo.methods.tomcap.model import TOMCap, TOMCapConfig
 
 SHAPES_BUNDLE = Path(__file__).resolve().parents[1] / "weights" / "shapes"  # the bundle the app ships
 REAL_CLIP = "ViT-B-32"  # the papers' CLIP architecture (open_clip name), random weights
@@ -112,7 +113,7 @@ def random_clip(*, tiny: bool, seed: int = 0, device: str | torch.device = "cpu"
     """ViT-B/32 with random weights, or the tests' tiny CLIP."""
     torch.manual_seed(seed)
     if tiny:
-        from tests.tiny_models import tiny_encoder
+        from capdemo.testing import tiny_encoder
 
         encoder = tiny_encoder(seed=seed)
     else:
@@ -160,7 +161,7 @@ def maccap_stack(*, tiny: bool, lm: str = "gpt2", samples: int = 20, beams: int 
     if encoder is None:
         encoder = random_clip(tiny=tiny, seed=seed, device=device, dtype=dtype)
     if tiny:
-        from tests.tiny_models import tiny_gpt2, tiny_tokenizer
+        from capdemo.testing import tiny_gpt2, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         language_model = tiny_gpt2(tokenizer, seed=seed)
@@ -199,7 +200,7 @@ def tomcap_stack(*, tiny: bool, beams: int = 3, new_tokens: int = 25, k: int = 4
     if encoder is None:
         encoder = random_clip(tiny=tiny, seed=seed, device=device, dtype=dtype)
     if tiny:
-        from tests.tiny_models import tiny_gpt2, tiny_tokenizer
+        from capdemo.testing import tiny_gpt2, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         language_model = tiny_gpt2(tokenizer, cross_attention=True, seed=seed)
@@ -227,7 +228,7 @@ def synthetic_captions(count: int, *, words: Sequence[str], length: int = CAPTIO
 def caption_words(tokenizer: Any, *, tiny: bool) -> list[str]:
     """Words that are single tokens of the LM's tokenizer: ``w<i>`` (synthetic) or the tiny corpus's words."""
     if tiny:
-        from tests.tiny_models import TINY_CORPUS
+        from capdemo.testing import TINY_CORPUS
 
         return sorted({word for caption in TINY_CORPUS for word in caption.split()})
     vocabulary = tokenizer.get_vocab()
@@ -255,6 +256,6 @@ def app_bundle(scratch: str | Path, *, tiny: bool) -> tuple[Path, str]:
     random test bundle built into ``scratch``."""
     if not tiny and (SHAPES_BUNDLE / "bundle.json").is_file():
         return SHAPES_BUNDLE, "shapes"
-    from tests.tiny_bundle import build_tiny_bundle
+    from capdemo.testing import build_tiny_bundle
 
     return build_tiny_bundle(Path(scratch) / "tiny"), "tiny"

@@ -29,7 +29,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (python benchmarks/run.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_CHARS = 2000  # how much of a failed benchmark's log the JSON keeps

@@ -33,7 +33,9 @@ from benchmarks.models import (
     synthetic_datastore,
     tomcap_stack,
 )
-from capdemo.options import CaptionOptions
+from capdemo.methods.base import Towers
+from capdemo.methods.maccap.inference import MacCapMethod
+from capdemo.methods.tomcap.inference import TOMCapMethod
 from capdemo.pipeline import Captioner
 from training.shapes.evaluate import CAPTION_BATCH, caption_all, in_batches, world_config_of
 
@@ -65,10 +67,8 @@ def test_images(captioner: Captioner, count: int) -> list:
 
 
 def decoding_settings(captioners: dict[str, Captioner]) -> dict[str, dict[str, Any]]:
-    """Each method's bundle-default decoding settings, read from its model config."""
-    fields = {"maccap": ("samples", "beams", "max_new_tokens"), "tomcap": ("k", "beams", "max_new_tokens")}
-    return {method: {name: getattr(getattr(captioner, method).config, name) for name in fields[method]}
-            for method, captioner in captioners.items()}
+    """Each method's bundle-default settings."""
+    return {method: captioner.method(method).default_options().to_dict() for method, captioner in captioners.items()}
 
 
 def measure(captioners: dict[str, Captioner], images: list, settings: common.Settings) -> dict[str, Any]:
@@ -76,10 +76,10 @@ def measure(captioners: dict[str, Captioner], images: list, settings: common.Set
     warmup = random_images(2, size=images[0].size[0], seed=SEED + 1)
     out = {}
     for method, captioner in captioners.items():
-        caption_all(captioner, in_batches(warmup), method, CaptionOptions())
+        caption_all(captioner, in_batches(warmup), method, {})
         with common.PeakMemory(settings.device) as memory:
             started = time.perf_counter()
-            caption_all(captioner, in_batches(images), method, CaptionOptions())
+            caption_all(captioner, in_batches(images), method, {})
             common.synchronize(settings.device)
             seconds = time.perf_counter() - started
         out[method] = {"images": len(images), "seconds": round(seconds, 3),
@@ -102,8 +102,10 @@ def real_captioners(settings: common.Settings) -> dict[str, Captioner]:
     tomcap = tomcap_stack(**options).model
     store = synthetic_datastore(REAL_STORE_SIZE, encoder_name=encoder.name, dim=encoder.embed_dim, kind="flat",
                                 words=caption_words(tomcap.tokenizer, tiny=False), seed=SEED)
-    return {"maccap": Captioner(None, encoder, maccap=maccap),
-            "tomcap": Captioner(None, encoder, tomcap=tomcap, datastore=store)}
+    towers = Towers(encoder, device=settings.device)
+    methods = {"maccap": MacCapMethod(maccap, encoder),
+               "tomcap": TOMCapMethod(tomcap, encoder, datastore=store, gap_stats=None, retriever=None)}
+    return {name: Captioner(None, towers, {name: method}) for name, method in methods.items()}
 
 
 def run(*, quick: bool = False, tiny: bool = False, device: str = "cpu", dtype: str = "fp32") -> dict[str, Any]:

@@ -29,7 +29,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -46,11 +47,12 @@ from benchmarks.models import (
 from capdemo.encoders import ClipEncoder
 from capdemo.gap import GapCorrection, GapStats
 from capdemo.lm import embedding_size
-from capdemo.maccap import MacCap, MacCapConfig
+from capdemo.methods.maccap.model import MacCap, MacCapConfig
 from capdemo.retrieval import CaptionDatastore
-from capdemo.tomcap import TOMCap, TOMCapConfig
-from training import maccap as maccap_training
+from capdemo.methods.tomcap.model import TOMCap, TOMCapConfig
+from training.caption_data import CaptionDataset, collate, prefix_loss
 from training import tomcap as tomcap_training
+from training.embed import cached_text_embeddings
 from training.loop import TrainConfig, TrainTask, train
 
 NAME = "training_throughput"
@@ -107,8 +109,8 @@ def setup_for(plan: Plan, settings: common.Settings) -> Setup:
     count = plan.batch_size * steps
     encoder = random_clip(tiny=plan.tiny_models, seed=SEED, device=settings.device)
     if plan.tiny_models:
-        from tests.tiny_bundle import TINY_MACCAP, TINY_TOMCAP
-        from tests.tiny_models import tiny_gpt2, tiny_tokenizer
+        from capdemo.testing import TINY_MACCAP, TINY_TOMCAP
+        from capdemo.testing import tiny_gpt2, tiny_tokenizer
 
         # short captions of the tiny corpus's words: a TOMCap prompt must fit the tiny GPT-2's 128 positions
         captions = synthetic_captions(count, words=caption_words(tiny_tokenizer(), tiny=True),
@@ -128,7 +130,7 @@ def setup_for(plan: Plan, settings: common.Settings) -> Setup:
 def cached_embeddings(setup: Setup, folder: Path) -> tuple[torch.Tensor, float]:
     """The corpus's text embeddings through the training cache, and the seconds the cache took to build."""
     started = time.perf_counter()
-    embeds = maccap_training.cached_text_embeddings(setup.captions, setup.encoder, folder)
+    embeds = cached_text_embeddings(setup.captions, setup.encoder, folder)
     return embeds, time.perf_counter() - started
 
 
@@ -161,11 +163,10 @@ def maccap_task(setup: Setup, variant: str, embeds: torch.Tensor) -> TrainTask:
     model = MacCap(config, lm, tokenizer)
     token_ids, mask = model.tokenize(setup.captions)
     if variant == "cached":
-        dataset = maccap_training.CaptionDataset(embeds, token_ids, mask)
-        return TrainTask(model=model, dataset=dataset, collate_fn=maccap_training.collate,
-                         loss_fn=maccap_training.maccap_loss)
+        dataset = CaptionDataset(embeds, token_ids, mask)
+        return TrainTask(model=model, dataset=dataset, collate_fn=collate, loss_fn=prefix_loss)
 
-    def collate(items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    def collate_texts(items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
         texts, ids, masks = zip(*items)
         ids, masks = torch.stack(ids), torch.stack(masks)
         length = int(masks.sum(1).max())
@@ -175,7 +176,7 @@ def maccap_task(setup: Setup, variant: str, embeds: torch.Tensor) -> TrainTask:
         text_embeds = fresh_text_embeds(setup.encoder, batch["captions"], trained.device)  # (B, D)
         return trained.loss(text_embeds, batch["token_ids"], batch["attention_mask"])
 
-    return TrainTask(model=model, dataset=CaptionTexts(setup.captions, token_ids, mask), collate_fn=collate,
+    return TrainTask(model=model, dataset=CaptionTexts(setup.captions, token_ids, mask), collate_fn=collate_texts,
                      loss_fn=loss)
 
 

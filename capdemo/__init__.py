@@ -10,6 +10,6 @@ import os
 # 0.35 steps/s with the default (spinning) policy and 1.3 steps/s with PASSIVE. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from capdemo import _torchvision_compat  # noqa: E402,F401  (before open_clip, timm, transformers, peft)
+from capdemo import _torchvision_compat  # noqa: F401  (before open_clip, timm, transformers, peft)
 
 __version__ = "0.1.0"

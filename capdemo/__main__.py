@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from capdemo.options import METHODS, CaptionOptions, positive_int
+from capdemo import methods as registry
+from capdemo.inputs import positive_int
+from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,26 +27,21 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
         p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
 
-    cap = sub.add_parser("caption", help="caption images")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    cap = sub.add_parser("caption", help="caption images", formatter_class=formatter)
     cap.add_argument("images", nargs="+", type=Path, help="image files")
-    cap.add_argument("--method", choices=METHODS, default="maccap", help="captioning method")
-    cap.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (bundle default: 20)")
-    cap.add_argument("--beams", type=int, default=None, help="beam width (bundle default: 4)")
-    cap.add_argument("--noise-variance", type=float, default=None, help="MacCap inference noise variance")
-    cap.add_argument("--n-cr", type=int, default=None, help="MacCap patches picked by the CLS attention")
-    cap.add_argument("--k", type=int, default=None, help="TOMCap retrieved neighbours")
-    cap.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
-    cap.add_argument("--seed", type=int, default=0, help="seed for the inference noise")
+    cap.add_argument("--method", choices=registry.names(), default=registry.names()[0], help="captioning method")
     cap.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     common(cap)
+    add_setting_arguments(cap)
 
-    vqa = sub.add_parser("vqa", help="answer a question about an image")
+    vqa = sub.add_parser("vqa", help="answer a question about an image", formatter_class=formatter)
     vqa.add_argument("image", type=Path, help="image file")
     vqa.add_argument("--question", required=True, help="the question")
     vqa.add_argument("--top-k", type=int, default=10, help="candidate answers to list")
     common(vqa)
 
-    info = sub.add_parser("info", help="describe a bundle")
+    info = sub.add_parser("info", help="describe a bundle", formatter_class=formatter)
     common(info)
     return parser
 
@@ -56,10 +53,7 @@ def _error(message: str) -> None:
 def _caption(args: argparse.Namespace, captioner) -> int:
     from capdemo.images import ImageLoadError, load_image
 
-    options = CaptionOptions(
-        samples=args.samples, beams=args.beams, noise_variance=args.noise_variance, n_cr=args.n_cr, k=args.k,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
-    ).validated()
+    options = captioner.options(args.method, **settings_from_arguments(args, args.method))
     loaded, failures = [], 0
     for path in args.images:
         try:
@@ -96,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from capdemo.pipeline import Captioner
 
     try:
+        if args.command == "caption":
+            settings_from_arguments(args, args.method)  # a flag of another method: refused before loading anything
         captioner = Captioner.from_bundle(args.weights, device=args.device)
         if args.command == "info":
             print(json.dumps(captioner.info(), indent=2 if not args.json else None))

@@ -37,7 +37,7 @@ def ensure_torchvision() -> bool:
     """Import torchvision, patching the CPU-torch case; True when the shim was needed."""
     global _library
     try:
-        import torchvision  # noqa: F401
+        import torchvision
         return False
     except RuntimeError as err:
         if _MISSING_OPERATOR not in str(err):

@@ -1,164 +1,126 @@
-"""What the app draws, as pure functions: attention heatmaps, embedding projections, gap plots and numbers.
+"""The numbers behind the app's analysis views: what sits where in CLIP space, and how far apart the modalities are.
 
-Nothing here loads a model or knows about Gradio: every function takes arrays
-(or a PIL image) and returns a PIL image, a plotly figure or plain numbers, so
-each one is tested on hand-made inputs.
+Pure functions over arrays and :class:`~capdemo.result.Result` objects; the facade gathers their
+inputs and :mod:`capdemo.figures` draws their outputs.
 
-* :func:`attention_overlay` — the CLS attention over the ViT patch grid, drawn
-  over the image with a colormap, and MacCap's picked patches outlined and
-  numbered by rank.
-* :func:`pca_project` / :func:`umap_project` — 2-D projections of embeddings
-  (PCA by default; UMAP on request, since its first call JIT-compiles for ~10 s).
-* :func:`embedding_figure` — one scatter trace per kind of embedding, so the
-  modality gap (images on one side, texts on the other) and what each method
-  does about it can be seen.
-* :func:`gap_histogram_figure` — MacCap's Figure 1: per-dimension image - text
-  differences, close to a zero-mean Gaussian.
+* :func:`embedding_view` — the groups of embeddings the embedding-space plot shows (the image, its
+  patches, each method's region features, candidates and neighbours, a corpus sample and its
+  gap-corrected copy) with a hover text per point, MacCap's Table 1 for this image, the gap norm
+  and std ratios, and the per-dimension differences of MacCap's Figure 1.
+* :func:`pca_project` / :func:`umap_project` — 2-D projections of embeddings (PCA by default; UMAP
+  on request, since its first call JIT-compiles for ~10-30 s).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import numpy as np
-import plotly.graph_objects as go
-from PIL import Image, ImageDraw, ImageFont
+import torch
+import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------------------------
-# Heatmap
+from capdemo.features import ImageFeatures
+from capdemo.result import Result
 
-# Viridis sampled at 9 evenly spaced points; interpolating between them is visually indistinguishable from the
-# full 256-entry table. Perceptually uniform and readable by colour-blind viewers.
-VIRIDIS_ANCHORS = np.array(
-    [
-        [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
-        [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
-    ],
-    dtype=np.float64,
-)
-OUTLINE_RGB = (255, 48, 48)  # picked-patch outline and label box: red does not occur in viridis
-LABEL_TEXT_RGB = (255, 255, 255)
-OUTSIDE_GRID_DIM = 0.35  # brightness kept outside the square CLIP looked at (its centre crop)
-HEATMAP_ALPHA = (0.25, 0.70)  # colormap opacity at the lowest and at the highest attention
-DISPLAY_SIDE = 448  # longest side of the drawn heatmap: small photos are enlarged, large ones shrunk
+# What each kind of per-method point is called in the plot's legend ("MacCap candidates", ...).
+METHOD_KIND_LABELS = {"region": "{label} region features I_cr", "candidates": "{label} candidates",
+                      "neighbours": "{label} retrieved neighbours"}
 
 
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (any shape) to viridis RGB: (..., 3) uint8. Values outside are clipped."""
-    position = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * (len(VIRIDIS_ANCHORS) - 1)
-    low = np.minimum(np.floor(position).astype(int), len(VIRIDIS_ANCHORS) - 2)
-    weight = (position - low)[..., None]  # (..., 1)
-    rgb = VIRIDIS_ANCHORS[low] * (1.0 - weight) + VIRIDIS_ANCHORS[low + 1] * weight  # (..., 3)
-    return np.rint(rgb).astype(np.uint8)
+@dataclass(frozen=True)
+class PointGroup:
+    """One trace of the embedding plot: points of one kind, from the image side, a method or the corpus."""
+
+    kind: str  # "image", "patches", "region", "candidates", "neighbours", "corpus", "corpus corrected"
+    label: str  # legend text
+    vectors: np.ndarray  # (n, D) L2-normalised embeddings
+    hover: list[str]  # one text per point
+    method: str | None = None  # the method whose result the points come from (None: the image or the corpus)
 
 
-def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The centred square ``(left, top, right, bottom)`` of an image of ``size`` (W, H).
+@dataclass
+class EmbeddingView:
+    """Everything the embedding-space plot, the gap histogram and the gap table show for one image."""
 
-    CLIP's preprocessing resizes the shorter side and centre-crops, so this is
-    the part of the image its patch grid covers.
-    """
-    width, height = size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
+    groups: list[PointGroup]
+    table: dict[str, float] = field(default_factory=dict)  # Table-1 cosines, gap norm, std-ratio summary
+    differences: dict[str, np.ndarray] = field(default_factory=dict)  # legend -> per-dimension differences
 
 
-def grid_box(size: tuple[int, int], *, center_crop: bool = True) -> tuple[int, int, int, int]:
-    """The part ``(left, top, right, bottom)`` of an image of ``size`` that the patch grid covers: the centre
-    square for a tower that centre-crops (OpenAI CLIP), the whole image for one that squashes it (SigLIP2)."""
-    return center_square(size) if center_crop else (0, 0, *size)
+def embedding_view(features: ImageFeatures, results: Mapping[str, Result], labels: Mapping[str, str], *,
+                   corpus: tuple[list[str], torch.Tensor] = ([], torch.zeros(0)), gap_stats=None) -> EmbeddingView:
+    """The view of image 0 of ``features`` with the ``results`` of the methods (``labels``: name -> display name),
+    a ``corpus`` sample (texts, (n, D) embeddings) and the bundle's gap statistics (or None)."""
+    rows, cols = features.grid_size
+    groups = [
+        PointGroup("image", "global image embedding", features.image_embeds[:1].float().cpu().numpy(),
+                   ["global image embedding"]),
+        PointGroup("patches", "image patches", F.normalize(features.patch_embeds[0].float(), dim=-1).cpu().numpy(),
+                   [f"patch {i} (row {i // cols}, col {i % cols})" for i in range(rows * cols)]),
+    ]
+    for name, result in results.items():
+        hover = {"candidates": [f"{c.text} (CLIP {c.clip_score:.3f})" for c in result.candidates],
+                 "neighbours": [f"{n.text} (sim {n.score:.3f})" for n in result.neighbours],
+                 "region": [f"region {rank}: patch ({p.row}, {p.col})" for rank, p in enumerate(result.patches, 1)]}
+        for kind, template in METHOD_KIND_LABELS.items():
+            vectors = result.embeddings.get(kind)
+            if vectors is not None and vectors.numel():
+                groups.append(PointGroup(kind, template.format(label=labels[name]), vectors.float().numpy(),
+                                         hover[kind], method=name))
+    texts, embeds = corpus
+    table: dict[str, float] = {}
+    if len(texts):
+        groups.append(PointGroup("corpus", "caption corpus (sample)", embeds.float().numpy(), list(texts)))
+    if gap_stats is not None:
+        if len(texts):
+            corrected = F.normalize(gap_stats.correct(embeds.float(), "mean_std"), dim=-1).numpy()
+            groups.append(PointGroup("corpus corrected", "corpus, gap-corrected towards images (TOMCap)", corrected,
+                                     [f"corrected: {text}" for text in texts]))
+        ratio = (gap_stats.sigma_image / gap_stats.sigma_text.clamp_min(1e-8)).numpy()
+        table.update({"gap norm ||mu_I - mu_T||": float((gap_stats.mu_image - gap_stats.mu_text).norm()),
+                      "std ratio min": float(ratio.min()), "std ratio median": float(np.median(ratio)),
+                      "std ratio max": float(ratio.max())})
+    table.update(table_one(features, results, labels))
+    return EmbeddingView(groups=groups, table=table, differences=gap_differences(groups, gap_stats))
 
 
-def cell_box(row: int, col: int, grid: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """Pixel box ``(x0, y0, x1, y1)``, end-exclusive, of patch (row, col) of a (rows, cols) grid over ``box``."""
-    rows, cols = grid
-    left, top, right, bottom = box
-    x0 = left + (right - left) * col // cols
-    x1 = left + (right - left) * (col + 1) // cols
-    y0 = top + (bottom - top) * row // rows
-    y1 = top + (bottom - top) * (row + 1) // rows
-    return x0, y0, x1, y1
+def table_one(features: ImageFeatures, results: Mapping[str, Result], labels: Mapping[str, str]) -> dict[str, float]:
+    """MacCap's Table 1 for this image: cosine of each method's best caption with the global image embedding
+    and, for methods with region features, with the subregion mixes I_cr."""
+    table = {}
+    image = features.image_embeds[0].float().cpu()
+    for name, result in results.items():
+        candidates = result.embeddings.get("candidates")
+        if candidates is None or not candidates.numel():
+            continue
+        caption = candidates[0]  # (D,) the best candidate's text embedding
+        table[f"{labels[name]}: cos(caption, global image)"] = float(image @ caption)
+        regions = result.embeddings.get("region")
+        if regions is not None and regions.numel():
+            region_cos = regions @ caption  # (N_cr,)
+            table[f"{labels[name]}: cos(caption, region mix) mean"] = float(region_cos.mean())
+            table[f"{labels[name]}: cos(caption, region mix) max"] = float(region_cos.max())
+    return table
 
 
-def display_copy(image: Image.Image, *, side: int = DISPLAY_SIDE) -> Image.Image:
-    """An RGB copy of ``image`` scaled so its longest side is ``side`` pixels (aspect ratio kept)."""
-    scale = side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+def gap_differences(groups: list[PointGroup], gap_stats=None) -> dict[str, np.ndarray]:
+    """Per-dimension differences for the gap histogram (MacCap Fig. 1, text - image as in the paper): the first
+    method's best caption minus the global image and minus each region mix, and the bundle's mean gap."""
+    by_kind = {}
+    for group in groups:
+        by_kind.setdefault(group.kind, group)
+    differences = {}
+    if "candidates" in by_kind:
+        best = by_kind["candidates"].vectors[0]
+        differences["best caption - global image"] = best - by_kind["image"].vectors[0]
+        if "region" in by_kind:
+            differences["best caption - region mixes"] = (best - by_kind["region"].vectors).ravel()
+    if gap_stats is not None:
+        differences["bundle mean gap mu_text - mu_image"] = (gap_stats.mu_text - gap_stats.mu_image).numpy()
+    return differences
 
-
-def attention_overlay(
-    image: Image.Image,
-    attention: np.ndarray,
-    *,
-    outlined: Sequence[tuple[int, int]] = (),
-    side: int = DISPLAY_SIDE,
-    center_crop: bool = True,
-) -> Image.Image:
-    """The patch attention drawn over the part of ``image`` CLIP saw, with ``outlined`` patches boxed and numbered.
-
-    Args:
-        image: the input image, any size; it is redrawn with its longest side ``side``.
-        attention: (rows, cols) non-negative attention per patch (e.g. the head-averaged CLS attention of the
-            last block); min-max scaled for the colormap, so only the relative pattern is shown.
-        outlined: (row, col) of the picked patches, best first; patch ``i`` of the list is labelled ``i + 1``.
-        side: longest side of the returned image in pixels.
-        center_crop: the tower's preprocessing centre-crops (the grid covers the centre square); False: it
-            squashes the whole image onto the grid (:attr:`capdemo.encoders.ClipEncoder.center_crops`).
-
-    Returns:
-        A new RGB image. Outside the part the grid covers the image is dimmed.
-    """
-    grid = np.asarray(attention, dtype=np.float64)
-    if grid.ndim != 2 or 0 in grid.shape or not np.isfinite(grid).all():
-        raise ValueError(f"attention must be a finite (rows, cols) grid, got shape {grid.shape}")
-    rows, cols = grid.shape
-    for row, col in outlined:
-        if not (0 <= row < rows and 0 <= col < cols):
-            raise ValueError(f"patch ({row}, {col}) lies outside the {rows}x{cols} grid")
-
-    canvas = display_copy(image, side=side)
-    box = grid_box(canvas.size, center_crop=center_crop)
-    left, top, right, bottom = box
-    pixels = np.asarray(canvas, dtype=np.float64)  # (H, W, 3)
-    shaded = pixels * OUTSIDE_GRID_DIM
-    spread = grid.max() - grid.min()
-    scaled = (grid - grid.min()) / spread if spread > 0 else np.zeros_like(grid)  # (rows, cols) in [0, 1]
-    smooth = Image.fromarray(scaled.astype(np.float32), mode="F").resize(
-        (right - left, bottom - top), Image.Resampling.BILINEAR
-    )
-    level = np.clip(np.asarray(smooth, dtype=np.float64), 0.0, 1.0)  # (side', side')
-    alpha = (HEATMAP_ALPHA[0] + (HEATMAP_ALPHA[1] - HEATMAP_ALPHA[0]) * level)[..., None]  # (side', side', 1)
-    inside = pixels[top:bottom, left:right]
-    shaded[top:bottom, left:right] = inside * (1.0 - alpha) + colormap(level) * alpha
-    result = Image.fromarray(np.rint(shaded).astype(np.uint8), mode="RGB")
-    _outline_patches(result, outlined, grid=(rows, cols), box=box)
-    return result
-
-
-def _outline_patches(
-    canvas: Image.Image, outlined: Sequence[tuple[int, int]], *, grid: tuple[int, int], box: tuple[int, int, int, int]
-) -> None:
-    """Box each picked patch inside its own cell (so neighbours' outlines never merge) and write its rank."""
-    draw = ImageDraw.Draw(canvas)
-    cell_side = min((box[2] - box[0]) // grid[1], (box[3] - box[1]) // grid[0])
-    width = max(1, cell_side // 16)
-    font = ImageFont.load_default(size=max(8, min(16, cell_side // 3)))
-    for rank, (row, col) in enumerate(outlined, start=1):
-        x0, y0, x1, y1 = cell_box(row, col, grid, box)
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=OUTLINE_RGB, width=width)
-        label = str(rank)
-        text_left, text_top, text_right, text_bottom = draw.textbbox((0, 0), label, font=font)
-        label_box = (x0, y0, x0 + text_right - text_left + 2 * width + 2, y0 + text_bottom - text_top + 2 * width + 2)
-        draw.rectangle(label_box, fill=OUTLINE_RGB)
-        draw.text((x0 + width + 1 - text_left, y0 + width + 1 - text_top), label, fill=LABEL_TEXT_RGB, font=font)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Projections
 
 
 @dataclass(frozen=True)
@@ -225,117 +187,3 @@ def umap_project(points: np.ndarray, *, seed: int = 0) -> Projection:
 PROJECTIONS = {"pca": pca_project, "umap": umap_project}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figures
-
-
-@dataclass(frozen=True)
-class TraceStyle:
-    """How one kind of embedding is drawn."""
-
-    label: str
-    color: str
-    symbol: str
-    size: int
-    opacity: float = 0.9
-
-
-# Keyed by the kinds of ``capdemo.pipeline.EmbeddingView.points`` and drawn in this order (background first).
-# Image-side points are warm, caption-side points cool, the corpus grey; TOMCap's corrected corpus in amber.
-TRACE_STYLES: dict[str, TraceStyle] = {
-    "corpus": TraceStyle("caption corpus (sample)", "#9ca3af", "circle", 5, 0.45),
-    "corpus corrected": TraceStyle("corpus, TOMCap-corrected towards images", "#f59e0b", "circle-open", 6, 0.7),
-    "patches": TraceStyle("image patches", "#fca5a5", "square", 6, 0.6),
-    "maccap region": TraceStyle("MacCap region features I_cr", "#dc2626", "diamond", 10),
-    "image": TraceStyle("global image embedding", "#7f1d1d", "star", 18, 1.0),
-    "tomcap neighbours": TraceStyle("TOMCap retrieved neighbours", "#0891b2", "triangle-up", 10),
-    "tomcap candidates": TraceStyle("TOMCap candidates", "#2563eb", "circle", 9),
-    "maccap candidates": TraceStyle("MacCap candidates", "#7c3aed", "circle", 9),
-}
-FALLBACK_STYLE = TraceStyle("", "#10b981", "x", 8)
-FIGURE_HEIGHT = 520  # explicit: autosized plotly figures can render blank or tiny inside hidden tabs
-
-
-def embedding_figure(
-    groups: Mapping[str, np.ndarray],
-    *,
-    hover: Mapping[str, Sequence[str]] | None = None,
-    method: str = "pca",
-    seed: int = 0,
-) -> go.Figure:
-    """Scatter of all embeddings in one shared 2-D projection, one trace per kind.
-
-    Args:
-        groups: kind -> (n_k, D) embeddings; all kinds are projected together so distances compare. Known kinds
-            (see ``TRACE_STYLES``) get fixed styles and come first, in that order; empty kinds are left out.
-        hover: kind -> one hover text per point (e.g. the caption), optional.
-        method: "pca" or "umap".
-        seed: UMAP's random seed.
-    """
-    if method not in PROJECTIONS:
-        raise ValueError(f"unknown projection {method!r}; choose one of {', '.join(PROJECTIONS)}")
-    order = [kind for kind in TRACE_STYLES if kind in groups] + [kind for kind in groups if kind not in TRACE_STYLES]
-    kinds = [kind for kind in order if len(groups[kind])]
-    if not kinds:
-        raise ValueError("nothing to plot: every embedding group is empty")
-    stacked = np.concatenate([np.asarray(groups[kind], dtype=np.float64) for kind in kinds])  # (n, D)
-    projection = pca_project(stacked) if method == "pca" else umap_project(stacked, seed=seed)
-    figure = go.Figure()
-    start = 0
-    for kind in kinds:
-        count = len(groups[kind])
-        xy = projection.coords[start : start + count]
-        start += count
-        style = TRACE_STYLES.get(kind, FALLBACK_STYLE)
-        texts = list((hover or {}).get(kind, [])) or [f"{kind} {i}" for i in range(count)]
-        figure.add_trace(
-            go.Scatter(
-                x=xy[:, 0], y=xy[:, 1], mode="markers", name=style.label or kind, text=texts,
-                hovertemplate="%{text}<extra>" + (style.label or kind) + "</extra>",
-                marker={"color": style.color, "symbol": style.symbol, "size": style.size, "opacity": style.opacity},
-            )
-        )
-    figure.update_layout(
-        height=FIGURE_HEIGHT, template="plotly_white", margin={"l": 40, "r": 20, "t": 50, "b": 40},
-        title=f"Embedding space ({method.upper()})", legend={"itemsizing": "constant"},
-        xaxis_title=projection.axis_titles[0], yaxis_title=projection.axis_titles[1],
-    )
-    return figure
-
-
-HISTOGRAM_COLORS = ("#7f1d1d", "#dc2626", "#6b7280")
-
-
-def gap_histogram_figure(differences: Mapping[str, np.ndarray]) -> go.Figure:
-    """Overlaid histograms of per-dimension differences, each with its fitted normal curve (MacCap's Figure 1).
-
-    Args:
-        differences: legend name -> (D,) differences, e.g. ``image - caption`` per dimension for one pair,
-            or ``mu_image - mu_text`` for the whole training distribution.
-    """
-    figure = go.Figure()
-    for index, (name, values) in enumerate(differences.items()):
-        values = np.asarray(values, dtype=np.float64).ravel()
-        mean, std = float(values.mean()), float(values.std())
-        color = HISTOGRAM_COLORS[index % len(HISTOGRAM_COLORS)]
-        label = f"{name} (mean {mean:+.3f}, std {std:.3f})"
-        figure.add_trace(
-            go.Histogram(
-                x=values, histnorm="probability density", name=label, opacity=0.55, marker_color=color,
-                nbinsx=max(10, int(2 * np.sqrt(values.size))), legendgroup=name,
-            )
-        )
-        if std > 0:
-            grid = np.linspace(values.min(), values.max(), 200)
-            density = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
-            figure.add_trace(
-                go.Scatter(x=grid, y=density, mode="lines", line={"color": color, "dash": "dash"},
-                           name=f"normal fit: {name}", legendgroup=name, showlegend=False, hoverinfo="skip")
-            )
-    figure.update_layout(
-        height=FIGURE_HEIGHT - 120, template="plotly_white", barmode="overlay",
-        margin={"l": 40, "r": 20, "t": 50, "b": 40}, title="Per-dimension modality gap",
-        xaxis_title="image - text, per embedding dimension", yaxis_title="density",
-        legend={"orientation": "h", "y": -0.25},
-    )
-    return figure

@@ -73,7 +73,7 @@ class BundleWriter:
         self._info = {"name": name, "description": description, **info}
 
     @classmethod
-    def extending(cls, out_dir: str | Path, **info: Any) -> "BundleWriter":
+    def extending(cls, out_dir: str | Path, **info: Any) -> BundleWriter:
         """A writer that starts from the (verified) bundle already at ``out_dir``, or an empty one if none.
 
         Training commands use this so ``--out weights/NAME`` adds or replaces one method's
@@ -113,7 +113,8 @@ class BundleWriter:
     def add_component(self, name: str, config: dict[str, Any]) -> None:
         self._components[name] = json.loads(json.dumps(config))  # a plain-JSON copy, checked serialisable now
 
-    def add_tensors(self, relpath: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    def add_tensors(self, relpath: str, tensors: dict[str, torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.path(relpath)), metadata)
 
     def add_json(self, relpath: str, obj: Any) -> None:
@@ -236,7 +237,7 @@ class Bundle:
     manifest: dict[str, Any]
 
     @classmethod
-    def load(cls, spec: str | os.PathLike, *, verify: bool = True) -> "Bundle":
+    def load(cls, spec: str | os.PathLike, *, verify: bool = True) -> Bundle:
         """Open a local bundle folder or ``hf-hub:org/repo@rev``, verifying it unless told not to."""
         source = WeightSource.parse(spec)
         path = resolve(spec, what="bundle", patterns=("*",)) if source.on_hub else Path(source.location)
@@ -248,7 +249,8 @@ class Bundle:
         try:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BundleError(f"{manifest_path}: unreadable manifest ({err.msg if hasattr(err, 'msg') else err})") from None
+            reason = err.msg if hasattr(err, "msg") else err
+            raise BundleError(f"{manifest_path}: unreadable manifest ({reason})") from None
         bundle = cls(path=path, manifest=manifest)
         bundle._check_format()
         if verify:
@@ -261,7 +263,8 @@ class Bundle:
             raise BundleError(f"{self.path / MANIFEST}: format is {fmt!r}, expected {BUNDLE_FORMAT!r}")
         if version != FORMAT_VERSION:
             raise BundleError(
-                f"{self.path / MANIFEST}: format_version {version!r} is not supported (this capdemo reads {FORMAT_VERSION})"
+                f"{self.path / MANIFEST}: format_version {version!r} is not supported "
+                f"(this capdemo reads {FORMAT_VERSION})"
             )
 
     def verify(self) -> None:
@@ -276,7 +279,8 @@ class Bundle:
             if not file.is_file():
                 raise BundleError(f"{file}: listed in {MANIFEST} but missing")
             if file.stat().st_size != entry["bytes"]:
-                raise BundleError(f"{file}: size {file.stat().st_size} != {entry['bytes']} in {MANIFEST} (truncated or changed)")
+                raise BundleError(f"{file}: size {file.stat().st_size} != {entry['bytes']} in {MANIFEST} "
+                                  "(truncated or changed)")
             if sha256_of(file) != entry["sha256"]:
                 raise BundleError(f"{file}: sha256 mismatch with {MANIFEST} (file changed or corrupted)")
 

@@ -21,19 +21,21 @@ embeddings only; asking them for tokens is a clear error.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from capdemo.config import Config
+from capdemo.features import ImageFeatures
+from capdemo.map_pool import map_pool_tower, map_tokens_through_pool
 from capdemo.weights import WeightSource, check_not_pickle, resolve
 
 OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -59,90 +61,6 @@ class EncoderConfig(Config):
     # at load time, for custom towers such as the shapes world's tiny CLIP. None: a built-in config.
     model_config: dict[str, Any] | None = None
     quick_gelu: bool | None = None  # None: take it from the pretrained tag's config (OpenAI weights use QuickGELU)
-
-
-@dataclass
-class ImageFeatures:
-    """Everything the methods read from the image tower, for a batch of B images.
-
-    T = num_prefix_tokens + N_p tokens; patches follow the prefix tokens in
-    row-major grid order. Two towers fill this:
-
-    * CLS-pooled ViT: num_prefix_tokens == 1, token 0 is the CLS token; the pooling
-      query is that token, so its attention is row 0 of ``attention`` and the global
-      embedding is token 0 (``pool_attention`` and ``pooled_embeds`` stay None).
-    * MAP-pooled ViT: the pooling query is a learned latent outside the tokens, so
-      its attention over the T tokens is ``pool_attention`` and the tower's pooled
-      output is ``pooled_embeds``; num_prefix_tokens is the trunk's own count (0
-      for SigLIP2: no CLS, every token is a patch).
-
-    Consumers read the pooling attention as :attr:`cls_attention` and the global
-    token as :attr:`global_embeds`, which cover both cases.
-    """
-
-    image_embeds: torch.Tensor  # (B, D) global embedding I_c, L2-normalised
-    token_embeds: torch.Tensor  # (B, T, D) last-layer tokens mapped into the joint space (I'_p), not normalised
-    attention: torch.Tensor  # (B, H, T, T) last block's self-attention probabilities per head (rows sum to 1)
-    grid_size: tuple[int, int]  # (rows, cols) of the patch grid
-    num_prefix_tokens: int = 1
-    # (B, H_p, T) attention of a pooling query that is not one of the tokens (a MAP head's latent), per head;
-    # None: the CLS token (token 0) is the pooling query. Rows sum to 1.
-    pool_attention: torch.Tensor | None = None
-    # (B, D) the tower's pooled output before normalisation, when it is not token 0 (MAP); None: token 0.
-    pooled_embeds: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if (self.pool_attention is None) != (self.pooled_embeds is None):
-            raise ValueError("ImageFeatures: pool_attention and pooled_embeds come together (a MAP-pooled tower)")
-        if self.pool_attention is None and self.num_prefix_tokens < 1:
-            raise ValueError("ImageFeatures: without a CLS token (num_prefix_tokens == 0) the pooling attention "
-                             "and pooled embedding must be given (pool_attention, pooled_embeds)")
-
-    @property
-    def patch_embeds(self) -> torch.Tensor:
-        return self.token_embeds[:, self.num_prefix_tokens:]  # (B, N_p, D)
-
-    @property
-    def cls_attention(self) -> torch.Tensor:
-        """The pooling query's attention over all T tokens, per head: (B, H, T).
-
-        The CLS token's row of the last block's attention, or a MAP head's latent query attention.
-        """
-        return self.pool_attention if self.pool_attention is not None else self.attention[:, :, 0, :]
-
-    @property
-    def cls_attention_mean(self) -> torch.Tensor:
-        """Head-averaged pooling attention over all T tokens: (B, T)."""
-        return self.cls_attention.mean(dim=1)
-
-    @property
-    def global_embeds(self) -> torch.Tensor:
-        """(B, D) the unnormalised global embedding I_c: the projected CLS token or the MAP head's output."""
-        return self.pooled_embeds if self.pooled_embeds is not None else self.token_embeds[:, 0]
-
-    def _apply(self, fn) -> "ImageFeatures":
-        """The same features with ``fn`` applied to every tensor (each has the batch on dim 0)."""
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dataclasses.replace(
-            self, **{name: fn(t) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-        )
-
-    def select(self, index: torch.Tensor | slice | Sequence[int]) -> "ImageFeatures":
-        """The features of a subset of the batch (same tensors, indexed on dim 0)."""
-        return self._apply(lambda t: t[index])
-
-    def to(self, device: torch.device | str) -> "ImageFeatures":
-        return self._apply(lambda t: t.to(device))
-
-    @classmethod
-    def cat(cls, parts: Sequence["ImageFeatures"]) -> "ImageFeatures":
-        """Batches of the same tower joined along dim 0."""
-        first = parts[0]
-        joined = {
-            f.name: torch.cat([getattr(p, f.name) for p in parts])
-            for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(first, **joined)
 
 
 def register_model_config(name: str, model_config: dict[str, Any]) -> None:
@@ -199,7 +117,8 @@ def create_clip(config: EncoderConfig, *, device: str | torch.device = "cpu") ->
         # the tag's whole preprocessing (SigLIP2 squashes the image instead of centre-cropping it)
         kwargs.update(image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"),
                       image_interpolation=tag_cfg.get("interpolation"), image_resize_mode=tag_cfg.get("resize_mode"))
-        kwargs["force_quick_gelu"] = tag_cfg.get("quick_gelu", False) if config.quick_gelu is None else config.quick_gelu
+        quick_gelu = tag_cfg.get("quick_gelu", False) if config.quick_gelu is None else config.quick_gelu
+        kwargs["force_quick_gelu"] = quick_gelu
     elif config.pretrained:
         weights = _local_weights_file(config.pretrained, what)
         kwargs["force_quick_gelu"] = bool(config.quick_gelu)
@@ -243,7 +162,7 @@ class ClipEncoder(nn.Module):
         self.name = name
         visual = model.visual
         self._last_attn = _last_block_attention(visual)
-        self._map_tower = _map_pool_tower(visual) if self._last_attn is None else None
+        self._map_tower = map_pool_tower(visual) if self._last_attn is None else None
         self.images_encoded = 0  # vision-tower passes, counted per image (the app promises one per image)
         self._hooked_pass = threading.Lock()  # see encode_images
 
@@ -256,7 +175,7 @@ class ClipEncoder(nn.Module):
         return any(isinstance(step, CenterCrop) for step in getattr(self.transform, "transforms", []))
 
     @classmethod
-    def from_config(cls, config: EncoderConfig, *, device: str | torch.device = "cpu") -> "ClipEncoder":
+    def from_config(cls, config: EncoderConfig, *, device: str | torch.device = "cpu") -> ClipEncoder:
         model, preprocess, tokenizer = create_clip(config, device=device)
         import open_clip
 
@@ -398,139 +317,6 @@ def _capture_attention(attn: nn.MultiheadAttention, sink: dict[str, torch.Tensor
         attn.register_forward_pre_hook(ask_for_weights, with_kwargs=True),
         attn.register_forward_hook(keep_weights, with_kwargs=True),
     ]
-
-
-@dataclass
-class _MapPoolTower:
-    """The modules of a timm ViT with a MAP head that :meth:`ClipEncoder.encode_images` hooks."""
-
-    trunk: nn.Module  # timm VisionTransformer
-    pool: nn.Module  # its AttentionPoolLatent
-    last_attn: nn.Module  # timm Attention of its last block
-
-    def capture(self, sink: dict[str, torch.Tensor]) -> list[Any]:
-        """Hooks for one forward pass that store in ``sink``: the final-norm tokens ("tokens", (B, T, W)),
-        the last block's self-attention ("attention", (B, H, T, T)) and the latent query's attention over
-        the tokens the pool sees ("pool_attention", (B, H_p, N_in)), both float32 probabilities."""
-
-        def keep_tokens(module, args, output):
-            sink["tokens"] = output
-
-        def keep_self_attention(module, args, kwargs, output):
-            sink["attention"] = _timm_self_attention(module, *args, **kwargs)
-
-        def keep_pool_attention(module, args, kwargs, output):
-            sink["pool_attention"] = _latent_attention(module, *args, **kwargs)
-
-        return [
-            self.trunk.norm.register_forward_hook(keep_tokens),
-            self.last_attn.register_forward_hook(keep_self_attention, with_kwargs=True),
-            self.pool.register_forward_hook(keep_pool_attention, with_kwargs=True),
-        ]
-
-
-def _map_pool_tower(visual: nn.Module) -> _MapPoolTower | None:
-    """The hooked modules of an open_clip timm tower whose trunk is a timm ViT pooled by a MAP head; else None.
-
-    Dispatch is on module types: the trunk must be timm's ``VisionTransformer`` with its own ``pool`` and
-    ``forward_head`` (what :func:`map_tokens_through_pool` reproduces after the pool), the pool an
-    ``AttentionPoolLatent`` with one latent and no positional embedding of its own, and the last block's
-    attention timm's plain ``Attention`` (whose probabilities :func:`_timm_self_attention` recomputes).
-    """
-    try:
-        from open_clip.timm_model import TimmModel
-        from timm.layers import Attention, AttentionPoolLatent
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-    except ImportError:  # no timm: no timm towers either
-        return None
-
-    if not isinstance(visual, TimmModel) or not isinstance(visual.trunk, TimmViT):
-        return None
-    trunk = visual.trunk
-    if type(trunk).pool is not TimmViT.pool or type(trunk).forward_head is not TimmViT.forward_head:
-        return None
-    pool = trunk.attn_pool
-    if not isinstance(pool, AttentionPoolLatent) or type(pool).forward is not AttentionPoolLatent.forward:
-        return None
-    if pool.pos_embed is not None or pool.latent_len != 1 or pool.pool not in ("token", "avg"):
-        return None
-    last_attn = getattr(trunk.blocks[-1], "attn", None) if len(trunk.blocks) else None
-    if not isinstance(last_attn, Attention) or type(last_attn).forward is not Attention.forward:
-        return None
-    return _MapPoolTower(trunk=trunk, pool=pool, last_attn=last_attn)
-
-
-def map_tokens_through_pool(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """A MAP-pooled timm tower's final-norm tokens (B, T, W) -> the joint embedding space (B, T, D).
-
-    Each token goes through the path the pooled token takes after the attention, as if it had
-    been pooled alone: the pool's value projection (the second half of ``kv``), its output
-    projection ``proj``, the residual ``x + mlp(norm(x))``, then timm's ``fc_norm``/``head`` and
-    open_clip's head. This is exactly what :class:`timm.layers.AttentionPoolLatent` (and the tower
-    after it) returns for a one-token input, where the softmax over a single key is 1.
-
-    Why this is the analogue of CLIP's projected patch tokens: a CLS-pooled CLIP embeds the image
-    as ``ln_post(cls) @ proj``, and MacCap's I'_p apply that same per-token map to every last-layer
-    token, so tokens and the global embedding share one space (paper eq. 10). In a MAP tower the
-    only step that mixes tokens is the latent query's attention-weighted sum of the value vectors;
-    everything before it (the value projection) and after it (output projection, residual MLP,
-    heads) acts on one vector at a time. Applying the whole pooling path to a token alone — the
-    global embedding the tower would give if the latent attended to that token only — is therefore
-    the same "pooled-token map applied to every token". Because the residual MLP is nonlinear,
-    the pooled embedding is not the attention-weighted mean of these token embeddings (it is
-    before the MLP).
-    """
-    trunk = visual.trunk
-    pool = trunk.attn_pool
-    width = pool.kv.out_features // 2  # kv's output is [keys | values], each (heads x head_dim) in head order
-    value_bias = pool.kv.bias[width:] if pool.kv.bias is not None else None
-    x = F.linear(tokens, pool.kv.weight[width:], value_bias)  # (B, T, C): what attention over one token returns
-    x = pool.proj_drop(pool.proj(x))
-    if pool.mlp is not None:
-        x = x + pool.mlp(pool.norm(x))
-    return _after_map_pool(visual, x)
-
-
-def _after_map_pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the tower applies to the MAP head's output: timm's ``forward_head`` after ``pool``, then open_clip's."""
-    trunk = visual.trunk
-    x = trunk.head(trunk.head_drop(trunk.fc_norm(x)))
-    return visual.head(x)
-
-
-def _additive_mask(logits: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """``logits`` with an SDPA-style mask applied (bool: True attends; float: added)."""
-    if attn_mask is None:
-        return logits
-    if attn_mask.dtype == torch.bool:
-        return logits.masked_fill(~attn_mask, float("-inf"))
-    return logits + attn_mask
-
-
-def _timm_self_attention(
-    attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-) -> torch.Tensor:
-    """Per-head probabilities (B, H, N, N) of timm ``Attention`` on its input ``x`` (B, N, C), as its forward."""
-    batch, num_tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, H, N, d) each
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-    if is_causal:
-        attn_mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=x.device).tril()
-    return _additive_mask(logits, attn_mask).float().softmax(dim=-1)
-
-
-def _latent_attention(pool: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-head probabilities (B, H, N) of an ``AttentionPoolLatent``'s single latent query over its input x (B, N, C)."""
-    batch, num_tokens, _ = x.shape
-    width = pool.kv.out_features // 2
-    key_bias = pool.kv.bias[:width] if pool.kv.bias is not None else None
-    q = pool.q(pool.latent).reshape(1, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)  # (1,H,1,d)
-    k = F.linear(x, pool.kv.weight[:width], key_bias)  # (B, N, C): kv's first half, as the pool splits it
-    k = k.reshape(batch, num_tokens, pool.num_heads, pool.head_dim).transpose(1, 2)  # (B, H, N, d)
-    q, k = pool.q_norm(q), pool.k_norm(k)
-    logits = (q * pool.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
-    return _additive_mask(logits, attn_mask).float().softmax(dim=-1)[:, :, 0]
 
 
 def encoder_name(config: EncoderConfig) -> str:

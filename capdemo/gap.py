@@ -82,7 +82,7 @@ class GapStats:
         return int(self.mu_image.shape[0])
 
     @classmethod
-    def compute(cls, image_embeds: ArrayLike, text_embeds: ArrayLike, *, encoder_name: str = "") -> "GapStats":
+    def compute(cls, image_embeds: ArrayLike, text_embeds: ArrayLike, *, encoder_name: str = "") -> GapStats:
         """Statistics of an (unpaired) image set (N_I, D) and text set (N_T, D) from the encoder ``encoder_name``."""
         images = _as_float_tensor(image_embeds, what="image embeddings")
         texts = _as_float_tensor(text_embeds, what="text embeddings")
@@ -137,7 +137,7 @@ class GapStats:
             save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GapStats":
+    def load(cls, path: str | Path) -> GapStats:
         path = Path(path)
         if not path.is_file():
             raise GapStatsError(f"{path}: no gap statistics file here (make one with `python -m training gapstats`)")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from capdemo.beam_cache import prompt_cache
 from capdemo.weights import resolve
 
 LM_WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")  # hub files a model + tokenizer need
+IGNORE_INDEX = -100  # label value the training losses skip (prefix, prompt and padding positions)
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -68,6 +70,12 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Pat
 def embedding_size(model: nn.Module) -> int:
     """Width of the vectors ``inputs_embeds`` takes (OPT-350m: 512 although its hidden size is 1024)."""
     return int(model.get_input_embeddings().embedding_dim)
+
+
+def max_positions(model: nn.Module) -> int:
+    """How many positions (prompt + generated tokens) the LM can attend over (GPT-2's n_positions, OPT's
+    max_position_embeddings; transformers maps one name onto the other)."""
+    return int(model.config.max_position_embeddings)
 
 
 def embed_tokens(model: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
@@ -164,6 +172,7 @@ def decode(tokenizer: Any, token_ids: torch.Tensor | Sequence[Sequence[int]], *,
 
 
 __all__ = [
+    "IGNORE_INDEX",
     "LanguageModelError",
     "clean_text",
     "decode",
@@ -171,6 +180,7 @@ __all__ = [
     "embedding_size",
     "generate_from_embeds",
     "load_causal_lm",
+    "max_positions",
     "prompt_cache",
     "save_causal_lm",
     "special_ids",

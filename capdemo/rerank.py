@@ -9,7 +9,8 @@ images with S candidates each costs one text-encoder call instead of B.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
+from collections.abc import Sequence
 
 import torch
 

@@ -28,20 +28,18 @@ and ``datastore.json`` (format, encoder name, dim, count, resolved index spec).
 from __future__ import annotations
 
 import json
-import math
-import mmap
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
-from capdemo.config import Config
 from capdemo.fileio import atomic_output
+from capdemo.caption_texts import CaptionTexts
+from capdemo.index_spec import INDEX_KINDS, DatastoreError, IndexSpec, empty_index
 from capdemo.result import Neighbour
 
 DATASTORE_FORMAT = "capdemo.datastore/1"
@@ -49,66 +47,10 @@ INDEX_FILE = "index.faiss"
 CAPTIONS_FILE = "captions.txt"
 META_FILE = "datastore.json"
 
-INDEX_KINDS = ("flat", "ivfpq", "hnsw_sq")
 _ADD_CHUNK = 65_536  # rows converted to float32 and added to faiss at a time
-_SCAN_CHUNK = 1 << 26  # bytes scanned at a time when indexing the lines of captions.txt
-_MIN_TRAIN_PER_CENTROID = 39  # below this faiss k-means warns; PQ needs 256 centroids per sub-quantizer
-_PQ_BITS = 8  # bits per PQ code: 256 centroids per sub-quantizer, one byte each
-# rows sampled to train the 8-bit scalar quantizer, which learns one range per dimension: a million pin those
-# down, and training on all 16M rows would copy them to float32 (~65 GB at 1024 dims)
-_SQ_TRAIN_MAX = 1_000_000
 # faiss read flags that memory-map the bulk of each index kind instead of reading it into RAM
 # (checked on faiss 1.15: IO_FLAG_MMAP_IFC maps flat codes; IO_FLAG_MMAP maps IVF inverted lists).
 _MMAP_FLAGS = {"flat": faiss.IO_FLAG_MMAP_IFC, "ivfpq": faiss.IO_FLAG_MMAP, "hnsw_sq": faiss.IO_FLAG_MMAP_IFC}
-
-
-class DatastoreError(ValueError):
-    """A datastore that cannot be built, loaded or searched as asked."""
-
-
-@dataclass
-class IndexSpec(Config):
-    """Which faiss index to build and how; ``None`` fields are derived from the store size (see ``resolve``)."""
-
-    kind: str = "auto"  # "auto" | "flat" | "ivfpq" | "hnsw_sq"; auto: flat below flat_max_count, else ivfpq
-    flat_max_count: int = 200_000  # auto's threshold: exact search for fewer captions than this
-    nlist: int | None = None  # IVF coarse lists; None: round(4 * sqrt(N)), at most N // 39 (k-means needs 39 per list)
-    pq_m: int | None = None  # PQ sub-quantizers = bytes per code; must divide D; None: D // 8 (64 at 512-d)
-    # vectors sampled to train IVF-PQ / SQ; None: min(N, 64 * nlist) (>= 39 per centroid) / min(N, 1M)
-    train_size: int | None = None
-    nprobe: int | None = None  # IVF lists scanned per query; None: clamp(nlist // 16, 16, 256)
-    hnsw_m: int = 32  # HNSW neighbours per node (hnsw_sq)
-    hnsw_ef_search: int = 64  # HNSW search breadth (hnsw_sq); must be >= the k searched for
-    seed: int = 0  # seeds the training sample and faiss k-means
-
-    def resolve(self, count: int, dim: int) -> "IndexSpec":
-        """A copy with ``kind`` concrete and every derived field filled in for ``count`` x ``dim`` vectors."""
-        kind = self.kind
-        if kind == "auto":
-            kind = "flat" if count < self.flat_max_count else "ivfpq"
-        if kind not in INDEX_KINDS:
-            raise DatastoreError(f"unknown index kind {self.kind!r}; expected auto or one of {', '.join(INDEX_KINDS)}")
-        if kind == "flat":
-            return self.replace(kind=kind, nlist=None, pq_m=None, train_size=None, nprobe=None)
-        if kind == "hnsw_sq":
-            train_size = min(count, self.train_size or _SQ_TRAIN_MAX)
-            return self.replace(kind=kind, nlist=None, pq_m=None, nprobe=None, train_size=train_size)
-        if count < _MIN_TRAIN_PER_CENTROID * 2**_PQ_BITS:
-            raise DatastoreError(
-                f"ivfpq needs at least {_MIN_TRAIN_PER_CENTROID * 2**_PQ_BITS} captions to train its PQ codebooks, "
-                f"got {count}; use kind='flat'"
-            )
-        nlist = self.nlist or max(1, min(round(4 * math.sqrt(count)), count // _MIN_TRAIN_PER_CENTROID))
-        if count < _MIN_TRAIN_PER_CENTROID * nlist:
-            needed = _MIN_TRAIN_PER_CENTROID * nlist
-            raise DatastoreError(f"nlist={nlist} needs at least {needed} captions to train, got {count}")
-        pq_m = self.pq_m or dim // 8
-        if pq_m < 1 or dim % pq_m:
-            raise DatastoreError(f"pq_m={pq_m} must be a positive divisor of the embedding dim {dim}; set pq_m")
-        min_train = _MIN_TRAIN_PER_CENTROID * max(nlist, 2**_PQ_BITS)
-        train_size = min(count, max(self.train_size or 64 * nlist, min_train))
-        nprobe = min(nlist, self.nprobe or min(max(nlist // 16, 16), 256))
-        return self.replace(kind=kind, nlist=nlist, pq_m=pq_m, train_size=train_size, nprobe=nprobe)
 
 
 @dataclass(frozen=True)
@@ -117,65 +59,6 @@ class SearchHits:
 
     scores: np.ndarray  # (Q, K) float32 inner products (cosines for unit queries)
     ids: np.ndarray  # (Q, K) int64 caption ids in the store
-
-
-# --------------------------------------------------------------------------------------------
-# Captions: one per line, read lazily
-
-
-class CaptionTexts(Sequence[str]):
-    """Captions stored as UTF-8 lines in one buffer (bytes, or a read-only mmap of captions.txt)."""
-
-    def __init__(self, buffer: bytes | mmap.mmap, line_starts: np.ndarray):
-        self._buffer = buffer
-        self._starts = line_starts  # (N + 1,) int64 byte offset of each line; the last is the buffer length
-
-    @classmethod
-    def from_list(cls, captions: Sequence[str]) -> "CaptionTexts":
-        for i, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                raise DatastoreError(f"caption {i} is a {type(caption).__name__}, not a string")
-            if "\n" in caption or "\r" in caption:
-                raise DatastoreError(f"caption {i} contains a line break; captions must be single lines")
-        encoded = [caption.encode("utf-8") + b"\n" for caption in captions]
-        starts = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(line) for line in encoded], out=starts[1:])
-        return cls(b"".join(encoded), starts)
-
-    @classmethod
-    def open(cls, path: Path, *, use_mmap: bool) -> "CaptionTexts":
-        with open(path, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:
-                raise DatastoreError(f"{path}: empty captions file")
-            buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if use_mmap else handle.read()
-        view = np.frombuffer(buffer, dtype=np.uint8)
-        ends = [  # byte offset just past each "\n", scanned in chunks to bound the temporary mask
-            np.flatnonzero(view[i : i + _SCAN_CHUNK] == ord("\n")) + i + 1 for i in range(0, len(view), _SCAN_CHUNK)
-        ]
-        starts = np.concatenate([np.zeros(1, dtype=np.int64), *ends]).astype(np.int64)
-        del view  # an mmap cannot be closed while numpy still exports it
-        if starts[-1] != len(buffer):
-            raise DatastoreError(f"{path}: the last caption has no line end (truncated file?)")
-        return cls(buffer, starts)
-
-    def write(self, path: Path) -> None:
-        with atomic_output(path) as tmp:
-            tmp.write_bytes(self._buffer[: self._starts[-1]])
-
-    def __len__(self) -> int:
-        return len(self._starts) - 1
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"caption id {index} out of range for {len(self)} captions")
-        index %= len(self)
-        return self._buffer[self._starts[index] : self._starts[index + 1] - 1].decode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,22 +89,6 @@ def _first_occurrences(captions: Sequence[str]) -> np.ndarray:
     seen: set[str] = set()
     keep = [i for i, caption in enumerate(captions) if not (caption in seen or seen.add(caption))]
     return np.asarray(keep, dtype=np.int64)
-
-
-def _empty_index(spec: IndexSpec, dim: int) -> faiss.Index:
-    if spec.kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    if spec.kind == "hnsw_sq":
-        index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = spec.hnsw_ef_search
-        return index
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, spec.pq_m, _PQ_BITS, faiss.METRIC_INNER_PRODUCT)
-    index.do_polysemous_training = False
-    index.cp.seed = spec.seed  # coarse k-means
-    index.pq.cp.seed = spec.seed  # product-quantizer k-means
-    index.nprobe = spec.nprobe
-    return index
 
 
 class CaptionDatastore:
@@ -270,7 +137,7 @@ class CaptionDatastore:
         kind: str | None = None,
         spec: IndexSpec | None = None,
         dedupe: bool = False,
-    ) -> "CaptionDatastore":
+    ) -> CaptionDatastore:
         """Index ``captions`` by their embeddings (N, D), row i embedding caption i.
 
         Rows are L2-normalised here (in float32 chunks, so a float16 matrix is
@@ -292,7 +159,7 @@ class CaptionDatastore:
         texts = CaptionTexts.from_list(captions)
         spec = (spec or IndexSpec()).replace(**({"kind": kind} if kind else {}))
         spec = spec.resolve(len(vectors), vectors.shape[1])
-        index = _empty_index(spec, vectors.shape[1])
+        index = empty_index(spec, vectors.shape[1])
         if spec.train_size is not None:
             rng = np.random.default_rng(spec.seed)
             sample = np.sort(rng.choice(len(vectors), spec.train_size, replace=False))
@@ -325,7 +192,7 @@ class CaptionDatastore:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, mmap: bool = True) -> "CaptionDatastore":
+    def load(cls, directory: str | Path, *, mmap: bool = True) -> CaptionDatastore:
         """Open a saved store; ``mmap`` maps the index's vectors/codes and the captions instead of reading them."""
         directory = Path(directory)
         meta_path = directory / META_FILE

@@ -16,15 +16,13 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from capdemo.encoders import ClipEncoder, ImageFeatures
+from capdemo.encoders import ClipEncoder
 from capdemo.lm import clean_text, decode, embed_tokens, generate_from_embeds
-from capdemo.maccap import MacCap
-from capdemo.maccap_pipeline import caption_images
-from capdemo.options import clean_question
 
 VQA_PROMPT = "{caption} Question: {question} Answer:"  # paper §4.4
 VQA_COMPONENT = "vqa"  # bundle component naming the answer files below
@@ -59,7 +57,7 @@ class AnswerList:
         return len(self.answers)
 
     @classmethod
-    def from_openvqa(cls, path: str | Path) -> "AnswerList":
+    def from_openvqa(cls, path: str | Path) -> AnswerList:
         """The VQAv2 vocabulary file ``[ans_to_ix, ix_to_ans]`` (openvqa): its non-empty answers in index order."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -70,7 +68,7 @@ class AnswerList:
         return cls([answer for answer, _ in ordered])
 
     @classmethod
-    def from_bundle(cls, bundle: Any) -> "AnswerList":
+    def from_bundle(cls, bundle: Any) -> AnswerList:
         """The answers a bundle ships, with their precomputed embeddings."""
         shipped = ANSWER_EMBEDS_FILE in bundle.manifest["files"]
         embeds = bundle.tensors(ANSWER_EMBEDS_FILE)["embeds"] if shipped else None
@@ -124,7 +122,7 @@ def word_matches(generated: str, answers: Sequence[str]) -> list[str]:
     return [answer for answer in answers if answer in words]
 
 
-def generate_answer(model: MacCap, prompt: str) -> str:
+def generate_answer(model: Any, prompt: str) -> str:
     """The LM's short answer to ``prompt`` (plain text; the tokenizer adds the LM's usual special tokens)."""
     ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
     out = generate_from_embeds(
@@ -135,30 +133,10 @@ def generate_answer(model: MacCap, prompt: str) -> str:
 
 
 @torch.inference_mode()
-def answer_question(
-    model: MacCap,
-    encoder: ClipEncoder,
-    image: torch.Tensor | ImageFeatures,
-    question: str,
-    answers: AnswerList,
-    *,
-    top_k: int = 10,
-    caption: str | None = None,
-    seed: int = 0,
-) -> VQAResult:
-    """Answer ``question`` about one image (pixels (1, 3, H, W) or its ImageFeatures).
-
-    ``caption`` skips captioning (e.g. the app already has one). Raises
-    ValueError for an empty, non-text or overly long question.
-    """
-    question = clean_question(question)
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if caption is None:
-        batch = image.image_embeds.shape[0] if isinstance(image, ImageFeatures) else image.shape[0]
-        if batch != 1:
-            raise ValueError(f"answer_question takes one image, got a batch of {batch}")
-        caption = caption_images(model, encoder, image, seed=seed)[0].caption
+def answer_question(model: Any, encoder: ClipEncoder, caption: str, question: str, answers: AnswerList, *,
+                    top_k: int = 10) -> VQAResult:
+    """Answer a (cleaned) ``question`` about an image described by ``caption``: the LM of ``model`` continues
+    the VQA prompt, and its short answer is matched against the candidate answers (``top_k`` listed)."""
     prompt = VQA_PROMPT.format(caption=caption, question=question).strip()
     generated = generate_answer(model, prompt)
     if model.config.vqa_match == "word":

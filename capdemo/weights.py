@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # pickle protocols 2-5, zip (torch.save)
+# pickle protocols 2-5, and zip (torch.save's container)
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 _DEFAULT_HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 
 
@@ -45,7 +46,7 @@ class WeightSource:
     on_hub: bool = False
 
     @classmethod
-    def parse(cls, spec: str | os.PathLike) -> "WeightSource":
+    def parse(cls, spec: str | os.PathLike) -> WeightSource:
         text = str(spec).strip()
         if not text.startswith(HUB_PREFIX):
             return cls(location=text)

@@ -8,9 +8,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import capdemo._torchvision_compat  # noqa: E402,F401  (before open_clip/transformers/peft)
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import capdemo._torchvision_compat  # noqa: F401  (before open_clip/transformers/peft)
+import pytest
+import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -18,14 +18,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """A randomly initialised tiny CLIP (32 px, patch 8 -> 4x4 grid, 32-d joint space)."""
-    from tests.tiny_models import tiny_encoder as build
+    from capdemo.testing import tiny_encoder as build
 
     return build()
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from tests.tiny_models import tiny_tokenizer as build
+    from capdemo.testing import tiny_tokenizer as build
 
     return build()
 
@@ -33,7 +33,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tmp_path_factory):
     """Path of a complete tiny random bundle (built once per test session)."""
-    from tests.tiny_bundle import build_tiny_bundle
+    from capdemo.testing import build_tiny_bundle
 
     return build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
 

@@ -95,13 +95,13 @@ def kill_during_training(command: list[str], checkpoint_dir: Path, plans: list[f
             process = subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, env=env,
                                        stdout=subprocess.DEVNULL, stderr=log)
             try:
-                _wait(lambda: _newest_step(checkpoint_dir) > reached, process, log,
+                _wait(lambda reached=reached: _newest_step(checkpoint_dir) > reached, process, log,
                       f"a checkpoint after step {reached}", timeout, 0.005)
                 if plan == MID_WRITE:  # the first new file of the next write (a temp file, or a checkpoint
                     newest = _newest_step(checkpoint_dir)  # a careless writer would fill under its final name)
                     known = _entries(checkpoint_dir)
-                    _wait(lambda: bool(_new_files(checkpoint_dir, known, newest)), process, log,
-                          "a checkpoint write", timeout, 0.001)
+                    started = lambda known=known, newest=newest: bool(_new_files(checkpoint_dir, known, newest))  # noqa: E731
+                    _wait(started, process, log, "a checkpoint write", timeout, 0.001)
                 else:
                     time.sleep(plan)
                 process.kill()

@@ -20,13 +20,23 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError, Status
 from PIL import Image
 
-from capdemo import analysis, ui
+from capdemo import figures, ui
 from capdemo.pipeline import Captioner
 from tests.app_server import ROOT, coco_photo, corrupt_png, running_app, served_bundle, shapes_image
 
-SETTINGS = dict(samples=6, beams=2, noise_variance=0.016, n_cr=3, k=3, max_new_tokens=12, seed=0,
-                tomcap_beams=3, tomcap_max_new_tokens=10)
+SETTINGS = dict(maccap_samples=6, maccap_beams=2, maccap_noise_variance=0.016, maccap_n_cr=3,
+                maccap_max_new_tokens=12, maccap_seed=0, tomcap_k=3, tomcap_beams=3, tomcap_max_new_tokens=10)
 BOTH = ["maccap", "tomcap"]
+# /caption's outputs: per method in the bundle's order its caption and candidates (and neighbours for a method
+# with a datastore), then the heatmap, the timings and every result as JSON
+OUTPUTS = ("maccap_caption", "maccap_table", "tomcap_caption", "tomcap_table", "neighbours", "heatmap", "timings",
+           "details")
+
+
+def caption(client: Client, path: Path, methods: list[str], **settings) -> dict:
+    outputs = client.predict(image=handle_file(str(path)), methods=methods, api_name="/caption",
+                             **{**SETTINGS, **settings})
+    return dict(zip(OUTPUTS, outputs, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +79,15 @@ def rows(table: dict) -> list[dict]:
 @pytest.mark.parametrize("name", ["shapes", "coco"])
 def test_caption_outputs_are_complete_and_consistent(client, images, name):
     path = image_of(images, name)
-    (maccap_caption, tomcap_caption, maccap_table, tomcap_table, heatmap, neighbours, timings,
-     details) = client.predict(handle_file(str(path)), BOTH, *SETTINGS.values(), api_name="/caption")
-
-    for caption, table, count in ((maccap_caption, maccap_table, SETTINGS["samples"]),
-                                  (tomcap_caption, tomcap_table, SETTINGS["tomcap_beams"])):
+    out = caption(client, path, BOTH)
+    heatmap, neighbours, timings, details = out["heatmap"], out["neighbours"], out["timings"], out["details"]
+    for shown, table, count in ((out["maccap_caption"], out["maccap_table"], SETTINGS["maccap_samples"]),
+                                (out["tomcap_caption"], out["tomcap_table"], SETTINGS["tomcap_beams"])):
         candidates = rows(table)
         assert len(candidates) == count
         scores = [c["CLIP score"] for c in candidates]
         assert scores == sorted(scores, reverse=True)
-        assert caption == candidates[0]["caption"] and candidates[0]["chosen"] == "✓"
+        assert shown == candidates[0]["caption"] and candidates[0]["chosen"] == "✓"
         assert [c["chosen"] for c in candidates[1:]] == [""] * (count - 1)
 
     with Image.open(path) as original:
@@ -86,21 +95,22 @@ def test_caption_outputs_are_complete_and_consistent(client, images, name):
     assert details["image_size"] == list(size)
     grid_rows, grid_cols = details["grid"]
     patches = details["results"]["maccap"]["patches"]
-    assert len(patches) == SETTINGS["n_cr"]
-    assert len({p["index"] for p in patches}) == SETTINGS["n_cr"]
+    assert len(patches) == SETTINGS["maccap_n_cr"]
+    assert len({p["index"] for p in patches}) == SETTINGS["maccap_n_cr"]
     for patch in patches:
         assert 0 <= patch["row"] < grid_rows and 0 <= patch["col"] < grid_cols
         assert patch["index"] == patch["row"] * grid_cols + patch["col"]
 
     listed = rows(neighbours)
-    assert len(listed) == SETTINGS["k"] and all(n["neighbour caption"] for n in listed)
+    assert len(listed) == SETTINGS["tomcap_k"] and all(n["neighbour caption"] for n in listed)
     assert [n["neighbour caption"] for n in listed] == [n["text"] for n in details["results"]["tomcap"]["neighbours"]]
 
     with Image.open(heatmap) as drawn:  # the overlay keeps the photo's aspect ratio
-        assert max(drawn.size) == analysis.DISPLAY_SIDE
+        assert max(drawn.size) == figures.DISPLAY_SIDE
         assert abs(drawn.size[0] / drawn.size[1] - size[0] / size[1]) < 0.02
-    stages = {(r["method"], r["stage"]) for r in rows(timings)}
+    stages = {(r["method"], r["stage"]): r["ms"] for r in rows(timings)}
     assert ("MacCap", "total") in stages and ("TOMCap", "total") in stages
+    assert stages[("MacCap", "encode")] > 0 or details["results"]["maccap"]["timings_ms"]["encode"] > 0
 
 
 @pytest.mark.parametrize("name", ["shapes", "coco"])
@@ -122,7 +132,7 @@ def test_embedding_endpoint_returns_two_plots_and_the_gap_table(client, images):
     for figure in (projection, histogram):
         assert figure["type"] == "plotly" and json.loads(figure["plot"])["data"]
     names = {trace["name"] for trace in json.loads(projection["plot"])["data"]}
-    assert {analysis.TRACE_STYLES[kind].label for kind in ("image", "patches", "maccap region")} <= names
+    assert {"global image embedding", "image patches", "MacCap region features I_cr"} <= names
     assert rows(table) and all(isinstance(r["value"], float) for r in rows(table))
 
 
@@ -147,17 +157,16 @@ def test_about_endpoint_describes_the_served_bundle(client, bundle):
 def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(client, images, tmp_path):
     broken = corrupt_png(tmp_path / "broken.png")
     with pytest.raises(AppError) as raised:
-        client.predict(handle_file(str(broken)), BOTH, *SETTINGS.values(), api_name="/caption")
+        caption(client, broken, BOTH)
     assert str(raised.value).startswith("broken.png: truncated or corrupt image data")
     assert "Traceback" not in str(raised.value) and "\n" not in str(raised.value)
     with pytest.raises(AppError, match="question is empty"):
         client.predict(handle_file(str(images["shapes"])), "   ", api_name="/vqa")
     with pytest.raises(AppError, match="less than minimum value 1"):  # Gradio checks the slider's range itself
-        client.predict(handle_file(str(images["shapes"])), BOTH, 0, *list(SETTINGS.values())[1:], api_name="/caption")
+        caption(client, images["shapes"], ["maccap"], maccap_samples=0)
     with pytest.raises(AppError, match="samples must be a whole number"):
-        client.predict(handle_file(str(images["shapes"])), BOTH, 2.5, *list(SETTINGS.values())[1:], api_name="/caption")
-    caption = client.predict(handle_file(str(images["shapes"])), ["tomcap"], *SETTINGS.values(), api_name="/caption")
-    assert caption[1]
+        caption(client, images["shapes"], ["maccap"], maccap_samples=2.5)
+    assert caption(client, images["shapes"], ["tomcap"])["tomcap_caption"]
 
 
 def test_a_full_queue_turns_requests_away_with_a_clear_message(tiny_bundle_dir, monkeypatch):
@@ -173,22 +182,22 @@ def test_a_full_queue_turns_requests_away_with_a_clear_message(tiny_bundle_dir, 
 
     monkeypatch.setattr(captioner, "caption", held_caption)
     demo = ui.create_blocks(captioner, config=ui.AppConfig(concurrency_limit=1, max_queue_size=1))
-    request = (example, ["tomcap"], *SETTINGS.values())
+    request = dict(image=example, methods=["tomcap"], **SETTINGS)
     with running_app(demo) as url:
         client = Client(url, verbose=False)
         try:
-            running = client.submit(*request, api_name="/caption")
+            running = client.submit(**request, api_name="/caption")
             assert entered.wait(60), "the first request never started"
-            waiting = client.submit(*request, api_name="/caption")
+            waiting = client.submit(**request, api_name="/caption")
             deadline = time.monotonic() + 60
             while waiting.status().code != Status.IN_QUEUE:
                 assert time.monotonic() < deadline, "the second request never reached the queue"
                 time.sleep(0.05)
             with pytest.raises(QueueError, match="Queue is full"):
-                client.predict(*request, api_name="/caption")
+                client.predict(**request, api_name="/caption")
         finally:
             release.set()
-        assert running.result(timeout=60)[1] == waiting.result(timeout=60)[1]
+        assert running.result(timeout=60)[2] == waiting.result(timeout=60)[2]  # TOMCap's caption
 
 
 def test_the_readme_client_example_runs(url, bundle, tmp_path, monkeypatch, capsys):
@@ -201,4 +210,4 @@ def test_the_readme_client_example_runs(url, bundle, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)  # the example reads weights/shapes/examples from the repository root
     exec(compile(example.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert "MacCap:" in printed and "neighbours:" in printed and "patches (row, col):" in printed
+    assert "maccap: " in printed and "neighbours:" in printed and "patches (row, col):" in printed

@@ -7,7 +7,7 @@ import torch
 
 from capdemo.beam_cache import BeamSharedPrefixLayer, prompt_cache
 from capdemo.lm import generate_from_embeds
-from tests.tiny_models import tiny_gpt2
+from capdemo.testing import tiny_gpt2
 
 ROWS, HEADS, SHARED, DIM = 4, 2, 3, 5  # 2 inputs x 2 beams
 

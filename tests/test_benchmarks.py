@@ -13,7 +13,7 @@ from benchmarks import common, maccap_latency, throughput, tomcap_latency, train
 from benchmarks import run as runner
 from benchmarks.models import fix_generation_length, maccap_stack, random_pixels, synthetic_tokenizer
 from capdemo.lm import generate_from_embeds
-from capdemo.maccap_pipeline import caption_images, sequential_reference
+from capdemo.methods.maccap.inference import MacCapOptions, sequential_reference
 from capdemo.result import Candidate, Result
 
 SAMPLES, BEAMS, NEW_TOKENS, BATCH = 6, 2, 5, 2
@@ -29,11 +29,11 @@ def stack():
 
 def test_batched_and_sequential_paths_return_identical_candidates(stack):
     pixels = random_pixels(BATCH, tiny=True, seed=3)
-    options = dict(samples=SAMPLES, beams=BEAMS, max_new_tokens=NEW_TOKENS, seed=7)
+    options = MacCapOptions(samples=SAMPLES, beams=BEAMS, max_new_tokens=NEW_TOKENS, seed=7)
     encoded = stack.encoder.images_encoded
-    batched = caption_images(stack.model, stack.encoder, pixels, **options)
+    batched = maccap_latency.batched(stack, pixels, options)
     batched_passes = stack.encoder.images_encoded - encoded
-    sequential = sequential_reference(stack.model, stack.encoder, pixels, **options)
+    sequential = sequential_reference(stack.model, stack.encoder, pixels, options)
     sequential_passes = stack.encoder.images_encoded - encoded - batched_passes
 
     assert len(batched) == len(sequential) == BATCH
@@ -195,7 +195,7 @@ def test_tomcap_benchmark_times_both_datastores():
 
 
 def test_throughput_benchmark_times_every_method_of_the_bundle():
-    from tests.tiny_bundle import TINY_MACCAP, TINY_TOMCAP
+    from capdemo.testing import TINY_MACCAP, TINY_TOMCAP
 
     result = throughput.run(tiny=True)
     (entry,) = result["runs"]

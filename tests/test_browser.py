@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from capdemo import analysis, ui
+from capdemo import figures, ui
 from capdemo.bundle import Bundle
 from tests.app_server import ARTIFACTS, corrupt_png, running_app, served_bundle, shapes_image
 
@@ -76,12 +76,12 @@ def test_caption_candidates_heatmap_and_plot_render(page, bundle, tmp_path):
     expect(page.locator("#tomcap-caption textarea")).not_to_have_value("")
     candidates = page.locator("#maccap-candidates [role=grid]")
     expect(candidates).to_have_attribute("aria-rowcount", str(samples + 1))  # header + one row per sample
-    expect(candidates.locator('[data-testid="cell-0-3"]')).to_have_text("✓")  # the chosen candidate is marked
-    best = candidates.locator('[data-testid="cell-0-1"]').inner_text().strip()
+    expect(candidates.locator('[data-testid="cell-0-2"]')).to_have_text("✓")  # the chosen candidate is marked
+    best = candidates.locator('[data-testid="cell-0-3"]').inner_text().strip()
     assert page.locator("#maccap-caption textarea").input_value() == best
     heatmap = page.locator("#heatmap img")
     expect(heatmap).to_be_visible()
-    assert heatmap.evaluate("img => img.complete && img.naturalWidth") == analysis.DISPLAY_SIDE
+    assert heatmap.evaluate("img => img.complete && img.naturalWidth") == figures.DISPLAY_SIDE
     page.screenshot(path=str(ARTIFACTS / "browser-caption.png"), full_page=True)
 
     page.get_by_role("tab", name="Embedding space").click()

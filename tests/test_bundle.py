@@ -11,7 +11,7 @@ import torch
 from capdemo.bundle import MANIFEST, Bundle, BundleError, BundleWriter
 from capdemo.config import Config, ConfigError
 from capdemo.encoders import EncoderConfig, add_encoder_to_bundle, encoder_from_bundle
-from tests.tiny_models import tiny_encoder, tiny_encoder_config
+from capdemo.testing import tiny_encoder, tiny_encoder_config
 
 
 @pytest.fixture()

@@ -187,7 +187,7 @@ def test_bad_embedder_output_is_a_clear_error(tmp_path):
 
 def test_index_command_end_to_end_with_a_tiny_clip(tmp_path):
     """``python -m training index`` (as the lead's dispatcher calls it) on a random tiny CLIP, offline."""
-    from tests.tiny_models import tiny_encoder_config
+    from capdemo.testing import tiny_encoder_config
     from training import index
 
     config_file = tmp_path / "tiny.json"

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from capdemo.encoders import ClipEncoder, EncoderConfig, ImageFeatures
+from capdemo.encoders import ClipEncoder, EncoderConfig
+from capdemo.features import ImageFeatures
 from capdemo.weights import UnsafeWeightsError, WeightsUnavailableError, WeightSource, resolve
-from tests.tiny_models import tiny_encoder, tiny_encoder_config
+from capdemo.testing import tiny_encoder, tiny_encoder_config
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def test_local_safetensors_reload_gives_identical_embeddings(tmp_path):
     reloaded = ClipEncoder.from_config(tiny_encoder_config(pretrained=str(weights)))
     pixels = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(reloaded.encode_images(pixels).token_embeds, original.encode_images(pixels).token_embeds)
-    torch.testing.assert_close(reloaded.encode_text(["two green triangles"]), original.encode_text(["two green triangles"]))
+    text = ["two green triangles"]
+    torch.testing.assert_close(reloaded.encode_text(text), original.encode_text(text))
 
 
 def _fake_hub_cache(cache: Path, repo: str, revision: str, files: dict[str, bytes]) -> None:
@@ -208,8 +210,8 @@ def test_a_bundle_that_references_a_tag_records_its_commit(monkeypatch):
 def test_default_language_models_are_pinned_to_commits():
     import re
 
-    from capdemo.maccap import MacCapConfig
-    from capdemo.tomcap import TOMCapConfig
+    from capdemo.methods.maccap.model import MacCapConfig
+    from capdemo.methods.tomcap.model import TOMCapConfig
 
     for spec in (MacCapConfig().lm, TOMCapConfig().lm):
         source = WeightSource.parse(spec)
@@ -263,7 +265,7 @@ def test_a_hub_tokenizer_loads_from_its_pinned_commit(tmp_path, monkeypatch, tin
     from open_clip.tokenizer import HFTokenizer
 
     import capdemo.encoders as encoders
-    from tests.tiny_models import TINY_CLIP_CONFIG
+    from capdemo.testing import TINY_CLIP_CONFIG
 
     revision = "89abcdef0123456789abcdef0123456789abcdef"
     saved = tmp_path / "saved"

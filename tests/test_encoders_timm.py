@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from capdemo.encoders import ClipEncoder, EncoderConfig, ImageFeatures, map_tokens_through_pool
-from capdemo.maccap import MacCapConfig, aggregate_regions, image_regions
-from capdemo.maccap_pipeline import build_result
+from capdemo.encoders import ClipEncoder, EncoderConfig, map_tokens_through_pool
+from capdemo.features import ImageFeatures
+from capdemo.methods.maccap.model import MacCapConfig, aggregate_regions, image_regions
+from capdemo.methods.maccap.inference import MacCapOptions, build_result
 from capdemo.rerank import ScoredTexts
 
 # vit_base_patch16_siglip_224's arguments at test size: 32 px, patch 8 -> 4x4 grid, width 64, 2 blocks, 2 heads
@@ -334,7 +335,7 @@ def test_result_patches_on_the_grid(siglip2):
     token_index, attention, regions = image_regions(features, config)
     scored = ScoredTexts(texts=["a", "b"], scores=torch.tensor([0.1, 0.3]), embeds=torch.zeros(2, 64))
     for b in range(2):
-        result = build_result(features, b, token_index, attention, regions, scored, {}, {"n_cr": 4}, seed=0)
+        result = build_result(features, b, token_index, attention, regions, scored, {}, MacCapOptions(n_cr=4))
         assert [p.index for p in result.patches] == token_index[b].tolist()  # no prefix: token i is patch i
         for patch in result.patches:
             assert patch.row * GRID[1] + patch.col == patch.index

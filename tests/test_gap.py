@@ -211,7 +211,7 @@ def test_gapstats_command_end_to_end_with_a_tiny_clip(tmp_path, capsys):
 
     from PIL import Image
 
-    from tests.tiny_models import TINY_CORPUS, tiny_encoder_config
+    from capdemo.testing import TINY_CORPUS, tiny_encoder_config
     from training import gapstats
 
     config_file = tmp_path / "tiny.json"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from capdemo.lm import generate_from_embeds
-from tests.tiny_models import tiny_gpt2, tiny_opt
+from capdemo.testing import tiny_gpt2, tiny_opt
 
 N, LENGTH, NEW = 3, 7, 5
 
@@ -35,7 +35,8 @@ def test_shared_prompt_prefill_gives_the_stock_ids(tiny_tokenizer, kind, left_pa
     embeds, mask = _prompts(model, left_padding=left_padding)
     extra = {}
     if kind == "gpt2-cross":  # TOMCap's memory: (N, M, n_embd), expanded per beam by generate
-        extra["encoder_hidden_states"] = torch.randn(N, 4, model.config.n_embd, generator=torch.Generator().manual_seed(1))
+        generator = torch.Generator().manual_seed(1)
+        extra["encoder_hidden_states"] = torch.randn(N, 4, model.config.n_embd, generator=generator)
     eos = tiny_tokenizer.eos_token_id
     runs = [generate_from_embeds(model, embeds, mask, eos_token_id=eos, pad_token_id=eos, beams=beams,
                                  num_return_sequences=returned, max_new_tokens=NEW, share_prompt=share, **extra)

@@ -10,13 +10,11 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from capdemo import ui
-from capdemo.options import CaptionOptions
 from capdemo.pipeline import Captioner
 from tests.app_server import running_app
 
 USERS = 16
-SETTINGS = dict(samples=3, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=0,
-                tomcap_beams=2, tomcap_max_new_tokens=6)
+SETTINGS = dict(samples=3, beams=2, noise_variance=0.016, n_cr=3, max_new_tokens=6, seed=0)  # MacCap's
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +32,7 @@ def test_sixteen_concurrent_users_get_their_own_results(tiny_bundle_dir, user_im
     captioner = Captioner.from_bundle(tiny_bundle_dir, device="cpu")
     expected = []
     for path in user_images:
-        result = captioner.caption([Image.open(path).convert("RGB")], "maccap", CaptionOptions(
-            samples=SETTINGS["samples"], beams=SETTINGS["beams"], noise_variance=SETTINGS["noise_variance"],
-            n_cr=SETTINGS["n_cr"], max_new_tokens=SETTINGS["max_new_tokens"], seed=SETTINGS["seed"]))[0]
+        result = captioner.caption([Image.open(path).convert("RGB")], "maccap", **SETTINGS)[0]
         expected.append(([p.index for p in result.patches], [round(c.clip_score, 4) for c in result.candidates]))
     assert len({tuple(e[0]) + tuple(e[1]) for e in expected}) > USERS // 2  # the images really differ
 
@@ -44,7 +40,8 @@ def test_sixteen_concurrent_users_get_their_own_results(tiny_bundle_dir, user_im
     with running_app(demo) as url:
         def one_user(path):
             client = Client(url, verbose=False)
-            outputs = client.predict(handle_file(str(path)), ["maccap"], *SETTINGS.values(), api_name="/caption")
+            outputs = client.predict(image=handle_file(str(path)), methods=["maccap"], api_name="/caption",
+                                     **{f"maccap_{name}": value for name, value in SETTINGS.items()})
             details = outputs[-1]["results"]["maccap"]
             return ([p["index"] for p in details["patches"]],
                     [round(c["clip_score"], 4) for c in details["candidates"]])

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from capdemo.bundle import Bundle, BundleWriter
 from capdemo.config import ConfigError
-from capdemo.encoders import ImageFeatures
+from capdemo.features import ImageFeatures
 from capdemo.gap import sample_noise
 from capdemo.lm import clean_text, embedding_size
-from capdemo.maccap import (
+from capdemo.methods.maccap.model import (
     MacCap,
     MacCapConfig,
     add_to_bundle,
@@ -21,15 +21,16 @@ from capdemo.maccap import (
     select_patches,
     text_regions,
 )
-from capdemo.maccap_pipeline import (
-    STAGES,
+from capdemo.methods.maccap.inference import (
+    MacCapMethod,
+    MacCapOptions,
     caption_images,
     sample_generator,
     sample_noise_batch,
     sequential_reference,
 )
 from capdemo.rerank import EMPTY_TEXT_SCORE, clip_scores
-from tests.tiny_models import TINY_CORPUS, tiny_gpt2, tiny_opt
+from capdemo.testing import TINY_CORPUS, tiny_gpt2, tiny_opt
 
 TINY = dict(embed_dim=32, lm_embed_dim=64, n_cr=4, n_query=4, heads=4, ffn_dim=64, mlp_layers=2, lm="unused")
 
@@ -278,9 +279,9 @@ def test_trained_model_reconstructs_its_captions(trained, tiny_encoder):
 
 def test_batched_samples_equal_the_sequential_reference(trained, tiny_encoder):
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    settings = dict(samples=6, beams=3, noise_variance=0.05, max_new_tokens=16, seed=11)
-    batched = caption_images(trained, tiny_encoder, pixels, **settings)
-    reference = sequential_reference(trained, tiny_encoder, pixels, **settings)
+    settings = MacCapOptions(samples=6, beams=3, noise_variance=0.05, n_cr=4, max_new_tokens=16, seed=11)
+    batched = caption_images(trained, tiny_encoder, tiny_encoder.encode_images(pixels), settings)
+    reference = sequential_reference(trained, tiny_encoder, pixels, settings)
     distinct = set()
     for fast, slow in zip(batched, reference):
         by_sample = lambda result: sorted((c.sample, c.text, c.clip_score) for c in result.candidates)  # noqa: E731
@@ -290,16 +291,14 @@ def test_batched_samples_equal_the_sequential_reference(trained, tiny_encoder):
         assert fast.caption == slow.caption
         distinct.update(c.text for c in fast.candidates)
     assert len(distinct) >= 2, "the noise should make the samples differ, or this test checks nothing"
-    alone = caption_images(trained, tiny_encoder, pixels[1:2], **settings)[0]  # independent of the batch
+    alone = caption_images(trained, tiny_encoder, tiny_encoder.encode_images(pixels[1:2]), settings)[0]  # batch-free
     assert [(c.sample, c.text) for c in alone.candidates] == [(c.sample, c.text) for c in batched[1].candidates]
 
 
 def test_result_carries_candidates_patches_embeddings_and_timings(trained, tiny_encoder):
     pixels = torch.randn(2, 3, 32, 32)
     features = tiny_encoder.encode_images(pixels)
-    results = caption_images(trained, tiny_encoder, features, samples=5, beams=2, seed=0)
-    again = caption_images(trained, tiny_encoder, pixels, samples=5, beams=2, seed=0)
-    assert [r.caption for r in results] == [r.caption for r in again]  # features and pixels agree
+    results = caption_images(trained, tiny_encoder, features, MacCapOptions(samples=5, beams=2, n_cr=4, seed=0))
     for b, result in enumerate(results):
         scores = [c.clip_score for c in result.candidates]
         assert len(scores) == 5 and scores == sorted(scores, reverse=True)
@@ -314,10 +313,14 @@ def test_result_carries_candidates_patches_embeddings_and_timings(trained, tiny_
             assert patch.attention == pytest.approx(features.cls_attention_mean[b, patch.index + 1].item())
         shapes = {name: tuple(t.shape) for name, t in result.embeddings.items()}
         assert shapes == {"image": (1, 32), "region": (4, 32), "candidates": (5, 32), "patches": (16, 32)}
-        assert set(result.timings_ms) == set(STAGES) and all(v >= 0 for v in result.timings_ms.values())
+        assert list(result.timings_ms) == ["aggregate", "adaptor", "generate", "rerank"]  # encode: the facade's
+        assert all(v >= 0 for v in result.timings_ms.values())
         assert result.to_json()["method"] == "maccap"
-    with pytest.raises(ValueError, match="samples must be >= 1"):
-        caption_images(trained, tiny_encoder, features, samples=0)
+    method = MacCapMethod(trained, tiny_encoder)
+    with pytest.raises(ValueError, match="samples must be between 1 and 64, got 0"):
+        method.options(samples=0)
+    with pytest.raises(ValueError, match="n_cr must be between 1 and 16, got 17"):  # a 4x4 grid has 16 patches
+        method.options(n_cr=17)
 
 
 def test_bundle_round_trip_gives_the_same_captions(trained, tiny_encoder, tmp_path):
@@ -328,20 +331,22 @@ def test_bundle_round_trip_gives_the_same_captions(trained, tiny_encoder, tmp_pa
     loaded = load_from_bundle(bundle)
     regions = F.normalize(torch.randn(2, 4, 32), dim=-1)
     torch.testing.assert_close(loaded.prefix(regions), trained.prefix(regions))
-    pixels = torch.randn(1, 3, 32, 32)
-    original = caption_images(trained, tiny_encoder, pixels)[0]
-    assert caption_images(loaded, tiny_encoder, pixels)[0].caption == original.caption
+    features = tiny_encoder.encode_images(torch.randn(1, 3, 32, 32))
+    options = MacCapMethod(trained, tiny_encoder).default_options()
+    original = caption_images(trained, tiny_encoder, features, options)[0]
+    assert caption_images(loaded, tiny_encoder, features, options)[0].caption == original.caption
 
 
 def test_a_picked_cls_token_leaves_patches_and_region_rows_aligned(tiny_encoder):
     """With include_cls_in_topk the CLS token can be picked: it is no patch, so its region row is left out too."""
-    from capdemo.maccap_pipeline import build_result
+    from capdemo.methods.maccap.inference import build_result
     from capdemo.rerank import ScoredTexts
 
     features = tiny_encoder.encode_images(torch.randn(1, 3, 32, 32))
     token_index = torch.tensor([[0, 6, 1]])  # CLS, then patches 5 and 0
     regions = torch.randn(1, 3, 32)
     scored = ScoredTexts(texts=["a", "b"], scores=torch.tensor([0.2, 0.3]), embeds=torch.eye(2, 32))
-    result = build_result(features, 0, token_index, torch.tensor([[0.5, 0.3, 0.2]]), regions, scored, {}, {}, 0)
+    result = build_result(features, 0, token_index, torch.tensor([[0.5, 0.3, 0.2]]), regions, scored, {},
+                          MacCapOptions())
     assert [p.index for p in result.patches] == [5, 0]
     torch.testing.assert_close(result.embeddings["region"], F.normalize(regions[0, 1:], dim=-1))

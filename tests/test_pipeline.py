@@ -1,4 +1,4 @@
-"""The Captioner facade on a complete tiny bundle: both methods, VQA, plots, one encoder pass per image, CLI."""
+"""The Captioner facade on a complete tiny bundle: every method, VQA, plots, one timed encoder pass per image, CLI."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from capdemo.options import CaptionOptions
 from capdemo.pipeline import Captioner
-from tests.tiny_bundle import TINY_MACCAP, TINY_TOMCAP, example_images
+from capdemo.testing import TINY_MACCAP, TINY_TOMCAP, example_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +23,9 @@ def captioner(tiny_bundle_dir) -> Captioner:
 
 
 def test_loads_every_component(captioner):
-    assert captioner.methods == ("maccap", "tomcap")
-    assert captioner.datastore is not None and captioner.gap_stats is not None and captioner.answers is not None
+    assert captioner.method_names == ("maccap", "tomcap")
+    assert captioner.shared("datastore") is not None and captioner.shared("gap_stats") is not None
+    assert captioner.answers is not None and captioner.vqa_method is captioner.methods["maccap"]
     assert len(captioner.examples()) == 2
     info = captioner.info()
     assert info["world"] == "shapes" and set(info["methods"]) == {"maccap", "tomcap"}
@@ -34,7 +34,7 @@ def test_loads_every_component(captioner):
 
 def test_maccap_results_are_consistent(captioner):
     images = example_images()
-    results = captioner.caption(images, "maccap", CaptionOptions(samples=6, seed=3))
+    results = captioner.caption(images, "maccap", samples=6, seed=3)
     assert len(results) == 2
     for result in results:
         scores = [c.clip_score for c in result.candidates]
@@ -43,13 +43,14 @@ def test_maccap_results_are_consistent(captioner):
         assert len(result.patches) == TINY_MACCAP["n_cr"]
         assert all(0 <= p.row < 4 and 0 <= p.col < 4 and p.index == 4 * p.row + p.col for p in result.patches)
         assert result.embeddings["region"].shape == (TINY_MACCAP["n_cr"], 32)
-        assert set(result.timings_ms) >= {"encode", "aggregate", "adaptor", "generate", "rerank"}
-    again = captioner.caption(images, "maccap", CaptionOptions(samples=6, seed=3))
+        assert list(result.timings_ms) == ["encode", "aggregate", "adaptor", "generate", "rerank"]
+        assert result.extras["samples"] == 6 and result.extras["n_cr"] == TINY_MACCAP["n_cr"]  # the bundle's
+    again = captioner.caption(images, "maccap", samples=6, seed=3)
     assert [r.to_json()["candidates"] for r in again] == [r.to_json()["candidates"] for r in results]
 
 
 def test_tomcap_results_are_consistent(captioner):
-    results = captioner.caption(example_images(), "tomcap", CaptionOptions())
+    results = captioner.caption(example_images(), "tomcap")
     for result in results:
         assert len(result.neighbours) == TINY_TOMCAP["k"]
         assert [n.score for n in result.neighbours] == sorted((n.score for n in result.neighbours), reverse=True)
@@ -58,16 +59,35 @@ def test_tomcap_results_are_consistent(captioner):
 
 
 def test_image_goes_through_the_tower_once(captioner):
+    from capdemo.analysis import embedding_view
+
     image = example_images(seed=11)[0]
     before = captioner.encoder.images_encoded
-    maccap = captioner.caption([image], "maccap", CaptionOptions(samples=2))[0]
-    captioner.caption([image], "tomcap", CaptionOptions())
+    maccap = captioner.caption([image], "maccap", samples=2)[0]
+    captioner.caption([image], "tomcap")
     captioner.answer(image, "what shape is it?", caption=maccap.caption)
-    view = captioner.embedding_view(image, {"maccap": maccap})
+    encoded = captioner.encode([image])
+    view = embedding_view(encoded.features, {"maccap": maccap}, {"maccap": "MacCap"},
+                          corpus=captioner.corpus_sample(), gap_stats=captioner.shared("gap_stats"))
     assert captioner.encoder.images_encoded - before == 1
-    assert view.points["image"].shape == (1, 32) and view.points["patches"].shape == (16, 32)
-    assert view.points["corpus corrected"].shape == view.points["corpus"].shape
-    assert "gap norm ||mu_I - mu_T||" in view.table
+    shapes = {group.kind: group.vectors.shape for group in view.groups}
+    assert shapes["image"] == (1, 32) and shapes["patches"] == (16, 32) and shapes["region"] == (4, 32)
+    assert shapes["corpus corrected"] == shapes["corpus"]
+    assert "gap norm ||mu_I - mu_T||" in view.table and encoded.cached == [True]
+
+
+def test_timings_are_per_image_with_the_vision_tower_timed_once_and_shared(captioner):
+    """A batch of 3: each Result has its own share of the encode pass (> 0) and of each batched stage."""
+    generator = torch.Generator().manual_seed(21)
+    images = [Image.fromarray((torch.rand(32, 32, 3, generator=generator) * 255).byte().numpy()) for _ in range(3)]
+    results = captioner.caption(images, "maccap", samples=3)
+    timings = [r.timings_ms for r in results]
+    assert all(t["encode"] > 0 for t in timings)
+    assert len({t["encode"] for t in timings}) == 1  # the batch's one pass, divided equally
+    for stage in ("aggregate", "adaptor", "generate", "rerank"):
+        assert len({t[stage] for t in timings}) == 1 and timings[0][stage] > 0
+    encoded = captioner.encode(images)  # cached now: the shares recorded when they were encoded
+    assert encoded.cached == [True] * 3 and encoded.encode_ms == [timings[0]["encode"]] * 3
 
 
 def test_vqa_ranks_the_answer_list(captioner):
@@ -78,16 +98,19 @@ def test_vqa_ranks_the_answer_list(captioner):
     assert "Question: what colour is it? Answer:" in result.prompt
 
 
-@pytest.mark.parametrize("options,message", [
-    (CaptionOptions(samples=0), "samples must be between"),
-    (CaptionOptions(beams=100), "beams must be between"),
-    (CaptionOptions(noise_variance=float("nan")), "noise_variance must be finite"),
-    (CaptionOptions(seed=-1), "seed must be between"),
-    (CaptionOptions(k=2.5), "k must be a whole number"),
+@pytest.mark.parametrize("method,settings,message", [
+    ("maccap", {"samples": 0}, "samples must be between 1 and 64, got 0"),
+    ("maccap", {"beams": 100}, "beams must be between 1 and 8, got 100"),
+    ("maccap", {"noise_variance": float("nan")}, "noise_variance must be finite"),
+    ("maccap", {"seed": -1}, "seed must be between"),
+    ("maccap", {"k": 2}, "MacCap has no setting k"),
+    ("tomcap", {"k": 2.5}, "k must be a whole number"),
+    ("tomcap", {"k": 9}, "k must be between 1 and 8, got 9"),  # the tiny datastore holds 8 captions
+    ("tomcap", {"select_by": "vibes"}, "select_by must be one of clip, beam"),
 ])
-def test_bad_options_are_one_line_errors(captioner, options, message):
+def test_bad_settings_are_one_line_errors(captioner, method, settings, message):
     with pytest.raises(ValueError, match=message):
-        captioner.caption(example_images()[:1], "maccap", options)
+        captioner.caption(example_images()[:1], method, **settings)
 
 
 @pytest.mark.parametrize("question", ["", "   ", "\n\t", "x" * 600])
@@ -98,7 +121,7 @@ def test_bad_questions_refused(captioner, question):
 
 def test_unknown_method_refused(captioner):
     with pytest.raises(ValueError, match="unknown method 'blip'"):
-        captioner.caption(example_images()[:1], "blip", CaptionOptions())
+        captioner.caption(example_images()[:1], "blip")
 
 
 def test_cli_captions_good_images_and_reports_bad_ones(tiny_bundle_dir, tmp_path):
@@ -131,51 +154,47 @@ def test_cli_refuses_a_batch_size_that_is_not_a_positive_number(size, tmp_path, 
 
 def test_out_of_memory_degrades_to_smaller_batches(captioner, monkeypatch):
     """A batch that does not fit is captioned in halves, with the same results as one by one."""
-    from capdemo import maccap_pipeline
-
-    real = maccap_pipeline.caption_images
+    method = captioner.methods["maccap"]
+    real = method.caption
     sizes = []
 
-    def limited(model, encoder, features, **kwargs):
-        sizes.append(features.image_embeds.shape[0])
-        if features.image_embeds.shape[0] > 1:
+    def limited(encoded, options):
+        sizes.append(len(encoded))
+        if len(encoded) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, encoder, features, **kwargs)
+        return real(encoded, options)
 
     images = example_images() + example_images(seed=5)
-    expected = [captioner.caption([image], "maccap", CaptionOptions(samples=3))[0].to_json()["candidates"]
-                for image in images]
-    monkeypatch.setattr(maccap_pipeline, "caption_images", limited)
-    results = captioner.caption(images, "maccap", CaptionOptions(samples=3))
+    expected = [captioner.caption([image], "maccap", samples=3)[0].to_json()["candidates"] for image in images]
+    monkeypatch.setattr(method, "caption", limited)
+    results = captioner.caption(images, "maccap", samples=3)
     assert [r.to_json()["candidates"] for r in results] == expected
     assert sizes[0] == 4 and sizes.count(1) == 4
 
 
-def test_a_separate_retrieval_encoder_queries_the_datastore(captioner, monkeypatch):
-    """TOMCap with its own retrieval encoder (the paper's SigLIP2): queries come from that encoder's pass."""
-    from capdemo import tomcap
-    from tests.tiny_models import tiny_encoder
+def test_a_separate_retrieval_encoder_queries_the_datastore(tiny_bundle_dir):
+    """TOMCap with its own retrieval encoder (the paper's SigLIP2): the facade runs that tower in the same
+    encode pass, and its embeddings are the queries, whether images or an Encoded batch are handed over."""
+    from capdemo.methods.tomcap import inference
+    from capdemo.retrieval import CaptionDatastore
+    from capdemo.testing import TINY_CORPUS, tiny_encoder
 
-    seen = {}
-    real = tomcap.caption_images
-
-    def spy(model, encoder, datastore, images, *, query_embeds=None, **kwargs):
-        seen["queries"] = query_embeds
-        return real(model, encoder, datastore, images, query_embeds=query_embeds, **kwargs)
-
+    captioner = Captioner.from_bundle(tiny_bundle_dir, device="cpu")
+    method = captioner.methods["tomcap"]
+    retriever = tiny_encoder(seed=9, model_name="capdemo-tiny-retriever")
+    method.retriever = retriever
+    method.datastore = CaptionDatastore.build(retriever.encode_text(TINY_CORPUS), TINY_CORPUS,
+                                              encoder_name=retriever.name)
     images = example_images()
-    retriever = tiny_encoder(seed=9)
-    monkeypatch.setattr(tomcap, "caption_images", spy)
-    monkeypatch.setattr(captioner, "retriever", retriever)
-    results = captioner.caption(images, "tomcap", CaptionOptions())
     expected = retriever.encode_image_embeds(retriever.preprocess(images))
-    assert torch.equal(seen["queries"], expected) and len(results) == 2
-    # the app hands over an Encoded batch (one tower pass for every tab): it carries the same queries
     encoded = captioner.encode(images)
-    assert torch.equal(encoded.queries, expected)
-    again = captioner.caption(encoded, "tomcap", CaptionOptions())
-    assert torch.equal(seen["queries"], expected)
-    assert [r.to_json()["candidates"] for r in again] == [r.to_json()["candidates"] for r in results]
+    assert torch.equal(encoded.tower_embeds[retriever.name], expected)
+    queries = encoded.image_embeds(retriever)
+    hits = [[n.text for n in row] for row in method.datastore.retrieve(queries, 2)]
+    results = captioner.caption(encoded, "tomcap")
+    assert [[n.text for n in r.neighbours] for r in results] == hits
+    assert not torch.equal(queries, encoded.image_embeds())  # the captioning CLIP would have asked otherwise
+    assert inference.TOMCapMethod.image_towers(method) == [retriever]
 
 
 def test_encoding_more_images_than_the_cache_holds(captioner):

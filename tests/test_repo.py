@@ -30,9 +30,18 @@ def test_readme_opens_with_two_commands_and_front_matter():
     assert "\n\n" not in intro
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert _readme_commands()[1] in ci.splitlines()
+def test_ci_runs_the_linter_then_the_readme_test_command_verbatim():
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    tests = lines.index(_readme_commands()[1])
+    lint = next(i for i, line in enumerate(lines) if line.rstrip().endswith(".venv/bin/ruff check ."))
+    assert lint < tests and "set -euo pipefail" in lines  # a lint error stops CI before the tests
+    ruff = re.search(r"^ruff==(\S+)$", (ROOT / "requirements-dev.txt").read_text(), re.M)
+    assert ruff and "[tool.ruff.lint]" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_no_capdemo_module_is_longer_than_400_lines():
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "capdemo").rglob("*.py")}
+    assert {path: n for path, n in lengths.items() if n > 400} == {}
 
 
 def test_gradio_version_pinned_consistently():
@@ -52,5 +61,6 @@ def test_environment_is_consistent_and_cpu_only():
 
 
 def test_capdemo_never_imports_training():
-    offenders = [p.name for p in (ROOT / "capdemo").rglob("*.py") if re.search(r"^\s*(from|import) training", p.read_text(), re.M)]
+    imports_training = re.compile(r"^\s*(from|import) training", re.M)
+    offenders = [p.name for p in (ROOT / "capdemo").rglob("*.py") if imports_training.search(p.read_text())]
     assert offenders == []

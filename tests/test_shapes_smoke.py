@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from capdemo.options import CaptionOptions
 from capdemo.pipeline import Captioner
 from training.shapes import build, world
 from training.shapes.evaluate import evaluate_bundle, score
@@ -28,8 +27,8 @@ def smoke_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(smoke_bundle):
-    return evaluate_bundle(str(smoke_bundle), n=N_TEST, seed=TEST_SEED, methods=["maccap", "tomcap"],
-                           options=CaptionOptions(samples=8), ceiling=True)
+    return evaluate_bundle(str(smoke_bundle), n=N_TEST, seed=TEST_SEED, settings={"maccap": {"samples": 8}},
+                           ceiling=True)
 
 
 def test_constant_caption_baseline():
@@ -40,11 +39,11 @@ def test_constant_caption_baseline():
 
 def test_bundle_is_complete_and_serves(smoke_bundle):
     captioner = Captioner.from_bundle(smoke_bundle, device="cpu")
-    assert captioner.methods == ("maccap", "tomcap")
+    assert captioner.method_names == ("maccap", "tomcap")
     assert captioner.info()["world"] == "shapes" and len(captioner.examples()) == 2
     assert captioner.answers is not None and len(captioner.answers) == 3128
     result = captioner.caption([world.generate_images(1, seed=TEST_SEED, config=world.WorldConfig())[0]],
-                               "maccap", CaptionOptions(samples=4))[0]
+                               "maccap", samples=4)[0]
     assert len(result.candidates) == 4 and result.caption == result.candidates[0].text
 
 

@@ -243,7 +243,7 @@ def test_groups_show_the_stated_number_of_separate_objects():
 
 def test_background_is_never_mistaken_for_an_object():
     config = WorldConfig(image_size=32)
-    for scene, image, _ in generate_pairs(100, seed=5, config=config):
+    for _, image, _ in generate_pairs(100, seed=5, config=config):
         corner = np.asarray(image)[:2, :2].reshape(-1, 3)  # objects never reach the corners
         assert np.all(np.linalg.norm(corner[:, None] - np.array(list(PALETTE.values())), axis=-1) > 60)
 

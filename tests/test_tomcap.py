@@ -14,11 +14,14 @@ from capdemo.encoders import EncoderConfig
 from capdemo.gap import GapStats
 from capdemo.lm import save_causal_lm
 from capdemo.retrieval import CaptionDatastore, DatastoreError
-from capdemo.tomcap import (
-    IGNORE_INDEX, STAGES, TOMCap, TOMCapConfig, add_to_bundle, build_prompt, caption_images, datastore_from_bundle,
-    load_from_bundle, load_gpt2_with_cross_attention, parameter_count_formula,
+from capdemo.lm import IGNORE_INDEX
+from capdemo.methods.base import options_from_config
+from capdemo.methods.tomcap.inference import TOMCapMethod, TOMCapOptions, caption_images, retrieve_neighbours
+from capdemo.methods.tomcap.model import (
+    TOMCap, TOMCapConfig, add_to_bundle, build_prompt, datastore_from_bundle, load_from_bundle,
+    load_gpt2_with_cross_attention, parameter_count_formula,
 )
-from tests.tiny_models import TINY_CORPUS, tiny_gpt2, tiny_tokenizer
+from capdemo.testing import TINY_CORPUS, tiny_gpt2, tiny_tokenizer
 
 EMBED_DIM = 32  # the tiny CLIP's joint space
 N_EMBD, N_LAYER = 64, 2  # tiny_gpt2
@@ -235,9 +238,17 @@ def test_training_target_is_cut_to_max_caption_tokens(lm_dir):
 # Inference
 
 
+def caption(model: TOMCap, encoder, store, images: torch.Tensor, **settings) -> list:
+    """TOMCap's batched inference from pixels (B, 3, H, W) or image embeddings (B, D), the config's settings
+    changed by ``settings``."""
+    embeds = images if images.ndim == 2 else encoder.encode_image_embeds(images)
+    options = options_from_config(TOMCapOptions, model.config).replace(**settings)
+    return caption_images(model, encoder, store, embeds, embeds, options)
+
+
 def test_result_holds_beams_neighbours_embeddings_and_prompt(model, tiny_encoder, datastore, image_embeds):
     store, _ = datastore
-    results = caption_images(model, tiny_encoder, store, image_embeds, beams=3)
+    results = caption(model, tiny_encoder, store, image_embeds, beams=3)
     for b, result in enumerate(results):
         assert result.method == "tomcap" and len(result.candidates) == 3
         scores = [c.clip_score for c in result.candidates]
@@ -253,32 +264,25 @@ def test_result_holds_beams_neighbours_embeddings_and_prompt(model, tiny_encoder
         for candidate, embed in zip(result.candidates, result.embeddings["candidates"]):
             if candidate.text:
                 assert candidate.clip_score == pytest.approx(float(embed @ image_embeds[b]), abs=1e-5)
-        assert set(result.timings_ms) == set(STAGES)
+        assert list(result.timings_ms) == ["retrieve", "generate", "rerank"]  # encode: the facade's
 
 
 def test_batched_inference_equals_one_image_at_a_time(model, tiny_encoder, datastore, image_embeds):
     store, _ = datastore
-    batched = caption_images(model, tiny_encoder, store, image_embeds)
+    batched = caption(model, tiny_encoder, store, image_embeds)
     assert len({r.extras["prompt"] for r in batched}) == 3 and len({r.caption for r in batched}) == 3  # not trivial
     for b in range(len(image_embeds)):
-        single = caption_images(model, tiny_encoder, store, image_embeds[b : b + 1])[0]
+        single = caption(model, tiny_encoder, store, image_embeds[b : b + 1])[0]
         assert [c.text for c in single.candidates] == [c.text for c in batched[b].candidates]
         assert [n.text for n in single.neighbours] == [n.text for n in batched[b].neighbours]
         scores = [c.clip_score for c in batched[b].candidates]
         assert [c.clip_score for c in single.candidates] == pytest.approx(scores, abs=1e-5)
 
 
-def test_precomputed_image_embeddings_give_the_same_captions(model, tiny_encoder, datastore, pixels):
-    store, _ = datastore
-    from_pixels = caption_images(model, tiny_encoder, store, pixels)
-    from_embeds = caption_images(model, tiny_encoder, store, tiny_encoder.encode_image_embeds(pixels))
-    assert [r.to_json()["candidates"] for r in from_pixels] == [r.to_json()["candidates"] for r in from_embeds]
-
-
 def test_beam_order_selection_keeps_the_beams_as_decoded(model, tiny_encoder, datastore, image_embeds):
     store, _ = datastore
-    by_beam = caption_images(model, tiny_encoder, store, image_embeds, select_by="beam")
-    by_clip = caption_images(model, tiny_encoder, store, image_embeds)
+    by_beam = caption(model, tiny_encoder, store, image_embeds, select_by="beam")
+    by_clip = caption(model, tiny_encoder, store, image_embeds)
     for beam_result, clip_result in zip(by_beam, by_clip):
         assert [c.sample for c in beam_result.candidates] == list(range(len(beam_result.candidates)))
         assert sorted(c.text for c in beam_result.candidates) == sorted(c.text for c in clip_result.candidates)
@@ -286,7 +290,7 @@ def test_beam_order_selection_keeps_the_beams_as_decoded(model, tiny_encoder, da
 
 def test_without_retrieval_the_memory_is_the_image_alone(lm_dir, tiny_encoder, pixels):
     model = build_model(lm_dir, use_retrieval=False, max_new_tokens=6)
-    results = caption_images(model, tiny_encoder, None, pixels)
+    results = caption(model, tiny_encoder, None, pixels)
     assert all(r.neighbours == [] and r.extras["prompt"] == "Write a caption:" for r in results)
     assert results[0].embeddings["neighbours"].shape == (0, EMBED_DIM)
     assert model.memory(torch.randn(2, EMBED_DIM), None).shape == (2, 1, N_EMBD)
@@ -295,12 +299,15 @@ def test_without_retrieval_the_memory_is_the_image_alone(lm_dir, tiny_encoder, p
 def test_bad_retrieval_setups_are_one_line_errors(model, tiny_encoder, datastore, pixels):
     store, _ = datastore
     with pytest.raises(DatastoreError, match=r"k=9 neighbours asked for, but the datastore holds only 8 captions"):
-        caption_images(model, tiny_encoder, store, pixels, k=9)
+        retrieve_neighbours(store, tiny_encoder.encode_image_embeds(pixels), 9)
+    method = TOMCapMethod(model, tiny_encoder, datastore=store, gap_stats=None, retriever=None)
+    with pytest.raises(ValueError, match=r"k must be between 1 and 8, got 9"):  # the store's size bounds K
+        method.options(k=9)
     with pytest.raises(DatastoreError, match="no datastore"):
-        caption_images(model, tiny_encoder, None, pixels)
+        caption(model, tiny_encoder, None, pixels)
     other = CaptionDatastore.build(torch.randn(8, EMBED_DIM), TINY_CORPUS, encoder_name="another-clip")
-    with pytest.raises(DatastoreError, match="another-clip"):
-        caption_images(model, tiny_encoder, other, pixels)
+    with pytest.raises(DatastoreError, match="another-clip"):  # checked once, when the method is put together
+        TOMCapMethod(model, tiny_encoder, datastore=other, gap_stats=None, retriever=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +336,8 @@ def test_bundle_round_trip_gives_identical_captions(lm_dir, tiny_encoder, datast
         assert torch.equal(loaded.trainable_state()[name], tensor), name
     assert list(loaded_store.captions) == TINY_CORPUS
     torch.testing.assert_close(GapStats.load(bundle.file("tomcap/gap_stats.safetensors")).mu_text, gap_stats.mu_text)
-    original = caption_images(model, tiny_encoder, store, image_embeds)
-    reloaded = caption_images(loaded, tiny_encoder, loaded_store, image_embeds)
+    original = caption(model, tiny_encoder, store, image_embeds)
+    reloaded = caption(loaded, tiny_encoder, loaded_store, image_embeds)
     assert [r.to_json()["candidates"] for r in reloaded] == [r.to_json()["candidates"] for r in original]
 
     resaved = _write_bundle(tmp_path / "again", loaded, store_dir, copy_datastore=False, gap_stats=gap_stats)

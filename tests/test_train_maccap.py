@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from capdemo.bundle import Bundle
 from capdemo.encoders import encoder_from_bundle
 from capdemo.lm import save_causal_lm
-from capdemo.maccap import MacCapAdaptor, MacCapConfig, caption_text_embeddings, load_from_bundle
-from capdemo.maccap_pipeline import caption_images
+from capdemo.methods.maccap.model import MacCapAdaptor, MacCapConfig, caption_text_embeddings, load_from_bundle
+from capdemo.methods.maccap.inference import MacCapOptions, caption_images
 from capdemo.vqa import AnswerList
 from training.checkpoints import checkpoint_paths, latest_checkpoint
 from training.loop import TrainConfig
@@ -28,7 +28,7 @@ from tests.kill_resume import (
     MID_WRITE, assert_same_tensors, differs, final_checkpoint_tensors, kill_during_training, temp_files,
     write_checkpoint_as_step,
 )
-from tests.tiny_models import tiny_encoder_config, tiny_gpt2, tiny_tokenizer
+from capdemo.testing import tiny_encoder_config, tiny_gpt2, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "blue", "green", "yellow", "white", "purple"]
@@ -122,8 +122,9 @@ def test_cli_writes_a_bundle_that_capdemo_serves(cli_inputs, capsys):
     assert (config.n_cr, config.embed_dim, config.lm_embed_dim, config.lm) == (4, 32, 64, "bundle:maccap/lm")
     record = bundle.json("maccap/training.json")
     assert record["captions"] == 40 and len(record["history"]) >= 1  # the over-long caption was filtered out
-    result = caption_images(load_from_bundle(bundle), encoder_from_bundle(bundle), torch.randn(1, 3, 32, 32),
-                            samples=3, beams=2, max_new_tokens=4)[0]
+    encoder = encoder_from_bundle(bundle)
+    result = caption_images(load_from_bundle(bundle), encoder, encoder.encode_images(torch.randn(1, 3, 32, 32)),
+                            MacCapOptions(samples=3, beams=2, n_cr=4, max_new_tokens=4))[0]
     assert len(result.candidates) == 3
 
 

@@ -15,17 +15,21 @@ from capdemo.bundle import Bundle
 from capdemo.encoders import encoder_from_bundle
 from capdemo.gap import GapStats
 from capdemo.retrieval import CaptionDatastore
-from capdemo.tomcap import IGNORE_INDEX, caption_images, datastore_from_bundle, load_from_bundle
+from capdemo.lm import IGNORE_INDEX
+from capdemo.methods.base import options_from_config
+from capdemo.methods.tomcap.inference import TOMCapOptions, caption_images
+from capdemo.methods.tomcap.model import datastore_from_bundle, load_from_bundle
 from tests.kill_resume import (
     MID_WRITE, assert_same_tensors, differs, final_checkpoint_tensors, kill_during_training, temp_files,
     write_checkpoint_as_step,
 )
 from tests.test_tomcap import EMBED_DIM, bag_of_words_embedder, build_model, save_tiny_lm, shapes_captions
-from tests.tiny_models import TINY_CORPUS, tiny_encoder_config
+from capdemo.testing import TINY_CORPUS, tiny_encoder_config
 from training.checkpoints import checkpoint_paths
 from training.loop import TrainConfig, train
 from training.tomcap import (
-    RETRIEVAL_CACHE, TRAINING_RECORD, build_task, collate, main, prepare_examples, reproduce_targets, retrieve_for_training,
+    RETRIEVAL_CACHE, TRAINING_RECORD, build_task, collate, main, prepare_examples, reproduce_targets,
+    retrieve_for_training,
     store_caption_embeddings,
 )
 
@@ -143,7 +147,7 @@ def test_tiny_tomcap_reproduces_its_targets_text_to_text(shapes_lm, corpus, tmp_
 
 def test_cli_trains_resumes_and_writes_a_bundle_that_captions(tmp_path, lm_dir_for_examples):
     """`python -m training tomcap` on a tiny CLIP: killed after one step, resumed, bundled, reloaded."""
-    from tests.tiny_models import tiny_encoder as build_encoder
+    from capdemo.testing import tiny_encoder as build_encoder
 
     captions = TINY_CORPUS + ["a blue circle on the left", "two red squares", "a yellow star at the top",
                               "a white triangle on the right"]
@@ -174,7 +178,9 @@ def test_cli_trains_resumes_and_writes_a_bundle_that_captions(tmp_path, lm_dir_f
     assert (component["k"], component["embed_dim"], component["datastore"]) == (2, EMBED_DIM, "bundle:tomcap/datastore")
     model, store = load_from_bundle(bundle), datastore_from_bundle(bundle)
     bundled_encoder = encoder_from_bundle(bundle)
-    results = caption_images(model, bundled_encoder, store, torch.rand(2, 3, 32, 32))
+    embeds = bundled_encoder.encode_image_embeds(torch.rand(2, 3, 32, 32))
+    results = caption_images(model, bundled_encoder, store, embeds, embeds,
+                             options_from_config(TOMCapOptions, model.config))
     assert len(results) == 2
     assert all(len(r.neighbours) == 2 and len(r.candidates) == model.config.beams for r in results)
 
@@ -183,7 +189,7 @@ def test_sigkilled_cli_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_pa
                                                                            lm_dir_for_examples, one_thread):
     """`python -m training tomcap` SIGKILLed twice (a seeded random delay after a checkpoint, then just as a
     checkpoint write begins) and resumed by the same command ends bit-identical to a run never killed."""
-    from capdemo.tomcap import TRAINABLE_WEIGHTS
+    from capdemo.methods.tomcap.model import TRAINABLE_WEIGHTS
 
     captions = TINY_CORPUS + ["a blue circle on the left", "two red squares", "a yellow star at the top",
                               "a white triangle on the right"]
@@ -235,7 +241,7 @@ def test_run_identity_covers_settings_corpus_datastore_and_gap_statistics():
     from types import SimpleNamespace
 
     from capdemo.gap import GapStats
-    from capdemo.tomcap import TOMCapConfig
+    from capdemo.methods.tomcap.model import TOMCapConfig
     from training.tomcap import run_identity
 
     store = SimpleNamespace(meta=lambda: {"encoder_name": "tiny", "count": 10, "kind": "flat"})
@@ -248,7 +254,8 @@ def test_run_identity_covers_settings_corpus_datastore_and_gap_statistics():
     def changed(identity):
         return {key for key in base if base[key] != identity[key]}
 
-    assert changed(run_identity(config.replace(lm="/moved/gpt2", datastore="/moved/store"), captions, store, gap)) == set()
+    moved = config.replace(lm="/moved/gpt2", datastore="/moved/store")
+    assert changed(run_identity(moved, captions, store, gap)) == set()
     assert changed(run_identity(config.replace(k=2), captions, store, gap)) == {"tomcap.k"}
     assert changed(run_identity(config, captions[:1], store, gap)) == {"corpus_sha256"}
     assert changed(run_identity(config, captions, other_store, gap)) == {"datastore"}

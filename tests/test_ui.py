@@ -7,6 +7,7 @@ import logging
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -15,15 +16,14 @@ import pytest
 from gradio.data_classes import FileData
 from PIL import Image
 
-from capdemo import analysis, ui
-from capdemo.options import CaptionOptions
+from capdemo import figures, ui
 from capdemo.pipeline import Captioner
 from capdemo.vqa import VQA_PROMPT
 from tests.app_server import corrupt_png
-from tests.tiny_bundle import TINY_ANSWERS, TINY_MACCAP
+from capdemo.testing import TINY_ANSWERS, TINY_MACCAP
 
-SETTINGS = dict(samples=5, beams=2, noise_variance=0.016, n_cr=3, k=2, max_new_tokens=6, seed=1,
-                tomcap_beams=3, tomcap_max_new_tokens=7)  # each method its own beams and length cap
+SETTINGS = {"maccap": dict(samples=5, beams=2, noise_variance=0.016, n_cr=3, max_new_tokens=6, seed=1),
+            "tomcap": dict(k=2, beams=3, max_new_tokens=7)}  # each method its own beams and length cap
 BOTH = ["maccap", "tomcap"]
 
 
@@ -44,7 +44,7 @@ def example(captioner) -> str:
 
 @pytest.fixture(scope="module")
 def both_view(captioner, example) -> ui.CaptionView:
-    return ui.CaptionDemo(captioner).caption_event(example, BOTH, **SETTINGS)
+    return ui.CaptionDemo(captioner).caption_event(example, BOTH, SETTINGS)
 
 
 def fresh_image(tmp_path, seed: int) -> str:
@@ -71,44 +71,47 @@ def count_calls(monkeypatch, captioner, name: str) -> list:
 
 
 def test_caption_tables_list_every_candidate_best_first_with_the_chosen_one_marked(both_view):
-    table = both_view.maccap_candidates
-    assert list(table.columns) == ["rank", "caption", "CLIP score", "chosen", "sample"]
-    assert len(table) == SETTINGS["samples"]
-    assert list(table["rank"]) == list(range(1, SETTINGS["samples"] + 1))
-    assert sorted(table["sample"]) == list(range(SETTINGS["samples"]))  # every noisy sample appears once
+    maccap = both_view.methods["maccap"]
+    table = maccap.candidates
+    samples = SETTINGS["maccap"]["samples"]
+    assert list(table.columns) == ["rank", "CLIP score", "chosen", "caption", "sample"]  # scores before captions
+    assert len(table) == samples and list(table["rank"]) == list(range(1, samples + 1))
+    assert sorted(table["sample"]) == list(range(samples))  # every noisy sample appears once
     assert table["CLIP score"].is_monotonic_decreasing
-    assert list(table["chosen"]) == ["✓"] + [""] * (SETTINGS["samples"] - 1)
-    assert both_view.maccap_caption == table["caption"][0]
+    assert list(table["chosen"]) == ["✓"] + [""] * (samples - 1)
+    assert maccap.caption == table["caption"][0] and maccap.shown == maccap.caption and not maccap.error
 
-    tom = both_view.tomcap_candidates
-    assert len(tom) == SETTINGS["tomcap_beams"] and tom["CLIP score"].is_monotonic_decreasing
-    assert both_view.tomcap_caption == tom["caption"][0]
+    tom = both_view.methods["tomcap"].candidates
+    assert len(tom) == SETTINGS["tomcap"]["beams"] and tom["CLIP score"].is_monotonic_decreasing
+    assert both_view.methods["tomcap"].caption == tom["caption"][0]
 
 
 def test_caption_details_agree_with_the_tables(both_view):
     results = both_view.details["results"]
-    assert set(results) == set(BOTH)
-    for method, table in (("maccap", both_view.maccap_candidates), ("tomcap", both_view.tomcap_candidates)):
+    assert set(results) == set(BOTH) and both_view.details["errors"] == {}
+    for method in BOTH:
+        table = both_view.methods[method].candidates
         listed = results[method]["candidates"]
         assert [c["text"] for c in listed] == list(table["caption"])
         assert np.allclose([c["clip_score"] for c in listed], table["CLIP score"], atol=5e-5)
         assert results[method]["caption"] == listed[0]["text"]
-    assert [n["text"] for n in results["tomcap"]["neighbours"]] == list(both_view.neighbours["neighbour caption"])
+    neighbours = both_view.methods["tomcap"].neighbours
+    assert [n["text"] for n in results["tomcap"]["neighbours"]] == list(neighbours["neighbour caption"])
 
 
 def test_neighbours_are_k_captions_from_the_datastore_most_similar_first(both_view, captioner):
-    table = both_view.neighbours
-    assert list(table.columns) == ["rank", "neighbour caption", "similarity"]
-    assert len(table) == SETTINGS["k"] and table["similarity"].is_monotonic_decreasing
-    corpus = set(captioner.datastore.captions[i] for i in range(len(captioner.datastore)))
-    assert set(table["neighbour caption"]) <= corpus
+    table = both_view.methods["tomcap"].neighbours
+    assert list(table.columns) == ["rank", "similarity", "neighbour caption"]
+    assert len(table) == SETTINGS["tomcap"]["k"] and table["similarity"].is_monotonic_decreasing
+    store = captioner.shared("datastore")
+    assert set(table["neighbour caption"]) <= set(store.captions[i] for i in range(len(store)))
 
 
 def test_picked_patches_lie_in_the_grid_and_carry_the_grid_attention(both_view, captioner, example):
     rows, cols = captioner.encoder.grid_size
     assert both_view.details["grid"] == [rows, cols]
     patches = both_view.details["results"]["maccap"]["patches"]
-    assert len(patches) == SETTINGS["n_cr"]
+    assert len(patches) == SETTINGS["maccap"]["n_cr"]
     grid = ui.attention_grid(captioner.encode([Image.open(example).convert("RGB")]))
     assert grid.shape == (rows, cols) and 0 < grid.sum() <= 1 + 1e-5  # CLS attention over patches (CLS excluded)
     for patch in patches:
@@ -119,37 +122,48 @@ def test_picked_patches_lie_in_the_grid_and_carry_the_grid_attention(both_view, 
     assert weights == sorted(weights, reverse=True) and min(weights) >= np.sort(grid.ravel())[-len(patches)] - 1e-6
 
 
-def test_heatmap_is_the_attention_overlay_with_macaps_patches_outlined(both_view, captioner, example):
+def test_heatmap_is_the_attention_overlay_with_the_picked_patches_outlined(both_view, captioner, example):
     picture = Image.open(example).convert("RGB")
     grid = ui.attention_grid(captioner.encode([picture]))
     patches = both_view.details["results"]["maccap"]["patches"]
-    expected = analysis.attention_overlay(picture, grid, outlined=[(p["row"], p["col"]) for p in patches])
-    assert isinstance(both_view.heatmap, Image.Image) and max(both_view.heatmap.size) == analysis.DISPLAY_SIDE
+    expected = figures.attention_overlay(picture, grid, outlined=[(p["row"], p["col"]) for p in patches])
+    assert isinstance(both_view.heatmap, Image.Image) and max(both_view.heatmap.size) == figures.DISPLAY_SIDE
     assert np.array_equal(np.asarray(both_view.heatmap), np.asarray(expected))
 
 
-def test_timings_list_each_stage_and_their_total(both_view):
+def test_timings_list_each_stage_per_image_with_the_encode_pass_and_their_total(both_view):
     table = both_view.timings
     assert list(table.columns) == ["method", "stage", "ms"]
     for label, method in (("MacCap", "maccap"), ("TOMCap", "tomcap")):
         rows = table[table["method"] == label]
         stages = dict(zip(rows["stage"], rows["ms"]))
         assert list(stages)[:-1] == list(both_view.details["results"][method]["timings_ms"])
+        assert list(stages)[0] == "encode"
         assert np.isclose(stages.pop("total"), sum(stages.values()), atol=0.1 * len(stages))
         assert all(ms >= 0 for ms in stages.values())
 
 
 def test_one_method_leaves_the_other_methods_outputs_empty(app, example):
-    view = app.caption_event(example, ["tomcap"], **SETTINGS)
-    assert view.maccap_caption == "" and view.maccap_candidates.empty and view.tomcap_caption
+    view = app.caption_event(example, ["tomcap"], SETTINGS)
+    assert view.methods["maccap"].caption == "" and view.methods["maccap"].candidates.empty
+    assert view.methods["tomcap"].caption
     assert set(view.details["results"]) == {"tomcap"} and set(view.session.results) == {"tomcap"}
     assert set(view.timings["method"]) == {"TOMCap"}
     assert isinstance(view.heatmap, Image.Image)  # the attention is the encoder's: shown without outlines
 
 
+def test_an_error_in_one_method_leaves_the_others_result_and_says_why_where_its_caption_goes(app, example):
+    view = app.caption_event(example, BOTH, {**SETTINGS, "maccap": {**SETTINGS["maccap"], "samples": 0}})
+    maccap, tomcap = view.methods["maccap"], view.methods["tomcap"]
+    assert maccap.error == "MacCap: samples must be between 1 and 64, got 0" and maccap.candidates.empty
+    assert maccap.shown == "⚠ " + maccap.error and "\n" not in maccap.shown
+    assert tomcap.caption and not tomcap.error and len(tomcap.candidates) == SETTINGS["tomcap"]["beams"]
+    assert view.details["errors"] == {"maccap": maccap.error} and set(view.session.results) == {"tomcap"}
+
+
 def test_same_seed_same_captions_and_the_session_remembers_them(app, example, both_view):
-    again = app.caption_event(example, BOTH, **SETTINGS)
-    assert again.maccap_candidates.equals(both_view.maccap_candidates)
+    again = app.caption_event(example, BOTH, SETTINGS)
+    assert again.methods["maccap"].candidates.equals(both_view.methods["maccap"].candidates)
     assert again.session.key == both_view.session.key and set(again.session.results) == set(BOTH)
 
 
@@ -159,14 +173,14 @@ def test_same_seed_same_captions_and_the_session_remembers_them(app, example, bo
         ({"image": None}, "no image"),
         ({"methods": []}, "no method chosen"),
         ({"methods": ["blip"]}, "unknown method 'blip'"),
-        ({"samples": 0}, "samples must be between 1 and 64"),
-        ({"samples": 2.5}, "samples must be a whole number"),
-        ({"noise_variance": float("nan")}, "noise_variance must be finite"),
-        ({"n_cr": 17}, "n_cr must be between 1 and 16"),
+        ({"settings": {"maccap": {"samples": 0}}}, "samples must be between 1 and 64"),
+        ({"settings": {"maccap": {"samples": 2.5}}}, "samples must be a whole number"),
+        ({"settings": {"maccap": {"noise_variance": float("nan")}}}, "noise_variance must be finite"),
+        ({"settings": {"maccap": {"n_cr": 17}}}, "n_cr must be between 1 and 16"),
     ],
 )
-def test_bad_settings_are_one_line_errors(app, example, change, message):
-    request = {"image": example, "methods": BOTH, **SETTINGS, **change}
+def test_bad_requests_are_one_line_errors(app, example, change, message):
+    request = {"image": example, "methods": ["maccap"], "settings": SETTINGS, **change}
     with pytest.raises(gr.Error) as raised:
         app.caption_event(**request)
     assert message in raised.value.message and "\n" not in raised.value.message
@@ -181,20 +195,20 @@ def test_bad_uploads_are_one_line_errors(app, tmp_path, captioner):
     }
     for path, message in cases.items():
         with pytest.raises(gr.Error) as raised:
-            app.caption_event(path, BOTH, **SETTINGS)
+            app.caption_event(path, BOTH, SETTINGS)
         assert raised.value.message.startswith(message) and "\n" not in raised.value.message
     small = ui.CaptionDemo(captioner, config=ui.AppConfig(max_upload_pixels=1000))
     with pytest.raises(gr.Error, match=r"32x32 = 1,024 pixels, above the limit of 1,000"):
-        small.caption_event(str(captioner.examples()[0]), BOTH, **SETTINGS)
+        small.caption_event(str(captioner.examples()[0]), BOTH, SETTINGS)
 
 
 def test_internal_errors_show_only_their_type_and_log_the_traceback(app, example, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA exploded at 0xdeadbeef")
 
-    monkeypatch.setattr(app.captioner, "caption", broken)
-    with caplog.at_level(logging.ERROR, logger="capdemo.ui"), pytest.raises(gr.Error) as raised:
-        app.caption_event(example, BOTH, **SETTINGS)
+    monkeypatch.setattr(app.captioner, "encode", broken)
+    with caplog.at_level(logging.ERROR, logger="capdemo.ui.events"), pytest.raises(gr.Error) as raised:
+        app.caption_event(example, BOTH, SETTINGS)
     assert raised.value.message == "internal error while captioning: RuntimeError"
     assert caplog.records and caplog.records[-1].exc_info[0] is RuntimeError
 
@@ -204,17 +218,17 @@ def test_internal_errors_show_only_their_type_and_log_the_traceback(app, example
 
 def test_vqa_uses_the_caption_tab_caption_and_ranks_the_answers(app, example, both_view):
     view = app.vqa_event(example, "  what   colour is it? ", both_view.session)
-    assert view.caption == both_view.maccap_caption
+    assert view.caption == both_view.methods["maccap"].caption
     assert view.prompt == VQA_PROMPT.format(caption=view.caption, question="what colour is it?").strip()
     top = view.top_answers
-    assert list(top.columns) == ["rank", "answer", "score"]
+    assert list(top.columns) == ["rank", "score", "answer"]
     assert len(top) == min(app.config.vqa_top_k, len(TINY_ANSWERS)) and set(top["answer"]) <= set(TINY_ANSWERS)
     assert top["score"].is_monotonic_decreasing and view.answer == top["answer"][0]
 
 
 def test_vqa_without_a_session_captions_with_the_bundle_defaults(app, captioner, example):
     view = app.vqa_event(example, "how many shapes?")
-    expected = captioner.caption([Image.open(example).convert("RGB")], "maccap", CaptionOptions())[0].caption
+    expected = captioner.caption([Image.open(example).convert("RGB")], "maccap")[0].caption
     assert view.caption == expected
 
 
@@ -227,37 +241,39 @@ def test_empty_question_is_an_error(app, example, question):
 # --- /embedding -------------------------------------------------------------------------------------------------
 
 
-def test_embedding_plot_shows_every_kind_with_the_right_counts(app, captioner, example, both_view):
+def test_embedding_plot_shows_every_group_with_the_right_counts(app, captioner, example, both_view):
     view = app.embedding_event(example, "pca", both_view.session)
     traces = {trace.name: trace for trace in view.projection.data}
     rows, cols = captioner.encoder.grid_size
-    counts = {"image": 1, "patches": rows * cols, "maccap region": SETTINGS["n_cr"],
-              "maccap candidates": SETTINGS["samples"], "tomcap candidates": SETTINGS["tomcap_beams"],
-              "tomcap neighbours": SETTINGS["k"]}
-    for kind, count in counts.items():
-        assert len(traces[analysis.TRACE_STYLES[kind].label].x) == count, kind
-    corpus = traces[analysis.TRACE_STYLES["corpus"].label]
-    assert len(corpus.x) == len(traces[analysis.TRACE_STYLES["corpus corrected"].label].x) > 0
-    shown = list(traces[analysis.TRACE_STYLES["maccap candidates"].label].text)
-    assert [text.rsplit(" (CLIP", 1)[0] for text in shown] == list(both_view.maccap_candidates["caption"])
+    counts = {"global image embedding": 1, "image patches": rows * cols,
+              "MacCap region features I_cr": SETTINGS["maccap"]["n_cr"],
+              "MacCap candidates": SETTINGS["maccap"]["samples"], "TOMCap candidates": SETTINGS["tomcap"]["beams"],
+              "TOMCap retrieved neighbours": SETTINGS["tomcap"]["k"]}
+    for name, count in counts.items():
+        assert len(traces[name].x) == count, name
+    corpus = traces["caption corpus (sample)"]
+    assert len(corpus.x) == len(traces["corpus, gap-corrected towards images (TOMCap)"].x) > 0
+    shown = list(traces["MacCap candidates"].text)
+    assert [text.rsplit(" (CLIP", 1)[0] for text in shown] == list(both_view.methods["maccap"].candidates["caption"])
 
 
 def test_gap_histogram_and_table(app, captioner, example, both_view):
     view = app.embedding_event(example, "pca", both_view.session)
     sizes = {t.name.split(" (")[0]: len(t.x) for t in view.gap_histogram.data if t.type == "histogram"}
     dim = captioner.encoder.embed_dim
-    assert sizes == {"global image - best caption": dim, "MacCap regions - best caption": SETTINGS["n_cr"] * dim,
-                     "bundle mean gap mu_image - mu_text": dim}
+    assert sizes == {"best caption - global image": dim,
+                     "best caption - region mixes": SETTINGS["maccap"]["n_cr"] * dim,
+                     "bundle mean gap mu_text - mu_image": dim}
     table = view.gap_table
     assert list(table.columns) == ["quantity", "value"]
-    assert "cos(caption, global image)" in set(table["quantity"]) and "std ratio median" in set(table["quantity"])
+    assert {"MacCap: cos(caption, global image)", "std ratio median"} <= set(table["quantity"])
     assert np.isfinite(table["value"].astype(float)).all()
 
 
 def test_caption_vqa_and_plot_share_one_encoder_pass(app, captioner, tmp_path, monkeypatch):
     image = fresh_image(tmp_path, seed=1)
     before = captioner.encoder.images_encoded
-    view = app.caption_event(image, BOTH, **SETTINGS)
+    view = app.caption_event(image, BOTH, SETTINGS)
     captions = count_calls(monkeypatch, captioner, "caption")
     app.vqa_event(image, "what is it?", view.session)
     app.embedding_event(image, "pca", view.session)
@@ -290,7 +306,7 @@ def test_batch_captions_each_image_and_reports_bad_files(app, captioner, tmp_pat
     assert list(table["image"]) == ["random-0.png", "random-1.png", "broken.png"]
     assert list(table["error"][:2]) == ["", ""] and table["error"][2].startswith("broken.png: truncated or corrupt")
     for row, path in enumerate(good):  # the same captions as one image at a time with the bundle's defaults
-        single = captioner.caption([Image.open(path).convert("RGB")], "maccap", CaptionOptions())[0]
+        single = captioner.caption([Image.open(path).convert("RGB")], "maccap")[0]
         assert table["maccap caption"][row] == single.caption
         assert np.isclose(table["maccap clip_score"][row], single.candidates[0].clip_score, atol=5e-5)
     records = json.loads(open(view.json_path).read())
@@ -322,25 +338,41 @@ def test_about_describes_the_bundle_and_how_to_load_another(app):
     assert "path" not in info and info["folder"] == str(app.captioner.bundle.path)
 
 
-def test_sliders_are_preset_to_each_methods_bundle_settings(captioner):
-    maccap, tomcap = ui.bundle_defaults(captioner, "maccap"), ui.bundle_defaults(captioner, "tomcap")
-    for name in ("samples", "beams", "noise_variance", "n_cr", "max_new_tokens"):
-        assert getattr(maccap, name) == TINY_MACCAP.get(name, getattr(captioner.maccap.config, name))
-    for name in ("k", "beams", "max_new_tokens"):
-        assert getattr(tomcap, name) == getattr(captioner.tomcap.config, name)
-    assert tomcap.samples is None and maccap.k is None  # each method's own fields only
+def _controls(demo: gr.Blocks) -> dict[str, Any]:
+    """The page's setting controls by elem_id (``<method>-<setting>``)."""
+    return {block.elem_id: block for block in demo.blocks.values()
+            if getattr(block, "elem_id", None) and block.elem_id.split("-")[0] in ("maccap", "tomcap")
+            and not block.elem_id.endswith(("-caption", "-candidates", "-neighbours"))}
 
 
-def test_tomcap_decodes_with_its_own_settings_in_the_caption_tab(app, example, captioner):
-    """The Caption tab's TOMCap result equals the pipeline's with TOMCap's sliders, not MacCap's."""
-    from capdemo.options import CaptionOptions
+def test_controls_are_generated_from_each_methods_settings_preset_and_bounded_by_the_bundle(captioner):
+    demo = ui.create_blocks(captioner)
+    controls = _controls(demo)
+    for name, method in captioner.methods.items():
+        defaults, limits = method.default_options(), method.limits()
+        for item in method.Options.settings():
+            control = controls[f"{name}-{item.name.replace('_', '-')}"]
+            assert control.value == getattr(defaults, item.name) and control.label == item.label
+            if isinstance(control, gr.Slider):
+                assert (control.minimum, control.maximum) == item.bounded(limits)
+    assert controls["maccap-n-cr"].maximum == 16  # the tiny CLIP's 4x4 grid, not the static 256
+    assert controls["tomcap-k"].maximum == 8  # the tiny datastore holds 8 captions
+    assert controls["maccap-samples"].value == TINY_MACCAP["samples"]
+    assert isinstance(controls["tomcap-select-by"], gr.Radio)
 
-    view = app.caption_event(example, ["tomcap"], **{**SETTINGS, "tomcap_beams": None, "tomcap_max_new_tokens": None})
-    alone = captioner.caption([app.load(example)], "tomcap", CaptionOptions(k=SETTINGS["k"]))[0]
-    assert view.tomcap_caption == alone.caption
-    assert len(view.tomcap_candidates) == captioner.tomcap.config.beams
-    with pytest.raises(ValueError, match="TOMCap beams must be between"):
-        app.caption_event(example, ["tomcap"], **{**SETTINGS, "tomcap_beams": 99})
+
+def test_the_caption_api_takes_one_named_parameter_per_method_setting_defaulting_to_the_bundles(captioner, example):
+    import inspect
+
+    demo = ui.create_blocks(captioner)
+    event = next(fn for fn in demo.fns.values() if fn.api_name == "caption").fn
+    parameters = inspect.signature(event).parameters
+    expected = [f"{name}_{item.name}" for name, m in captioner.methods.items() for item in m.Options.settings()]
+    assert list(parameters)[:2] == ["image", "methods"] and list(parameters)[2:-2] == expected
+    assert parameters["tomcap_beams"].default == captioner.methods["tomcap"].default_options().beams
+    outputs = event(example, ["tomcap"], tomcap_k=1, tomcap_beams=2, session=None, progress=lambda *a, **k: None)
+    details = outputs[-2]
+    assert len(details["results"]["tomcap"]["neighbours"]) == 1 and len(details["results"]["tomcap"]["candidates"]) == 2
 
 
 def _examples_shown(demo: gr.Blocks) -> list:

@@ -23,13 +23,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.config import differing_keys
 from capdemo.images import ImageLoadError, load_image
-from capdemo.options import METHODS, CaptionOptions, positive_int
+from capdemo import methods as registry
+from capdemo.inputs import positive_int
+from capdemo.methods.base import MethodOptions
+from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 from capdemo.fileio import atomic_output
 from training.datasets import DataFormatError, ImageId, SplitImage, load_karpathy_split, references_from_split
 from training.evaluate import (CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions,
@@ -99,7 +102,7 @@ def check_run_record(out: Path, record: dict) -> None:
 
 
 def caption_split(captioner, items: Sequence[SplitImage], files: dict[str, Path], out: Path, *, method: str,
-                  options: CaptionOptions, batch_size: int) -> int:
+                  options: MethodOptions, batch_size: int) -> int:
     """Caption every image of ``items`` not yet in ``out``, appending JSON lines; returns how many were captioned."""
     done = done_ids(out)
     todo = [item for item in items if item.image_id not in done]
@@ -121,27 +124,27 @@ def caption_split(captioner, items: Sequence[SplitImage], files: dict[str, Path]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training caption-split", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="bundle folder or hf-hub:org/name@revision")
-    parser.add_argument("--method", choices=METHODS, required=True, help="captioning method")
+    parser.add_argument("--method", choices=registry.names(), required=True, help="captioning method")
     parser.add_argument("--split", required=True, type=Path, help="Karpathy split file [{image_name, captions, split}]")
     parser.add_argument("--images", required=True, type=Path, help="folder holding the split's image files")
     parser.add_argument("--subset", default="test", help="which split to caption ('all': every image)")
     parser.add_argument("--out", required=True, type=Path, help="JSON lines of captions (appended; resumable)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (a quick check)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per captioning call")
-    parser.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (bundle default)")
-    parser.add_argument("--beams", type=int, default=None, help="beam width (bundle default)")
     parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS))
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_setting_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        settings = settings_from_arguments(args, args.method)
         items = select_subset(load_karpathy_split(args.split), None if args.subset == "all" else args.subset,
                               args.limit)
         files = find_images(items, args.images)
         from capdemo.pipeline import Captioner
 
         captioner = Captioner.from_bundle(args.weights, device=args.device)
-        options = CaptionOptions(samples=args.samples, beams=args.beams).validated()
+        options = captioner.options(args.method, **settings)
         check_run_record(args.out, {"bundle_sha256": sha256_of(captioner.bundle.path / MANIFEST),
                                     "method": args.method, "options": options.to_dict()})
         caption_split(captioner, items, files, args.out, method=args.method, options=options,

@@ -107,7 +107,8 @@ def write_json_atomically(path: Path, data: Any) -> None:
 def remove_stale_temp_files(directory: Path) -> None:
     """Temp files of a run that was killed while writing; never a checkpoint, so never needed.
 
-    Besides ours (``.step-*.tmp``, from :func:`capdemo.fileio.atomic_output`), safetensors' ``save_file`` writes through a temp file of its
+    Besides ours (``.step-*.tmp``, from :func:`capdemo.fileio.atomic_output`), safetensors' ``save_file``
+    writes through a temp file of its
     own in the same folder (``.tmpXXXXXX``), which a kill during the write leaves behind too.
     """
     for pattern in (f".*{TEMP_SUFFIX}", ".tmp*"):

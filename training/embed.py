@@ -107,7 +107,7 @@ class EmbeddingCache:
     @classmethod
     def load(
         cls, directory: str | Path, *, captions: Sequence[str] | None = None, encoder_name: str | None = None
-    ) -> "EmbeddingCache":
+    ) -> EmbeddingCache:
         """Open a finished cache, checking it was made for ``captions`` / ``encoder_name`` when given."""
         directory = Path(directory)
         manifest = _read_manifest(directory)

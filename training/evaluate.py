@@ -40,7 +40,7 @@ from pycocoevalcap.spice import get_stanford_models as spice_corenlp
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from capdemo.options import positive_int
+from capdemo.inputs import positive_int
 from training.datasets import (
     DataFormatError,
     ImageId,

@@ -512,7 +512,8 @@ class Trainer:
                                   f" ({', '.join(changed)}); resume the same run or use another out_dir")
         if checkpoint.state.get("world_size", self.env.world_size) != self.env.world_size:
             log.warning("resuming a %d-process run on %d processes: per-rank noise differs, so the result will not"
-                        " be bit-identical to an uninterrupted run", checkpoint.state["world_size"], self.env.world_size)
+                        " be bit-identical to an uninterrupted run", checkpoint.state["world_size"],
+                        self.env.world_size)
 
 
 def train(task: TrainTask, config: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:

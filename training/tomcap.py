@@ -37,26 +37,30 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
-from capdemo.bundle import BundleWriter
-from capdemo.encoders import ClipEncoder, EncoderConfig, add_encoder_to_bundle, load_encoder
+from capdemo.encoders import ClipEncoder, EncoderConfig, load_encoder, parse_encoder_spec
 from capdemo.gap import GapCorrection, GapStats
 from capdemo.fileio import atomic_output
 from capdemo.retrieval import CaptionDatastore
-from capdemo.tomcap import (
-    IGNORE_INDEX, TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, add_to_bundle, load_gpt2_with_cross_attention,
+from capdemo.lm import IGNORE_INDEX
+from capdemo.methods.tomcap.inference import store_caption_embeddings
+from capdemo.methods.tomcap.model import (
+    TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, add_to_bundle, load_gpt2_with_cross_attention,
 )
-from training.embed import (
-    CACHE_WAIT_S, EmbedFn, add_corpus_arguments, cached_text_embeddings, corpus_from_arguments, corpus_sha256,
+from training.cli import (
+    OptimDefaults, add_optimisation, config_from_arguments, model_group, print_summary,
+    train_config_from_arguments, training_parser, write_method_bundle,
 )
+from training.embed import CACHE_WAIT_S, EmbedFn, cached_text_embeddings, corpus_from_arguments, corpus_sha256
 from training.distributed import resolve_device
 from training.loop import TrainConfig, TrainResult, TrainTask, train
-from capdemo.encoders import parse_encoder_spec
 
 TRAINING_RECORD = "tomcap/training.json"  # bundle file: how the weights were trained
 RETRIEVAL_CACHE = "retrieval.safetensors"
 RETRIEVAL_FORMAT = "capdemo.tomcap-retrieval/1"
 _SEARCH_CHUNK = 4096  # training queries per datastore search call
-_EMBED_CHUNK = 256  # texts per encoder call when neighbours outside the corpus need embeddings
+# SmallCap, TOMCap's code ancestor: lr 1e-4, batch 64, 10 epochs; the paper states none of them.
+DEFAULTS = OptimDefaults(epochs=10, batch_size=64, lr=1e-4, warmup=500, min_lr_ratio=0.0,
+                         source="SmallCap's (TOMCap's code ancestor; the paper states none)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,29 +108,6 @@ def retrieve_for_training(
         with atomic_output(cache_file) as tmp:
             save_file({"ids": torch.from_numpy(ids)}, str(tmp), metadata={"format": RETRIEVAL_FORMAT, "key": key})
     return ids
-
-
-def store_caption_embeddings(
-    store_ids: np.ndarray, datastore: CaptionDatastore, captions: Sequence[str], corpus_embeds: torch.Tensor,
-    embed_fn: EmbedFn,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """CLIP embeddings of the store captions in ``store_ids`` (N, H): ``(table (U, D), row of each id (N, H))``.
-
-    Store captions that are also corpus captions reuse the corpus embedding; the rest are embedded here.
-    """
-    unique, rows = np.unique(store_ids, return_inverse=True)
-    corpus_row = {}
-    for row, caption in enumerate(captions):
-        corpus_row.setdefault(caption, row)
-    texts = [datastore.captions[int(i)] for i in unique]
-    table = torch.empty(len(unique), corpus_embeds.shape[1], dtype=corpus_embeds.dtype)
-    missing = [j for j, text in enumerate(texts) if text not in corpus_row]
-    known = [j for j in range(len(texts)) if texts[j] in corpus_row]
-    table[known] = corpus_embeds[[corpus_row[texts[j]] for j in known]]
-    for start in range(0, len(missing), _EMBED_CHUNK):
-        part = missing[start : start + _EMBED_CHUNK]
-        table[part] = torch.as_tensor(embed_fn([texts[j] for j in part])).to(table.dtype).cpu()
-    return table, rows.reshape(store_ids.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,9 +357,13 @@ def train_tomcap(
     if result.finished and _is_main_rank():
         record = {"captions": len(captions), "datastore": str(datastore_dir), "train": train_config.to_dict(),
                   "history": result.history, "evaluations": result.evaluations}
-        bundle = write_bundle(out, model=model, encoder=encoder, encoder_config=encoder_config,
-                              datastore_dir=datastore_dir, copy_datastore=copy_datastore, gap_stats=gap_stats,
-                              record=record, name=name or Path(out).name)
+        datastore_spec = datastore_dir if copy_datastore else Path(datastore_dir).resolve()
+        bundle = write_method_bundle(
+            out, name=name or Path(out).name, component=TOMCAP_COMPONENT, encoder=encoder,
+            encoder_config=encoder_config, record=record,
+            description=f"TOMCap trained text-only on {len(captions)} captions",
+            add=lambda writer: add_to_bundle(writer, model, datastore=datastore_spec, copy_datastore=copy_datastore,
+                                             gap_stats=gap_stats))
     return TOMCapRun(result=result, model=model, examples=examples, bundle=bundle)
 
 
@@ -391,59 +376,27 @@ def wait_for_file(path: Path, *, timeout_s: float = CACHE_WAIT_S) -> None:
         time.sleep(1.0)
 
 
-def write_bundle(out: str | Path, *, model: TOMCap, encoder: ClipEncoder, encoder_config: EncoderConfig,
-                 datastore_dir: str | Path, copy_datastore: bool, gap_stats: GapStats | None,
-                 record: dict[str, Any], name: str) -> Path:
-    """The bundle capdemo serves: encoder, TOMCap (base LM when local), datastore, gap statistics, training record."""
-    writer = BundleWriter.extending(out, name=name)  # keeps the bundle's other components (e.g. MacCap)
-    writer.set_info(description=f"TOMCap trained text-only on {record['captions']} captions", overwrite=False)
-    writer.remove(TOMCAP_COMPONENT)
-    try:
-        copy_encoder = encoder_config.pretrained is None or Path(encoder_config.pretrained).exists()
-        add_encoder_to_bundle(writer, encoder, encoder_config, copy_weights=copy_encoder)
-        datastore = datastore_dir if copy_datastore else Path(datastore_dir).resolve()
-        add_to_bundle(writer, model, datastore=datastore, copy_datastore=copy_datastore, gap_stats=gap_stats)
-        writer.add_json(TRAINING_RECORD, record)
-        return writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-
-
 # --------------------------------------------------------------------------------------------
 # CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training tomcap", description=__doc__.split("\n\n")[0])
-    io = parser.add_argument_group("data and output")
-    add_corpus_arguments(io, max_words=0)  # TOMCap trains on every caption, as its datastore holds them
-    io.add_argument("--datastore", required=True, help="caption datastore folder (python -m training index)")
-    io.add_argument("--gap-stats", default=None,
-                    help="gap statistics file (python -m training gapstats); needed unless --gap-correction none")
-    io.add_argument("--out", required=True, help="bundle folder to write (weights/NAME)")
-    io.add_argument("--name", default=None, help="bundle name (default: the --out folder name)")
-    io.add_argument("--encoder", default="ViT-B-32/openai",
-                    help="frozen CLIP: MODEL[/PRETRAINED] as in ViT-B-32/openai, or an EncoderConfig JSON file")
-    io.add_argument("--lm", default=None, help="GPT-2: local save_pretrained folder or hf-hub:org/name@rev "
-                                               "(default: the config's, GPT-2 base)")
-    io.add_argument("--config", default=None, help="TOMCapConfig JSON file to start from (flags override it)")
-    io.add_argument("--run-dir", default=None, help="checkpoints, history and caches (default: runs/<bundle name>)")
-    io.add_argument("--embeddings", default=None,
-                    help="text-embedding cache folder (default: <run-dir>/text-embeddings)")
-    io.add_argument("--reference-datastore", action="store_true",
-                    help="record the datastore's absolute path in the bundle instead of copying it in (large stores)")
-
-    model = parser.add_argument_group("model (default: the paper's settings)")
-    model.add_argument("--k", type=int, default=None,
-                       help="retrieved neighbour captions in prompt and memory (paper: 4)")
-    model.add_argument("--lora-r", type=int, default=None, help="LoRA rank (paper: 32)")
+    parser = training_parser("python -m training tomcap", __doc__.split("\n\n")[0], corpus_max_words=0)
+    data = parser.add_argument_group("datastore and gap statistics")
+    data.add_argument("--datastore", required=True, help="caption datastore folder (python -m training index)")
+    data.add_argument("--gap-stats", default=None,
+                      help="gap statistics file (python -m training gapstats); needed unless --gap-correction none")
+    data.add_argument("--reference-datastore", action="store_true",
+                      help="record the datastore's absolute path in the bundle instead of copying it in (large stores)")
+    model = model_group(parser, "TOMCapConfig fields (left out: the paper's setting, or --config's)")
+    model.add_argument("--k", type=int, default=None, help="retrieved neighbour captions in prompt and memory")
+    model.add_argument("--lora-r", type=int, default=None, help="LoRA rank")
     model.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha / r)")
     model.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input")
     model.add_argument("--gap-correction", choices=[m.value for m in GapCorrection], default=None,
-                       help="how training inputs move onto image statistics (paper: mean_std)")
+                       help="how training inputs move onto image statistics")
     model.add_argument("--noise-variance", type=float, default=None,
-                       help="training noise variance after the correction (default 0.016)")
+                       help="training noise variance after the correction")
     model.add_argument("--target", choices=TARGETS, default=None,
                        help="training target: the nearest retrieved caption (paper) or the input caption")
     model.add_argument("--target-in-prompt", action=argparse.BooleanOptionalAction, default=None,
@@ -453,52 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--beams", type=int, default=None, help="beam width at inference (every beam is a candidate)")
     model.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
     model.add_argument("--max-caption-tokens", type=int, default=None, help="target tokens per caption incl. EOS")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    optim.add_argument("--epochs", type=int, default=10, help="passes over the corpus (SmallCap: 10)")
-    optim.add_argument("--batch-size", type=int, default=64, help="global batch size (SmallCap: 64)")
-    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each rank")
-    optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (SmallCap: 1e-4)")
-    optim.add_argument("--warmup", type=int, default=500, help="linear warmup steps")
-    optim.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
-    optim.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    optim.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="autocast precision on GPU (auto: bf16 where supported); CPU trains in fp32")
-    optim.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
-    optim.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
-    optim.add_argument("--seed", type=int, default=0, help="seeds the initialisation, data order and noise")
-    optim.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    optim.add_argument("--eval-samples", type=int, default=64,
-                       help="training examples decoded text-to-text at each evaluation (0: none)")
-    optim.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
-    optim.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
-    optim.add_argument("--stop-after", type=int, default=None, help="stop after this many steps as if killed (tests)")
+    add_optimisation(parser, DEFAULTS, eval_flag="--eval-samples",
+                     eval_help="training examples decoded text-to-text at each evaluation (0: none)")
     return parser
 
 
-_MODEL_FLAGS = ("k", "lora_r", "lora_alpha", "lora_dropout", "gap_correction", "noise_variance", "target",
-                "target_in_prompt", "use_retrieval", "beams", "max_new_tokens", "max_caption_tokens", "lm")
-
-
-def configs_from_arguments(args: argparse.Namespace) -> tuple[TOMCapConfig, TrainConfig]:
-    config = TOMCapConfig.load_json(args.config) if args.config else TOMCapConfig()
-    config = config.replace(**{f: getattr(args, f) for f in _MODEL_FLAGS if getattr(args, f) is not None})
-    run_dir = args.run_dir or str(Path("runs") / (args.name or Path(args.out).name))
-    train_config = TrainConfig(
-        out_dir=run_dir, seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
-        max_steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, precision=args.precision,
-        device=args.device, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-        num_workers=args.num_workers,
-    )
-    return config, train_config
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config, train_config = configs_from_arguments(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_arguments(parser, args, TOMCapConfig)
+    train_config = train_config_from_arguments(args)
     needs_stats = GapCorrection(config.gap_correction) is not GapCorrection.NONE
     if needs_stats and not args.gap_stats:
         raise SystemExit(f"error: --gap-stats is required for gap correction {config.gap_correction!r} "
@@ -513,11 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out, embeddings_dir=args.embeddings, copy_datastore=not args.reference_datastore,
         eval_samples=args.eval_samples, resume=args.resume, stop_after=args.stop_after, name=args.name,
     )
-    if run.bundle is not None:
-        summary = {"bundle": str(run.bundle), "steps": run.result.step,
-                   "final_loss": run.result.history[-1]["loss"] if run.result.history else None,
-                   "evaluations": run.result.evaluations[-1:]}
-        print(json.dumps(summary))
+    print_summary(run.bundle, run.result)
     return 0
 
 

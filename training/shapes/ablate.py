@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from capdemo.bundle import MANIFEST, sha256_of
-from capdemo.options import CaptionOptions
 from capdemo.fileio import atomic_output
 from training.shapes.build import ShapesRecipe, StageOutputs, log, run_command, tomcap_command
 from training.shapes.evaluate import evaluate_bundle
@@ -57,7 +56,8 @@ VARIANTS = (
     Variant("gap-mean", "gap", "mean-only correction", ("--gap-correction", "mean", *NO_NOISE)),
     Variant("gap-mean-std", "gap", "mean+std correction", ("--gap-correction", "mean_std", *NO_NOISE)),
     Variant("gap-mean-std-noise", "gap", "mean+std correction + noise (default)", ("--gap-correction", "mean_std")),
-    Variant("no-retrieval", "retrieval", "TOMCap without retrieval", ("--gap-correction", "mean_std", "--no-retrieval")),
+    Variant("no-retrieval", "retrieval", "TOMCap without retrieval",
+            ("--gap-correction", "mean_std", "--no-retrieval")),
     Variant("maccap-s1", "sampling", "MacCap S = 1 (no rerank)", samples=1),
     Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", samples=20),
 )
@@ -89,11 +89,11 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
                 run_command(tomcap_command(recipe, work, out=bundle, run_dir=folder / "run", steps=steps,
                                            extra=variant.tomcap_flags))
-        report = evaluate_bundle(str(bundle), n=n, seed=seed, methods=["tomcap"], options=CaptionOptions(),
-                                 ceiling=False, world_config=recipe.world)["tomcap"]  # its bundle has no recipe
+        report = evaluate_bundle(str(bundle), n=n, seed=seed, methods=["tomcap"], ceiling=False,
+                                 world_config=recipe.world)["tomcap"]  # its bundle has no recipe
     else:
         report = evaluate_bundle(str(weights), n=n, seed=seed, methods=["maccap"],
-                                 options=CaptionOptions(samples=variant.samples), ceiling=False,
+                                 settings={"maccap": {"samples": variant.samples}}, ceiling=False,
                                  world_config=recipe.world)["maccap"]
     row = {"group": variant.group, "description": variant.description, **{k: report[k] for k in REPORTED}}
     with atomic_output(scores_file) as tmp:
@@ -113,7 +113,8 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training shapes-ablate", description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default="runs/shapes-build", help="a finished `python -m training shapes` work dir")
+    parser.add_argument("--work-dir", default="runs/shapes-build",
+                        help="a finished `python -m training shapes` work dir")
     parser.add_argument("--weights", default="weights/shapes", help="bundle for the inference-only (MacCap) rows")
     parser.add_argument("--steps", type=int, default=None, help="TOMCap steps per trained variant (recipe default)")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes per row")

@@ -52,7 +52,8 @@ class ShapesRecipe(Config):
     """Sizes of every stage; ``full()`` makes the shipped bundle, ``smoke()`` the CI one."""
 
     world: world.WorldConfig = field(default_factory=lambda: world.WorldConfig(image_size=SHAPES_IMAGE_SIZE))
-    clip: TinyClipConfig = field(default_factory=lambda: TinyClipConfig(**SHAPES_CLIP))  # the tiny CLIP and its training
+    # the tiny CLIP and its training
+    clip: TinyClipConfig = field(default_factory=lambda: TinyClipConfig(**SHAPES_CLIP))
     corpus_captions: int = 20000  # text-only captions drawn (deduplicated: the world has ~2.5k distinct ones)
     unpaired_images: int = 2000  # images for the image-side gap statistics (never paired with text)
     qa_texts: int = 10000  # question-answer texts for LM pretraining (so VQA works on the shapes LM)
@@ -70,16 +71,17 @@ class ShapesRecipe(Config):
     seed: int = 0
 
     @classmethod
-    def full(cls) -> "ShapesRecipe":
+    def full(cls) -> ShapesRecipe:
         return cls()
 
     @classmethod
-    def smoke(cls) -> "ShapesRecipe":
+    def smoke(cls) -> ShapesRecipe:
         return cls(clip=TinyClipConfig.smoke().replace(**{**SHAPES_CLIP, "vision_width": 64, "vision_layers": 2}),
                    corpus_captions=3000, unpaired_images=300, qa_texts=1000, prompt_texts=500, examples=2,
                    lm=TinyLMConfig(n_embd=64, n_layer=2, n_positions=128), lm_steps=40, maccap_steps=120,
                    maccap_args=cls().maccap_args[:-6] + ("--batch-size", "32", "--lr", "3e-3", "--warmup", "20"),
-                   tomcap_steps=60, tomcap_args=("--batch-size", "16", "--lr", "3e-3", "--warmup", "10", "--lora-r", "16"))
+                   tomcap_steps=60,
+                   tomcap_args=("--batch-size", "16", "--lr", "3e-3", "--warmup", "10", "--lora-r", "16"))
 
 
 def log(message: str) -> None:
@@ -181,7 +183,7 @@ def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path
 
 def prompt_texts(captions: list[str], count: int, rng: np.random.Generator) -> list[str]:
     """Texts in TOMCap's prompt format (its default template) that end by repeating one listed caption."""
-    from capdemo.tomcap import TOMCapConfig
+    from capdemo.methods.tomcap.model import TOMCapConfig
 
     config = TOMCapConfig()
     texts = []

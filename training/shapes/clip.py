@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ class TinyClipConfig(Config):
         return 1 + self.near_misses
 
     @classmethod
-    def smoke(cls, **train_overrides: Any) -> "TinyClipConfig":
+    def smoke(cls, **train_overrides: Any) -> TinyClipConfig:
         """A CI-sized run (~20-30 s on two cores): narrower, fewer pairs; the gap is still CLIP-like."""
         smoke_train = {"batch_size": 128, "epochs": 4, "lr": 3e-3, "warmup_steps": 10}
         train_config = _default_train_config().replace(**{**smoke_train, **train_overrides})

@@ -5,8 +5,8 @@ every method with its bundle defaults), parsed back into scenes and scored:
 exact scene accuracy, per-attribute accuracy, BLEU-4 and CIDEr against all
 paraphrases. ``text_to_text`` is the ceiling of text-only training: each test
 scene's caption decoded from its own CLIP text embedding, where no modality gap
-exists (MacCap: one clean sample, greedy; TOMCap: its training input, decoded
-with its default beams and selection).
+exists (each method's ``text_to_text``: MacCap one clean sample, greedy;
+TOMCap its training input, decoded with its default beams and selection).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
-from capdemo.options import CaptionOptions
+from capdemo import methods as registry
+from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 from capdemo.pipeline import Captioner
 from training.evaluate import score_captions
 from training.shapes import world
@@ -54,56 +55,34 @@ def in_batches(images: list) -> list[list]:
     return [images[i: i + CAPTION_BATCH] for i in range(0, len(images), CAPTION_BATCH)]
 
 
-def caption_all(captioner: Captioner, batches: list, method: str, options: CaptionOptions) -> tuple[list[str], float]:
+def caption_all(captioner: Captioner, batches: list, method: str, settings: dict[str, Any]) -> tuple[list[str], float]:
     """Captions of every image in ``batches`` (lists of images, or Encoded batches), and seconds per image."""
     start, predictions = time.perf_counter(), []
+    options = captioner.options(method, **settings)
     for batch in batches:
         predictions += [result.caption for result in captioner.caption(batch, method, options)]
     return predictions, (time.perf_counter() - start) / max(1, len(predictions))
 
 
-def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[str]:
-    """Captions decoded from the CLIP text embeddings of ``texts`` (clean, as in training but without noise)."""
+def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[str] | None:
+    """Captions decoded from the CLIP text embeddings of ``texts`` as the method's training presents them."""
     embeds = torch.cat([captioner.encoder.encode_text(texts[i: i + 256]) for i in range(0, len(texts), 256)])
-    if method == "maccap":
-        from capdemo.maccap import caption_text_embeddings
-
-        model = captioner.maccap
-        return [out for i in range(0, len(texts), CAPTION_BATCH)
-                for out in caption_text_embeddings(model, embeds[i: i + CAPTION_BATCH].to(model.device))]
-    return tomcap_text_to_text(captioner, texts, embeds)
+    with torch.inference_mode():
+        return captioner.method(method).text_to_text(texts, embeds)
 
 
-@torch.inference_mode()
-def tomcap_text_to_text(captioner: Captioner, texts: list[str], embeds: torch.Tensor) -> list[str]:
-    """TOMCap's captions of its own training-style inputs, decoded as images are by default.
-
-    Each text's input is what training feeds (its gap-corrected embedding and the
-    captions retrieved for it, itself excluded); decoding uses the config's beam
-    width and picks the beam by CLIP cosine with the text's embedding, as
-    inference picks it by the image's (``select_by``).
-    """
-    from capdemo.rerank import clip_scores
-    from training.tomcap import decode_examples, prepare_examples
-
-    model, config = captioner.tomcap, captioner.tomcap.config
-    examples = prepare_examples(model, texts, embeds, captioner.datastore, captioner.encoder.encode_text,
-                                gap_stats=captioner.gap_stats if config.gap_correction != "none" else None,
-                                progress=False)
-    groups = decode_examples(model, examples, range(len(texts)), beams=config.beams, batch_size=CAPTION_BATCH)
-    if config.select_by != "clip":
-        return [group[0] for group in groups]
-    return [scored.texts[scored.order()[0]] for scored in clip_scores(captioner.encoder, embeds, groups)]
-
-
-def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str], options: CaptionOptions,
-                    ceiling: bool = True, world_config: world.WorldConfig | None = None) -> dict[str, Any]:
-    """Score ``methods`` of a bundle on ``n`` held-out scenes of its world (``world_config``: the recipe's
-    world, for bundles that do not record it); seconds per image exclude the one shared encoding pass."""
+def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | None = None,
+                    settings: dict[str, dict[str, Any]] | None = None, ceiling: bool = True,
+                    world_config: world.WorldConfig | None = None) -> dict[str, Any]:
+    """Score ``methods`` (default: every method of the bundle) on ``n`` held-out scenes of its world
+    (``world_config``: the recipe's world, for bundles that do not record it), each with the bundle's
+    settings changed by ``settings[method]``; seconds per image exclude the one shared encoding pass."""
     captioner = Captioner.from_bundle(weights)
+    methods = list(methods or captioner.method_names)
     config = world_config or world_config_of(captioner)
     if seed in used_seeds(config):
-        raise ValueError(f"seed {seed} generated training data; pick a held-out seed (not {sorted(used_seeds(config))})")
+        raise ValueError(f"seed {seed} generated training data; pick a held-out seed "
+                         f"(not {sorted(used_seeds(config))})")
     pairs = world.generate_pairs(n, seed=seed, config=config)
     scenes, images = [scene for scene, _, _ in pairs], [image for _, image, _ in pairs]
     report: dict[str, Any] = {"n": n, "seed": seed, "bundle": captioner.bundle.name}
@@ -111,13 +90,14 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str], opti
     encoded = [captioner.encode(batch) for batch in in_batches(images)]  # one vision-tower pass, every method
     report["encode_seconds_per_image"] = (time.perf_counter() - started) / max(1, n)
     for method in methods:
-        predictions, seconds = caption_all(captioner, encoded, method, options)
+        predictions, seconds = caption_all(captioner, encoded, method, (settings or {}).get(method, {}))
         report[method] = {**score(predictions, scenes), "seconds_per_image": seconds,
                           "examples": [{"prediction": p, "reference": captions(s)[0]}
                                        for p, s in list(zip(predictions, scenes))[:5]]}
     if ceiling:
         texts = [captions(scene)[0] for scene in scenes]
-        report["text_to_text"] = {m: score(text_to_text(captioner, m, texts), scenes) for m in methods}
+        decoded = {m: text_to_text(captioner, m, texts) for m in methods}
+        report["text_to_text"] = {m: score(out, scenes) for m, out in decoded.items() if out is not None}
     return report
 
 
@@ -126,15 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="weights/shapes", help="bundle to evaluate")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes to generate")
     parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes (never a training seed)")
-    parser.add_argument("--methods", nargs="+", default=["maccap", "tomcap"], help="methods to score")
-    parser.add_argument("--samples", type=int, default=None, help="MacCap samples S (bundle default)")
-    parser.add_argument("--beams", type=int, default=None, help="beam width (bundle default)")
+    parser.add_argument("--methods", nargs="+", choices=registry.names(), default=None,
+                        help="methods to score (default: every method in the bundle)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the text-to-text ceiling")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_setting_arguments(parser, exclude=("seed",))  # --seed is the test scenes' world seed here
     args = parser.parse_args(argv)
     try:
-        report = evaluate_bundle(args.weights, n=args.n, seed=args.seed, methods=args.methods,
-                                 options=CaptionOptions(samples=args.samples, beams=args.beams),
+        settings = {method: settings_from_arguments(args, method, strict=False) for method in registry.names()}
+        report = evaluate_bundle(args.weights, n=args.n, seed=args.seed, methods=args.methods, settings=settings,
                                  ceiling=not args.no_ceiling)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -142,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        for method in args.methods:
+        for method in (m for m in registry.names() if m in report):
             row = report[method]
             print(f"{method:7s} scene {row['scene_accuracy']:.3f}  attributes {row['attribute_accuracy']:.3f}  "
                   f"CIDEr {row['cider']:.2f}  BLEU-4 {row['bleu4']:.3f}")

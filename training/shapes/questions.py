@@ -31,7 +31,8 @@ def question_answers(scene: Scene) -> list[tuple[str, str]]:
                "yes" if scene.size == "large" else "no")]
     if scene.kind == "pair":
         qa += [(f"what color is the {scene.shape2}?", scene.colour2),
-               (f"is the {scene.shape} {'left of' if scene.relation == 'left of' else 'above'} the {scene.shape2}?", "yes")]
+               (f"is the {scene.shape} {'left of' if scene.relation == 'left of' else 'above'} the {scene.shape2}?",
+                "yes")]
     return qa
 
 

@@ -14,7 +14,7 @@ sample is decoded with beam search and CLIP picks the caption closest to the ima
 Where the official code (Artanic30/MacCap @ 1802bff) differs from the paper and
 someone may want its behaviour, :class:`MacCapConfig` has a switch; each field's
 comment says which value is the paper's and which the reference code's.
-The batched pipeline lives in :mod:`capdemo.maccap_pipeline`.
+Inference, batched, lives in :mod:`capdemo.methods.maccap.inference`.
 """
 
 from __future__ import annotations
@@ -29,16 +29,13 @@ from torch import nn
 
 from capdemo.bundle import IN_BUNDLE_PREFIX
 from capdemo.config import Config
-from capdemo.encoders import ImageFeatures
+from capdemo.features import ImageFeatures
 from capdemo.gap import inject_noise
-from capdemo.lm import (
-    LanguageModelError, decode, embed_tokens, embedding_size, generate_from_embeds, load_causal_lm, save_causal_lm,
-    special_ids,
-)
+from capdemo.lm import load_causal_lm, save_causal_lm
+from capdemo.prefix_lm import PrefixLM
 
 REGION_COMBINE_MODES = ("mean", "sum")
 VQA_MATCH_MODES = ("clip", "word")
-IGNORE_INDEX = -100  # label value the loss skips (prefix, BOS and padding positions)
 MACCAP_COMPONENT = "maccap"  # bundle component holding MacCapConfig
 ADAPTOR_WEIGHTS = "maccap/adaptor.safetensors"  # bundle file with the adaptor's state dict
 BUNDLED_LM = "maccap/lm"  # bundle folder with the LM and tokenizer (save_pretrained), when the bundle carries them
@@ -232,58 +229,20 @@ class MacCapAdaptor(nn.Module):
 # The model: adaptor + LM
 
 
-class MacCap(nn.Module):
-    """Adaptor and causal LM with the tokenizer: prefix, training loss and generation."""
+class MacCap(PrefixLM):
+    """Adaptor and causal LM with the tokenizer: prefix, training loss and generation (:class:`PrefixLM`)."""
 
     def __init__(self, config: MacCapConfig, lm: nn.Module, tokenizer: Any):
-        super().__init__()
-        if embedding_size(lm) != config.lm_embed_dim:
-            raise LanguageModelError(
-                f"MacCapConfig.lm_embed_dim is {config.lm_embed_dim} but the LM takes {embedding_size(lm)}-d embeddings"
-            )
-        self.config = config
+        super().__init__(config, lm, tokenizer)
         self.adaptor = MacCapAdaptor(config)
-        self.lm = lm
-        self.tokenizer = tokenizer
-        self.bos_id, self.eos_id, self.pad_id = special_ids(tokenizer)
-        if config.bos_after_prefix and self.bos_id is None:
-            raise LanguageModelError("the tokenizer has no BOS token; set MacCapConfig.bos_after_prefix=False")
-        self.lm.requires_grad_(config.train_lm)
-
-    def train(self, mode: bool = True) -> "MacCap":
-        """A frozen LM stays in eval mode (no dropout) while the adaptor trains."""
-        super().train(mode)
-        self.lm.train(mode and self.config.train_lm)
-        return self
 
     @property
-    def device(self) -> torch.device:
-        return self.adaptor.queries.device
+    def prefix_length(self) -> int:
+        return self.config.n_query
 
     def prefix(self, regions: torch.Tensor) -> torch.Tensor:
         """Region features (N, N_cr, D) -> the adaptor's prefix (N, N_q, E)."""
         return self.adaptor(regions.to(self.device, self.adaptor.queries.dtype))
-
-    def prompt_embeds(self, regions: torch.Tensor) -> torch.Tensor:
-        """What the LM reads before the caption: prefix, then BOS if configured: (N, N_q [+ 1], E)."""
-        prefix = self.prefix(regions)
-        if not self.config.bos_after_prefix:
-            return prefix
-        bos = torch.full((prefix.shape[0], 1), self.bos_id, dtype=torch.long, device=prefix.device)
-        return torch.cat([prefix, embed_tokens(self.lm, bos).to(prefix.dtype)], dim=1)
-
-    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training targets: ``caption tokens + EOS``, right-padded: ids and mask, each (B, L) long."""
-        limit = self.config.max_caption_tokens - 1
-        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        rows = [ids[:limit] + [self.eos_id] for ids in encoded]
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return ids, mask
 
     def loss(
         self, text_embeds: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -291,39 +250,11 @@ class MacCap(nn.Module):
     ) -> torch.Tensor:
         """Eq. 9 on noisy text regions: token cross-entropy averaged per caption, then over the batch.
 
-        text_embeds (B, D) CLIP text embeddings; token_ids / attention_mask (B, L)
-        from :meth:`tokenize`. Prefix, BOS and padding positions carry no loss.
+        text_embeds (B, D) CLIP text embeddings; token_ids / attention_mask (B, L) from :meth:`tokenize`.
         The noise comes from ``generator``, or torch's default one (seeded per step by the training loop).
         """
-        noise_variance = self.config.noise_variance
-        regions = text_regions(text_embeds, self.config.n_cr, noise_variance, generator=generator)  # (B, N_cr, D)
-        prompt = self.prompt_embeds(regions)  # (B, P, E)
-        captions = embed_tokens(self.lm, token_ids)  # (B, L, E)
-        inputs = torch.cat([prompt.to(captions.dtype), captions], dim=1)  # (B, P + L, E)
-        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
-                          attention_mask], dim=1)  # (B, P + L)
-        length = token_ids.shape[1]
-        # the logits at the last prompt position and all caption positions but the last predict the caption
-        outputs = self.lm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=length + 1)
-        logits = outputs.logits[:, :-1]  # (B, L, V)
-        labels = token_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, L)
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        per_caption = per_token.sum(1) / attention_mask.sum(1).clamp_min(1)  # (B,)
-        return per_caption.mean()
-
-    @torch.inference_mode()
-    def generate_from_prompt(self, prompt: torch.Tensor, *, beams: int, max_new_tokens: int,
-                             share_prompt: bool = True) -> list[str]:
-        """Decode one caption per prompt row (N, P, E) with beam search.
-
-        ``share_prompt=False`` is stock ``generate`` (the prompt forwarded once per beam, as the
-        official code runs it); the captions are the same.
-        """
-        ids = generate_from_embeds(
-            self.lm, prompt, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            beams=beams, max_new_tokens=max_new_tokens, share_prompt=share_prompt,
-        )
-        return decode(self.tokenizer, ids)
+        regions = text_regions(text_embeds, self.config.n_cr, self.config.noise_variance, generator=generator)
+        return self.caption_loss(regions, token_ids, attention_mask)  # regions (B, N_cr, D)
 
     @torch.inference_mode()
     def generate(

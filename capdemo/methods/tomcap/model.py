@@ -10,9 +10,10 @@ caption of the store nearest to the input, not the input caption. The GPT-2
 backbone is frozen; the new cross-attention layers and LoRA (r = 32) on the
 self-attention projections train.
 
-Inference: the CLIP *image* embedding queries the datastore and fills the memory
-directly (no correction: the correction maps text onto image statistics, the
-image already has them); beam search decodes, and CLIP reranks the beams.
+Inference (:mod:`capdemo.methods.tomcap.inference`): the CLIP *image* embedding
+queries the datastore and fills the memory directly (no correction: the
+correction maps text onto image statistics, the image already has them); beam
+search decodes, and CLIP reranks the beams.
 
 No official code exists, so every choice the paper leaves open is a field of
 :class:`TOMCapConfig` whose comment gives the default and the reason.
@@ -20,9 +21,7 @@ No official code exists, so every choice the paper leaves open is a field of
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,24 +32,22 @@ from torch import nn
 
 from capdemo.bundle import IN_BUNDLE_PREFIX
 from capdemo.config import Config
-from capdemo.encoders import ClipEncoder, EncoderConfig
+from capdemo.encoders import EncoderConfig
 from capdemo.gap import GapCorrection, GapStats, inject_noise
-from capdemo.lm import LM_WEIGHT_PATTERNS, LanguageModelError, decode, embed_tokens, generate_from_embeds, special_ids
-from capdemo.rerank import ScoredTexts, clip_scores
-from capdemo.result import Candidate, Neighbour, Result
+from capdemo.lm import (
+    IGNORE_INDEX, LM_WEIGHT_PATTERNS, LanguageModelError, decode, embed_tokens, generate_from_embeds, max_positions,
+    special_ids,
+)
 from capdemo.retrieval import CaptionDatastore, DatastoreError
 from capdemo.weights import WeightSource, resolve
 
-METHOD = "tomcap"
 TARGETS = ("nearest", "input")
 SELECT_BY = ("clip", "beam")
-IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
 TOMCAP_COMPONENT = "tomcap"  # bundle component holding TOMCapConfig
 TRAINABLE_WEIGHTS = "tomcap/trainable.safetensors"  # cross-attention + LoRA + memory projection, by parameter name
 BUNDLED_LM = "tomcap/lm"  # the base GPT-2 (without cross-attention) and tokenizer, when the bundle carries them
 BUNDLED_DATASTORE = "tomcap/datastore"  # the caption datastore, when the bundle carries it
 BUNDLED_GAP_STATS = "tomcap/gap_stats.safetensors"  # the statistics the training inputs were corrected with
-STAGES = ("encode", "retrieve", "generate", "rerank")  # keys of Result.timings_ms
 
 # (fan_in, fan_out) of GPT-2's attention projections in units of n_embd: the LoRA targets TOMCap allows.
 # Names match peft's suffix rule, so "attn.c_attn" is the self-attention's c_attn and never crossattention's.
@@ -247,7 +244,7 @@ class TOMCap(nn.Module):
         self.tokenizer = tokenizer
         self.lm_source = str(lm_source or config.lm)  # where the base LM was read from (for re-saving a loaded model)
         self.bos_id, self.eos_id, self.pad_id = special_ids(tokenizer)
-        self.tokens = PromptTokens(config, tokenizer, self.eos_id, int(lm.config.n_positions))
+        self.tokens = PromptTokens(config, tokenizer, self.eos_id, max_positions(lm))
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=list(config.lora_targets), fan_in_fan_out=True)  # GPT-2 uses Conv1D (in, out)
         self.lm = inject_adapter_in_model(lora, lm)
@@ -336,107 +333,6 @@ class TOMCap(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Inference
-
-
-@contextmanager
-def _stage(timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
-    """Add the wall time of the block to ``timings[name]`` in milliseconds (CUDA work included)."""
-    start = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timings[name] = timings.get(name, 0.0) + (time.perf_counter() - start) * 1000.0
-
-
-def retrieve_neighbours(datastore: CaptionDatastore | None, queries: torch.Tensor, k: int) -> list[list[Neighbour]]:
-    """The K captions nearest to each query (Q, D), best first; a store too small for K is an error."""
-    if datastore is None:
-        raise DatastoreError("TOMCap retrieves neighbour captions but no datastore was given")
-    if len(datastore) < k:
-        raise DatastoreError(f"k={k} neighbours asked for, but the datastore holds only {len(datastore)} captions")
-    neighbours = datastore.retrieve(queries, k)
-    if any(len(row) < k for row in neighbours):
-        raise DatastoreError(f"the datastore returned fewer than k={k} neighbours for some images (IVF lists too few?)")
-    return neighbours
-
-
-@torch.inference_mode()
-def caption_images(
-    model: TOMCap,
-    encoder: ClipEncoder,
-    datastore: CaptionDatastore | None,
-    images: torch.Tensor,
-    *,
-    query_embeds: torch.Tensor | None = None,
-    k: int | None = None,
-    beams: int | None = None,
-    max_new_tokens: int | None = None,
-    select_by: str | None = None,
-) -> list[Result]:
-    """Caption B images: pixels (B, 3, H, W) or image embeddings (B, D) already computed by ``encoder``.
-
-    ``query_embeds`` (B, D_r) are the retrieval queries when the datastore was embedded by another
-    model (``config.retrieval_encoder``); None: the CLIP image embeddings query it. ``None``
-    settings take the config's values. One faiss search, one ``generate`` and one CLIP text call
-    serve the whole batch; each Result's timings are the batch's.
-    """
-    config = model.config
-    k, beams = k or config.k, beams or config.beams
-    max_new_tokens, select_by = max_new_tokens or config.max_new_tokens, select_by or config.select_by
-    if select_by not in SELECT_BY:
-        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
-    timings = {stage: 0.0 for stage in STAGES}
-    with _stage(timings, "encode", model.device):
-        image_embeds = images if images.ndim == 2 else encoder.encode_image_embeds(images)  # (B, D)
-        image_embeds = image_embeds.float().to(model.device)
-    batch = image_embeds.shape[0]
-    with _stage(timings, "retrieve", model.device):
-        if config.use_retrieval:
-            if query_embeds is None and datastore is not None:
-                datastore.require_encoder(encoder.name)  # the image embeddings must live in the store's space
-            neighbours = retrieve_neighbours(datastore, image_embeds if query_embeds is None else query_embeds, k)
-            texts = [n.text for row in neighbours for n in row]
-            neighbour_embeds = encoder.encode_text(texts).float().to(model.device).view(batch, k, -1)  # (B, K, D)
-        else:
-            neighbours, neighbour_embeds = [[] for _ in range(batch)], None
-    with _stage(timings, "generate", model.device):
-        prompts = [model.tokens.prompt_ids([n.text for n in row]) for row in neighbours]
-        memory = model.memory(image_embeds, neighbour_embeds)  # (B, 1 + K, n_embd), the image is not corrected
-        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=max_new_tokens)
-    with _stage(timings, "rerank", model.device):
-        scored = clip_scores(encoder, image_embeds, [texts[b * beams : (b + 1) * beams] for b in range(batch)])
-    settings = {"k": k if config.use_retrieval else 0, "beams": beams, "max_new_tokens": max_new_tokens,
-                "select_by": select_by, "batch_size": batch}
-    return [
-        _result(b, image_embeds, neighbours[b], neighbour_embeds, scored[b], config, timings, settings)
-        for b in range(batch)
-    ]
-
-
-def _result(b: int, image_embeds: torch.Tensor, neighbours: list[Neighbour], neighbour_embeds: torch.Tensor | None,
-            scored: ScoredTexts, config: TOMCapConfig, timings: dict[str, float], settings: dict) -> Result:
-    """Result of image ``b``: beams as candidates (CLIP-ranked or in beam order), neighbours, plot embeddings."""
-    order = scored.order() if settings["select_by"] == "clip" else list(range(len(scored.texts)))
-    candidates = [Candidate(text=scored.texts[j], clip_score=float(scored.scores[j]), sample=j) for j in order]
-    dim = image_embeds.shape[-1]
-    embeddings = {
-        "image": image_embeds[b : b + 1].float().cpu(),  # (1, D)
-        "neighbours": torch.zeros(0, dim) if neighbour_embeds is None else neighbour_embeds[b].float().cpu(),  # (K, D)
-        "candidates": scored.embeds[order].float().cpu(),  # (beams, D), best first
-    }
-    return Result(
-        caption=candidates[0].text,
-        method=METHOD,
-        candidates=candidates,
-        neighbours=list(neighbours),
-        embeddings=embeddings,
-        timings_ms=dict(timings),
-        extras={"prompt": build_prompt([n.text for n in neighbours], config), **settings},
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # Bundles
 
 
@@ -485,15 +381,12 @@ def datastore_from_bundle(bundle: Any) -> CaptionDatastore | None:
 __all__ = [
     "LORA_TARGET_SHAPES",
     "PromptTokens",
-    "STAGES",
     "TOMCap",
     "TOMCapConfig",
     "add_to_bundle",
     "build_prompt",
-    "caption_images",
     "datastore_from_bundle",
     "load_from_bundle",
     "load_gpt2_with_cross_attention",
     "parameter_count_formula",
-    "retrieve_neighbours",
 ]

@@ -1,0 +1,215 @@
+"""TOMCap inference, batched: one datastore search, one generate and one CLIP text call for the whole batch.
+
+The image embedding (from the retrieval encoder when the bundle has its own, the paper's SigLIP2;
+else the captioning CLIP's) queries the caption datastore for the K nearest captions; they fill
+the prompt, and their CLIP embeddings join the image's in the cross-attention memory. The image
+embedding is not gap-corrected: the correction moves text onto image statistics, which an image
+already has. Beam search decodes; every beam is a candidate, scored by CLIP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from capdemo.encoders import ClipEncoder
+from capdemo.gap import GapCorrection, GapStats
+from capdemo.methods.base import CaptionMethod, Encoded, LoadContext, MethodOptions, options_from_config, setting
+from capdemo.methods.tomcap.model import (
+    SELECT_BY, TOMCap, TOMCapConfig, build_prompt, datastore_from_bundle, load_from_bundle,
+)
+from capdemo.rerank import ScoredTexts, clip_scores
+from capdemo.result import Candidate, Neighbour, Result
+from capdemo.retrieval import CaptionDatastore, DatastoreError
+from capdemo.timing import StageTimer
+
+MAX_K = 16  # most neighbours a request may ask for (the paper finds 4 best; more only adds noise)
+TEXT_TO_TEXT_BATCH = 50  # texts decoded per generate call by text_to_text
+_EMBED_CHUNK = 256  # texts per encoder call when store captions need embeddings
+
+
+@dataclass
+class TOMCapOptions(MethodOptions):
+    """TOMCap's per-request settings (a bundle presets them from its TOMCapConfig)."""
+
+    k: int = setting(4, low=1, high=MAX_K, label="Neighbours K",
+                     help="retrieved captions in the prompt and the memory (paper: 4)")
+    beams: int = setting(3, low=1, high=8, label="Beams", help="beam width; every beam is a candidate")
+    max_new_tokens: int = setting(25, low=1, high=64, label="Max new tokens", help="caption length cap")
+    select_by: str = setting("clip", choices=SELECT_BY, label="Pick the caption by",
+                             help="'beam': the beam search's best (the paper); 'clip': the beam closest to the image "
+                                  "by CLIP cosine (capdemo's rerank, as MacCap filters its samples)")
+
+
+def store_caption_embeddings(
+    store_ids: np.ndarray, datastore: CaptionDatastore, captions: Sequence[str], corpus_embeds: torch.Tensor,
+    embed_fn: Callable[[Sequence[str]], torch.Tensor],
+) -> tuple[torch.Tensor, np.ndarray]:
+    """CLIP embeddings of the store captions in ``store_ids`` (N, H): ``(table (U, D), row of each id (N, H))``.
+
+    Store captions that are also corpus captions reuse the corpus embedding; the rest are embedded here.
+    """
+    unique, rows = np.unique(store_ids, return_inverse=True)
+    corpus_row: dict[str, int] = {}
+    for row, caption in enumerate(captions):
+        corpus_row.setdefault(caption, row)
+    texts = [datastore.captions[int(i)] for i in unique]
+    table = torch.empty(len(unique), corpus_embeds.shape[1], dtype=corpus_embeds.dtype)
+    missing = [j for j, text in enumerate(texts) if text not in corpus_row]
+    known = [j for j in range(len(texts)) if texts[j] in corpus_row]
+    table[known] = corpus_embeds[[corpus_row[texts[j]] for j in known]]
+    for start in range(0, len(missing), _EMBED_CHUNK):
+        part = missing[start : start + _EMBED_CHUNK]
+        table[part] = torch.as_tensor(embed_fn([texts[j] for j in part])).to(table.dtype).cpu()
+    return table, rows.reshape(store_ids.shape)
+
+
+def retrieve_neighbours(datastore: CaptionDatastore | None, queries: torch.Tensor, k: int) -> list[list[Neighbour]]:
+    """The K captions nearest to each query (Q, D), best first; a store too small for K is an error."""
+    if datastore is None:
+        raise DatastoreError("TOMCap retrieves neighbour captions but no datastore was given")
+    if len(datastore) < k:
+        raise DatastoreError(f"k={k} neighbours asked for, but the datastore holds only {len(datastore)} captions")
+    neighbours = datastore.retrieve(queries, k)
+    if any(len(row) < k for row in neighbours):
+        raise DatastoreError(f"the datastore returned fewer than k={k} neighbours for some images (IVF lists too few?)")
+    return neighbours
+
+
+@torch.inference_mode()
+def caption_images(model: TOMCap, encoder: ClipEncoder, datastore: CaptionDatastore | None,
+                   image_embeds: torch.Tensor, query_embeds: torch.Tensor, options: TOMCapOptions) -> list[Result]:
+    """Caption B images from their CLIP image embeddings (B, D) and retrieval queries (B, D_r).
+
+    The queries are the image embeddings themselves unless the datastore lives in another encoder's
+    space (``config.retrieval_encoder``). One faiss search, one ``generate`` and one CLIP text call
+    serve the whole batch; timings are per image.
+    """
+    config, k, beams = model.config, options.k, options.beams
+    timer = StageTimer(model.device)
+    image_embeds = image_embeds.float().to(model.device)
+    batch = image_embeds.shape[0]
+    with timer("retrieve"):
+        if config.use_retrieval:
+            neighbours = retrieve_neighbours(datastore, query_embeds, k)
+            texts = [n.text for row in neighbours for n in row]
+            neighbour_embeds = encoder.encode_text(texts).float().to(model.device).view(batch, k, -1)  # (B, K, D)
+        else:
+            neighbours, neighbour_embeds = [[] for _ in range(batch)], None
+    with timer("generate"):
+        prompts = [model.tokens.prompt_ids([n.text for n in row]) for row in neighbours]
+        memory = model.memory(image_embeds, neighbour_embeds)  # (B, 1 + K, n_embd), the image is not corrected
+        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=options.max_new_tokens)
+    with timer("rerank"):
+        scored = clip_scores(encoder, image_embeds, [texts[b * beams : (b + 1) * beams] for b in range(batch)])
+    timings = timer.per_image(batch)
+    settings = {**options.to_dict(), "k": k if config.use_retrieval else 0, "batch_size": batch}
+    return [_result(b, image_embeds, neighbours[b], neighbour_embeds, scored[b], config, timings, settings)
+            for b in range(batch)]
+
+
+def _result(b: int, image_embeds: torch.Tensor, neighbours: list[Neighbour], neighbour_embeds: torch.Tensor | None,
+            scored: ScoredTexts, config: TOMCapConfig, timings: dict[str, float], settings: dict) -> Result:
+    """Result of image ``b``: beams as candidates (CLIP-ranked or in beam order), neighbours, plot embeddings."""
+    order = scored.order() if settings["select_by"] == "clip" else list(range(len(scored.texts)))
+    candidates = [Candidate(text=scored.texts[j], clip_score=float(scored.scores[j]), sample=j) for j in order]
+    dim = image_embeds.shape[-1]
+    embeddings = {
+        "image": image_embeds[b : b + 1].float().cpu(),  # (1, D)
+        "neighbours": torch.zeros(0, dim) if neighbour_embeds is None else neighbour_embeds[b].float().cpu(),  # (K, D)
+        "candidates": scored.embeds[order].float().cpu(),  # (beams, D), best first
+    }
+    return Result(
+        caption=candidates[0].text,
+        method=TOMCapMethod.name,
+        candidates=candidates,
+        neighbours=list(neighbours),
+        embeddings=embeddings,
+        timings_ms=dict(timings),
+        extras={"prompt": build_prompt([n.text for n in neighbours], config), **settings},
+    )
+
+
+class TOMCapMethod(CaptionMethod):
+    """TOMCap behind the method interface: the model, its datastore, gap statistics and retrieval encoder."""
+
+    name = "tomcap"
+    label = "TOMCap"
+    citation = "CVPR 2026: retrieval augmentation, mean+std gap correction, GPT-2 cross-attention with LoRA"
+    Options = TOMCapOptions
+
+    def __init__(self, model: TOMCap, encoder: ClipEncoder, *, datastore: CaptionDatastore | None,
+                 gap_stats: GapStats | None, retriever: ClipEncoder | None):
+        self.model = model
+        self.encoder = encoder  # the captioning CLIP: memory embeddings and the rerank
+        self.retriever = retriever  # the datastore's encoder when it is not the captioning CLIP (paper: SigLIP2)
+        self.datastore = datastore
+        self.gap_stats = gap_stats
+        if datastore is not None:  # queries must live in the datastore's space: checked once, here
+            datastore.require_encoder((retriever or encoder).name)
+
+    @classmethod
+    def from_bundle(cls, context: LoadContext) -> TOMCapMethod:
+        model = load_from_bundle(context.bundle, device=context.device)
+        config = model.config
+        retriever = context.towers.get(config.retrieval_encoder) if config.retrieval_encoder is not None else None
+        gap_stats = GapStats.load(context.bundle.locate(config.gap_stats)) if config.gap_stats else None
+        return cls(model, context.encoder, datastore=datastore_from_bundle(context.bundle), gap_stats=gap_stats,
+                   retriever=retriever if retriever is not context.encoder else None)
+
+    def default_options(self) -> TOMCapOptions:
+        return options_from_config(TOMCapOptions, self.model.config)
+
+    def limits(self) -> dict[str, tuple[float, float]]:
+        if self.datastore is None:
+            return {}
+        return {"k": (1, len(self.datastore))}
+
+    def image_towers(self) -> list[ClipEncoder]:
+        return [self.retriever] if self.retriever is not None else []
+
+    def caption(self, encoded: Encoded, options: TOMCapOptions) -> list[Result]:
+        image_embeds = encoded.image_embeds()
+        queries = encoded.image_embeds(self.retriever) if self.retriever is not None else image_embeds
+        return caption_images(self.model, self.encoder, self.datastore, image_embeds, queries, options)
+
+    def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor) -> list[str] | None:
+        """Each text's training input, clean: its corrected embedding, and the captions retrieved for it as
+        training retrieves them (itself excluded), decoded with the bundle's beams and selection (by CLIP
+        cosine with the text's embedding, as images are by theirs)."""
+        config = self.model.config
+        if self.retriever is not None or (config.use_retrieval and self.datastore is None):
+            return None  # training queried with the retrieval encoder's text embeddings: not rebuilt here
+        mode = GapCorrection(config.gap_correction)
+        inputs = text_embeds.float()
+        if mode is not GapCorrection.NONE:
+            inputs = self.gap_stats.correct(inputs, mode)
+        hit_ids = np.zeros((len(texts), 0), dtype=np.int64)
+        if config.hits_for_training:
+            hit_ids = self.datastore.search(text_embeds, config.hits_for_training, exclude_texts=list(texts),
+                                            dedupe=True).ids  # (N, H)
+        store_embeds, store_rows = store_caption_embeddings(hit_ids, self.datastore, texts, text_embeds,
+                                                            self.encoder.encode_text)
+        _, columns = config.split_hits(range(hit_ids.shape[1]))
+        defaults, groups = self.default_options(), []
+        for start in range(0, len(texts), TEXT_TO_TEXT_BATCH):
+            rows = range(start, min(start + TEXT_TO_TEXT_BATCH, len(texts)))
+            neighbour_embeds = torch.stack([store_embeds[torch.as_tensor(store_rows[i][columns])] for i in rows])
+            memory = self.model.memory(inputs[start : rows.stop], neighbour_embeds.float())  # (b, 1 + K, n_embd)
+            prompts = [self.model.tokens.prompt_ids([self.datastore.captions[int(hit_ids[i][c])] for c in columns])
+                       for i in rows]
+            beams = self.model.generate(prompts, memory, beams=defaults.beams, max_new_tokens=defaults.max_new_tokens)
+            groups += [beams[j * defaults.beams : (j + 1) * defaults.beams] for j in range(len(rows))]
+        if defaults.select_by != "clip":
+            return [group[0] for group in groups]
+        return [scored.texts[scored.order()[0]] for scored in clip_scores(self.encoder, text_embeds, groups)]
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+
+__all__ = ["MAX_K", "TOMCapMethod", "TOMCapOptions", "caption_images", "retrieve_neighbours",
+           "store_caption_embeddings"]

@@ -1,0 +1,258 @@
+"""The page: five tabs over one loaded Captioner, every method's controls and outputs generated from the registry.
+
+``create_blocks`` lays the page out and wires each event to a stable ``api_name``; the views the
+event functions return (:mod:`capdemo.ui.views`) are flattened here into the page's outputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+from collections.abc import Sequence
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from capdemo.pipeline import Captioner
+from capdemo.ui.controls import SettingControl, method_controls, options_from_values, with_parameters
+from capdemo.ui.events import AppConfig, CaptionDemo
+from capdemo.ui.views import CaptionView
+
+PROJECTION_CHOICES = [("PCA", "pca"), ("UMAP (the first run compiles for ~10-30 s)", "umap")]
+MODEL_CONCURRENCY_ID = "model"  # the queue group shared by every event that runs the models
+MAX_UPLOAD_SIZE = "50mb"  # per file, enforced by Gradio before the upload reaches the app
+SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
+SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
+CSS = """
+.capdemo-caption textarea { font-size: 1.1rem !important; font-weight: 600; }
+"""
+
+
+def on_gpu(fn: Any) -> Any:
+    """``spaces.GPU(fn)`` on a Hugging Face ZeroGPU Space (where ``spaces`` is installed), else ``fn`` itself."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+def image_input(**kwargs: Any) -> gr.Image:
+    """A ``gr.Image`` whose uploads reach the events as file paths, unopened.
+
+    Plain ``gr.Image`` opens the file with Pillow before the event runs, so a corrupt upload fails
+    inside Gradio with its generic "Error"; this way :func:`capdemo.images.load_image` reads it and
+    names the problem. It is not a subclass because Gradio writes a ``.pyi`` stub next to the module
+    of every component subclass.
+    """
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = uploaded_path  # Gradio calls the instance's preprocess for this component's inputs
+    return image
+
+
+def uploaded_path(payload: FileData | None) -> str | None:
+    """The path of an uploaded file as Gradio stored it (None when nothing was uploaded)."""
+    if payload is None:
+        return None
+    if payload.path is None:
+        raise gr.Error("the upload arrived without a file; upload it again")
+    return str(payload.path)
+
+
+def header(captioner: Captioner) -> str:
+    named = " and ".join(f"**{m.label}** ({m.citation.split(':')[0]})" for m in captioner.methods.values())
+    return (
+        "# capdemo · text-only image captioning you can see into\n"
+        f"{named} caption images with language models trained on *captions alone*, across CLIP's modality gap. "
+        "Pick an image, then see which patches the attention chose, every candidate with its CLIP rerank score, "
+        "the retrieved neighbour captions, and where images and texts sit in the embedding space."
+    )
+
+
+def serve(demo: gr.Blocks, **launch_args: Any) -> Any:
+    """``demo.launch`` with the app's theme, CSS and upload limit (Gradio 6 takes them at launch, not in ``Blocks``)."""
+    theme = gr.themes.Soft(  # system fonts: the default web fonts would be fetched from Google, and the app is offline
+        primary_hue="indigo", secondary_hue="pink", font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS
+    )
+    return demo.launch(theme=theme, css=CSS, show_error=False, max_file_size=MAX_UPLOAD_SIZE, **launch_args)
+
+
+class CaptionOutputs:
+    """The Caption tab's output components and how a :class:`CaptionView` fills them, in order."""
+
+    def __init__(self, captioner: Captioner):
+        self.methods = list(captioner.methods)
+        self.captions: dict[str, gr.Textbox] = {}
+        self.candidates: dict[str, gr.Dataframe] = {}
+        self.neighbours: dict[str, gr.Dataframe] = {}
+        with gr.Row(equal_height=False):
+            for name, method in captioner.methods.items():
+                with gr.Column(min_width=280):
+                    self.captions[name] = gr.Textbox(label=f"{method.label} caption", elem_id=f"{name}-caption",
+                                                     elem_classes=["capdemo-caption"], buttons=["copy"])
+                    self.candidates[name] = gr.Dataframe(
+                        label=f"{method.label} candidates (best first; click a header to sort)", interactive=False,
+                        wrap=True, elem_id=f"{name}-candidates")
+                    if method.datastore is not None:
+                        self.neighbours[name] = gr.Dataframe(label=f"{method.label}: retrieved neighbour captions",
+                                                             interactive=False, wrap=True,
+                                                             elem_id=f"{name}-neighbours")
+        with gr.Row(equal_height=False):
+            self.heatmap = gr.Image(label="CLS attention; the picked patches outlined by rank", type="pil",
+                                    height=360, interactive=False, elem_id="heatmap")
+            self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False, elem_id="timings")
+        with gr.Accordion("Everything as JSON", open=False):
+            self.details = gr.JSON(label="Caption details")
+
+    def components(self) -> list[Any]:
+        per_method = [c for name in self.methods
+                      for c in (self.captions[name], self.candidates[name], self.neighbours.get(name)) if c is not None]
+        return [*per_method, self.heatmap, self.timings, self.details]
+
+    def values(self, view: CaptionView) -> list[Any]:
+        per_method = []
+        for name in self.methods:
+            shown = view.methods[name]
+            per_method += [shown.shown, shown.candidates]
+            if name in self.neighbours:
+                per_method.append(shown.neighbours)
+        return [*per_method, view.heatmap, view.timings, view.details]
+
+
+def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, photos: Sequence[Path] = ()) -> gr.Blocks:
+    """Lay out the page over a loaded captioner and wire every event to a stable api_name.
+
+    ``photos`` are extra example images, shown only when the bundle is a real-world one.
+    """
+    app = CaptionDemo(captioner, config=config)
+    config = app.config
+    shown_photos = list(photos) if captioner.info()["world"] == "real" else []
+    examples = [[str(path)] for path in [*captioner.examples(), *shown_photos]]
+    age = config.cache_max_age_s  # checked as often as files may live: Gradio keeps them forever by default
+    with gr.Blocks(title="capdemo: " + " and ".join(app.labels.values()), delete_cache=(age, age)) as demo:
+        state = gr.State()
+        gr.Markdown(header(captioner))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                picture = image_input(label="Image (for Caption, Ask and Embedding space)", height=320,
+                                      sources=["upload", "clipboard"], elem_id="image-input")
+                if examples:
+                    gr.Examples(examples=examples, inputs=[picture], label="Examples", examples_per_page=12)
+                gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} running, at most "
+                            f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
+                            "try again shortly.</small>")
+            with gr.Column(scale=5):
+                with gr.Tabs():
+                    with gr.Tab("Caption", id="caption"):
+                        chosen, controls, caption_button, caption_outputs = _caption_tab(captioner, app)
+                    with gr.Tab("Ask (VQA)", id="vqa"):
+                        vqa_inputs, vqa_outputs, vqa_button = _vqa_tab(captioner)
+                    with gr.Tab("Embedding space", id="embedding"):
+                        embedding_inputs, embedding_outputs, embedding_button = _embedding_tab()
+                    with gr.Tab("Batch", id="batch"):
+                        batch_inputs, batch_outputs, batch_button = _batch_tab(config)
+                    with gr.Tab("About", id="about"):
+                        about_outputs = [gr.Markdown(label="Bundle summary"), gr.JSON(label="Bundle details")]
+
+        def caption(image: Any, methods: Any, settings: list, session: Any, progress: gr.Progress) -> list:
+            view = app.caption_event(image, methods, options_from_values(captioner.methods, controls, settings),
+                                     session, progress=progress)
+            return [*caption_outputs.values(view), view.session]
+
+        def vqa(image: Any, question: str, session: Any, progress: gr.Progress = gr.Progress()) -> list:
+            view = app.vqa_event(image, question, session, progress=progress)
+            return [view.answer, view.top_answers, view.generated, view.caption, view.prompt]
+
+        def embedding(image: Any, projection: str, session: Any, progress: gr.Progress = gr.Progress()) -> list:
+            view = app.embedding_event(image, projection, session, progress=progress)
+            return [view.projection, view.gap_histogram, view.gap_table, view.session]
+
+        def batch(files: Any, progress: gr.Progress = gr.Progress()) -> list:
+            view = app.batch_event(files, progress=progress)
+            return [view.table, view.csv_path, view.json_path]
+
+        trailing = [inspect.Parameter("session", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+                    inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
+        caption_fn = with_parameters(caption, ["image", "methods"], controls, trailing)
+        caption_fn.__doc__ = app.caption_event.__doc__
+        model = {"concurrency_id": MODEL_CONCURRENCY_ID}  # at most `concurrency_limit` model events at once
+        caption_button.click(on_gpu(caption_fn), [picture, chosen, *(c.component for c in controls), state],
+                             [*caption_outputs.components(), state], api_name="caption", **model)
+        vqa_button.click(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_name="vqa", **model)
+        vqa_inputs[0].submit(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_visibility="private",
+                             **model)
+        embedding_button.click(on_gpu(embedding), [picture, *embedding_inputs, state],
+                               [*embedding_outputs, state], api_name="embedding", **model)
+        batch_button.click(on_gpu(batch), batch_inputs, batch_outputs, api_name="batch", **model)
+        demo.load(app.about, None, about_outputs, api_name="about")
+
+    demo.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)
+    return demo
+
+
+def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[SettingControl], Any, CaptionOutputs]:
+    choices = [(method.label, name) for name, method in captioner.methods.items()]
+    chosen = gr.CheckboxGroup(choices, value=[name for _, name in choices], label="Methods (side by side)",
+                              elem_id="methods")
+    controls: list[SettingControl] = []
+    for method in captioner.methods.values():
+        with gr.Accordion(f"{method.label} settings (preset to the bundle's)", open=False):
+            with gr.Row():
+                controls += method_controls(method)
+    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+    return chosen, controls, button, CaptionOutputs(captioner)
+
+
+def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
+    if captioner.vqa_method is None:
+        gr.Markdown("This bundle cannot answer questions (it has no answer list or no method with an LM); "
+                    "Ask will say so.")
+    question = gr.Textbox(label="Question", placeholder="e.g. What colour is the circle?", elem_id="question")
+    button = gr.Button("Ask", variant="primary", elem_id="ask-button")
+    answer = gr.Textbox(label="Answer", elem_classes=["capdemo-caption"], elem_id="answer")
+    with gr.Row(equal_height=False):
+        top = gr.Dataframe(label="Top candidate answers", interactive=False, elem_id="top-answers")
+        with gr.Column():
+            generated = gr.Textbox(label="The language model's free-form answer")
+            caption = gr.Textbox(label="Caption used (the Caption tab's caption when there is one)")
+            prompt = gr.Textbox(label="Prompt the language model continued", lines=2)
+    return [question], [answer, top, generated, caption, prompt], button
+
+
+def _embedding_tab() -> tuple[list, list, Any]:
+    gr.Markdown("CLIP puts images and texts in separate regions of its embedding space (the *modality gap*). "
+                "MacCap moves the image side towards the texts by mixing in subregion features; TOMCap moves "
+                "texts towards the images by matching per-dimension statistics; CapDec trains with noise around "
+                "the texts. The Caption tab's results for this image are reused; missing ones are made with the "
+                "bundle's settings.")
+    with gr.Row():
+        projection = gr.Radio(PROJECTION_CHOICES, value="pca", label="Projection")
+        button = gr.Button("Draw", variant="primary", elem_id="embedding-button")
+    figure = gr.Plot(label="Embedding space", elem_id="embedding-plot")
+    with gr.Row(equal_height=False):
+        histogram = gr.Plot(label="Per-dimension gap (MacCap Fig. 1)", elem_id="gap-histogram")
+        table = gr.Dataframe(label="Gap numbers (MacCap Table 1, TOMCap std ratios)", interactive=False,
+                             elem_id="gap-table")
+    return [projection], [figure, histogram, table], button
+
+
+def _batch_tab(config: AppConfig) -> tuple[list, list, Any]:
+    files = gr.File(label=f"Images (up to {config.max_batch_images})", file_count="multiple", file_types=["image"],
+                    elem_id="batch-files")
+    button = gr.Button("Caption all (bundle settings)", variant="primary", elem_id="batch-button")
+    table = gr.Dataframe(label="Captions", interactive=False, wrap=True, elem_id="batch-table")
+    with gr.Row():
+        csv_file = gr.DownloadButton("Download CSV")
+        json_file = gr.DownloadButton("Download JSON")
+    return [files], [table, csv_file, json_file], button
+
+
+def build_app(
+    weights: str, *, device: str | None = None, config: AppConfig | None = None, photos: Sequence[Path] = ()
+) -> gr.Blocks:
+    """Load the bundle ``weights`` (folder or ``hf-hub:org/name@rev``) once and build the page over it."""
+    return create_blocks(Captioner.from_bundle(weights, device=device), config=config, photos=photos)
+
+
+__all__ = ["MODEL_CONCURRENCY_ID", "build_app", "create_blocks", "image_input", "on_gpu", "serve"]
