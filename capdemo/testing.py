@@ -96,6 +96,8 @@ TINY_ANSWERS = ["yes", "no", "red", "blue", "green", "circle", "square", "triang
 TINY_MACCAP = dict(lm_embed_dim=64, embed_dim=32, n_cr=4, n_query=4, heads=4, ffn_dim=64, samples=5, beams=2,
                    max_new_tokens=6, train_lm=True)
 TINY_TOMCAP = dict(embed_dim=32, lora_r=4, lora_alpha=4.0, k=2, beams=2, max_new_tokens=6)
+TINY_CAPDEC = dict(embed_dim=32, lm_embed_dim=64, prefix_length=4, clip_length=4, mapper_layers=1, mapper_heads=4,
+                   beams=3, max_new_tokens=6)
 
 
 def example_images(seed: int = 0) -> list[Image.Image]:
@@ -104,6 +106,7 @@ def example_images(seed: int = 0) -> list[Image.Image]:
 
 
 def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
+    from capdemo.methods.capdec import model as capdec
     from capdemo.methods.maccap import model as maccap
     from capdemo.methods.tomcap import model as tomcap
     from capdemo.vqa import AnswerList
@@ -127,6 +130,8 @@ def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
         lm, tok = tomcap.load_gpt2_with_cross_attention(lm_dir)
         tom = tomcap.TOMCap(tomcap.TOMCapConfig(lm=str(lm_dir), **TINY_TOMCAP), lm, tok, lm_source=lm_dir)
         tomcap.add_to_bundle(writer, tom, datastore=store_dir, copy_datastore=True, gap_stats=stats)
+        dec = capdec.CapDec(capdec.CapDecConfig(lm=str(lm_dir), **TINY_CAPDEC), *load_causal_lm(lm_dir))
+        capdec.add_to_bundle(writer, dec)
         AnswerList(TINY_ANSWERS).add_to_bundle(writer, encoder)
         for i, image in enumerate(images):
             image.save(writer.path(f"examples/random-{i}.png"))

@@ -143,7 +143,7 @@ def test_a_method_registered_at_run_time_reaches_the_cli_the_facade_and_the_app(
                        if a.dest == "method")
     assert "echo" in method_flag.choices
     captioner = Captioner.from_bundle(echo_bundle, device="cpu")
-    assert captioner.method_names == ("maccap", "tomcap", "echo")
+    assert captioner.method_names == ("maccap", "tomcap", "capdec", "echo")
     result = captioner.caption(example_images()[:1], "echo", shout=True, repeats=2)[0]
     assert result.caption == "AN IMAGE AN IMAGE" and result.timings_ms["encode"] > 0
     with pytest.raises(ValueError, match="repeats must be between 1 and 3, got 4"):
@@ -151,7 +151,7 @@ def test_a_method_registered_at_run_time_reaches_the_cli_the_facade_and_the_app(
 
     demo = create_blocks(captioner)
     boxes = [block for block in demo.blocks.values() if isinstance(block, gr.CheckboxGroup)]
-    assert [value for _, value in boxes[0].choices] == ["maccap", "tomcap", "echo"]
+    assert [value for _, value in boxes[0].choices] == ["maccap", "tomcap", "capdec", "echo"]
     caption_api = next(fn for fn in demo.fns.values() if fn.api_name == "caption")
     parameters = [p for p in __import__("inspect").signature(caption_api.fn).parameters]
     assert {"echo_shout", "echo_repeats"} <= set(parameters)

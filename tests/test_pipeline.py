@@ -23,12 +23,12 @@ def captioner(tiny_bundle_dir) -> Captioner:
 
 
 def test_loads_every_component(captioner):
-    assert captioner.method_names == ("maccap", "tomcap")
+    assert captioner.method_names == ("maccap", "tomcap", "capdec")
     assert captioner.shared("datastore") is not None and captioner.shared("gap_stats") is not None
     assert captioner.answers is not None and captioner.vqa_method is captioner.methods["maccap"]
     assert len(captioner.examples()) == 2
     info = captioner.info()
-    assert info["world"] == "shapes" and set(info["methods"]) == {"maccap", "tomcap"}
+    assert info["world"] == "shapes" and info["methods"] == ["maccap", "tomcap", "capdec"]
     assert all(len(h) == 12 for h in info["files"].values())
 
 

@@ -25,6 +25,7 @@ from capdemo.testing import TINY_ANSWERS, TINY_MACCAP
 SETTINGS = {"maccap": dict(samples=5, beams=2, noise_variance=0.016, n_cr=3, max_new_tokens=6, seed=1),
             "tomcap": dict(k=2, beams=3, max_new_tokens=7)}  # each method its own beams and length cap
 BOTH = ["maccap", "tomcap"]
+ALL = ["maccap", "tomcap", "capdec"]  # every method of the tiny bundle
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +274,7 @@ def test_gap_histogram_and_table(app, captioner, example, both_view):
 def test_caption_vqa_and_plot_share_one_encoder_pass(app, captioner, tmp_path, monkeypatch):
     image = fresh_image(tmp_path, seed=1)
     before = captioner.encoder.images_encoded
-    view = app.caption_event(image, BOTH, SETTINGS)
+    view = app.caption_event(image, ALL, SETTINGS)
     captions = count_calls(monkeypatch, captioner, "caption")
     app.vqa_event(image, "what is it?", view.session)
     app.embedding_event(image, "pca", view.session)
@@ -284,8 +285,8 @@ def test_caption_vqa_and_plot_share_one_encoder_pass(app, captioner, tmp_path, m
 def test_embedding_without_a_session_captions_each_method_once(app, captioner, tmp_path, monkeypatch):
     captions = count_calls(monkeypatch, captioner, "caption")
     view = app.embedding_event(fresh_image(tmp_path, seed=2), "pca")
-    assert sorted(call[1] for call in captions) == ["maccap", "tomcap"]
-    assert set(view.session.results) == {"maccap", "tomcap"}
+    assert sorted(call[1] for call in captions) == sorted(ALL)
+    assert set(view.session.results) == set(ALL)
 
 
 def test_unknown_projection_is_an_error(app, example):
@@ -302,7 +303,7 @@ def test_batch_captions_each_image_and_reports_bad_files(app, captioner, tmp_pat
     view = app.batch_event([*good, bad])
     table = view.table
     assert list(table.columns) == ["image", "maccap caption", "maccap clip_score", "tomcap caption",
-                                   "tomcap clip_score", "error"]
+                                   "tomcap clip_score", "capdec caption", "capdec clip_score", "error"]
     assert list(table["image"]) == ["random-0.png", "random-1.png", "broken.png"]
     assert list(table["error"][:2]) == ["", ""] and table["error"][2].startswith("broken.png: truncated or corrupt")
     for row, path in enumerate(good):  # the same captions as one image at a time with the bundle's defaults
@@ -333,15 +334,15 @@ def test_batch_limits_and_download_rotation(captioner, tmp_path):
 
 def test_about_describes_the_bundle_and_how_to_load_another(app):
     text, info = app.about()
-    assert "`tiny` (shapes world)" in text and "MacCap, TOMCap" in text and "--weights hf-hub:" in text
-    assert info["methods"] == ["maccap", "tomcap"] and len(info["files"]) > 0
+    assert "`tiny` (shapes world)" in text and "MacCap, TOMCap, CapDec" in text and "--weights hf-hub:" in text
+    assert info["methods"] == ALL and len(info["files"]) > 0
     assert "path" not in info and info["folder"] == str(app.captioner.bundle.path)
 
 
 def _controls(demo: gr.Blocks) -> dict[str, Any]:
     """The page's setting controls by elem_id (``<method>-<setting>``)."""
     return {block.elem_id: block for block in demo.blocks.values()
-            if getattr(block, "elem_id", None) and block.elem_id.split("-")[0] in ("maccap", "tomcap")
+            if getattr(block, "elem_id", None) and block.elem_id.split("-")[0] in ALL
             and not block.elem_id.endswith(("-caption", "-candidates", "-neighbours"))}
 
 

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "gapstats": ("training.gapstats", "compute modality-gap statistics (image vs text embeddings)"),
     "maccap": ("training.maccap", "train MacCap text-only and write a bundle"),
     "tomcap": ("training.tomcap", "train TOMCap text-only and write a bundle"),
+    "capdec": ("training.capdec", "train CapDec text-only and write a bundle"),
     "evaluate": ("training.evaluate", "caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) and VQA accuracy"),
     "caption-split": ("training.caption_split", "caption a Karpathy split with a bundle and score it (paper tables)"),
     "shapes": ("training.shapes.build", "rebuild the shapes-world bundle (weights/shapes) from scratch"),

@@ -9,6 +9,7 @@ below.
 from __future__ import annotations
 
 from capdemo.methods.base import CaptionMethod
+from capdemo.methods.capdec.inference import CapDecMethod
 from capdemo.methods.maccap.inference import MacCapMethod
 from capdemo.methods.tomcap.inference import TOMCapMethod
 
@@ -43,7 +44,7 @@ def methods() -> tuple[type[CaptionMethod], ...]:
     return tuple(_REGISTRY.values())
 
 
-for _method in (MacCapMethod, TOMCapMethod):
+for _method in (MacCapMethod, TOMCapMethod, CapDecMethod):
     register(_method)
 
 __all__ = ["CaptionMethod", "get", "methods", "names", "register", "unregister"]

@@ -1,0 +1,1 @@
+"""CapDec (EMNLP Findings 2022): model and config in ``model``, batched inference and its options in ``inference``."""
