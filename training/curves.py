@@ -74,6 +74,6 @@ def require_tensorboard() -> type:
 
 
 def tensorboard_writer(log_dir: str | Path, *, purge_step: int | None = None) -> Any:
-    """A ``SummaryWriter`` logging to ``log_dir``; ``purge_step`` drops events a killed run logged at or after
-    the step a resume starts from, so the curves do not double back."""
+    """A ``SummaryWriter`` logging to ``log_dir``; ``purge_step`` (the first step a resumed run logs) drops the
+    events a killed run logged from that step on, so the curves do not double back."""
     return require_tensorboard()(log_dir=str(log_dir), purge_step=purge_step)

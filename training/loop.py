@@ -345,7 +345,10 @@ class Trainer:
         """Train to the last step, or until step ``stop_after`` as if killed there (no extra checkpoint)."""
         checkpoint = self._start(resume=resume)
         if self.config.tensorboard_dir and self.env.is_main:
-            self._tensorboard = tensorboard_writer(self.config.tensorboard_dir, purge_step=self.step or None)
+            # a resumed run logs from step + 1 on (entries are numbered by steps done): what a killed run logged
+            # from there is dropped, what it logged up to the checkpoint stays
+            self._tensorboard = tensorboard_writer(self.config.tensorboard_dir,
+                                                   purge_step=self.step + 1 if self.step else None)
         try:
             checkpoint = self._run(checkpoint, stop_after=stop_after)
         finally:
