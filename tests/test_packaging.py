@@ -74,7 +74,8 @@ def test_default_bundle_prefers_the_environment_then_the_checkout(monkeypatch, t
     (installed / "bundle.json").unlink()
     with pytest.raises(weights.WeightsUnavailableError) as missing:
         weights.default_bundle()
-    assert "\n" not in str(missing.value) and "--weights" in str(missing.value) and "CAPDEMO_WEIGHTS" in str(missing.value)
+    message = str(missing.value)
+    assert "\n" not in message and "--weights" in message and "CAPDEMO_WEIGHTS" in message
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,8 @@ def _spec_text(bundle: Bundle, spec: Any) -> str:
 
 def _components_section(bundle: Bundle) -> list[str]:
     option_names = [field.name for field in fields(CaptionOptions)]
-    lines = ["## What is in this bundle", "", "| component | what it is | weights and settings |", "| --- | --- | --- |"]
+    lines = ["## What is in this bundle", "",
+             "| component | what it is | weights and settings |", "| --- | --- | --- |"]
     for name, config in bundle.components.items():
         facts = []
         if "model_name" in config:
