@@ -23,6 +23,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
+WEIGHTS_ENV = "CAPDEMO_WEIGHTS"  # environment variable naming the bundle to serve when none is given
+DEFAULT_BUNDLE = "shapes"  # the bundle that ships with capdemo: weights/shapes in the repository
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Where the default bundle is looked for, in order: the repository checkout this code runs from (also an
+# editable install), then the copy a wheel installs (pyproject.toml maps weights/ to capdemo/bundled_weights/).
+_DEFAULT_BUNDLE_DIRS = (_PACKAGE_DIR.parent / "weights" / DEFAULT_BUNDLE,
+                        _PACKAGE_DIR / "bundled_weights" / DEFAULT_BUNDLE)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
 # pickle protocols 2-5, and zip (torch.save's container)
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
@@ -60,6 +67,25 @@ class WeightSource:
         if not self.on_hub:
             return self.location
         return f"{HUB_PREFIX}{self.location}" + (f"@{self.revision}" if self.revision else "")
+
+
+def default_bundle() -> str:
+    """The bundle to serve when none is named: ``$CAPDEMO_WEIGHTS``, else the shipped ``weights/shapes``.
+
+    The shipped bundle is found in the repository checkout (running from it, or an editable install) and
+    else in the installed package (``pip install .`` copies it there). Raises WeightsUnavailableError, whose
+    one line names both fixes, when there is neither.
+    """
+    from capdemo.bundle import MANIFEST  # here: capdemo.bundle imports this module
+
+    if spec := os.environ.get(WEIGHTS_ENV, "").strip():
+        return spec
+    for folder in _DEFAULT_BUNDLE_DIRS:
+        if (folder / MANIFEST).is_file():
+            return str(folder)
+    raise WeightsUnavailableError(
+        f"no bundle to serve: the shipped weights/{DEFAULT_BUNDLE} is neither in a capdemo checkout nor in the "
+        f"installed package; pass --weights DIR|hf-hub:org/name@revision or set {WEIGHTS_ENV}")
 
 
 def check_not_pickle(path: Path) -> None:

@@ -3,7 +3,8 @@
 A method hands over a ``TrainTask`` (its model, a map-style dataset, a collate function and
 ``loss_fn(model, batch) -> scalar``) and ``train`` does the rest: AdamW with linear warmup then
 cosine decay, autocast on GPU (bf16, or fp16 with a GradScaler), gradient clipping and
-accumulation, data parallel training under ``torchrun``, a tqdm bar, a JSON history, and
+accumulation, data parallel training under ``torchrun``, a tqdm bar, a JSON history with its
+curves drawn beside it (``curves.html``; TensorBoard scalars too when ``tensorboard_dir`` is set), and
 checkpoints from which ``resume=True`` continues a killed run exactly.
 
 What a task can rely on, and what it must respect:
@@ -67,6 +68,7 @@ from training.checkpoints import (
     remove_stale_temp_files,
     write_json_atomically,
 )
+from training.curves import CURVES_FILE, require_tensorboard, tensorboard_writer, write_curves
 from training.data_order import DataOrder, StepRangeSampler, derive_seed
 from training.distributed import DEVICES, DistEnv, distributed_session
 
@@ -76,14 +78,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype per precision
 # Config fields that may differ between a run and its resume: none of them changes the weights.
 _RESUMABLE_CHANGES = frozenset(
-    {"out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "num_workers"})
+    {"out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "num_workers", "tensorboard_dir"})
+HISTORY_FILE = "history.json"  # the run's loss history in out_dir; CURVES_FILE draws it beside
 
 
 @dataclass
 class TrainConfig(Config):
     """How to optimise a task; the model's own settings live in the method's config."""
 
-    out_dir: str = "runs/train"  # checkpoints/ and history.json go here; resume reads from here
+    out_dir: str = "runs/train"  # checkpoints/, history.json and curves.html go here; resume reads from here
     seed: int = 0  # data order and per-step randomness are derived from it (model init is the task's)
     batch_size: int = 64  # global batch: samples per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per step on each rank; batch_size % (world_size * grad_accum) == 0
@@ -104,6 +107,7 @@ class TrainConfig(Config):
     eval_every: int = 0  # steps between TrainTask.evaluate calls; 0 = only after the last step
     num_workers: int = 0  # DataLoader worker processes per rank
     find_unused_parameters: bool = False  # DDP: set when some trainable parameters get no gradient in a step
+    tensorboard_dir: str | None = None  # also log loss, lr, grad norm, evaluations to TensorBoard here (rank 0)
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
@@ -264,6 +268,9 @@ class Trainer:
         self.evaluations: list[dict[str, float]] = []
         self._pending_loss = torch.zeros((), dtype=torch.float64, device=self.device)  # loss sum since last log
         self._pending_steps = 0
+        self._tensorboard: Any = None  # rank 0's SummaryWriter while fit runs, when config.tensorboard_dir is set
+        if config.tensorboard_dir:
+            require_tensorboard()  # every rank fails here, before any work, when tensorboard is missing
 
     def _adamw(self) -> torch.optim.AdamW:
         """AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
@@ -337,6 +344,23 @@ class Trainer:
     def fit(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Train to the last step, or until step ``stop_after`` as if killed there (no extra checkpoint)."""
         checkpoint = self._start(resume=resume)
+        if self.config.tensorboard_dir and self.env.is_main:
+            # a resumed run logs from step + 1 on (entries are numbered by steps done): what a killed run logged
+            # from there is dropped, what it logged up to the checkpoint stays
+            self._tensorboard = tensorboard_writer(self.config.tensorboard_dir,
+                                                   purge_step=self.step + 1 if self.step else None)
+        try:
+            checkpoint = self._run(checkpoint, stop_after=stop_after)
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
+        self._write_history(curves=True)
+        return TrainResult(step=self.step, finished=self.step == self.total_steps, history=list(self.history),
+                           evaluations=list(self.evaluations), checkpoint=checkpoint)
+
+    def _run(self, checkpoint: Path | None, *, stop_after: int | None) -> Path | None:
+        """The steps from the current one to the end (or ``stop_after``); returns the newest checkpoint."""
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         loader = DataLoader(
             self.task.dataset, collate_fn=self.task.collate_fn, num_workers=self.config.num_workers,
@@ -368,9 +392,7 @@ class Trainer:
                 checkpoint = self.save_checkpoint()
             bar.update(1)
         bar.close()
-        self._write_history()
-        return TrainResult(step=self.step, finished=self.step == self.total_steps, history=list(self.history),
-                           evaluations=list(self.evaluations), checkpoint=checkpoint)
+        return checkpoint
 
     def _start(self, *, resume: bool) -> Path | None:
         """Restore the newest checkpoint if asked to, and give every rank rank 0's trainable weights."""
@@ -399,6 +421,9 @@ class Trainer:
             raise FloatingPointError(f"the training loss is {entry['loss']} at step {self.step};"
                                      " lower lr or check the data")
         self.history.append(entry)
+        if self._tensorboard is not None:
+            for name in ("loss", "lr", "grad_norm"):
+                self._tensorboard.add_scalar(f"train/{name}", entry[name], self.step)
         self._pending_loss.zero_()
         self._pending_steps = 0
         if self.env.is_main:
@@ -426,12 +451,19 @@ class Trainer:
             metrics = {name: float(value) for name, value in self.task.evaluate(self.model).items()}
         self.model.train(was_training)
         self.evaluations.append({"step": self.step, **metrics})
+        if self._tensorboard is not None:
+            for name, value in metrics.items():
+                self._tensorboard.add_scalar(f"eval/{name}", value, self.step)
         log.info("step %d evaluation: %s", self.step, metrics)
 
-    def _write_history(self) -> None:
-        if self.env.is_main:
-            write_json_atomically(Path(self.config.out_dir) / "history.json",
-                                  {"train": self.history, "eval": self.evaluations})
+    def _write_history(self, *, curves: bool = False) -> None:
+        """history.json (rank 0); with ``curves`` also curves.html, drawn once a run ends (~0.2 s a page)."""
+        if not self.env.is_main:
+            return
+        out_dir = Path(self.config.out_dir)
+        write_json_atomically(out_dir / HISTORY_FILE, {"train": self.history, "eval": self.evaluations})
+        if curves:
+            write_curves(out_dir / CURVES_FILE, self.history, self.evaluations, title=f"{out_dir.name}: training")
 
     # ---- checkpoints
 
