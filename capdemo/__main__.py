@@ -1,4 +1,4 @@
-"""``python -m capdemo caption|vqa|info``: the library from the command line, JSON on request.
+"""``capdemo caption|vqa|info`` (or ``python -m capdemo``): the library from the command line, JSON on request.
 
 One bad image never stops a batch: it gets a one-line error on stderr, the others
 are captioned, and the exit code is 1 so scripts notice.
@@ -17,13 +17,12 @@ from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
-    from capdemo.pipeline import DEFAULT_WEIGHTS
-
-    parser = argparse.ArgumentParser(prog="python -m capdemo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="capdemo", description=__doc__.splitlines()[0] + " (also: python -m capdemo)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="bundle folder or hf-hub:org/name@revision")
+        p.add_argument("--weights", default=None, help="bundle folder or hf-hub:org/name@revision (default: "
+                                                       "$CAPDEMO_WEIGHTS, else the shipped weights/shapes)")
         p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
         p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
 
@@ -88,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from capdemo.images import ImageLoadError
     from capdemo.pipeline import Captioner
+    from capdemo.weights import default_bundle
 
     try:
         if args.command == "caption":
             settings_from_arguments(args, args.method)  # a flag of another method: refused before loading anything
-        captioner = Captioner.from_bundle(args.weights, device=args.device)
+        captioner = Captioner.from_bundle(args.weights or default_bundle(), device=args.device)
         if args.command == "info":
             print(json.dumps(captioner.info(), indent=2 if not args.json else None))
             return 0

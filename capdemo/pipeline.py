@@ -35,8 +35,6 @@ from capdemo.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = Path(os.environ.get("CAPDEMO_WEIGHTS") or REPO_ROOT / "weights" / "shapes")
 EXAMPLES_DIR = "examples"  # bundle folder of example images
 EXAMPLE_SUFFIXES = ("png", "jpg", "jpeg")
 ENCODE_CACHE_SIZE = 64  # images whose tower outputs are kept
@@ -258,4 +256,4 @@ class Captioner:
         }
 
 
-__all__ = ["Captioner", "DEFAULT_WEIGHTS", "Encoded", "default_device", "image_key"]
+__all__ = ["Captioner", "Encoded", "default_device", "image_key"]

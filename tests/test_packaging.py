@@ -151,10 +151,7 @@ def test_installed_package_runs_from_elsewhere_with_its_own_bundle(wheel, tmp_pa
         assert shown.returncode == 0 and "usage" in shown.stdout.lower(), shown.stderr
 
     example = sorted((SHAPES / "examples").glob("*.png"))[0]
-    # --weights: capdemo/__main__.py still takes its default from capdemo/pipeline.py's DEFAULT_WEIGHTS; once that
-    # is default_bundle() the flag can go, and this checks the default itself.
-    captioned = run(str(target / "bin" / "capdemo"), "caption", str(example), "--json", "--method", "tomcap",
-                    "--weights", bundle)
+    captioned = run(str(target / "bin" / "capdemo"), "caption", str(example), "--json", "--method", "tomcap")
     assert captioned.returncode == 0, captioned.stderr
     result = json.loads(captioned.stdout)
     assert result["image"] == str(example) and result["caption"].strip()

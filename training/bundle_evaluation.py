@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class EvaluationResult:
     metrics: dict[str, float]  # metric name -> value, named as the command reports them
     dataset_id: str | None = None  # Hugging Face dataset id, when the data has one
     command: str = ""  # the command line that reproduces the numbers
-    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))  # UTC day
+    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d"))  # UTC day
 
     def __post_init__(self) -> None:
         for name in ("method", "task", "dataset", "split"):
@@ -67,7 +67,7 @@ class EvaluationResult:
         return self.method, self.task, self.dataset, self.split
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EvaluationResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
         known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
         return cls(**{**known, "metrics": dict(known.get("metrics", {}))})
 

@@ -20,6 +20,7 @@ from capdemo.bundle import BundleWriter
 from capdemo.config import Config
 from capdemo.encoders import add_encoder_to_bundle
 from training.embed import add_corpus_arguments
+from training.curves import require_tensorboard
 from training.loop import PRECISIONS, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def add_optimisation(parser: argparse.ArgumentParser, defaults: OptimDefaults, *
                        help="steps between checkpoints")
     optim.add_argument(eval_flag, type=int, default=64, help=eval_help)
     optim.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    optim.add_argument("--tensorboard", default=None, metavar="DIR",
+                       help="also log the scalars to TensorBoard here (needs `pip install capdemo[tensorboard]`)")
     optim.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
     optim.add_argument("--stop-after", type=int, default=None, help="stop after this many steps as if killed (tests)")
 
@@ -115,12 +118,15 @@ def run_dir_of(args: argparse.Namespace) -> str:
 
 
 def train_config_from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """The loop's config from the optimisation flags; a missing tensorboard is a one-line error now, not later."""
+    if args.tensorboard:
+        require_tensorboard()
     return TrainConfig(
         out_dir=run_dir_of(args), seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum,
         epochs=args.epochs, max_steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
         precision=args.precision, device=args.device, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, num_workers=args.num_workers,
+        eval_every=args.eval_every, num_workers=args.num_workers, tensorboard_dir=args.tensorboard,
     )
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from capdemo.bundle import MANIFEST, Bundle, IN_BUNDLE_PREFIX
 from capdemo.fileio import atomic_output
-from capdemo.options import CaptionOptions
+from capdemo import methods as registry
 from training.bundle_evaluation import EvaluationResult, read_evaluation
 
 CARD_FILE = "README.md"  # the Hub shows a repository's README.md as its model card
@@ -27,22 +26,14 @@ TRAINING_RECORD = "training.json"  # each method's trainer writes <component>/tr
 BASE_TAGS = ("capdemo", "image-captioning", "text-only-training", "zero-shot", "clip", "safetensors")
 SERVE_PLACEHOLDER = "<org>/<name>"  # the repo id in serving commands when the card is not for a known repo
 
-# What each component is, in a sentence; components not listed here are named with their settings only.
+# What each component that is not a captioning method is, in a sentence (a method's role is its registry entry's
+# label and citation); components not listed here are named with their settings only.
 COMPONENT_ROLES = {
     "encoder": "CLIP image and text encoder. Its text side embeds the training captions, the datastore and the "
                "caption candidates; its image side reads the picture at inference.",
-    "maccap": "MacCap (Qiu et al., *Mining Fine-Grained Image-Text Alignment for Zero-Shot Captioning via Text-Only "
-              "Training*, AAAI 2024): an adaptor that turns a noise-injected CLIP embedding into a prefix for a "
-              "language model, trained on captions only; at inference it reads CLIP sub-region features, samples "
-              "S noisy prefixes and keeps the candidate CLIP scores highest against the image.",
-    "tomcap": "TOMCap (*Text-Only Training for Image Captioning with Retrieval Augmentation and Modality Gap "
-              "Correction*, CVPR 2026): a language model with cross-attention to a gap-corrected CLIP embedding "
-              "and LoRA adapters, prompted with the K captions retrieved from a caption datastore; trained on "
-              "captions only.",
     "vqa": "Zero-shot visual question answering: a vocabulary of candidate answers and their CLIP text embeddings.",
 }
-COMPONENT_TAGS = {"maccap": ("maccap",), "tomcap": ("tomcap", "retrieval-augmented"),
-                  "vqa": ("visual-question-answering",)}
+COMPONENT_TAGS = {"vqa": ("visual-question-answering",)}  # besides each method's name
 # Hub metric ids (https://huggingface.co/metrics) of the metric names capdemo's evaluations report.
 HUB_METRIC_IDS = {
     "Bleu_1": "bleu", "Bleu_2": "bleu", "Bleu_3": "bleu", "Bleu_4": "bleu", "bleu4": "bleu",
@@ -72,7 +63,8 @@ def _front_matter(bundle: Bundle, evaluation: Sequence[EvaluationResult], *, lic
     from huggingface_hub import ModelCardData
 
     world = bundle.manifest.get("world", "real")
-    tags = list(BASE_TAGS) + [tag for name in bundle.components for tag in COMPONENT_TAGS.get(name, ())]
+    tags = list(BASE_TAGS) + [tag for name in bundle.components
+                              for tag in COMPONENT_TAGS.get(name, (name,) if name in registry.names() else ())]
     if world != "real":
         tags += [world, "synthetic-data"]
     known_datasets = [*datasets, *bundle.manifest.get("datasets", []),
@@ -92,8 +84,14 @@ def _spec_text(bundle: Bundle, spec: Any) -> str:
     return f"`{spec}`"
 
 
+def _role(name: str) -> str:
+    if name in registry.names():
+        method = registry.get(name)
+        return f"{method.label}: {method.citation}."
+    return COMPONENT_ROLES.get(name, "component of this bundle")
+
+
 def _components_section(bundle: Bundle) -> list[str]:
-    option_names = [field.name for field in fields(CaptionOptions)]
     lines = ["## What is in this bundle", "",
              "| component | what it is | weights and settings |", "| --- | --- | --- |"]
     for name, config in bundle.components.items():
@@ -105,10 +103,11 @@ def _components_section(bundle: Bundle) -> list[str]:
             facts.append(f"language model {_spec_text(bundle, config['lm'])}")
         if "count" in config:
             facts.append(f"{config['count']} answers")
-        defaults = [f"{option}={config[option]}" for option in option_names if config.get(option) is not None]
+        settings = registry.get(name).Options.settings() if name in registry.names() else []
+        defaults = [f"{item.name}={config[item.name]}" for item in settings if config.get(item.name) is not None]
         if defaults:
             facts.append("inference defaults " + ", ".join(defaults))
-        lines.append(f"| `{name}` | {COMPONENT_ROLES.get(name, 'component of this bundle')} | {'; '.join(facts)} |")
+        lines.append(f"| `{name}` | {_role(name)} | {'; '.join(facts)} |")
     lines += ["", f"Every hyperparameter needed to rebuild each component is in `{MANIFEST}`."]
     return lines
 

@@ -19,7 +19,7 @@ def _record(line: str) -> None:
         log.write(line + "\n")
 
 
-def GPU(fn: Callable[..., Any] | None = None, **settings: Any) -> Any:  # noqa: N802  (the real package's name)
+def GPU(fn: Callable[..., Any] | None = None, **settings: Any) -> Any:
     """``fn`` wrapped so that its calls are recorded; with only settings, a decorator that does that."""
     if fn is None:
         return lambda inner: GPU(inner, **settings)
