@@ -197,7 +197,7 @@ def test_index_command_end_to_end_with_a_tiny_clip(tmp_path):
     corpus_file.write_text("\n".join(CORPUS[:30] + [CORPUS[0], "   ", too_long]))
     out = tmp_path / "store"
     argv = ["--corpus", str(corpus_file), "--encoder", str(config_file), "--out", str(out), "--device", "cpu",
-            "--max-words", "15"]  # a datastore keeps every caption by default; MacCap's filter asked for here
+            "--max-words", "15", "--dedupe"]  # a datastore keeps every caption by default; filter and dedupe asked
     assert index.main([*argv, "--shard-size", "8"]) == 0
     store = CaptionDatastore.load(out)
     assert len(store) == 30 and list(store.captions) == CORPUS[:30]  # blank, repeated and >15-word lines dropped
@@ -209,7 +209,7 @@ def test_index_command_end_to_end_with_a_tiny_clip(tmp_path):
 
 
 def test_caption_length_filter_defaults_per_command():
-    """MacCap's reference drops captions over 15 words; a datastore, its gap statistics and TOMCap keep them all."""
+    """The MacCap paper drops captions over 15 words; a datastore, its gap statistics and TOMCap keep them all."""
     from training import gapstats, index, maccap, tomcap
 
     required = ["--corpus", "c.txt", "--encoder", "ViT-B-32", "--out", "o", "--images", "i", "--datastore", "d"]

@@ -3,6 +3,10 @@
     python -m training caption-split --weights weights/maccap-coco --method maccap \
         --split dataset_coco.json --images COCO/ --subset test --out results/maccap-coco-test.jsonl
 
+``--split`` is a Karpathy split file in either layout: Karpathy's original
+``dataset_coco.json`` / ``dataset_flickr30k.json`` or a MAGIC-format list
+(``mscoco_test.json``); ``--subset`` names the split(s) to caption.
+
 This is how the papers' tables are reproduced (MacCap: COCO and Flickr30k
 Karpathy test splits, 5000 / 1000 images; TOMCap: the same with its bundle):
 every image of the subset is captioned by the app's own code path
@@ -31,23 +35,27 @@ from capdemo.config import differing_keys
 from capdemo.images import ImageLoadError, load_image
 from capdemo.options import METHODS, CaptionOptions, positive_int
 from capdemo.fileio import atomic_output
-from training.datasets import DataFormatError, ImageId, SplitImage, load_karpathy_split, references_from_split
+from training.datasets import (DataFormatError, ImageId, SplitImage, load_karpathy_split, parse_split_names,
+                               references_from_split, select_splits)
 from training.evaluate import (CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions,
                                load_predictions)
 
 
 def select_subset(items: Sequence[SplitImage], subset: str | None, limit: int | None) -> list[SplitImage]:
-    """The split's images of ``subset`` ("test", ...; None: all), the first ``limit`` of them."""
-    chosen = [item for item in items if subset is None or item.split == subset]
-    if not chosen:
-        found = sorted({item.split for item in items})
-        raise DataFormatError(f"no image of split {subset!r} in the file (splits present: {found})")
+    """The split's images of ``subset`` ("test", "val+test", ...; None: all), the first ``limit`` of them."""
+    chosen = select_splits(items, None if subset is None else parse_split_names(subset))
     return chosen[:limit] if limit else chosen
 
 
 def find_images(items: Sequence[SplitImage], root: Path) -> dict[str, Path]:
-    """``image_name -> file`` under ``root`` (directly, or in any sub-folder such as COCO's val2014/)."""
-    found = {item.image_name: root / item.image_name for item in items if (root / item.image_name).is_file()}
+    """``image_name -> file`` under ``root``: in the folder the split names (COCO's val2014/), directly, or in any
+    sub-folder."""
+    found = {}
+    for item in items:
+        for candidate in (root / item.folder / item.image_name, root / item.image_name):
+            if candidate.is_file():
+                found[item.image_name] = candidate
+                break
     if len(found) < len(items):
         wanted = {item.image_name for item in items} - set(found)
         for path in root.rglob("*"):
@@ -119,19 +127,22 @@ def caption_split(captioner, items: Sequence[SplitImage], files: dict[str, Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training caption-split", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training caption-split", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", required=True, help="bundle folder or hf-hub:org/name@revision")
     parser.add_argument("--method", choices=METHODS, required=True, help="captioning method")
-    parser.add_argument("--split", required=True, type=Path, help="Karpathy split file [{image_name, captions, split}]")
+    parser.add_argument("--split", required=True, type=Path,
+                        help="Karpathy split file: dataset_coco.json / dataset_flickr30k.json or a MAGIC-format list")
     parser.add_argument("--images", required=True, type=Path, help="folder holding the split's image files")
-    parser.add_argument("--subset", default="test", help="which split to caption ('all': every image)")
+    parser.add_argument("--subset", default="test",
+                        help="which split(s) to caption, joined by '+' ('all': every image of the file)")
     parser.add_argument("--out", required=True, type=Path, help="JSON lines of captions (appended; resumable)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (a quick check)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per captioning call")
-    parser.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (bundle default)")
-    parser.add_argument("--beams", type=int, default=None, help="beam width (bundle default)")
+    parser.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (None: the bundle's)")
+    parser.add_argument("--beams", type=int, default=None, help="beam width (None: the bundle's)")
     parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS))
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     try:

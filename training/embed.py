@@ -277,7 +277,7 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         help="CLIP to embed with: MODEL[/PRETRAINED] as in `ViT-B-32/openai`, or a JSON file of an EncoderConfig",
     )
     parser.add_argument(
-        "--device", default=None, help="torch device for the encoder (default: cuda when available, else cpu)"
+        "--device", default=None, help="torch device for the encoder (None: cuda when available, else cpu)"
     )
 
 
@@ -291,33 +291,48 @@ def encoder_from_arguments(args: argparse.Namespace) -> Any:
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser, *, max_words: int | None = None) -> None:
-    """--corpus / --max-words, shared by the commands that read a caption corpus.
+    """--corpus / --corpus-split / --max-words / --dedupe, shared by every command that reads a caption corpus.
 
-    ``max_words`` is the command's default filter: MacCap's reference code drops captions over
-    15 words; a retrieval datastore and TOMCap keep every caption (SmallCap: up to 25 tokens).
+    ``max_words`` is the command's default length filter: the MacCap paper (§5.1) drops sentences of more than
+    15 words; a retrieval datastore, its statistics and TOMCap keep every caption (SmallCap: up to 25 tokens).
     """
     from training.datasets import MACCAP_MAX_CAPTION_WORDS
 
     default = MACCAP_MAX_CAPTION_WORDS if max_words is None else max_words
     parser.add_argument(
-        "--corpus", required=True, help="caption corpus: one caption per line, or a JSON list of strings"
+        "--corpus",
+        required=True,
+        help="caption corpus: a text file (one caption per line), a JSON list of strings, or a Karpathy split file "
+        "(dataset_coco.json / dataset_flickr30k.json, or a MAGIC-format list) with --corpus-split",
     )
     parser.add_argument(
-        "--max-words",
-        type=int,
-        default=default,
-        help=f"drop captions longer than this many words (0: keep all; default {default or 'keep all'})",
+        "--corpus-split",
+        default=None,
+        metavar="NAMES",
+        help="with a Karpathy split file: the splits whose captions form the corpus, joined by '+' "
+        "(e.g. train+restval for COCO, train for Flickr30k)",
+    )
+    parser.add_argument(
+        "--max-words", type=int, default=default, help="drop captions longer than this many words (0: keep all)"
+    )
+    parser.add_argument(
+        "--dedupe",
+        action="store_true",
+        help="keep only the first of repeated captions (the MacCap paper trains on every sentence, repeats included)",
     )
 
 
 def corpus_from_arguments(args: argparse.Namespace) -> list[str]:
-    from training.datasets import load_caption_corpus
+    """The caption list the corpus flags of ``add_corpus_arguments`` describe."""
+    from training.datasets import load_caption_corpus, parse_split_names
 
-    return load_caption_corpus(args.corpus, max_words=args.max_words or None)
+    splits = parse_split_names(args.corpus_split) if args.corpus_split else None
+    return load_caption_corpus(args.corpus, splits=splits, max_words=args.max_words or None, dedupe=args.dedupe)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training embed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training embed", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_corpus_arguments(parser)
     add_encoder_arguments(parser)
     parser.add_argument("--out", required=True, help="cache folder (created; an interrupted run here is resumed)")

@@ -69,7 +69,8 @@ def build_datastore(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training index", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training index", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_corpus_arguments(parser, max_words=0)  # a datastore / its statistics keep every caption
     add_encoder_arguments(parser)
     parser.add_argument(
@@ -81,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "flat", "ivfpq", "hnsw_sq"],
         help="faiss index: exact flat, compressed IVF-PQ, HNSW over 8-bit codes; auto = flat below 200k captions",
     )
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 * sqrt(N))")
-    parser.add_argument("--pq-m", type=int, default=None, help="PQ bytes per caption (default: embedding dim / 8)")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (None: 4 * sqrt(N))")
+    parser.add_argument("--pq-m", type=int, default=None, help="PQ bytes per caption (None: embedding dim / 8)")
     parser.add_argument(
-        "--nprobe", type=int, default=None, help="IVF lists searched per query (default: nlist / 16, within 16..256)"
+        "--nprobe", type=int, default=None, help="IVF lists searched per query (None: nlist / 16, within 16..256)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the index training sample and k-means")
-    parser.add_argument("--embeddings", default=None, help="embedding cache folder (default: OUT.embeddings)")
+    parser.add_argument("--embeddings", default=None, help="embedding cache folder (None: OUT.embeddings)")
     parser.add_argument(
         "--overwrite-embeddings", action="store_true", help="replace a cache made for another corpus or encoder"
     )
