@@ -67,8 +67,9 @@ def find_images(items: Sequence[SplitImage], root: Path) -> dict[str, Path]:
     return found
 
 
-def done_ids(out: Path) -> set[ImageId]:
-    """Image ids already captioned in ``out``; a last line cut short by a kill is removed from the file."""
+def done_ids(out: Path, *, key: str = "image_id") -> set[ImageId]:
+    """The ``key`` values (image ids) of the records already in ``out``; a last line cut short by a kill is
+    removed from the file."""
     if not out.is_file():
         return set()
     lines = out.read_text().splitlines(keepends=True)
@@ -80,7 +81,7 @@ def done_ids(out: Path) -> set[ImageId]:
             break  # only the last line can be partial (lines are flushed one batch at a time)
         if not line.endswith("\n"):
             break
-        done.add(record["image_id"])
+        done.add(record[key])
         keep.append(line)
     if len(keep) < len(lines):
         with atomic_output(out) as tmp:
@@ -100,7 +101,7 @@ def check_run_record(out: Path, record: dict) -> None:
         saved = json.loads(path.read_text())
         changed = differing_keys(saved, record)
         if changed:
-            raise ValueError(f"{out} holds captions of another run ({', '.join(changed)} differ); "
+            raise ValueError(f"{out} holds results of another run ({', '.join(changed)} differ); "
                              "use another --out, or delete it to start over")
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
