@@ -22,8 +22,16 @@ from tests.ddp_worker import toy_task, trainable_state
 from training.checkpoints import CheckpointError, checkpoint_paths, latest_checkpoint, load_checkpoint
 from training.data_order import DataOrder
 from training.distributed import DistEnv
-from training.loop import (TrainConfig, Trainer, TrainTask, clip_and_step, effective_warmup, lr_at, resolve_precision,
-                           train)
+from training.loop import (
+    TrainConfig,
+    Trainer,
+    TrainTask,
+    clip_and_step,
+    effective_warmup,
+    lr_at,
+    resolve_precision,
+    train,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = DistEnv(rank=0, world_size=1, device=torch.device("cpu"))

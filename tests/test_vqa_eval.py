@@ -49,9 +49,8 @@ STUB_ROWS = [
 class StubAnswerer:
     """Known rankings per question; records the caption each call was given."""
 
-    identity = {"stub": 1}
-
     def __init__(self):
+        self.identity = {"stub": 1}
         self.calls: list[tuple[str, str | None]] = []
 
     def answer(self, image, question, *, top_k, caption):

@@ -127,7 +127,7 @@ def caption_split(captioner, items: Sequence[SplitImage], files: dict[str, Path]
     return len(todo)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training caption-split", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", required=True, help="bundle folder or hf-hub:org/name@revision")
@@ -142,10 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per captioning call")
     parser.add_argument("--samples", type=int, default=None, help="MacCap noisy samples S (None: the bundle's)")
     parser.add_argument("--beams", type=int, default=None, help="beam width (None: the bundle's)")
-    parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS))
+    parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS),
+                        help="caption scorers to run")
     parser.add_argument("--device", default=None, help="torch device (None: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         items = select_subset(load_karpathy_split(args.split), None if args.subset == "all" else args.subset,
                               args.limit)
