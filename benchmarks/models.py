@@ -29,7 +29,7 @@ from capdemo.methods.tomcap.model import TOMCap, TOMCapConfig
 SHAPES_BUNDLE = Path(__file__).resolve().parents[1] / "weights" / "shapes"  # the bundle the app ships
 REAL_CLIP = "ViT-B-32"  # the papers' CLIP architecture (open_clip name), random weights
 REAL_IMAGE_SIZE = 224  # ViT-B/32 input resolution
-TINY_IMAGE_SIZE = 32  # tests/tiny_models.py's CLIP input resolution
+TINY_IMAGE_SIZE = 32  # capdemo.testing's tiny CLIP input resolution
 UNKNOWN_TOKEN = "<unk>"  # id 0 of the synthetic tokenizer: prompt words outside the w<i> vocabulary
 CAPTION_WORDS = 10  # words per synthetic datastore caption (COCO captions average ~10.5)
 TINY_CAPTION_WORDS = 4  # the tiny GPT-2 has 128 positions: its prompts hold shorter captions

@@ -277,7 +277,7 @@ def run(*, quick: bool = False, tiny: bool = False, device: str = "cpu", dtype: 
             cached, on_the_fly = (methods[method][v]["captions_per_s"] for v in VARIANTS)
             methods[method]["cached_speedup"] = round(cached / on_the_fly, 3)
     figures = {
-        "models": "tiny (tests/tiny_bundle configs)" if plan.tiny_models else "random ViT-B-32 + gpt2",
+        "models": "tiny (capdemo.testing configs)" if plan.tiny_models else "random ViT-B-32 + gpt2",
         "batch_size": plan.batch_size,
         "measured_steps": plan.measured_steps,
         "corpus_captions": len(setup.captions),

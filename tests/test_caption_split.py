@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from capdemo.pipeline import REPO_ROOT, Captioner
+from capdemo.pipeline import Captioner
 from training import caption_split
 from training.evaluate import evaluate_captions, load_predictions
 from training.shapes import world
@@ -14,7 +15,7 @@ from training.shapes.language import captions
 
 N_TEST, N_TRAIN = 6, 2
 METRICS = ["Bleu", "CIDEr"]
-SHAPES_BUNDLE = REPO_ROOT / "weights" / "shapes"  # the shipped bundle, whatever CAPDEMO_WEIGHTS says
+SHAPES_BUNDLE = Path(__file__).resolve().parents[1] / "weights" / "shapes"  # the shipped one, whatever the env says
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,20 @@ def test_a_resume_with_other_settings_is_refused(split, tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' loading bars)
     assert error.startswith("error: ") and "(options differ)" in error
     assert out.read_text() == before  # nothing appended from the other run
+
+
+def test_karpathy_original_layout_gives_the_same_captions(split, tmp_path, capsys):
+    """The same images as Karpathy's dataset_coco.json layout (filepath + filename, sentences with raw text)."""
+    magic = json.loads((split / "split.json").read_text())
+    original = {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": r["image_name"], "split": r["split"], "cocoid": 1000 + i, "imgid": i,
+         "sentences": [{"raw": c, "tokens": c.split()} for c in r["captions"]]} for i, r in enumerate(magic)]}
+    (split / "dataset_coco.json").write_text(json.dumps(original))
+    out_magic, out_original = tmp_path / "magic.jsonl", tmp_path / "original.jsonl"
+    assert caption_split.main(_argv(split, out_magic)) == 0
+    report_magic = json.loads(capsys.readouterr().out)
+    argv = _argv(split, out_original)
+    argv[argv.index("--split") + 1] = str(split / "dataset_coco.json")
+    assert caption_split.main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == report_magic
+    assert out_original.read_text() == out_magic.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -197,7 +198,7 @@ def test_index_command_end_to_end_with_a_tiny_clip(tmp_path):
     corpus_file.write_text("\n".join(CORPUS[:30] + [CORPUS[0], "   ", too_long]))
     out = tmp_path / "store"
     argv = ["--corpus", str(corpus_file), "--encoder", str(config_file), "--out", str(out), "--device", "cpu",
-            "--max-words", "15"]  # a datastore keeps every caption by default; MacCap's filter asked for here
+            "--max-words", "15", "--dedupe"]  # a datastore keeps every caption by default; filter and dedupe asked
     assert index.main([*argv, "--shard-size", "8"]) == 0
     store = CaptionDatastore.load(out)
     assert len(store) == 30 and list(store.captions) == CORPUS[:30]  # blank, repeated and >15-word lines dropped
@@ -209,10 +210,58 @@ def test_index_command_end_to_end_with_a_tiny_clip(tmp_path):
 
 
 def test_caption_length_filter_defaults_per_command():
-    """MacCap's reference drops captions over 15 words; a datastore, its gap statistics and TOMCap keep them all."""
+    """The MacCap paper drops captions over 15 words; a datastore, its gap statistics and TOMCap keep them all."""
     from training import gapstats, index, maccap, tomcap
 
     required = ["--corpus", "c.txt", "--encoder", "ViT-B-32", "--out", "o", "--images", "i", "--datastore", "d"]
     defaults = {name: module.build_parser().parse_known_args(required)[0].max_words
                 for name, module in (("index", index), ("gapstats", gapstats), ("maccap", maccap), ("tomcap", tomcap))}
     assert defaults == {"index": 0, "gapstats": 0, "maccap": 15, "tomcap": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Split across ranks (torchrun)
+
+
+def test_ranks_split_the_shards_and_rank_0_completes_the_cache(tmp_path, uninterrupted):
+    """Two ranks (threads here, processes below) embed shards 0,2,4,6 and 1,3,5: together what one process writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    embedders = [CountingEmbedder(), CountingEmbedder()]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(embed_corpus, CORPUS, embedders[rank], tmp_path, **RUN, rank=rank, world_size=2)
+                   for rank in (1, 0)]  # rank 1 first: it must wait for rank 0's manifest
+        rank1, rank0 = (future.result(timeout=120) for future in futures)
+    assert rank1 is None and rank0.count == 100
+    # rank 0: shards 0, 2, 4 and the 4-caption shard 6; rank 1: shards 1, 3, 5
+    assert [e.captions for e in embedders] == [3 * SHARD_SIZE + (100 - 6 * SHARD_SIZE), 3 * SHARD_SIZE]
+    assert _files(tmp_path) == _files(default_embeddings_dir(uninterrupted))  # byte-identical to one process
+    with pytest.raises(ValueError, match="rank 2 is not a rank of a world of 2"):
+        embed_corpus(CORPUS, CountingEmbedder(), tmp_path, **RUN, rank=2, world_size=2)
+
+
+def test_torchrun_two_processes_build_the_same_datastore_as_one(tmp_path, tiny_encoder):
+    """`torchrun --standalone --nproc-per-node 2 -m training index` on CPU: both ranks embed, rank 0 indexes."""
+    from safetensors.torch import save_file
+
+    from capdemo.testing import tiny_encoder_config
+
+    save_file(tiny_encoder.model.state_dict(), tmp_path / "clip.safetensors")  # the same weights in every process
+    tiny_encoder_config(pretrained=str(tmp_path / "clip.safetensors")).save_json(tmp_path / "encoder.json")
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAPDEMO_DEBUG": "1"}
+
+    def index(out: str, *launcher: str) -> subprocess.CompletedProcess:
+        argv = [*launcher, "-m", "training", "index", "--corpus", str(tmp_path / "corpus.txt"), "--encoder",
+                str(tmp_path / "encoder.json"), "--out", str(tmp_path / out), "--device", "cpu", "--shard-size", "16"]
+        return subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    single = index("single", sys.executable)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    pair = index("pair", *torchrun)
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    printed = [json.loads(line) for line in pair.stdout.splitlines() if line.startswith("{")]
+    assert sorted(p.get("rank", 0) for p in printed) == [0, 1] and any(p.get("count") == 100 for p in printed)
+    assert _files(tmp_path / "pair") == _files(tmp_path / "single")  # index, captions, metadata
+    assert _files(tmp_path / "pair.embeddings") == _files(tmp_path / "single.embeddings")  # 7 shards + manifest

@@ -235,16 +235,18 @@ def test_split_loader_errors_name_the_record(tmp_path):
         references_from_split(twice)
 
 
-def test_caption_corpus_filters_long_captions_and_duplicates(tmp_path):
+def test_caption_corpus_filters_long_captions_and_dedupes_only_when_asked(tmp_path):
     fifteen = " ".join(["word"] * 15)
     sixteen = " ".join(["word"] * 16)
     lines = ["  A dog  runs. ", "", fifteen, sixteen, "A dog runs.", "a dog runs.", "   "]
     text_file = tmp_path / "corpus.txt"
     text_file.write_text("\n".join(lines) + "\n")
-    expected = ["A dog runs.", fifteen, "a dog runs."]
+    expected = ["A dog runs.", fifteen, "A dog runs.", "a dog runs."]  # the paper keeps repeats
     assert load_caption_corpus(text_file) == expected
-    assert load_caption_corpus(text_file, max_words=None) == ["A dog runs.", fifteen, sixteen, "a dog runs."]
-    assert load_caption_corpus(text_file, max_words=3) == ["A dog runs.", "a dog runs."]
+    assert load_caption_corpus(text_file, dedupe=True) == ["A dog runs.", fifteen, "a dog runs."]
+    assert load_caption_corpus(text_file, max_words=None, dedupe=True) == ["A dog runs.", fifteen, sixteen,
+                                                                           "a dog runs."]
+    assert load_caption_corpus(text_file, max_words=3) == ["A dog runs.", "A dog runs.", "a dog runs."]
     json_file = tmp_path / "corpus.json.gz"
     json_file.write_bytes(gzip.compress(json.dumps(lines).encode()))
     assert load_caption_corpus(json_file) == expected
@@ -254,9 +256,9 @@ def test_caption_corpus_filters_long_captions_and_duplicates(tmp_path):
     ("content", "message"),
     [
         ('["a dog",\n "a cat"\n', r"corpus.json:3:1: invalid JSON"),
-        ('{"captions": ["a dog"]}', r"corpus.json: expected a JSON list of caption strings, got dict"),
+        ('{"captions": ["a dog"]}', r"corpus.json: expected a JSON list of caption strings or a Karpathy split"),
         ('["a dog", 3]', r"corpus.json item 1: expected a caption string, got int"),
-        ('[{"image_name": "a.jpg", "captions": ["a dog"]}]', r"item 0: a split record.*load_karpathy_split"),
+        ('[{"image_name": "a.jpg", "captions": ["a dog"]}]', r"corpus.json is a Karpathy split file.*--corpus-split"),
     ],
 )
 def test_malformed_caption_corpus_raises_one_line_error(tmp_path, content, message):
@@ -363,3 +365,37 @@ def test_cli_table_and_errors(data_dir, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {broken}:1: no string 'caption'")
     table = evaluate.EvaluationReport(task="captions", num_scored=2, metrics={"Bleu_1": 0.5, "CIDEr": 1.23456})
     assert table.to_table() == "captions: 2 images scored\nBleu_1  0.5000\nCIDEr   1.2346"
+
+
+def test_only_referenced_scores_the_referenced_predictions_and_says_how_many_were_left_out(tmp_path, capsys):
+    predictions = write_jsonl(tmp_path / "vqa.jsonl", [
+        {"question_id": 11, "answers_ranked": ["red"]},
+        {"question_id": 12, "answers_ranked": ["blue", "2"]},
+        {"question_id": 99, "answers_ranked": ["yes"]},  # no reference: refused without the flag
+    ])
+    references = tmp_path / "answers.json"
+    references.write_text(json.dumps([{"question_id": 11, "answers": ["red"]}, {"question_id": 12, "answers": ["2"]}]))
+    argv = ["--vqa", "--predictions", str(predictions), "--references", str(references), "--json"]
+    assert main(argv) == 1
+    assert "1 predicted question(s) have no references, e.g. 99" in capsys.readouterr().err
+    assert main([*argv, "--only-referenced"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["num_scored"] == 2 and report["metrics"]["top1"] == 0.5 and report["metrics"]["top5"] == 1.0
+    assert err == "left out 1 of 3 predicted questions that have no references\n"
+    assert report["notes"] == ["left out 1 of 3 predicted questions that have no references"]
+
+
+def test_only_referenced_captions_against_a_karpathy_original_file(data_dir, tmp_path, capsys):
+    """Captions of the whole tiny split scored against Karpathy's original file: every image has references there."""
+    split = data_dir / "karpathy" / "dataset_coco_tiny.json"
+    lines = [{"image_id": i, "caption": "a dog and a cat on a bed"} for i in (74, 73)] + [
+        {"image_id": 5, "caption": "not in the split"}]
+    path = write_jsonl(tmp_path / "captions.jsonl", lines)
+    argv = ["--predictions", str(path), "--references", str(split), "--json", "--metrics", "Bleu", "--only-referenced"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["num_scored"] == 2
+    assert err.splitlines()[0] == "left out 1 of 3 predicted images that have no references"
+    assert "3 of 5 reference images have no prediction" in err

@@ -22,7 +22,16 @@ from tests.ddp_worker import toy_task, trainable_state
 from training.checkpoints import CheckpointError, checkpoint_paths, latest_checkpoint, load_checkpoint
 from training.data_order import DataOrder
 from training.distributed import DistEnv
-from training.loop import TrainConfig, Trainer, TrainTask, clip_and_step, lr_at, resolve_precision, train
+from training.loop import (
+    TrainConfig,
+    Trainer,
+    TrainTask,
+    clip_and_step,
+    effective_warmup,
+    lr_at,
+    resolve_precision,
+    train,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = DistEnv(rank=0, world_size=1, device=torch.device("cpu"))
@@ -68,6 +77,29 @@ def assert_same_run(task, result, reference) -> None:
 
 
 # ----------------------------------------------------------------------------- pure parts
+
+
+def test_effective_warmup_is_at_most_a_tenth_of_the_run():
+    assert effective_warmup(200, 10_000) == 200
+    assert effective_warmup(200, 1_500) == 150
+    assert effective_warmup(200, 120) == 12
+    assert effective_warmup(5, 9) == 0  # under 10 steps: no warm-up
+    assert effective_warmup(0, 100) == 0
+    with pytest.raises(ValueError, match="total_steps >= 1"):
+        effective_warmup(10, 0)
+
+
+def test_a_warmup_over_a_tenth_of_the_run_is_warned_about_once_and_kept(caplog):
+    caplog.set_level("WARNING", logger="training.loop")
+    env = DistEnv(rank=0, world_size=1, device=torch.device("cpu"))
+    Trainer(toy_task(), TrainConfig(batch_size=8, max_steps=20, warmup_steps=2), env=env)
+    assert not caplog.records  # 2 of 20 steps: exactly a tenth
+    trainer = Trainer(toy_task(), TrainConfig(batch_size=8, max_steps=20, warmup_steps=3), env=env)
+    assert [r.getMessage() for r in caplog.records] == [
+        "warm-up of 3 steps is over a tenth of this 20-step run (at most 2 advised)"]
+    trainer.accumulate_gradients(0)
+    lr, _ = trainer.apply_gradients(0)
+    assert lr == pytest.approx(trainer.config.lr / 3)  # the loop keeps the warm-up it was given
 
 
 def test_lr_schedule_matches_hand_computed_values():

@@ -102,6 +102,8 @@ def test_wheel_holds_the_code_the_data_and_the_shapes_bundle(wheel):
                 for path in (ROOT / top).rglob("*.py") if "__pycache__" not in path.parts}
         assert code <= names
         assert {"training/data/openvqa_answer_dict.json", "training/data/README.md"} <= names
+        recipes = {path.relative_to(ROOT).as_posix() for path in (ROOT / "training" / "recipes").glob("*.toml")}
+        assert recipes and recipes <= names  # `reproduce` reads them from the installed package
         assert not {name for name in names if name.split("/")[0] in ("tests", "weights", "benchmarks")}
 
         manifest = json.loads(archive.read(f"{INSTALLED_BUNDLE}/bundle.json"))

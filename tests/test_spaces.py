@@ -30,7 +30,7 @@ from tests.app_server import free_port
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_SPACES = ROOT / "tests" / "fake_spaces"
 STARTUP_TIMEOUT_S = 240  # a cold start of the shapes bundle takes ~10-30 s on 2 shared cores
-GPU_EVENTS = {"caption_event", "vqa_event", "embedding_event", "batch_event"}  # the model-calling events
+GPU_EVENTS = {"caption", "vqa", "embedding", "batch"}  # the model-calling events
 
 
 def front_matter() -> dict:
@@ -116,7 +116,7 @@ def test_app_starts_as_a_zerogpu_space_starts_it(tmp_path):
                                                         api_name="/vqa")
         assert isinstance(answer, str) and answer
         called = [line.split()[1] for line in gpu_log.read_text().splitlines() if line.startswith("called ")]
-        assert [name.rsplit(".", 1)[-1] for name in called] == ["vqa_event"]  # served through spaces.GPU
+        assert [name.rsplit(".", 1)[-1] for name in called] == ["vqa"]  # served through spaces.GPU
     finally:
         process.terminate()
         try:

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "capdec": ("training.capdec", "train CapDec text-only and write a bundle"),
     "evaluate": ("training.evaluate", "caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) and VQA accuracy"),
     "caption-split": ("training.caption_split", "caption a Karpathy split with a bundle and score it (paper tables)"),
+    "vqa-eval": ("training.vqa_eval", "zero-shot VQAv2 top-1/5/10 on a seeded question sample (MacCap Table 4)"),
     "shapes": ("training.shapes.build", "rebuild the shapes-world bundle (weights/shapes) from scratch"),
     "shapes-eval": ("training.shapes.evaluate", "score a bundle on freshly generated held-out shapes scenes"),
     "shapes-ablate": ("training.shapes.ablate", "gap handling, retrieval and sampling ablations in the shapes world"),

@@ -3,6 +3,10 @@
     python -m training caption-split --weights weights/maccap-coco --method maccap \
         --split dataset_coco.json --images COCO/ --subset test --out results/maccap-coco-test.jsonl
 
+``--split`` is a Karpathy split file in either layout: Karpathy's original
+``dataset_coco.json`` / ``dataset_flickr30k.json`` or a MAGIC-format list
+(``mscoco_test.json``); ``--subset`` names the split(s) to caption.
+
 This is how the papers' tables are reproduced (MacCap: COCO and Flickr30k
 Karpathy test splits, 5000 / 1000 images; TOMCap: the same with its bundle):
 every image of the subset is captioned by the app's own code path
@@ -34,23 +38,27 @@ from capdemo.inputs import positive_int
 from capdemo.methods.base import MethodOptions
 from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 from capdemo.fileio import atomic_output
-from training.datasets import DataFormatError, ImageId, SplitImage, load_karpathy_split, references_from_split
+from training.datasets import (DataFormatError, ImageId, SplitImage, load_karpathy_split, parse_split_names,
+                               references_from_split, select_splits)
 from training.evaluate import (CAPTION_METRICS, EvaluationError, MetricUnavailableError, evaluate_captions,
                                load_predictions)
 
 
 def select_subset(items: Sequence[SplitImage], subset: str | None, limit: int | None) -> list[SplitImage]:
-    """The split's images of ``subset`` ("test", ...; None: all), the first ``limit`` of them."""
-    chosen = [item for item in items if subset is None or item.split == subset]
-    if not chosen:
-        found = sorted({item.split for item in items})
-        raise DataFormatError(f"no image of split {subset!r} in the file (splits present: {found})")
+    """The split's images of ``subset`` ("test", "val+test", ...; None: all), the first ``limit`` of them."""
+    chosen = select_splits(items, None if subset is None else parse_split_names(subset))
     return chosen[:limit] if limit else chosen
 
 
 def find_images(items: Sequence[SplitImage], root: Path) -> dict[str, Path]:
-    """``image_name -> file`` under ``root`` (directly, or in any sub-folder such as COCO's val2014/)."""
-    found = {item.image_name: root / item.image_name for item in items if (root / item.image_name).is_file()}
+    """``image_name -> file`` under ``root``: in the folder the split names (COCO's val2014/), directly, or in any
+    sub-folder."""
+    found = {}
+    for item in items:
+        for candidate in (root / item.folder / item.image_name, root / item.image_name):
+            if candidate.is_file():
+                found[item.image_name] = candidate
+                break
     if len(found) < len(items):
         wanted = {item.image_name for item in items} - set(found)
         for path in root.rglob("*"):
@@ -62,8 +70,9 @@ def find_images(items: Sequence[SplitImage], root: Path) -> dict[str, Path]:
     return found
 
 
-def done_ids(out: Path) -> set[ImageId]:
-    """Image ids already captioned in ``out``; a last line cut short by a kill is removed from the file."""
+def done_ids(out: Path, *, key: str = "image_id") -> set[ImageId]:
+    """The ``key`` values (image ids) of the records already in ``out``; a last line cut short by a kill is
+    removed from the file."""
     if not out.is_file():
         return set()
     lines = out.read_text().splitlines(keepends=True)
@@ -75,7 +84,7 @@ def done_ids(out: Path) -> set[ImageId]:
             break  # only the last line can be partial (lines are flushed one batch at a time)
         if not line.endswith("\n"):
             break
-        done.add(record["image_id"])
+        done.add(record[key])
         keep.append(line)
     if len(keep) < len(lines):
         with atomic_output(out) as tmp:
@@ -95,7 +104,7 @@ def check_run_record(out: Path, record: dict) -> None:
         saved = json.loads(path.read_text())
         changed = differing_keys(saved, record)
         if changed:
-            raise ValueError(f"{out} holds captions of another run ({', '.join(changed)} differ); "
+            raise ValueError(f"{out} holds results of another run ({', '.join(changed)} differ); "
                              "use another --out, or delete it to start over")
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -121,21 +130,29 @@ def caption_split(captioner, items: Sequence[SplitImage], files: dict[str, Path]
     return len(todo)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training caption-split", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training caption-split", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", required=True, help="bundle folder or hf-hub:org/name@revision")
     parser.add_argument("--method", choices=registry.names(), required=True, help="captioning method")
-    parser.add_argument("--split", required=True, type=Path, help="Karpathy split file [{image_name, captions, split}]")
+    parser.add_argument("--split", required=True, type=Path,
+                        help="Karpathy split file: dataset_coco.json / dataset_flickr30k.json or a MAGIC-format list")
     parser.add_argument("--images", required=True, type=Path, help="folder holding the split's image files")
-    parser.add_argument("--subset", default="test", help="which split to caption ('all': every image)")
+    parser.add_argument("--subset", default="test",
+                        help="which split(s) to caption, joined by '+' ('all': every image of the file)")
     parser.add_argument("--out", required=True, type=Path, help="JSON lines of captions (appended; resumable)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (a quick check)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per captioning call")
-    parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS))
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--metrics", nargs="+", choices=CAPTION_METRICS, default=list(CAPTION_METRICS),
+                        help="caption scorers to run")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_setting_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         settings = settings_from_arguments(args, args.method)
         items = select_subset(load_karpathy_split(args.split), None if args.subset == "all" else args.subset,

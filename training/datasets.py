@@ -3,9 +3,16 @@
 Three families of files, all optionally gzip-compressed (detected from the
 content, not the name):
 
-* Karpathy splits in the MAGIC / MacCap format: a JSON list of
-  ``{"split", "image_name", "captions": [...]}`` (``mscoco_test.json``,
-  ``flickr30k_val.json``, and the full-size train files of the same shape).
+* Karpathy splits, in either of two layouts read by one function
+  (``load_karpathy_split``):
+
+  - Karpathy's original ``dataset_coco.json`` / ``dataset_flickr30k.json``: one
+    object ``{"images": [{"filename", "filepath", "split", "sentences":
+    [{"raw", "tokens"}], "cocoid" | "imgid"}], "dataset"}`` holding every split
+    (train / restval / val / test);
+  - the MAGIC / MacCap lists: a JSON list of ``{"split", "image_name",
+    "captions": [...]}`` (``mscoco_test.json``, ``flickr30k_val.json``, ...).
+
 * COCO caption annotation files (``{"images": [...], "annotations": [...]}``),
   the references format of the official COCO evaluation code.
 * Plain caption corpora for text-only training: one caption per line, or a JSON
@@ -21,7 +28,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,9 @@ ImageId = int | str
 """COCO-style numeric id where the file name carries one, else the file stem."""
 
 MACCAP_MAX_CAPTION_WORDS = 15
-"""MacCap (following DeCap/CapDec) drops training captions longer than this many words."""
+"""The MacCap paper (§5.1, "following previous works") drops training captions longer than this many words."""
+
+SPLIT_SEPARATOR = "+"  # joins split names on the command line: "train+restval"
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _COCO_FILE_STEM = re.compile(r"COCO_[A-Za-z]+\d{4}_(\d+)")  # COCO_val2014_000000391895
@@ -48,6 +57,7 @@ class SplitImage:
     image_id: ImageId  # see image_id_from_name: 391895 for the name above
     captions: tuple[str, ...]  # human captions, whitespace-stripped, file order
     split: str  # "train" | "val" | "test" | "restval" ... as written in the file ("" when absent)
+    folder: str = ""  # sub-folder the image file sits in, as written ("val2014"; "" when the file names none)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,18 +169,24 @@ def _string_list(value: Any, *, where: str, field: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Karpathy splits (MAGIC / MacCap format)
+# Karpathy splits (Karpathy's original files and the MAGIC / MacCap lists)
 
 
 def load_karpathy_split(path: str | Path) -> list[SplitImage]:
-    """Images of a MAGIC-format Karpathy split file, in file order."""
-    return _split_images(read_json(path), path)
+    """Images of a Karpathy split file, in file order: Karpathy's original object or a MAGIC-format list."""
+    data = read_json(path)
+    if isinstance(data, dict) and "annotations" in data:
+        raise DataFormatError(f"{path}: a COCO annotation file (references only), not a Karpathy split file")
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        return _original_split_images(data["images"], path)
+    return _split_images(data, path)
 
 
 def _split_images(data: Any, path: str | Path) -> list[SplitImage]:
     if not isinstance(data, list):
         raise DataFormatError(
-            f"{path}: expected a JSON list of {{image_name, captions}} records, got {type(data).__name__}"
+            f"{path}: expected a Karpathy split: a JSON list of {{image_name, captions}} records or Karpathy's "
+            f"{{\"images\": [...]}} object, got {type(data).__name__}"
         )
     images = []
     for i, record in enumerate(data):
@@ -184,9 +200,64 @@ def _split_images(data: Any, path: str | Path) -> list[SplitImage]:
                 image_id=image_id_from_name(record["image_name"]),
                 captions=tuple(c.strip() for c in captions),
                 split=str(record.get("split", "")),
+                folder=str(record.get("file_path", "")),
             )
         )
     return images
+
+
+def _original_split_images(records: list[Any], path: str | Path) -> list[SplitImage]:
+    """Karpathy's ``images`` records: the caption is each sentence's ``raw`` text (``tokens`` is his
+    lower-cased, punctuation-free tokenisation; the metric code tokenises the raw text itself)."""
+    images = []
+    for i, record in enumerate(records):
+        where = f"{path} image {i}"
+        if not isinstance(record, dict) or not isinstance(record.get("filename"), str):
+            raise DataFormatError(f"{where}: expected an object with a string 'filename'")
+        sentences = record.get("sentences")
+        if not isinstance(sentences, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("raw"), str) for s in sentences
+        ):
+            raise DataFormatError(f"{where}: 'sentences' must be a list of objects with a string 'raw'")
+        image_id = image_id_from_name(record["filename"])
+        cocoid = record.get("cocoid")
+        if isinstance(cocoid, int) and isinstance(image_id, int) and cocoid != image_id:
+            raise DataFormatError(f"{where}: cocoid {cocoid} does not match the file name {record['filename']!r}")
+        images.append(
+            SplitImage(
+                image_name=record["filename"],
+                image_id=image_id,
+                captions=tuple(s["raw"].strip() for s in sentences),
+                split=str(record.get("split", "")),
+                folder=str(record.get("filepath", "")),
+            )
+        )
+    return images
+
+
+def parse_split_names(text: str) -> tuple[str, ...]:
+    """``"train+restval"`` -> ``("train", "restval")``; an empty name is an error."""
+    names = tuple(name.strip() for name in text.split(SPLIT_SEPARATOR))
+    if not all(names):
+        raise ValueError(f"split names must be joined by {SPLIT_SEPARATOR!r} without empty parts, got {text!r}")
+    return names
+
+
+def select_splits(items: Sequence[SplitImage], names: Sequence[str] | None, *, source: str = "the file"
+                  ) -> list[SplitImage]:
+    """The images of ``items`` whose split is one of ``names`` (``None``: every image), in file order.
+
+    A name that no image carries is an error listing the splits present, so a
+    typo ("tset") is never an empty or partial selection.
+    """
+    if names is None:
+        return list(items)
+    present = {item.split for item in items}
+    unknown = [name for name in names if name not in present]
+    if unknown:
+        raise DataFormatError(f"no image of split {unknown[0]!r} in {source} (splits present: {sorted(present)})")
+    wanted = set(names)
+    return [item for item in items if item.split in wanted]
 
 
 def references_from_split(items: Iterable[SplitImage]) -> dict[ImageId, list[str]]:
@@ -233,49 +304,76 @@ def _coco_references(data: Any, path: str | Path) -> dict[ImageId, list[str]]:
 
 
 def load_references(path: str | Path) -> dict[ImageId, list[str]]:
-    """Reference captions from a COCO annotation file or a Karpathy split file (either gzipped)."""
+    """Reference captions from a COCO annotation file or a Karpathy split file of either layout (every split
+    it holds; either file gzipped)."""
     data = read_json(path)
-    if isinstance(data, dict):
+    if isinstance(data, dict) and "annotations" in data:
         return _coco_references(data, path)
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        return references_from_split(_original_split_images(data["images"], path))
     if isinstance(data, list):
         return references_from_split(_split_images(data, path))
-    raise DataFormatError(f"{path}: not a COCO annotation object nor a Karpathy split list")
+    raise DataFormatError(f"{path}: not a COCO annotation object nor a Karpathy split file")
 
 
 # --------------------------------------------------------------------------------------------
 # Caption corpora for text-only training
 
 
-def load_caption_corpus(path: str | Path, *, max_words: int | None = MACCAP_MAX_CAPTION_WORDS) -> list[str]:
-    """Clean training captions from a text file (one per line) or a JSON list of strings.
+def load_caption_corpus(
+    path: str | Path,
+    *,
+    splits: Sequence[str] | None = None,
+    max_words: int | None = MACCAP_MAX_CAPTION_WORDS,
+    dedupe: bool = False,
+) -> list[str]:
+    """Training captions from a caption file or from chosen splits of a Karpathy split file.
 
-    The format follows the name: ``*.json`` / ``*.json.gz`` is JSON, anything
-    else is plain text. Each caption has its whitespace collapsed; empty ones,
-    ones longer than ``max_words`` words (``None``: no limit) and repeats are
-    dropped, keeping first-seen order.
+    A caption file is plain text (one caption per line) or, for ``*.json`` /
+    ``*.json.gz``, a JSON list of strings. A Karpathy split file (either
+    layout, see ``load_karpathy_split``) gives the captions of the images in
+    ``splits`` (e.g. ``("train", "restval")``), image by image; ``splits`` is
+    required for it (a split file also holds the test captions) and refused
+    for a caption file. Each caption has its whitespace collapsed; empty ones
+    and ones longer than ``max_words`` words (``None``: no limit) are dropped.
+    Repeats are kept, as the MacCap paper trains on every sentence, unless
+    ``dedupe``, which keeps the first of each.
     """
     if max_words is not None and max_words < 1:
         raise ValueError(f"max_words must be a positive number of words or None, got {max_words}")
     path = Path(path)
-    if path.name.removesuffix(".gz").endswith(".json"):
-        raw_captions = _json_caption_list(path)
+    is_json = path.name.removesuffix(".gz").endswith(".json")
+    data = read_json(path) if is_json else None
+    if _is_split_document(data):
+        if splits is None:
+            present = sorted({item.split for item in load_karpathy_split(path)})
+            raise DataFormatError(f"{path} is a Karpathy split file: name the splits to train on with "
+                                  f"--corpus-split (e.g. train+restval; splits present: {present})")
+        raw_captions = captions_from_split(select_splits(load_karpathy_split(path), splits, source=str(path)))
+    elif splits is not None:
+        raise DataFormatError(f"{path} is a caption list, not a Karpathy split file; drop --corpus-split")
     else:
-        raw_captions = _text_caption_lines(path)
-    corpus: dict[str, None] = {}  # an ordered set
+        raw_captions = _json_caption_list(data, path) if is_json else _text_caption_lines(path)
+    corpus = []
     for raw in raw_captions:
         words = raw.split()
         if words and (max_words is None or len(words) <= max_words):
-            corpus.setdefault(" ".join(words))
-    return list(corpus)
+            corpus.append(" ".join(words))
+    return list(dict.fromkeys(corpus)) if dedupe else corpus
 
 
-def _json_caption_list(path: Path) -> list[str]:
-    data = read_json(path)
+def _is_split_document(data: Any) -> bool:
+    """A parsed JSON document that is a Karpathy split (original object or MAGIC record list)."""
+    if isinstance(data, dict):
+        return isinstance(data.get("images"), list) and "annotations" not in data
+    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "image_name" in data[0]
+
+
+def _json_caption_list(data: Any, path: Path) -> list[str]:
     if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a JSON list of caption strings, got {type(data).__name__}")
+        raise DataFormatError(f"{path}: expected a JSON list of caption strings or a Karpathy split file, "
+                              f"got {type(data).__name__}")
     for i, item in enumerate(data):
-        if isinstance(item, dict) and "captions" in item:
-            raise DataFormatError(f"{path} item {i}: a split record, not a caption; use load_karpathy_split")
         if not isinstance(item, str):
             raise DataFormatError(f"{path} item {i}: expected a caption string, got {type(item).__name__}")
     return data

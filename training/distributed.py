@@ -46,6 +46,18 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def launch_rank() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` as ``torchrun`` sets them, ``(0, 1)`` when run alone; no process group is needed.
+
+    For work that ranks split by index and coordinate through files (the sharded embedding cache), where a
+    collective would wait under the backend's timeout (NCCL: 10 minutes) while another rank is still busy.
+    """
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"RANK {rank} and WORLD_SIZE {world_size} do not describe a rank of a group")
+    return rank, world_size
+
+
 @contextmanager
 def distributed_session(*, device: str = "auto") -> Iterator[DistEnv]:
     """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone.

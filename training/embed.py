@@ -17,7 +17,16 @@ retrieval or training can notice. Each shard is written to a temporary file and
 renamed into place, so a killed run leaves only complete shards; running the
 same command again embeds only the missing ones.
 
-CLI: ``python -m training embed --corpus FILE --encoder SPEC --out DIR``.
+Under ``torchrun`` the shards are split across the ranks (rank r embeds shards
+r, r + W, r + 2W, ... of a world of W) and the ranks meet through the folder,
+not through collectives: rank 0 prepares the folder and writes the manifest,
+the other ranks start once it is there, and rank 0, after its own shards, waits
+for everyone's and marks the cache complete. A shard is named by its row range,
+not by the rank that wrote it, so a killed run resumes under any number of
+ranks, and the result is byte-identical to a single-process run.
+
+CLI: ``python -m training embed --corpus FILE --encoder SPEC --out DIR``
+(``torchrun --nproc-per-node N -m training embed ...`` to split it over N GPUs).
 """
 
 from __future__ import annotations
@@ -39,8 +48,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from capdemo.fileio import atomic_output
+from training.distributed import launch_rank, resolve_device
 
-CACHE_WAIT_S = 3600  # how long DDP ranks > 0 wait for rank 0 to finish the embedding cache
+CACHE_WAIT_S = 3600  # how long a rank waits, without any progress, for the shards or manifest of another rank
+POLL_S = 1.0  # seconds between looks at a folder another rank is writing
 
 EmbedFn = Callable[[list[str]], np.ndarray | torch.Tensor]
 """Texts -> (len(texts), D) L2-normalised embeddings, e.g. ``ClipEncoder.encode_text``."""
@@ -201,31 +212,44 @@ def embed_corpus(
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
     progress: bool = True,
-) -> EmbeddingCache:
+    rank: int = 0,
+    world_size: int = 1,
+) -> EmbeddingCache | None:
     """Embed ``captions`` into ``out_dir`` (resuming a run of the same corpus and encoder) and open the cache.
 
     A folder holding a cache of another corpus, encoder or shard size is an
-    error unless ``overwrite``, which deletes its shards first.
+    error unless ``overwrite``, which deletes its shards first. With
+    ``world_size`` > 1 this rank embeds only its share of the shards (see the
+    module docstring); rank 0 returns the complete cache, other ranks ``None``.
     """
     if not captions:
         raise ValueError("cannot embed an empty corpus")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not a rank of a world of {world_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = {"corpus_sha256": corpus_sha256(captions), "encoder_name": encoder_name}
     manifest = {"format": EMBEDDINGS_FORMAT, **identity, "count": len(captions), "shard_size": shard_size}
-    _prepare_folder(out_dir, manifest, overwrite=overwrite)
+    if rank == 0:
+        _prepare_folder(out_dir, manifest, overwrite=overwrite)
+    else:  # rank 0 may still be clearing the folder (--overwrite): start once it has written this run's manifest
+        _wait_for(lambda: 0 if _manifest_matches(out_dir, manifest) else 1, what=f"rank 0's manifest in {out_dir}")
 
     ranges = [(start, min(start + shard_size, len(captions))) for start in range(0, len(captions), shard_size)]
     shards = [{"file": _shard_name(n), "start": start, "stop": stop} for n, (start, stop) in enumerate(ranges)]
     identities = [{**identity, "start": str(s["start"]), "stop": str(s["stop"])} for s in shards]
-    shapes = [_shard_shape(out_dir / s["file"], ident) for s, ident in zip(shards, identities)]
-    _write_manifest(out_dir, {**manifest, "dim": None, "shards": shards, "complete": False})
+    mine = [number for number in range(len(shards)) if number % world_size == rank]
+    shapes = {n: _shard_shape(out_dir / shards[n]["file"], identities[n]) for n in mine}
+    if rank == 0:
+        _write_manifest(out_dir, {**manifest, "dim": None, "shards": shards, "complete": False})
 
-    already = sum(shape[0] for shape in shapes if shape is not None)
-    with tqdm(total=len(captions), initial=already, unit="caption", desc="embedding", disable=not progress) as bar:
-        for number, (shard, shard_identity) in enumerate(zip(shards, identities)):
+    total = sum(shards[n]["stop"] - shards[n]["start"] for n in mine)
+    already = sum(shape[0] for shape in shapes.values() if shape is not None)
+    with tqdm(total=total, initial=already, unit="caption", desc="embedding", disable=not progress) as bar:
+        for number in mine:
+            shard, shard_identity = shards[number], identities[number]
             if shapes[number] is not None:
                 continue
             parts = []
@@ -237,12 +261,54 @@ def embed_corpus(
             with atomic_output(out_dir / shard["file"]) as tmp:
                 save_file({SHARD_TENSOR: rows}, str(tmp), metadata=_shard_metadata(shard_identity))
             shapes[number] = tuple(rows.shape)
-    dims = {shape[1] for shape in shapes if shape is not None}
+    if rank != 0:
+        return None
+    others = [n for n in range(len(shards)) if n not in shapes]
+    _wait_for(lambda: _collect_shapes(out_dir, shards, identities, others, shapes),
+              what=f"the other ranks' shards in {out_dir}")
+    dims = {shape[1] for shape in shapes.values() if shape is not None}
     if len(dims) != 1:
         raise ValueError(f"{out_dir}: shards disagree on the embedding dim ({sorted(dims)}); rerun with --overwrite")
     final = {**manifest, "dim": dims.pop(), "shards": shards, "complete": True}
     _write_manifest(out_dir, final)
     return EmbeddingCache(out_dir, final)
+
+
+def _manifest_matches(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds a manifest of this very run (corpus, encoder, count, shard size)."""
+    try:
+        existing = _read_manifest(out_dir)
+    except (StaleCacheError, json.JSONDecodeError):  # another run's folder, or a manifest being replaced
+        return False
+    return existing is not None and all(existing.get(key) == value for key, value in manifest.items())
+
+
+def _collect_shapes(out_dir: Path, shards: list[dict[str, Any]], identities: list[dict[str, str]],
+                    pending: list[int], shapes: dict[int, tuple[int, int] | None]) -> int:
+    """Record the shapes of the ``pending`` shards that are now finished; returns how many are still missing."""
+    for number in list(pending):
+        shape = _shard_shape(out_dir / shards[number]["file"], identities[number])
+        if shape is not None:
+            shapes[number] = shape
+            pending.remove(number)
+    return len(pending)
+
+
+def _wait_for(missing: Callable[[], int], *, what: str) -> None:
+    """Poll ``missing()`` (a count of things not there yet) until it is 0; fail after CACHE_WAIT_S without progress.
+
+    A smaller count than the last one is progress and restarts the clock, so a long run of many shards waits as
+    long as shards keep arriving.
+    """
+    deadline, last = time.monotonic() + CACHE_WAIT_S, None
+    while (count := missing()) > 0:
+        if last is not None and count < last:
+            deadline = time.monotonic() + CACHE_WAIT_S
+        last = count
+        if time.monotonic() > deadline:
+            raise StaleCacheError(f"waited {CACHE_WAIT_S} s for {what} without progress; is every rank running? "
+                                  "Run the same command again to resume")
+        time.sleep(POLL_S)
 
 
 def _prepare_folder(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> None:
@@ -277,47 +343,63 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         help="CLIP to embed with: MODEL[/PRETRAINED] as in `ViT-B-32/openai`, or a JSON file of an EncoderConfig",
     )
     parser.add_argument(
-        "--device", default=None, help="torch device for the encoder (default: cuda when available, else cpu)"
+        "--device", default=None, help="torch device for the encoder (None: cuda when available, else cpu)"
     )
 
 
 def encoder_from_arguments(args: argparse.Namespace) -> Any:
-    """The ClipEncoder named by ``--encoder`` on ``--device`` (imports open_clip only here)."""
+    """The ClipEncoder named by ``--encoder`` on ``--device`` (default: this rank's GPU, cuda:LOCAL_RANK, when
+    there is one; imports open_clip only here)."""
     from capdemo.encoders import load_encoder, parse_encoder_spec
 
     config = parse_encoder_spec(args.encoder)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or str(resolve_device("auto", local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     return load_encoder(config, device=device)
 
 
 def add_corpus_arguments(parser: argparse.ArgumentParser, *, max_words: int | None = None) -> None:
-    """--corpus / --max-words, shared by the commands that read a caption corpus.
+    """--corpus / --corpus-split / --max-words / --dedupe, shared by every command that reads a caption corpus.
 
-    ``max_words`` is the command's default filter: MacCap's reference code drops captions over
-    15 words; a retrieval datastore and TOMCap keep every caption (SmallCap: up to 25 tokens).
+    ``max_words`` is the command's default length filter: the MacCap paper (§5.1) drops sentences of more than
+    15 words; a retrieval datastore, its statistics and TOMCap keep every caption (SmallCap: up to 25 tokens).
     """
     from training.datasets import MACCAP_MAX_CAPTION_WORDS
 
     default = MACCAP_MAX_CAPTION_WORDS if max_words is None else max_words
     parser.add_argument(
-        "--corpus", required=True, help="caption corpus: one caption per line, or a JSON list of strings"
+        "--corpus",
+        required=True,
+        help="caption corpus: a text file (one caption per line), a JSON list of strings, or a Karpathy split file "
+        "(dataset_coco.json / dataset_flickr30k.json, or a MAGIC-format list) with --corpus-split",
     )
     parser.add_argument(
-        "--max-words",
-        type=int,
-        default=default,
-        help=f"drop captions longer than this many words (0: keep all; default {default or 'keep all'})",
+        "--corpus-split",
+        default=None,
+        metavar="NAMES",
+        help="with a Karpathy split file: the splits whose captions form the corpus, joined by '+' "
+        "(e.g. train+restval for COCO, train for Flickr30k)",
+    )
+    parser.add_argument(
+        "--max-words", type=int, default=default, help="drop captions longer than this many words (0: keep all)"
+    )
+    parser.add_argument(
+        "--dedupe",
+        action="store_true",
+        help="keep only the first of repeated captions (the MacCap paper trains on every sentence, repeats included)",
     )
 
 
 def corpus_from_arguments(args: argparse.Namespace) -> list[str]:
-    from training.datasets import load_caption_corpus
+    """The caption list the corpus flags of ``add_corpus_arguments`` describe."""
+    from training.datasets import load_caption_corpus, parse_split_names
 
-    return load_caption_corpus(args.corpus, max_words=args.max_words or None)
+    splits = parse_split_names(args.corpus_split) if args.corpus_split else None
+    return load_caption_corpus(args.corpus, splits=splits, max_words=args.max_words or None, dedupe=args.dedupe)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training embed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training embed", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_corpus_arguments(parser)
     add_encoder_arguments(parser)
     parser.add_argument("--out", required=True, help="cache folder (created; an interrupted run here is resumed)")
@@ -331,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank, world_size = launch_rank()
     captions = corpus_from_arguments(args)
     encoder = encoder_from_arguments(args)
     cache = embed_corpus(
@@ -341,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        rank=rank,
+        world_size=world_size,
     )
+    if cache is None:  # a rank > 0 under torchrun: its shards are written, rank 0 finishes the cache
+        print(json.dumps({"out": str(args.out), "rank": rank, "world_size": world_size}))
+        return 0
     summary = {"out": str(cache.directory), "count": cache.count, "dim": cache.dim, "encoder": cache.encoder_name}
     print(json.dumps(summary))
     return 0
@@ -354,10 +442,13 @@ if __name__ == "__main__":
 def cached_text_embeddings(captions: list[str], encoder: Any, cache_dir: Path) -> torch.Tensor:
     """(N, D) float32 text embeddings of a training corpus, from the cache or embedded into it.
 
-    Under DDP only rank 0 embeds; the other ranks wait for its complete cache (up to CACHE_WAIT_S).
+    Under DDP every rank embeds its share of the shards; rank 0 completes the cache and the other ranks then
+    read it (waiting up to CACHE_WAIT_S).
     """
-    if int(os.environ.get("RANK", "0")) == 0:
-        cache = embed_corpus(captions, encoder.encode_text, cache_dir, encoder_name=encoder.name)
+    rank, world_size = launch_rank()
+    cache = embed_corpus(captions, encoder.encode_text, cache_dir, encoder_name=encoder.name, rank=rank,
+                         world_size=world_size, progress=rank == 0)
+    if cache is not None:
         return cache.tensor()
     deadline = time.monotonic() + CACHE_WAIT_S
     while True:  # other ranks read what rank 0 writes

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -193,6 +194,20 @@ def _check_coverage(predicted: Iterable[Any], references: Mapping[Any, Any], *, 
             f"scoring the {len(predicted)} predicted {what}s only"
         )
     return None
+
+
+def only_referenced(predictions: Mapping[Any, Any], references: Mapping[Any, Any], *, what: str
+                    ) -> tuple[dict[Any, Any], str | None]:
+    """The predictions that have references, and a note saying how many were left out (``None``: none were).
+
+    For scoring a prediction file against references of a subset (e.g. the
+    captions of a whole split scored against the test references only).
+    """
+    kept = {key: value for key, value in predictions.items() if key in references}
+    left_out = len(predictions) - len(kept)
+    if not left_out:
+        return kept, None
+    return kept, f"left out {left_out} of {len(predictions)} predicted {what}s that have no references"
 
 
 def _check_caption_types(predictions: Mapping[ImageId, Any], references: Mapping[ImageId, Any]) -> None:
@@ -382,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training evaluate",
         description="Score captions with the COCO metrics (pycocoevalcap) or VQA answers with top-k accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--predictions",
@@ -409,8 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CAPTION_METRICS,
         default=list(CAPTION_METRICS),
         metavar="SCORER",
-        help=f"caption scorers to run, from {' '.join(CAPTION_METRICS)} (default: all); "
+        help=f"caption scorers to run, from {' '.join(CAPTION_METRICS)}; "
         "leaving out METEOR saves ~10 s of JVM start",
+    )
+    parser.add_argument(
+        "--only-referenced",
+        action="store_true",
+        help="score only the predictions that have references and say how many were left out "
+        "(without it, a prediction without references is an error)",
     )
     parser.add_argument("--vqa", action="store_true", help="score VQA answer rankings instead of captions")
     parser.add_argument(
@@ -418,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=positive_int,
         default=list(VQA_TOP_KS),
-        help="--vqa: top-k cut-offs (default: 1 5 10)",
+        help="--vqa: top-k cut-offs",
     )
     return parser
 
@@ -428,14 +450,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.vqa:
-            report = evaluate_vqa(load_vqa_predictions(args.predictions), load_vqa_answers(args.references), ks=args.ks)
+            predictions, references = load_vqa_predictions(args.predictions), load_vqa_answers(args.references)
         else:
-            report = evaluate_captions(
-                load_predictions(args.predictions),
-                load_references(args.references),
-                spice=None if args.spice else False,
-                metrics=args.metrics,
-            )
+            predictions, references = load_predictions(args.predictions), load_references(args.references)
+        left_out_note = None
+        if args.only_referenced:
+            predictions, left_out_note = only_referenced(predictions, references,
+                                                         what="question" if args.vqa else "image")
+        if args.vqa:
+            report = evaluate_vqa(predictions, references, ks=args.ks)
+        else:
+            report = evaluate_captions(predictions, references, spice=None if args.spice else False,
+                                       metrics=args.metrics)
+        if left_out_note:
+            report = dataclasses.replace(report, notes=(left_out_note, *report.notes))
     except (DataFormatError, EvaluationError, MetricUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

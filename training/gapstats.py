@@ -85,7 +85,8 @@ def embed_captions(captions: Sequence[str], encoder: Any, *, batch_size: int, pr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training gapstats", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training gapstats", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of images (recursive) or a text file of image paths")
     add_corpus_arguments(parser, max_words=0)  # a datastore / its statistics keep every caption
     add_encoder_arguments(parser)
@@ -93,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--embeddings", default=None, help="embedding cache of the corpus to reuse (from `training embed`)"
     )
-    parser.add_argument("--max-images", type=int, default=None, help="use at most this many images (seeded sample)")
+    parser.add_argument(
+        "--max-images", type=int, default=None, help="use at most this many images (seeded sample; None: all)"
+    )
     parser.add_argument(
         "--max-captions", type=int, default=DEFAULT_MAX_CAPTIONS, help="captions to embed when there is no cache"
     )

@@ -1,6 +1,7 @@
 """Build the caption datastore: embed the corpus (through the resumable cache), index it, save it.
 
-CLI: ``python -m training index --corpus FILE --encoder SPEC --out DIR [--kind auto|flat|ivfpq|hnsw_sq]``.
+CLI: ``python -m training index --corpus FILE --encoder SPEC --out DIR [--kind auto|flat|ivfpq|hnsw_sq]``;
+``torchrun --nproc-per-node N -m training index ...`` splits the embedding over N processes (rank 0 indexes).
 The embeddings go to a cache folder beside the datastore (``DIR.embeddings`` by
 default), so a killed indexing run resumes from the finished shards, and the
 datastore itself stays small enough to ship in a bundle. The encoder's name is
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from capdemo.retrieval import CaptionDatastore, IndexSpec
+from training.distributed import launch_rank
 from training.embed import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SHARD_SIZE,
@@ -50,8 +52,14 @@ def build_datastore(
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite_embeddings: bool = False,
     progress: bool = True,
-) -> CaptionDatastore:
-    """Embed (or reuse cached embeddings of) ``captions``, build the datastore and save it to ``out_dir``."""
+    rank: int = 0,
+    world_size: int = 1,
+) -> CaptionDatastore | None:
+    """Embed (or reuse cached embeddings of) ``captions``, build the datastore and save it to ``out_dir``.
+
+    Under ``torchrun`` (``world_size`` > 1) every rank embeds its share of the shards and rank 0 alone, once all
+    are written, builds and saves the index; the other ranks return ``None``.
+    """
     cache = embed_corpus(
         captions,
         embed_fn,
@@ -61,7 +69,11 @@ def build_datastore(
         batch_size=batch_size,
         overwrite=overwrite_embeddings,
         progress=progress,
+        rank=rank,
+        world_size=world_size,
     )
+    if cache is None:
+        return None
     # float16 halves the peak memory; build() converts to float32 chunk by chunk while adding
     store = CaptionDatastore.build(cache.tensor(torch.float16), captions, encoder_name=encoder_name, spec=spec)
     store.save(out_dir)
@@ -69,7 +81,8 @@ def build_datastore(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training index", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training index", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_corpus_arguments(parser, max_words=0)  # a datastore / its statistics keep every caption
     add_encoder_arguments(parser)
     parser.add_argument(
@@ -81,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "flat", "ivfpq", "hnsw_sq"],
         help="faiss index: exact flat, compressed IVF-PQ, HNSW over 8-bit codes; auto = flat below 200k captions",
     )
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 * sqrt(N))")
-    parser.add_argument("--pq-m", type=int, default=None, help="PQ bytes per caption (default: embedding dim / 8)")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (None: 4 * sqrt(N))")
+    parser.add_argument("--pq-m", type=int, default=None, help="PQ bytes per caption (None: embedding dim / 8)")
     parser.add_argument(
-        "--nprobe", type=int, default=None, help="IVF lists searched per query (default: nlist / 16, within 16..256)"
+        "--nprobe", type=int, default=None, help="IVF lists searched per query (None: nlist / 16, within 16..256)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the index training sample and k-means")
-    parser.add_argument("--embeddings", default=None, help="embedding cache folder (default: OUT.embeddings)")
+    parser.add_argument("--embeddings", default=None, help="embedding cache folder (None: OUT.embeddings)")
     parser.add_argument(
         "--overwrite-embeddings", action="store_true", help="replace a cache made for another corpus or encoder"
     )
@@ -98,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank, world_size = launch_rank()
     captions = corpus_from_arguments(args)
     encoder = encoder_from_arguments(args)
     spec = IndexSpec(kind=args.kind, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe, seed=args.seed)
@@ -112,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         overwrite_embeddings=args.overwrite_embeddings,
+        rank=rank,
+        world_size=world_size,
     )
+    if store is None:  # a rank > 0 under torchrun: its shards are written, rank 0 builds the index
+        print(json.dumps({"out": str(args.out), "rank": rank, "world_size": world_size}))
+        return 0
     summary = {**store.meta(), "out": str(args.out), "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(summary))
     return 0

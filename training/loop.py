@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype per precision
+WARMUP_RUN_FRACTION = 10  # a warm-up over 1/10 of the run is warned about (and clamped by effective_warmup)
 # Config fields that may differ between a run and its resume: none of them changes the weights.
 _RESUMABLE_CHANGES = frozenset(
     {"out_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "num_workers", "tensorboard_dir"})
@@ -171,6 +172,18 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_r
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
+def effective_warmup(warmup_steps: int, total_steps: int) -> int:
+    """A warm-up of at most a tenth of the run: ``min(warmup_steps, total_steps // 10)``.
+
+    For a method's *default* warm-up (e.g. the reference code's 200 steps), so a short run is not mostly warm-up.
+    The loop itself never changes the warm-up it is given (an explicit setting stays exact, and existing runs
+    resume and reproduce unchanged); it warns instead (``Trainer``).
+    """
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+    return min(warmup_steps, total_steps // WARMUP_RUN_FRACTION)
+
+
 def frozen_weights_dtype(precision: str) -> torch.dtype:
     """The dtype to hold a frozen pretrained model in for a run of ``precision`` (already resolved):
     autocast's own dtype, so no fp16 tensor carries gradients without a loss scaler; else float32."""
@@ -260,6 +273,9 @@ class Trainer:
         self.order = DataOrder(dataset_size=len(task.dataset), batch_size=config.batch_size, seed=config.seed)
         self.order.micro_batch_size(world_size=env.world_size, grad_accum=config.grad_accum)  # fails early if uneven
         self.total_steps = config.max_steps or config.epochs * self.order.steps_per_epoch
+        if config.warmup_steps > effective_warmup(config.warmup_steps, self.total_steps) and env.is_main:
+            log.warning("warm-up of %d steps is over a tenth of this %d-step run (at most %d advised)",
+                        config.warmup_steps, self.total_steps, effective_warmup(config.warmup_steps, self.total_steps))
         self.checkpoint_dir = Path(config.out_dir) / "checkpoints"
         self.identity = json.loads(json.dumps(dict(task.identity)))  # as a checkpoint reads back (tuples: lists)
         self.forward = self._loss_module()

@@ -88,6 +88,7 @@ def with_parameters(fn: Callable[..., Any], leading: Sequence[str], controls: Se
 
     event.__signature__ = signature  # type: ignore[attr-defined]
     event.__name__ = getattr(fn, "__name__", "event")
+    event.__qualname__ = getattr(fn, "__qualname__", event.__name__)
     event.__doc__ = fn.__doc__
     return event
 

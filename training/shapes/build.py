@@ -54,7 +54,7 @@ class ShapesRecipe(Config):
     world: world.WorldConfig = field(default_factory=lambda: world.WorldConfig(image_size=SHAPES_IMAGE_SIZE))
     # the tiny CLIP and its training
     clip: TinyClipConfig = field(default_factory=lambda: TinyClipConfig(**SHAPES_CLIP))
-    corpus_captions: int = 20000  # text-only captions drawn (deduplicated: the world has ~2.5k distinct ones)
+    corpus_captions: int = 20000  # text-only captions drawn (the commands get --dedupe: ~2.5k distinct ones)
     unpaired_images: int = 2000  # images for the image-side gap statistics (never paired with text)
     qa_texts: int = 10000  # question-answer texts for LM pretraining (so VQA works on the shapes LM)
     prompt_texts: int = 4000  # TOMCap-prompt-shaped texts for LM pretraining (its template words, listing captions)
@@ -208,7 +208,7 @@ def tomcap_command(recipe: ShapesRecipe, work: Path, *, out: Path, run_dir: Path
                    extra: tuple[str, ...] = ()) -> list[str]:
     """The recipe's ``python -m training tomcap`` arguments on a work dir's stage outputs (``extra`` last wins)."""
     stages = StageOutputs(work)
-    return ["tomcap", "--corpus", str(stages.corpus), "--datastore", str(stages.datastore),
+    return ["tomcap", "--corpus", str(stages.corpus), "--dedupe", "--datastore", str(stages.datastore),
             "--gap-stats", str(stages.gap_stats), "--encoder", str(stages.encoder),
             "--lm", str(stages.lm), "--out", str(out), "--run-dir", str(run_dir),
             "--steps", str(recipe.tomcap_steps if steps is None else steps), "--seed", str(recipe.seed),
@@ -226,13 +226,14 @@ def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
     stages = StageOutputs(work)
     datastore, gap_stats = stages.datastore, stages.gap_stats
     if not (datastore / "datastore.json").is_file():
-        run_command(["index", "--corpus", corpus, "--encoder", encoder, "--out", str(datastore), "--kind", "flat"])
+        run_command(["index", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--out", str(datastore),
+                     "--kind", "flat"])
     if not gap_stats.is_file():
-        run_command(["gapstats", "--images", str(data["unpaired"]), "--corpus", corpus, "--encoder", encoder,
-                     "--out", str(gap_stats)])
+        run_command(["gapstats", "--images", str(data["unpaired"]), "--corpus", corpus, "--dedupe",
+                     "--encoder", encoder, "--out", str(gap_stats)])
     staging = work / "bundle"
     shutil.rmtree(staging, ignore_errors=True)
-    run_command(["maccap", "--corpus", corpus, "--encoder", encoder, "--lm", lm, "--out", str(staging),
+    run_command(["maccap", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--lm", lm, "--out", str(staging),
                  "--run-dir", str(work / "maccap-run"), "--steps", str(recipe.maccap_steps), "--seed", str(recipe.seed),
                  "--vqa-answers", str(ANSWERS_FILE), "--device", "cpu", *recipe.maccap_args, "--resume"])
     run_command(tomcap_command(recipe, work, out=staging, run_dir=work / "tomcap-run"))
