@@ -167,6 +167,17 @@ def sample_noise(like: torch.Tensor, variance: float, *, generator: torch.Genera
     return (noise * math.sqrt(variance)).to(like.device, like.dtype)
 
 
+def gap_noise(embeds: torch.Tensor, std: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``e + n`` with ``n_d ~ N(0, std_d^2)`` per dimension, for embeddings (..., D) and ``std`` (D,): noise in
+    units of a modality's spread (TOMCap: ``std = scale x sigma_I``), not re-normalised, so a mean+std-corrected
+    set keeps its mean and gains exactly the variance ``std^2`` per dimension."""
+    if std.shape != embeds.shape[-1:]:
+        raise GapStatsError(f"noise std is {tuple(std.shape)} but the embeddings are {embeds.shape[-1]}-d")
+    device = generator.device if generator is not None else embeds.device
+    noise = torch.randn(embeds.shape, generator=generator, device=device, dtype=torch.float32)
+    return embeds + (noise.to(embeds.device) * std.to(embeds.device)).to(embeds.dtype)
+
+
 def inject_noise(embeds: torch.Tensor, variance: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """``L2norm(e + n)``, ``n ~ N(0, variance * I)``, for embeddings of any leading shape (..., D).
 
@@ -296,6 +307,7 @@ __all__ = [
     "GapStats",
     "GapStatsError",
     "gap_histogram",
+    "gap_noise",
     "gap_report",
     "inject_noise",
     "linear_probe_accuracy",

@@ -108,6 +108,7 @@ def example_images(seed: int = 0) -> list[Image.Image]:
 def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
     from capdemo.methods.capdec import model as capdec
     from capdemo.methods.maccap import model as maccap
+    from capdemo.methods.tomcap import inference as tomcap_bundle
     from capdemo.methods.tomcap import model as tomcap
     from capdemo.vqa import AnswerList
 
@@ -129,7 +130,7 @@ def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
         stats = GapStats.compute(image_embeds, corpus_embeds)
         lm, tok = tomcap.load_gpt2_with_cross_attention(lm_dir)
         tom = tomcap.TOMCap(tomcap.TOMCapConfig(lm=str(lm_dir), **TINY_TOMCAP), lm, tok, lm_source=lm_dir)
-        tomcap.add_to_bundle(writer, tom, datastore=store_dir, copy_datastore=True, gap_stats=stats)
+        tomcap_bundle.add_to_bundle(writer, tom, datastore=store_dir, copy_datastore=True, gap_stats=stats)
         dec = capdec.CapDec(capdec.CapDecConfig(lm=str(lm_dir), **TINY_CAPDEC), *load_causal_lm(lm_dir))
         capdec.add_to_bundle(writer, dec)
         AnswerList(TINY_ANSWERS).add_to_bundle(writer, encoder)

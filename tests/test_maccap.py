@@ -17,6 +17,7 @@ from capdemo.methods.maccap.model import (
     add_to_bundle,
     aggregate_regions,
     caption_text_embeddings,
+    image_regions,
     load_from_bundle,
     select_patches,
     text_regions,
@@ -350,3 +351,38 @@ def test_a_picked_cls_token_leaves_patches_and_region_rows_aligned(tiny_encoder)
                           MacCapOptions())
     assert [p.index for p in result.patches] == [5, 0]
     torch.testing.assert_close(result.embeddings["region"], F.normalize(regions[0, 1:], dim=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Table 5's rows
+
+
+def test_cls_token_mode_gives_the_global_embedding_as_every_region():
+    features = random_features()
+    token_index, _, regions = image_regions(features, tiny_config(embed_dim=8, n_cr=3), region_mode="cls")
+    expected = F.normalize(features.token_embeds[:, 0], dim=-1)  # I_c: the projected CLS token, normalised
+    assert regions.shape == (3, 3, 8) and token_index.shape == (3, 3)
+    torch.testing.assert_close(regions, expected.unsqueeze(1).expand(-1, 3, -1))
+    _, _, subregions = image_regions(features, tiny_config(embed_dim=8, n_cr=3))
+    assert not torch.allclose(subregions, regions)
+
+
+def test_single_token_training_gives_the_adaptor_one_noisy_copy(tiny_tokenizer, monkeypatch):
+    seen = []
+    for copies, expected in ((1, 1), (None, TINY["n_cr"])):
+        model = MacCap(tiny_config(text_copies=copies), tiny_gpt2(tiny_tokenizer), tiny_tokenizer)
+        monkeypatch.setattr(model, "caption_loss", lambda regions, ids, mask: seen.append(regions.shape) or 0)
+        model.loss(torch.randn(2, 32), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+        assert seen[-1] == (2, expected, 32)
+    with pytest.raises(ValueError, match="text_copies"):
+        tiny_config(text_copies=0)
+
+
+def test_one_sample_is_the_clean_regions_without_noise_or_filtering(trained, tiny_encoder):
+    features = tiny_encoder.encode_images(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
+    noisy = caption_images(trained, tiny_encoder, features, MacCapOptions(samples=1, noise_variance=0.5, n_cr=4))
+    clean = caption_images(trained, tiny_encoder, features, MacCapOptions(samples=1, noise_variance=0.0, n_cr=4))
+    _, _, regions = image_regions(features, trained.config, n_cr=4)
+    direct = trained.generate(F.normalize(regions, dim=-1), beams=4, max_new_tokens=16)
+    assert [r.caption for r in noisy] == [r.caption for r in clean] == direct
+    assert [len(r.candidates) for r in noisy] == [1, 1]

@@ -16,10 +16,12 @@ from capdemo.lm import save_causal_lm
 from capdemo.retrieval import CaptionDatastore, DatastoreError
 from capdemo.lm import IGNORE_INDEX
 from capdemo.methods.base import options_from_config
-from capdemo.methods.tomcap.inference import TOMCapMethod, TOMCapOptions, caption_images, retrieve_neighbours
+from capdemo.methods.tomcap.inference import (
+    TOMCapMethod, TOMCapOptions, add_to_bundle, caption_images, datastore_from_bundle, load_from_bundle,
+    retrieve_neighbours,
+)
 from capdemo.methods.tomcap.model import (
-    TOMCap, TOMCapConfig, add_to_bundle, build_prompt, datastore_from_bundle, load_from_bundle,
-    load_gpt2_with_cross_attention, parameter_count_formula,
+    TOMCap, TOMCapConfig, build_prompt, load_gpt2_with_cross_attention, parameter_count_formula,
 )
 from capdemo.testing import TINY_CORPUS, tiny_gpt2, tiny_tokenizer
 
@@ -248,7 +250,7 @@ def caption(model: TOMCap, encoder, store, images: torch.Tensor, **settings) -> 
 
 def test_result_holds_beams_neighbours_embeddings_and_prompt(model, tiny_encoder, datastore, image_embeds):
     store, _ = datastore
-    results = caption(model, tiny_encoder, store, image_embeds, beams=3)
+    results = caption(model, tiny_encoder, store, image_embeds, beams=3, select_by="clip")
     for b, result in enumerate(results):
         assert result.method == "tomcap" and len(result.candidates) == 3
         scores = [c.clip_score for c in result.candidates]
@@ -281,11 +283,17 @@ def test_batched_inference_equals_one_image_at_a_time(model, tiny_encoder, datas
 
 def test_beam_order_selection_keeps_the_beams_as_decoded(model, tiny_encoder, datastore, image_embeds):
     store, _ = datastore
-    by_beam = caption(model, tiny_encoder, store, image_embeds, select_by="beam")
-    by_clip = caption(model, tiny_encoder, store, image_embeds)
+    assert model.config.select_by == "beam"  # the paper decodes by beam search; the CLIP rerank is capdemo's option
+    by_beam = caption(model, tiny_encoder, store, image_embeds)
+    by_clip = caption(model, tiny_encoder, store, image_embeds, select_by="clip")
+    reordered = 0
     for beam_result, clip_result in zip(by_beam, by_clip):
         assert [c.sample for c in beam_result.candidates] == list(range(len(beam_result.candidates)))
         assert sorted(c.text for c in beam_result.candidates) == sorted(c.text for c in clip_result.candidates)
+        scores = [c.clip_score for c in clip_result.candidates]
+        assert scores == sorted(scores, reverse=True)
+        reordered += [c.sample for c in clip_result.candidates] != [c.sample for c in beam_result.candidates]
+    assert reordered, "the rerank changed no order: this test would not notice it being ignored"
 
 
 def test_without_retrieval_the_memory_is_the_image_alone(lm_dir, tiny_encoder, pixels):
@@ -350,3 +358,37 @@ def test_weights_of_another_config_are_refused(lm_dir, model):
     other = build_model(lm_dir, lora_targets=("attn.c_attn",))
     with pytest.raises(ValueError, match="do not fit this config"):
         other.load_trainable_state(model.trainable_state())
+
+
+def test_input_noise_is_scale_times_sigma_image_per_dimension_and_not_renormalised(lm_dir):
+    """The cross-attention input in training: corrected embedding + N(0, (s sigma_I)^2) per dimension, kept off the
+    sphere, so the corrected set keeps its mean and each dimension's std grows to sigma_I sqrt(1 + s^2)."""
+    generator = torch.Generator().manual_seed(0)
+    texts = F.normalize(torch.randn(3000, EMBED_DIM, generator=generator), dim=-1)
+    images = torch.randn(400, EMBED_DIM, generator=generator) * torch.linspace(0.05, 0.3, EMBED_DIM) + 0.1
+    stats = GapStats.compute(images, texts)
+    model = build_model(lm_dir, input_noise_scale=0.5)
+    with pytest.raises(ValueError, match="pass --gap-stats"):
+        model.set_training_noise(None)
+    model.set_training_noise(stats)
+    seen = {}
+
+    def capture(input_embeds, neighbour_embeds):
+        seen["inputs"] = input_embeds
+        raise StopIteration  # the memory is all this test needs
+
+    model.memory = capture
+    corrected = stats.correct(texts, "mean_std")  # what the examples hand over
+    torch.manual_seed(11)
+    with pytest.raises(StopIteration):
+        model.loss(corrected, None, torch.zeros(3000, 2, dtype=torch.long), torch.ones(3000, 2, dtype=torch.long),
+                   torch.zeros(3000, 2, dtype=torch.long))
+    noise = seen["inputs"] - corrected  # (N, D)
+    torch.testing.assert_close(noise.std(dim=0, correction=0), 0.5 * stats.sigma_image, rtol=0.05, atol=1e-2)
+    torch.testing.assert_close(noise.mean(dim=0), torch.zeros(EMBED_DIM), atol=3 * 0.5 * 0.3 / 3000**0.5, rtol=0)
+    torch.testing.assert_close(seen["inputs"].std(dim=0, correction=0), stats.sigma_image * 1.25**0.5, rtol=0.05,
+                               atol=1e-2)
+    assert not torch.allclose(seen["inputs"].norm(dim=-1), torch.ones(3000), atol=0.05)  # no re-normalisation
+    model.config = model.config.replace(input_noise_scale=0.0)
+    model.set_training_noise(stats)
+    assert model.input_noise_std is None

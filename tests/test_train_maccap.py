@@ -215,3 +215,23 @@ def test_run_identity_names_what_a_resume_must_share():
     assert {k for k in base if base[k] != changed[k]} == {"maccap.noise_variance"}
     reordered = run_identity(config, captions[::-1])
     assert {k for k in base if base[k] != reordered[k]} == {"corpus_sha256"}
+
+
+@pytest.mark.parametrize(("training", "inference"), [
+    (["--text-copies", "1"], {"region_mode": "subregion", "samples": 3}),  # single token
+    (["--noise-variance", "0"], {"region_mode": "cls", "samples": 3}),  # no training noise; CLS token at inference
+    ([], {"region_mode": "subregion", "samples": 1}),  # multiple token + noise; without sampling and filtering
+])
+def test_every_table_5_row_runs_from_flags(cli_inputs, capsys, training, inference):
+    """MacCap's Table 5: the training rows are `python -m training maccap` flags, the inference rows capdemo's."""
+    from capdemo.pipeline import Captioner
+
+    name = "table5-" + "-".join(training).strip("-").replace("--", "") or "table5-default"
+    assert main(cli_args(cli_inputs, name, "--steps", "2", *training)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = MacCapConfig.from_dict(Bundle.load(summary["bundle"]).component("maccap"))
+    assert (config.text_copies == 1) == ("--text-copies" in training)
+    assert (config.noise_variance == 0) == ("--noise-variance" in training)
+    captioner = Captioner.from_bundle(summary["bundle"], device="cpu")
+    result = captioner.caption([torch.rand(32, 32, 3).mul(255).byte().numpy()], "maccap", **inference)[0]
+    assert result.extras["region_mode"] == inference["region_mode"] and len(result.candidates) == inference["samples"]

@@ -9,16 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from capdemo.bundle import Bundle
-from capdemo.encoders import encoder_from_bundle
+from capdemo.encoders import EncoderConfig, encoder_from_bundle
 from capdemo.gap import GapStats
 from capdemo.retrieval import CaptionDatastore
 from capdemo.lm import IGNORE_INDEX
 from capdemo.methods.base import options_from_config
-from capdemo.methods.tomcap.inference import TOMCapOptions, caption_images
-from capdemo.methods.tomcap.model import datastore_from_bundle, load_from_bundle
+from capdemo.methods.tomcap.inference import TOMCapOptions, caption_images, datastore_from_bundle, load_from_bundle
+from capdemo.methods.tomcap.model import TOMCapConfig
 from tests.kill_resume import (
     MID_WRITE, assert_same_tensors, differs, final_checkpoint_tensors, kill_during_training, temp_files,
     write_checkpoint_as_step,
@@ -29,8 +30,7 @@ from training.checkpoints import checkpoint_paths
 from training.loop import TrainConfig, train
 from training.tomcap import (
     RETRIEVAL_CACHE, TRAINING_RECORD, build_task, collate, main, prepare_examples, reproduce_targets,
-    retrieve_for_training,
-    store_caption_embeddings,
+    retrieve_for_training, store_caption_embeddings, training_queries,
 )
 
 
@@ -75,6 +75,26 @@ def test_retrieval_leaves_out_the_caption_itself_and_its_duplicates(tmp_path):
                               captions, 6)
 
 
+def test_training_queries_are_the_corrected_embedding_noised_in_units_of_the_image_spread():
+    """query_noise_scale x sigma_I per dimension, one seeded draw, no re-normalisation (image-like queries)."""
+    generator = torch.Generator().manual_seed(0)
+    texts = F.normalize(torch.randn(4000, 8, generator=generator), dim=-1)
+    images = torch.randn(500, 8, generator=generator) * torch.linspace(0.1, 0.8, 8) + 0.3
+    stats = GapStats.compute(images, texts)
+    corrected = stats.correct(texts, "mean_std")
+    clean = training_queries(TOMCapConfig(query_noise_scale=0.0), texts, stats, seed=3)
+    torch.testing.assert_close(clean, corrected)
+    noisy = training_queries(TOMCapConfig(query_noise_scale=0.5), texts, stats, seed=3)
+    spread = (noisy - corrected).std(dim=0, correction=0)  # (D,)
+    torch.testing.assert_close(spread, 0.5 * stats.sigma_image, rtol=0.05, atol=1e-2)
+    assert not torch.allclose(noisy.norm(dim=-1), torch.ones(4000), atol=0.05)  # not projected back on the sphere
+    torch.testing.assert_close(training_queries(TOMCapConfig(query_noise_scale=0.5), texts, stats, seed=3), noisy)
+    separate = TOMCapConfig(query_noise_scale=0.5, retrieval_encoder=EncoderConfig(model_name="another"))
+    own = training_queries(separate, texts, stats, seed=3)  # another model's space: its own text spread
+    torch.testing.assert_close((own - texts).std(dim=0, correction=0), 0.5 * texts.std(dim=0, correction=0),
+                               rtol=0.05, atol=1e-2)
+
+
 def test_store_captions_outside_the_corpus_are_embedded_once(corpus):
     captions, embeds, _, embed = corpus
     extra = ["a small red circle", "a large blue star"]
@@ -97,7 +117,8 @@ def test_examples_hold_corrected_input_neighbour_memory_and_target_tokens(lm_dir
     gap_stats = GapStats.compute(torch.randn(50, EMBED_DIM) * 0.2 + 0.1, embeds)
     model = build_model(lm_dir_for_examples, k=3)
     examples = prepare_examples(model, captions, embeds, store, embed, gap_stats=gap_stats, progress=False)
-    hits = retrieve_for_training(store, embeds, captions, 4, progress=False)
+    queries = training_queries(model.config, embeds, gap_stats, seed=0)  # corrected and noised, seeded
+    hits = retrieve_for_training(store, queries, captions, 4, progress=False)
     for index in (0, 57, 199):
         item = examples[index]
         target, neighbours, _ = examples.parts(index)
@@ -118,6 +139,9 @@ def test_examples_hold_corrected_input_neighbour_memory_and_target_tokens(lm_dir
     assert neighbours[0] == target == examples.parts(57)[0]
     with pytest.raises(ValueError, match="needs gap statistics"):
         prepare_examples(model, captions, embeds, store, embed, gap_stats=None, progress=False)
+    with pytest.raises(ValueError, match="lower --k or --max-caption-tokens"):  # before any step, not at one
+        prepare_examples(build_model(lm_dir_for_examples, k=20), captions, embeds, store,
+                         embed, gap_stats=gap_stats, progress=False)
 
     ablation = build_model(lm_dir_for_examples, use_retrieval=False, target="input", gap_correction="none")
     plain = prepare_examples(ablation, captions, embeds, store, embed, gap_stats=None, progress=False)
@@ -260,3 +284,50 @@ def test_run_identity_covers_settings_corpus_datastore_and_gap_statistics():
     assert changed(run_identity(config, captions[:1], store, gap)) == {"corpus_sha256"}
     assert changed(run_identity(config, captions, other_store, gap)) == {"datastore"}
     assert changed(run_identity(config, captions, store, shifted)) == {"gap_stats_sha256"}
+
+
+def test_the_papers_recipe_a_datastore_of_one_encoder_and_cross_attention_on_another(tmp_path, lm_dir_for_examples,
+                                                                                    capsys):
+    """The README's TOMCap recipe offline: `index --retrieval-encoder A`, then `tomcap --encoder B
+    --retrieval-encoder A` (the paper: a SigLIP2 store, CLIP in the memory); the bundle carries A's weights and
+    serves; leaving the flag out is refused in one line that names it."""
+    from capdemo.pipeline import Captioner
+    from capdemo.testing import example_images, tiny_encoder
+    from training.__main__ import main as training_main
+
+    captions = TINY_CORPUS + ["a blue circle on the left", "two red squares", "a yellow star at the top",
+                              "a white triangle on the right"]
+    (tmp_path / "corpus.txt").write_text("\n".join(captions) + "\n")
+    specs = {}
+    for name, seed in (("retriever", 5), ("clip", 0)):
+        encoder = tiny_encoder(seed=seed, model_name=f"capdemo-tiny-{name}")
+        save_file(encoder.model.state_dict(), tmp_path / f"{name}.safetensors")
+        tiny_encoder_config(model_name=f"capdemo-tiny-{name}", pretrained=str(tmp_path / f"{name}.safetensors")
+                            ).save_json(tmp_path / f"{name}.json")
+        specs[name] = str(tmp_path / f"{name}.json")
+    clip = tiny_encoder(seed=0, model_name="capdemo-tiny-clip")
+    GapStats.compute(torch.randn(20, EMBED_DIM), clip.encode_text(captions), encoder_name=clip.name).save(
+        tmp_path / "gap.safetensors")
+    corpus = ["--corpus", str(tmp_path / "corpus.txt")]
+    assert training_main(["index", *corpus, "--retrieval-encoder", specs["retriever"], "--out",
+                          str(tmp_path / "store"), "--kind", "flat"]) == 0
+    common = ["tomcap", *corpus, "--datastore", str(tmp_path / "store"),
+              "--gap-stats", str(tmp_path / "gap.safetensors"),
+              "--encoder", specs["clip"], "--lm", str(lm_dir_for_examples), "--k", "2", "--steps", "2",
+              "--batch-size", "4", "--warmup", "1", "--eval-samples", "0", "--max-new-tokens", "4", "--device", "cpu"]
+    assert training_main([*common, "--out", str(tmp_path / "wrong"), "--run-dir", str(tmp_path / "wrong-run")]) == 1
+    assert "pass --retrieval-encoder capdemo-tiny-retriever" in capsys.readouterr().err
+    assert training_main([*common, "--retrieval-encoder", specs["retriever"], "--out", str(tmp_path / "bundle"),
+                          "--run-dir", str(tmp_path / "run")]) == 0
+
+    bundle = Bundle.load(tmp_path / "bundle")
+    spec = bundle.component("tomcap")["retrieval_encoder"]
+    assert spec["pretrained"] == "bundle:tomcap/retriever.safetensors"
+    assert spec["model_name"] == "capdemo-tiny-retriever"
+    captioner = Captioner.from_bundle(tmp_path / "bundle", device="cpu")
+    method = captioner.methods["tomcap"]
+    assert method.retriever.name == "capdemo-tiny-retriever" and method.retriever is not captioner.encoder
+    images = example_images()
+    result = captioner.caption(images, "tomcap")[0]
+    queries = method.retriever.encode_image_embeds(method.retriever.preprocess(images[:1]))
+    assert [n.text for n in result.neighbours] == [n.text for n in method.datastore.retrieve(queries, 2)[0]]

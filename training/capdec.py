@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_arguments(parser, args, CapDecConfig)
-    train_config = train_config_from_arguments(args)
+    train_config = train_config_from_arguments(args, CAPDEC_COMPONENT)
     captions = corpus_from_arguments(args)
     encoder_config = parse_encoder_spec(args.encoder)
     device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))

@@ -61,7 +61,8 @@ def training_parser(prog: str, description: str, *, corpus_max_words: int | None
     io.add_argument("--lm", default=None, help="language model: local save_pretrained folder or hf-hub:org/name@rev "
                                                "(default: the method config's)")
     io.add_argument("--config", default=None, help="the method's config as a JSON file to start from (flags override)")
-    io.add_argument("--run-dir", default=None, help="checkpoints, history and caches (default: runs/<bundle name>)")
+    io.add_argument("--run-dir", default=None,
+                    help="checkpoints, history and caches (default: runs/<bundle name>/<method>)")
     io.add_argument("--embeddings", default=None,
                     help="text-embedding cache folder (default: <run-dir>/text-embeddings)")
     return parser
@@ -113,16 +114,18 @@ def config_from_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     return config.replace(**given)
 
 
-def run_dir_of(args: argparse.Namespace) -> str:
-    return args.run_dir or str(Path("runs") / (args.name or Path(args.out).name))
+def run_dir_of(args: argparse.Namespace, method: str) -> str:
+    """``--run-dir``, else ``runs/<bundle name>/<method>``: methods written into one bundle keep apart their
+    checkpoints and their embedding caches (their corpora may differ: MacCap drops captions over 15 words)."""
+    return args.run_dir or str(Path("runs") / (args.name or Path(args.out).name) / method)
 
 
-def train_config_from_arguments(args: argparse.Namespace) -> TrainConfig:
+def train_config_from_arguments(args: argparse.Namespace, method: str) -> TrainConfig:
     """The loop's config from the optimisation flags; a missing tensorboard is a one-line error now, not later."""
     if args.tensorboard:
         require_tensorboard()
     return TrainConfig(
-        out_dir=run_dir_of(args), seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        out_dir=run_dir_of(args, method), seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum,
         epochs=args.epochs, max_steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
         precision=args.precision, device=args.device, checkpoint_every=args.checkpoint_every,

@@ -214,6 +214,7 @@ def embed_corpus(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    stale_fix: str = "pass --overwrite or pick another --out",
 ) -> EmbeddingCache | None:
     """Embed ``captions`` into ``out_dir`` (resuming a run of the same corpus and encoder) and open the cache.
 
@@ -233,7 +234,7 @@ def embed_corpus(
     identity = {"corpus_sha256": corpus_sha256(captions), "encoder_name": encoder_name}
     manifest = {"format": EMBEDDINGS_FORMAT, **identity, "count": len(captions), "shard_size": shard_size}
     if rank == 0:
-        _prepare_folder(out_dir, manifest, overwrite=overwrite)
+        _prepare_folder(out_dir, manifest, overwrite=overwrite, stale_fix=stale_fix)
     else:  # rank 0 may still be clearing the folder (--overwrite): start once it has written this run's manifest
         _wait_for(lambda: 0 if _manifest_matches(out_dir, manifest) else 1, what=f"rank 0's manifest in {out_dir}")
 
@@ -311,7 +312,7 @@ def _wait_for(missing: Callable[[], int], *, what: str) -> None:
         time.sleep(POLL_S)
 
 
-def _prepare_folder(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool) -> None:
+def _prepare_folder(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool, stale_fix: str) -> None:
     """Clear leftovers of killed writes; refuse (or with ``overwrite``, wipe) a cache of something else."""
     # atomic_output's temporary names, and the one safetensors' save_file writes through first (.tmpXXXXXX)
     for pattern in (".shard-*.tmp", f".{MANIFEST_FILE}.*.tmp", ".tmp*"):
@@ -323,8 +324,7 @@ def _prepare_folder(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool)
     if not overwrite:
         raise StaleCacheError(
             f"{out_dir}: holds embeddings of another corpus, encoder or shard size "
-            f"({existing.get('count')} captions, {existing.get('encoder_name')!r}); "
-            "pass --overwrite or pick another --out"
+            f"({existing.get('count')} captions, {existing.get('encoder_name')!r}); {stale_fix}"
         )
     for shard in existing.get("shards", []):
         (out_dir / shard["file"]).unlink(missing_ok=True)
@@ -335,10 +335,11 @@ def _prepare_folder(out_dir: Path, manifest: dict[str, Any], *, overwrite: bool)
 # CLI
 
 
-def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --encoder / --device pair shared by the embed, index and gapstats commands."""
+def add_encoder_arguments(parser: argparse.ArgumentParser, *, aliases: tuple[str, ...] = ()) -> None:
+    """The --encoder / --device pair shared by the embed, index and gapstats commands (``aliases``: other names
+    of --encoder, e.g. index's --retrieval-encoder, the name the tomcap command uses for the store's encoder)."""
     parser.add_argument(
-        "--encoder",
+        "--encoder", *aliases, dest="encoder",
         required=True,
         help="CLIP to embed with: MODEL[/PRETRAINED] as in `ViT-B-32/openai`, or a JSON file of an EncoderConfig",
     )
@@ -447,7 +448,8 @@ def cached_text_embeddings(captions: list[str], encoder: Any, cache_dir: Path) -
     """
     rank, world_size = launch_rank()
     cache = embed_corpus(captions, encoder.encode_text, cache_dir, encoder_name=encoder.name, rank=rank,
-                         world_size=world_size, progress=rank == 0)
+                         world_size=world_size, progress=rank == 0,  # the training commands' flags for the folder:
+                         stale_fix="pass another --embeddings folder (or --run-dir), or delete this one")
     if cache is not None:
         return cache.tensor()
     deadline = time.monotonic() + CACHE_WAIT_S

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training index", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_corpus_arguments(parser, max_words=0)  # a datastore / its statistics keep every caption
-    add_encoder_arguments(parser)
+    add_encoder_arguments(parser, aliases=("--retrieval-encoder",))  # TOMCap's name for the store's encoder
     parser.add_argument(
         "--out", required=True, help="datastore folder to write (index.faiss, captions.txt, datastore.json)"
     )

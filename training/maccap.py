@@ -26,7 +26,8 @@ import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.encoders import ClipEncoder, EncoderConfig, load_encoder, parse_encoder_spec
 from capdemo.lm import embedding_size, load_causal_lm
 from capdemo.methods.maccap.model import (
-    MACCAP_COMPONENT, REGION_COMBINE_MODES, MacCap, MacCapConfig, add_to_bundle, caption_text_embeddings,
+    MACCAP_COMPONENT, REGION_COMBINE_MODES, REGION_MODES, MacCap, MacCapConfig, add_to_bundle,
+    caption_text_embeddings,
 )
 from capdemo.vqa import AnswerList
 from capdemo.weights import WeightSource
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train the LM with the adaptor (the paper keeps it frozen)")
     model.add_argument("--n-query", type=int, default=None, help="learnable queries N_q = prefix length")
     model.add_argument("--n-cr", type=int, default=None, help="noisy text copies N_cr (= patches picked at inference)")
+    model.add_argument("--text-copies", type=int, default=None,
+                       help="noisy copies of the text embedding in training: 1 = Table 5's 'single token' row "
+                            "(default: N_cr, 'multiple token')")
+    model.add_argument("--region-mode", choices=REGION_MODES, default=None,
+                       help="the bundle's image features at inference: subregion aggregation (the paper) or the "
+                            "CLS token alone (Table 5's row)")
     model.add_argument("--noise-variance", type=float, default=None, help="region noise variance per dimension")
     model.add_argument("--width", type=int, default=None, help="adaptor width (default: the CLIP dimension)")
     model.add_argument("--layers", type=int, default=None, help="adaptor transformer-decoder layers")
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_arguments(parser, args, MacCapConfig)
-    train_config = train_config_from_arguments(args)
+    train_config = train_config_from_arguments(args, MACCAP_COMPONENT)
     captions = corpus_from_arguments(args)
     encoder_config = parse_encoder_spec(args.encoder)
     device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))

@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.encoders import ClipEncoder, EncoderConfig, load_encoder, parse_encoder_spec
-from capdemo.gap import GapCorrection, GapStats
+from capdemo.gap import GapCorrection, GapStats, gap_noise
 from capdemo.fileio import atomic_output
-from capdemo.retrieval import CaptionDatastore
+from capdemo.retrieval import CaptionDatastore, DatastoreError
 from capdemo.lm import IGNORE_INDEX
-from capdemo.methods.tomcap.inference import store_caption_embeddings
+from capdemo.methods.tomcap.inference import add_to_bundle, store_caption_embeddings
 from capdemo.methods.tomcap.model import (
-    TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, add_to_bundle, load_gpt2_with_cross_attention,
+    TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, build_prompt, load_gpt2_with_cross_attention,
 )
 from training.cli import (
     OptimDefaults, add_optimisation, config_from_arguments, model_group, print_summary,
@@ -67,10 +67,11 @@ DEFAULTS = OptimDefaults(epochs=10, batch_size=64, lr=1e-4, warmup=500, min_lr_r
 # Retrieval for training, cached
 
 
-def _retrieval_key(captions: Sequence[str], datastore: CaptionDatastore, hits: int) -> str:
-    """Fingerprint of what the cached hits depend on: the corpus, the store (captions, encoder, index) and ``hits``."""
+def _retrieval_key(captions: Sequence[str], datastore: CaptionDatastore, hits: int, query: dict[str, Any]) -> str:
+    """Fingerprint of what the cached hits depend on: the corpus, the store (captions, encoder, index), ``hits``
+    and how the queries were made (``query``)."""
     identity = {"corpus": corpus_sha256(captions), "store_captions": corpus_sha256(datastore.captions),
-                "store": datastore.meta(), "hits": hits}
+                "store": datastore.meta(), "hits": hits, "query": query}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -82,14 +83,16 @@ def retrieve_for_training(
     *,
     cache_file: str | Path | None = None,
     progress: bool = True,
+    query_key: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Store ids (N, hits) of the captions nearest to each corpus caption, best first.
+    """Store ids (N, hits) of the captions nearest to each corpus caption's query, best first.
 
     The caption's own text and its exact duplicates are excluded, and equal captions count
     once, so the nearest hit is never the input caption itself. Reads ``cache_file`` when it
-    was made for the same corpus, store and ``hits``; writes it (atomically) otherwise.
+    was made for the same corpus, store, ``hits`` and queries (``query_key`` says how they were
+    made); writes it (atomically) otherwise.
     """
-    key = _retrieval_key(captions, datastore, hits)
+    key = _retrieval_key(captions, datastore, hits, query_key or {})
     if cache_file is not None and Path(cache_file).is_file():
         with safe_open(str(cache_file), framework="pt") as handle:
             if (handle.metadata() or {}).get("key") == key:
@@ -262,6 +265,28 @@ def build_task(model: TOMCap, examples: TOMCapExamples, *, eval_samples: int = 0
                      evaluate=evaluate, identity=identity or {})
 
 
+def training_queries(config: TOMCapConfig, query_embeds: torch.Tensor, gap_stats: GapStats | None, *,
+                     seed: int) -> torch.Tensor:
+    """The queries training retrieves with (N, D_r): image-like, as the image queries at inference.
+
+    With the captioning CLIP as the retrieval encoder, each caption's embedding is corrected onto the image
+    statistics and noised (std ``query_noise_scale x sigma_I`` per dimension, one seeded draw, as IFCap
+    queries with noised text embeddings). A separate retrieval encoder (the paper's SigLIP2) has no image
+    statistics here: its text embeddings are noised in units of their own per-dimension spread.
+    """
+    queries = query_embeds.float()
+    if gap_stats is not None and queries.shape[1] == gap_stats.dim and config.retrieval_encoder is None:
+        mode = GapCorrection(config.gap_correction)
+        if mode is not GapCorrection.NONE:
+            queries = gap_stats.correct(queries, mode)
+        spread = gap_stats.sigma_image
+    else:
+        spread = queries.std(dim=0, correction=0)  # (D_r,)
+    if config.query_noise_scale == 0:
+        return queries
+    return gap_noise(queries, config.query_noise_scale * spread, generator=torch.Generator().manual_seed(seed))
+
+
 def prepare_examples(
     model: TOMCap,
     captions: Sequence[str],
@@ -273,20 +298,51 @@ def prepare_examples(
     query_embeds: torch.Tensor | None = None,
     retrieval_cache: str | Path | None = None,
     progress: bool = True,
+    seed: int = 0,
 ) -> TOMCapExamples:
-    """Retrieve (cached) and assemble the examples; ``query_embeds`` default to the corpus CLIP embeddings."""
+    """Retrieve (cached) and assemble the examples; ``query_embeds`` (the retrieval encoder's text embeddings)
+    default to the corpus CLIP embeddings, and become :func:`training_queries` (noise seeded by ``seed``)."""
     config = model.config
     hits = config.hits_for_training
     if hits:
-        queries = corpus_embeds if query_embeds is None else query_embeds
+        queries = training_queries(config, corpus_embeds if query_embeds is None else query_embeds, gap_stats,
+                                   seed=seed)
         hit_ids = retrieve_for_training(datastore, queries, captions, hits, cache_file=retrieval_cache,
-                                        progress=progress)
+                                        progress=progress, query_key=_query_key(config, gap_stats, seed))
     else:
         hit_ids = np.zeros((len(captions), 0), dtype=np.int64)
     store_embeds, store_rows = store_caption_embeddings(hit_ids, datastore, captions, corpus_embeds, embed_fn)
-    return TOMCapExamples(tokens=model.tokens, captions=captions, corpus_embeds=corpus_embeds, hit_ids=hit_ids,
-                          store_texts=datastore.captions, store_embeds=store_embeds, store_rows=store_rows,
-                          gap_stats=gap_stats)
+    examples = TOMCapExamples(tokens=model.tokens, captions=captions, corpus_embeds=corpus_embeds, hit_ids=hit_ids,
+                              store_texts=datastore.captions, store_embeds=store_embeds, store_rows=store_rows,
+                              gap_stats=gap_stats)
+    check_lengths(examples)
+    return examples
+
+
+def _query_key(config: TOMCapConfig, gap_stats: GapStats | None, seed: int) -> dict[str, Any]:
+    """What the training queries depend on besides the corpus and the store (part of the retrieval cache key)."""
+    stats = None if gap_stats is None else hashlib.sha256(gap_stats.sigma_image.numpy().tobytes()).hexdigest()
+    return {"correction": config.gap_correction, "query_noise_scale": config.query_noise_scale, "seed": seed,
+            "gap_stats": stats, "retrieval_encoder": config.retrieval_encoder is not None}
+
+
+def check_lengths(examples: TOMCapExamples, *, chunk: int = 4096) -> None:
+    """Refuse, before the first step, an example whose prompt and target run past the LM's positions, naming
+    the flags that shorten it (training would otherwise fail at whichever step first drew it)."""
+    tokens, config = examples.tokens, examples.config
+    tokenizer = tokens.tokenizer
+    for start in range(0, len(examples), chunk):
+        rows = range(start, min(start + chunk, len(examples)))
+        parts = [examples.parts(i) for i in rows]
+        prompts = tokenizer([build_prompt(neighbours, config) for _, neighbours, _ in parts],
+                            add_special_tokens=False)["input_ids"]
+        targets = tokenizer([" " + target.strip() for target, _, _ in parts], add_special_tokens=False)["input_ids"]
+        for i, prompt, target in zip(rows, prompts, targets):
+            length = len(prompt) + min(len(target) + 1, config.max_caption_tokens)
+            if length > tokens.max_positions:
+                raise ValueError(f"TOMCap training example {i} is {length} tokens (its prompt with K={config.k} "
+                                 f"neighbours is {len(prompt)}), more than the LM's {tokens.max_positions} "
+                                 "positions: lower --k or --max-caption-tokens")
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,23 +389,23 @@ def train_tomcap(
     datastore = CaptionDatastore.load(datastore_dir)
     run_dir = Path(train_config.out_dir)
     corpus_embeds = cached_text_embeddings(captions, encoder, Path(embeddings_dir or run_dir / "text-embeddings"))
-    query_embeds = None
+    query_embeds, retriever = None, None
     if config.retrieval_encoder is not None:
         retriever = load_encoder(config.retrieval_encoder, device=encoder.device)
         query_embeds = cached_text_embeddings(captions, retriever, run_dir / "retrieval-embeddings")
-        datastore.require_encoder(retriever.name)
-    else:
-        datastore.require_encoder(encoder.name)
+    require_query_encoder(datastore, retriever or encoder, separate=retriever is not None)
     if gap_stats is not None:  # corrects the captioning CLIP's text embeddings onto its image statistics
         gap_stats.require_encoder(encoder.name)
     torch.manual_seed(train_config.seed)  # the cross-attention, LoRA and projection initialisation
     lm, tokenizer = load_gpt2_with_cross_attention(config.lm)
     model = TOMCap(config, lm, tokenizer)
+    model.set_training_noise(gap_stats)
     retrieval_cache = run_dir / RETRIEVAL_CACHE
     if config.hits_for_training and not _is_main_rank():  # rank 0 retrieves and writes the cache; the others read it
         wait_for_file(retrieval_cache)
     examples = prepare_examples(model, captions, corpus_embeds, datastore, encoder.encode_text, gap_stats=gap_stats,
-                                query_embeds=query_embeds, retrieval_cache=retrieval_cache, progress=_is_main_rank())
+                                query_embeds=query_embeds, retrieval_cache=retrieval_cache, progress=_is_main_rank(),
+                                seed=train_config.seed)
     task = build_task(model, examples, eval_samples=eval_samples,
                       identity=run_identity(config, captions, datastore, gap_stats))
     result = train(task, train_config, resume=resume, stop_after=stop_after)
@@ -363,8 +419,19 @@ def train_tomcap(
             encoder_config=encoder_config, record=record,
             description=f"TOMCap trained text-only on {len(captions)} captions",
             add=lambda writer: add_to_bundle(writer, model, datastore=datastore_spec, copy_datastore=copy_datastore,
-                                             gap_stats=gap_stats))
+                                             gap_stats=gap_stats, retriever=retriever))
     return TOMCapRun(result=result, model=model, examples=examples, bundle=bundle)
+
+
+def require_query_encoder(datastore: CaptionDatastore, queries_from: ClipEncoder, *, separate: bool) -> None:
+    """Refuse a datastore embedded by another model than the one the queries come from, naming the flag that
+    fixes it (the README's recipe indexes with SigLIP2 and captions with CLIP: --retrieval-encoder)."""
+    if datastore.encoder_name == queries_from.name:
+        return
+    fix = (f"pass --retrieval-encoder {datastore.encoder_name}" if not separate
+           else f"build the store with `python -m training index --retrieval-encoder {queries_from.name}`")
+    raise DatastoreError(f"the datastore was embedded with {datastore.encoder_name!r} but the training queries come "
+                         f"from {queries_from.name!r}: {fix} (the model that embedded the store)")
 
 
 def wait_for_file(path: Path, *, timeout_s: float = CACHE_WAIT_S) -> None:
@@ -395,8 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input")
     model.add_argument("--gap-correction", choices=[m.value for m in GapCorrection], default=None,
                        help="how training inputs move onto image statistics")
+    model.add_argument("--input-noise-scale", type=float, default=None,
+                       help="training noise on the corrected input: std = scale x sigma_I per dimension")
+    model.add_argument("--query-noise-scale", type=float, default=None,
+                       help="the same for the training retrieval queries (0: the clean corrected embedding)")
     model.add_argument("--noise-variance", type=float, default=None,
-                       help="training noise variance after the correction")
+                       help="CapDec's noise instead (L2norm(e + n), n ~ N(0, var)): the ablation rows")
+    model.add_argument("--retrieval-encoder", type=parse_encoder_spec, default=None, metavar="SPEC",
+                       help="the model that embedded the datastore, when it is not --encoder (paper: SigLIP2, e.g. "
+                            "ViT-B-16-SigLIP2/webli); MODEL[/PRETRAINED], a bundle or an EncoderConfig JSON file")
     model.add_argument("--target", choices=TARGETS, default=None,
                        help="training target: the nearest retrieved caption (paper) or the input caption")
     model.add_argument("--target-in-prompt", action=argparse.BooleanOptionalAction, default=None,
@@ -415,11 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_arguments(parser, args, TOMCapConfig)
-    train_config = train_config_from_arguments(args)
-    needs_stats = GapCorrection(config.gap_correction) is not GapCorrection.NONE
+    train_config = train_config_from_arguments(args, TOMCAP_COMPONENT)
+    needs_stats = (GapCorrection(config.gap_correction) is not GapCorrection.NONE or config.input_noise_scale > 0
+                   or config.query_noise_scale > 0 and config.retrieval_encoder is None)
     if needs_stats and not args.gap_stats:
-        raise SystemExit(f"error: --gap-stats is required for gap correction {config.gap_correction!r} "
-                         "(make it with `python -m training gapstats`, or pass --gap-correction none)")
+        raise SystemExit(f"error: --gap-stats is required for gap correction {config.gap_correction!r} and for noise "
+                         "scaled to the image statistics (make it with `python -m training gapstats`, or pass "
+                         "--gap-correction none --input-noise-scale 0 --query-noise-scale 0)")
     captions = corpus_from_arguments(args)
     encoder_config = parse_encoder_spec(args.encoder)
     device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))

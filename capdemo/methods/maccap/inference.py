@@ -29,7 +29,9 @@ from capdemo.features import ImageFeatures
 from capdemo.gap import sample_noise
 from capdemo.lm import max_positions
 from capdemo.methods.base import CaptionMethod, Encoded, LoadContext, MethodOptions, options_from_config, setting
-from capdemo.methods.maccap.model import MacCap, caption_text_embeddings, image_regions, load_from_bundle
+from capdemo.methods.maccap.model import (
+    REGION_MODES, MacCap, caption_text_embeddings, image_regions, load_from_bundle,
+)
 from capdemo.rerank import ScoredTexts, clip_scores
 from capdemo.result import Candidate, Patch, Result
 from capdemo.timing import StageTimer
@@ -43,12 +45,16 @@ class MacCapOptions(MethodOptions):
     """MacCap's per-request settings (a bundle presets them from its MacCapConfig)."""
 
     samples: int = setting(20, low=1, high=64, label="Samples S",
-                           help="noisy samples of the region features, reranked by CLIP (paper: 20)")
+                           help="noisy samples of the region features, reranked by CLIP (paper: 20); 1: one clean "
+                                "sample, no noise (Table 5's row without sampling and filtering)")
     beams: int = setting(4, low=1, high=8, label="Beams", help="beam width per sample (paper: 4)")
     noise_variance: float = setting(0.016, low=0.0, high=1.0, step=0.001, label="Noise variance",
                                     help="inference noise variance per dimension on the region features (paper: 0.016)")
     n_cr: int = setting(10, low=1, high=256, label="Patches N_cr",
                         help="patches picked by the CLS attention (paper: 10)")
+    region_mode: str = setting("subregion", choices=REGION_MODES, label="Image features",
+                               help="'subregion': subregion aggregation I_cr (the paper); 'cls': the CLS token alone "
+                                    "(Table 5's ablation row)")
     max_new_tokens: int = setting(16, low=1, high=64, label="Max new tokens", help="caption length cap (reference: 16)")
     seed: int = setting(0, low=0, high=2**31 - 1, label="Seed",
                         help="seeds the inference noise: same seed, same captions")
@@ -71,6 +77,11 @@ def noisy_samples(regions: torch.Tensor, *, samples: int, variance: float, seed:
     return torch.stack([sample_noise_batch(regions, sample=s, variance=variance, seed=seed) for s in range(samples)], 1)
 
 
+def inference_variance(options: MacCapOptions) -> float:
+    """The noise on the region features: the option's, or none for a single sample (no sampling and filtering)."""
+    return 0.0 if options.samples == 1 else options.noise_variance
+
+
 @torch.inference_mode()
 def caption_images(model: MacCap, encoder: ClipEncoder, features: ImageFeatures,
                    options: MacCapOptions) -> list[Result]:
@@ -78,8 +89,10 @@ def caption_images(model: MacCap, encoder: ClipEncoder, features: ImageFeatures,
     timer = StageTimer(model.device)
     with timer("aggregate"):
         features = features.to(model.device)
-        token_index, attention, regions = image_regions(features, model.config, n_cr=options.n_cr)
-        noisy = noisy_samples(regions, samples=options.samples, variance=options.noise_variance, seed=options.seed)
+        token_index, attention, regions = image_regions(features, model.config, n_cr=options.n_cr,
+                                                        region_mode=options.region_mode)
+        noisy = noisy_samples(regions, samples=options.samples, variance=inference_variance(options),
+                              seed=options.seed)
     with timer("adaptor"):
         prompt = model.prompt_embeds(noisy.flatten(0, 1))  # (B * S, P, E), rows of one image adjacent
     with timer("generate"):
@@ -107,8 +120,9 @@ def sequential_reference(model: MacCap, encoder: ClipEncoder, pixels: torch.Tens
         with timer("encode"):
             features = encoder.encode_images(pixels).to(model.device)
         with timer("aggregate"):
-            token_index, attention, regions = image_regions(features, model.config, n_cr=options.n_cr)
-            noisy = sample_noise_batch(regions, sample=sample, variance=options.noise_variance, seed=options.seed)
+            token_index, attention, regions = image_regions(features, model.config, n_cr=options.n_cr,
+                                                            region_mode=options.region_mode)
+            noisy = sample_noise_batch(regions, sample=sample, variance=inference_variance(options), seed=options.seed)
         with timer("adaptor"):
             prompt = model.prompt_embeds(noisy)  # (B, P, E)
         with timer("generate"):

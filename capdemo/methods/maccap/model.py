@@ -35,6 +35,7 @@ from capdemo.lm import load_causal_lm, save_causal_lm
 from capdemo.prefix_lm import PrefixLM
 
 REGION_COMBINE_MODES = ("mean", "sum")
+REGION_MODES = ("subregion", "cls")  # Table 5's inference rows: subregion aggregation (I_cr), or the CLS token alone
 VQA_MATCH_MODES = ("clip", "word")
 MACCAP_COMPONENT = "maccap"  # bundle component holding MacCapConfig
 ADAPTOR_WEIGHTS = "maccap/adaptor.safetensors"  # bundle file with the adaptor's state dict
@@ -58,6 +59,12 @@ class MacCapConfig(Config):
     # ---- CLIP regions (eq. 10-13)
     embed_dim: int = 512  # D: CLIP joint-space dimension (ViT-B/32: 512)
     n_cr: int = 10  # N_cr: noisy text copies in training = patches picked at inference (paper: 10)
+    # Table 5's training rows: None = "multiple token" (N_cr noisy copies of the text embedding, the paper);
+    # 1 = "single token" (one noisy copy in the adaptor's memory)
+    text_copies: int | None = None
+    # Table 5's inference rows: "subregion" = subregion aggregation I_cr = (I_s + I_c) (the paper); "cls" = the
+    # CLS token I_c alone (I_cr without I_s), repeated N_cr times so the memory has the trained size
+    region_mode: str = "subregion"
     # Paper: top-N_cr among the patches only (False). Reference: over all tokens, so CLS itself may be picked.
     include_cls_in_topk: bool = False
     # Paper: A is the picked tokens' attention rows as they are (False). Reference: softmax applied to these
@@ -96,6 +103,10 @@ class MacCapConfig(Config):
     vqa_max_new_tokens: int = 10  # length cap of the LM's free-form answer
 
     def __post_init__(self) -> None:
+        if self.region_mode not in REGION_MODES:
+            raise ValueError(f"MacCapConfig.region_mode must be one of {REGION_MODES}, got {self.region_mode!r}")
+        if self.text_copies is not None and self.text_copies < 1:
+            raise ValueError(f"MacCapConfig.text_copies must be None or >= 1, got {self.text_copies}")
         if self.region_combine not in REGION_COMBINE_MODES:
             raise ValueError(
                 f"MacCapConfig.region_combine must be one of {REGION_COMBINE_MODES}, got {self.region_combine!r}"
@@ -165,10 +176,17 @@ def aggregate_regions(
 
 
 def image_regions(
-    features: ImageFeatures, config: MacCapConfig, *, n_cr: int | None = None
+    features: ImageFeatures, config: MacCapConfig, *, n_cr: int | None = None, region_mode: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(token_index (B, N_cr), attention (B, N_cr), regions (B, N_cr, D))`` with the config's switches."""
+    """``(token_index (B, N_cr), attention (B, N_cr), regions (B, N_cr, D))`` with the config's switches.
+
+    ``region_mode`` "cls" (Table 5's "CLS token" row) makes every region the normalised global embedding I_c;
+    the picked patches are still returned, to show what subregion aggregation would have used.
+    """
     token_index, attention = select_patches(features, n_cr or config.n_cr, include_cls=config.include_cls_in_topk)
+    if (region_mode or config.region_mode) == "cls":
+        global_embed = F.normalize(features.global_embeds, dim=-1)  # (B, D) = I_c
+        return token_index, attention, global_embed.unsqueeze(1).expand(-1, token_index.shape[1], -1)
     regions = aggregate_regions(
         features, token_index, resoftmax=config.resoftmax_attention_rows,
         normalise_parts=config.normalise_region_parts, combine=config.region_combine,
@@ -253,8 +271,9 @@ class MacCap(PrefixLM):
         text_embeds (B, D) CLIP text embeddings; token_ids / attention_mask (B, L) from :meth:`tokenize`.
         The noise comes from ``generator``, or torch's default one (seeded per step by the training loop).
         """
-        regions = text_regions(text_embeds, self.config.n_cr, self.config.noise_variance, generator=generator)
-        return self.caption_loss(regions, token_ids, attention_mask)  # regions (B, N_cr, D)
+        copies = self.config.text_copies or self.config.n_cr
+        regions = text_regions(text_embeds, copies, self.config.noise_variance, generator=generator)
+        return self.caption_loss(regions, token_ids, attention_mask)  # regions (B, copies, D)
 
     @torch.inference_mode()
     def generate(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,13 +20,16 @@ import torch
 from capdemo.encoders import ClipEncoder
 from capdemo.gap import GapCorrection, GapStats
 from capdemo.methods.base import CaptionMethod, Encoded, LoadContext, MethodOptions, options_from_config, setting
+from capdemo.bundle import IN_BUNDLE_PREFIX
 from capdemo.methods.tomcap.model import (
-    SELECT_BY, TOMCap, TOMCapConfig, build_prompt, datastore_from_bundle, load_from_bundle,
+    BUNDLED_DATASTORE, BUNDLED_GAP_STATS, BUNDLED_LM, BUNDLED_RETRIEVER, SELECT_BY, TOMCAP_COMPONENT,
+    TRAINABLE_WEIGHTS, TOMCap, TOMCapConfig, build_prompt, load_gpt2_with_cross_attention,
 )
 from capdemo.rerank import ScoredTexts, clip_scores
 from capdemo.result import Candidate, Neighbour, Result
 from capdemo.retrieval import CaptionDatastore, DatastoreError
 from capdemo.timing import StageTimer
+from capdemo.weights import WeightSource, resolve
 
 MAX_K = 16  # most neighbours a request may ask for (the paper finds 4 best; more only adds noise)
 TEXT_TO_TEXT_BATCH = 50  # texts decoded per generate call by text_to_text
@@ -133,6 +138,60 @@ def _result(b: int, image_embeds: torch.Tensor, neighbours: list[Neighbour], nei
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Bundles
+
+
+def add_to_bundle(writer: Any, model: TOMCap, *, datastore: str | Path | None, copy_datastore: bool,
+                  gap_stats: GapStats | None = None, retriever: ClipEncoder | None = None) -> None:
+    """Record a trained model in a ``BundleWriter``.
+
+    Writes the config, the trainable weights, the base LM when it is local (a hub LM is kept as its
+    ``hf-hub:`` spec), the retrieval encoder's weights when they are local, the datastore (copied, or
+    referenced by its path or hub spec when ``copy_datastore`` is False) and the gap statistics the
+    training inputs were corrected with.
+    """
+    config = model.config
+    writer.add_tensors(TRAINABLE_WEIGHTS, model.trainable_state())
+    spec = config.retrieval_encoder
+    if spec is not None and (spec.pretrained is None or not WeightSource.parse(spec.pretrained).on_hub
+                             and Path(spec.pretrained).exists()):
+        if retriever is None:
+            raise ValueError("a local retrieval encoder must be handed over to be copied into the bundle")
+        writer.add_tensors(BUNDLED_RETRIEVER, retriever.model.state_dict())
+        config = config.replace(retrieval_encoder=spec.replace(pretrained=IN_BUNDLE_PREFIX + BUNDLED_RETRIEVER))
+    if not WeightSource.parse(model.lm_source).on_hub:
+        writer.add_directory(BUNDLED_LM, resolve(model.lm_source, what="TOMCap language model"))
+        config = config.replace(lm=IN_BUNDLE_PREFIX + BUNDLED_LM)
+    if datastore is not None and copy_datastore:
+        writer.add_directory(BUNDLED_DATASTORE, resolve(datastore, what="TOMCap datastore", patterns=("*",)))
+        datastore = IN_BUNDLE_PREFIX + BUNDLED_DATASTORE
+    if gap_stats is not None:
+        gap_stats.save(writer.path(BUNDLED_GAP_STATS))
+        config = config.replace(gap_stats=IN_BUNDLE_PREFIX + BUNDLED_GAP_STATS)
+    writer.add_component(TOMCAP_COMPONENT, config.replace(datastore=str(datastore) if datastore else None).to_dict())
+
+
+def load_from_bundle(bundle: Any, *, device: str | torch.device = "cpu") -> TOMCap:
+    """Rebuild the bundle's TOMCap (eval mode) exactly from its stored config and weights."""
+    config = TOMCapConfig.from_dict(bundle.component(TOMCAP_COMPONENT))
+    source = bundle.locate(config.lm)
+    lm, tokenizer = load_gpt2_with_cross_attention(source, device=device)
+    model = TOMCap(config, lm, tokenizer, lm_source=source)
+    model.load_trainable_state(bundle.tensors(TRAINABLE_WEIGHTS))
+    return model.to(device).eval()
+
+
+def datastore_from_bundle(bundle: Any) -> CaptionDatastore | None:
+    """The bundle's caption datastore (inside it or referenced), or None when the model does not retrieve."""
+    config = TOMCapConfig.from_dict(bundle.component(TOMCAP_COMPONENT))
+    if not config.use_retrieval:
+        return None
+    if config.datastore is None:
+        raise DatastoreError(f"{bundle.path}: the tomcap component names no datastore")
+    return CaptionDatastore.load(resolve(bundle.locate(config.datastore), what="TOMCap datastore", patterns=("*",)))
+
+
 class TOMCapMethod(CaptionMethod):
     """TOMCap behind the method interface: the model, its datastore, gap statistics and retrieval encoder."""
 
@@ -154,8 +213,10 @@ class TOMCapMethod(CaptionMethod):
     @classmethod
     def from_bundle(cls, context: LoadContext) -> TOMCapMethod:
         model = load_from_bundle(context.bundle, device=context.device)
-        config = model.config
-        retriever = context.towers.get(config.retrieval_encoder) if config.retrieval_encoder is not None else None
+        config, retriever = model.config, None
+        if config.retrieval_encoder is not None:
+            spec = config.retrieval_encoder
+            retriever = context.towers.get(spec.replace(pretrained=context.bundle.locate(spec.pretrained)))
         gap_stats = GapStats.load(context.bundle.locate(config.gap_stats)) if config.gap_stats else None
         return cls(model, context.encoder, datastore=datastore_from_bundle(context.bundle), gap_stats=gap_stats,
                    retriever=retriever if retriever is not context.encoder else None)
@@ -177,9 +238,9 @@ class TOMCapMethod(CaptionMethod):
         return caption_images(self.model, self.encoder, self.datastore, image_embeds, queries, options)
 
     def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor) -> list[str] | None:
-        """Each text's training input, clean: its corrected embedding, and the captions retrieved for it as
-        training retrieves them (itself excluded), decoded with the bundle's beams and selection (by CLIP
-        cosine with the text's embedding, as images are by theirs)."""
+        """Each text's training input, clean: its corrected embedding, and the captions that embedding retrieves
+        as training's queries do (noise aside; itself excluded), decoded with the bundle's beams and selection
+        (by CLIP cosine with the text's embedding, as images are by theirs)."""
         config = self.model.config
         if self.retriever is not None or (config.use_retrieval and self.datastore is None):
             return None  # training queried with the retrieval encoder's text embeddings: not rebuilt here
@@ -189,7 +250,7 @@ class TOMCapMethod(CaptionMethod):
             inputs = self.gap_stats.correct(inputs, mode)
         hit_ids = np.zeros((len(texts), 0), dtype=np.int64)
         if config.hits_for_training:
-            hit_ids = self.datastore.search(text_embeds, config.hits_for_training, exclude_texts=list(texts),
+            hit_ids = self.datastore.search(inputs, config.hits_for_training, exclude_texts=list(texts),
                                             dedupe=True).ids  # (N, H)
         store_embeds, store_rows = store_caption_embeddings(hit_ids, self.datastore, texts, text_embeds,
                                                             self.encoder.encode_text)
@@ -211,5 +272,5 @@ class TOMCapMethod(CaptionMethod):
         return [self.model]
 
 
-__all__ = ["MAX_K", "TOMCapMethod", "TOMCapOptions", "caption_images", "retrieve_neighbours",
-           "store_caption_embeddings"]
+__all__ = ["MAX_K", "TOMCapMethod", "TOMCapOptions", "add_to_bundle", "caption_images", "datastore_from_bundle",
+           "load_from_bundle", "retrieve_neighbours", "store_caption_embeddings"]

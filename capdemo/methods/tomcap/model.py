@@ -13,7 +13,8 @@ self-attention projections train.
 Inference (:mod:`capdemo.methods.tomcap.inference`): the CLIP *image* embedding
 queries the datastore and fills the memory directly (no correction: the
 correction maps text onto image statistics, the image already has them); beam
-search decodes, and CLIP reranks the beams.
+search decodes and the best beam is the caption (CLIP rerank of the beams is a
+capdemo option, ``select_by="clip"``, not the paper's).
 
 No official code exists, so every choice the paper leaves open is a field of
 :class:`TOMCapConfig` whose comment gives the default and the reason.
@@ -30,16 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capdemo.bundle import IN_BUNDLE_PREFIX
 from capdemo.config import Config
 from capdemo.encoders import EncoderConfig
-from capdemo.gap import GapCorrection, GapStats, inject_noise
+from capdemo.gap import GapCorrection, GapStats, gap_noise, inject_noise
 from capdemo.lm import (
     IGNORE_INDEX, LM_WEIGHT_PATTERNS, LanguageModelError, decode, embed_tokens, generate_from_embeds, max_positions,
     special_ids,
 )
-from capdemo.retrieval import CaptionDatastore, DatastoreError
-from capdemo.weights import WeightSource, resolve
+from capdemo.weights import resolve
 
 TARGETS = ("nearest", "input")
 SELECT_BY = ("clip", "beam")
@@ -48,6 +47,7 @@ TRAINABLE_WEIGHTS = "tomcap/trainable.safetensors"  # cross-attention + LoRA + m
 BUNDLED_LM = "tomcap/lm"  # the base GPT-2 (without cross-attention) and tokenizer, when the bundle carries them
 BUNDLED_DATASTORE = "tomcap/datastore"  # the caption datastore, when the bundle carries it
 BUNDLED_GAP_STATS = "tomcap/gap_stats.safetensors"  # the statistics the training inputs were corrected with
+BUNDLED_RETRIEVER = "tomcap/retriever.safetensors"  # the retrieval encoder's weights, when they are local
 
 # (fan_in, fan_out) of GPT-2's attention projections in units of n_embd: the LoRA targets TOMCap allows.
 # Names match peft's suffix rule, so "attn.c_attn" is the self-attention's c_attn and never crossattention's.
@@ -72,8 +72,14 @@ class TOMCapConfig(Config):
       prompt therefore holds the next K (ranks 2..K+1) and the model must produce a caption the
       memory points at ("similar embeddings produce the same caption"); ``target_in_prompt``
       restores the literal reading.
-    * Noise is added after the correction, to the cross-attention input only (secondary sources
-      say TOMCap adds noise; the retrieval queries are computed once, clean, before training).
+    * The gap: secondary sources say TOMCap adds Gaussian noise after the mean+std correction, scaled
+      separately for the cross-attention input and for the retrieval query. Both scales are relative
+      to the image statistics (noise std = scale x sigma_I per dimension), so the noise is measured
+      in the spread the correction matched, and nothing is re-normalised afterwards (that would
+      undo the matched statistics). Training queries the datastore with the noised corrected
+      embedding, an image-like query as IFCap does, once per caption with a seeded draw.
+    * The K neighbours enter the memory as their plain CLIP text embeddings (the paper is silent;
+      at inference they are text too, so they need no correction).
     * The memory projection (Linear D -> n_embd, then LayerNorm) is always there: CLIP vectors
       are unit-norm, far below GPT-2's hidden scale, and the projection is also what lets a
       D != n_embd encoder feed the cross-attention.
@@ -102,9 +108,13 @@ class TOMCapConfig(Config):
     target: str = "nearest"  # "nearest": the store caption nearest to the input (paper); "input": the input (ablation)
     target_in_prompt: bool = False  # target "nearest": True puts it in the prompt as c1 (see the class docstring)
     gap_correction: str = "mean_std"  # onto image statistics: "mean_std" (paper), "mean" (CapDec's offset), "none"
-    # Gaussian noise variance per dimension after the correction, training only (0.016: CapDec's);
-    # gap_correction "none" with noise is CapDec's recipe
-    noise_variance: float = 0.016
+    # training noise on the corrected cross-attention input: std = input_noise_scale x sigma_I per dimension
+    # (the value: a sweep in the shapes world, README "TOMCap's gap noise")
+    input_noise_scale: float = 0.5
+    # the same for the training retrieval queries (image-like queries; 0: the clean corrected embedding)
+    query_noise_scale: float = 0.5
+    # CapDec's noise instead, for the ablation rows: L2norm(e + n), n ~ N(0, noise_variance) (CapDec: 0.016)
+    noise_variance: float = 0.0
     # the statistics of the correction ("bundle:tomcap/gap_stats.safetensors"); for analysis, unused at inference
     gap_stats: str | None = None
     max_caption_tokens: int = 25  # training target tokens including EOS; longer targets are cut (SmallCap: 25)
@@ -115,7 +125,7 @@ class TOMCapConfig(Config):
     # ---- decoding
     beams: int = 3  # beam width; every beam is a candidate (SmallCap, TOMCap's code ancestor: 3)
     max_new_tokens: int = 25  # generation length cap (SmallCap: 25)
-    select_by: str = "clip"  # "clip": beams reranked by CLIP image-text cosine (as MacCap); "beam": beam order
+    select_by: str = "beam"  # "beam": the beam search's best (paper); "clip": reranked by CLIP cosine (capdemo's)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -132,8 +142,10 @@ class TOMCapConfig(Config):
         for name in ("embed_dim", "lora_r", "k", "beams", "max_new_tokens", "max_caption_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TOMCapConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.noise_variance < 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("TOMCapConfig needs noise_variance >= 0 and 0 <= lora_dropout < 1")
+        noise = (self.noise_variance, self.input_noise_scale, self.query_noise_scale)
+        if min(noise) < 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("TOMCapConfig needs noise_variance, input_noise_scale, query_noise_scale >= 0 and "
+                             "0 <= lora_dropout < 1")
         if "{captions}" not in self.prompt_template:
             raise ValueError("TOMCapConfig.prompt_template must contain the {captions} placeholder")
 
@@ -251,6 +263,8 @@ class TOMCap(nn.Module):
         width = lm.config.n_embd
         # CLIP embeddings are unit vectors (entries ~ D^-1/2); the LayerNorm brings them to GPT-2's hidden scale
         self.memory_proj = nn.Sequential(nn.Linear(config.embed_dim, width), nn.LayerNorm(width))
+        # (D,) std of the training noise on the corrected input (scale x sigma_I), set for training only
+        self.register_buffer("input_noise_std", None, persistent=False)
         self.requires_grad_(False)
         for param in self.trainable_parameters():
             param.requires_grad_(True)
@@ -295,14 +309,26 @@ class TOMCap(nn.Module):
 
     # ---- training
 
+    def set_training_noise(self, gap_stats: GapStats | None) -> None:
+        """Scale the input noise to ``gap_stats``' image spread (``input_noise_scale x sigma_I``); a scale > 0
+        without statistics is an error naming the fix."""
+        scale = self.config.input_noise_scale
+        if scale > 0 and gap_stats is None:
+            raise ValueError("TOMCap's input noise is scaled to the image statistics: pass --gap-stats (python -m "
+                             "training gapstats), or --input-noise-scale 0")
+        self.input_noise_std = None if scale == 0 else (scale * gap_stats.sigma_image).to(self.device)
+
     def loss(self, input_embeds: torch.Tensor, neighbour_embeds: torch.Tensor | None, input_ids: torch.Tensor,
              attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the target tokens, averaged per caption, then over the batch.
 
-        input_embeds (B, D): gap-corrected text embeddings; the configured noise is added here
-        from torch's default generator (the training loop seeds it per step). input_ids,
-        attention_mask, labels (B, L), right-padded, labels IGNORE_INDEX off the target.
+        input_embeds (B, D): gap-corrected text embeddings; the configured noise is added here from torch's
+        default generator (the training loop seeds it per step): ``input_noise_std`` per dimension, not
+        re-normalised (:meth:`set_training_noise`), and/or CapDec's ``noise_variance`` (re-normalised).
+        input_ids, attention_mask, labels (B, L), right-padded, labels IGNORE_INDEX off the target.
         """
+        if self.input_noise_std is not None:
+            input_embeds = gap_noise(input_embeds.float(), self.input_noise_std)
         if self.config.noise_variance > 0:
             input_embeds = inject_noise(input_embeds.float(), self.config.noise_variance)
         memory = self.memory(input_embeds, neighbour_embeds)  # (B, 1 + K, n_embd)
@@ -332,61 +358,12 @@ class TOMCap(nn.Module):
         return decode(self.tokenizer, new_tokens)
 
 
-# --------------------------------------------------------------------------------------------
-# Bundles
-
-
-def add_to_bundle(writer: Any, model: TOMCap, *, datastore: str | Path | None, copy_datastore: bool,
-                  gap_stats: GapStats | None = None) -> None:
-    """Record a trained model in a ``BundleWriter``.
-
-    Writes the config, the trainable weights, the base LM when it is local (a hub LM is kept
-    as its ``hf-hub:`` spec), the datastore (copied, or referenced by its path or hub spec when
-    ``copy_datastore`` is False) and the gap statistics the training inputs were corrected with.
-    """
-    config = model.config
-    writer.add_tensors(TRAINABLE_WEIGHTS, model.trainable_state())
-    if not WeightSource.parse(model.lm_source).on_hub:
-        writer.add_directory(BUNDLED_LM, resolve(model.lm_source, what="TOMCap language model"))
-        config = config.replace(lm=IN_BUNDLE_PREFIX + BUNDLED_LM)
-    if datastore is not None and copy_datastore:
-        writer.add_directory(BUNDLED_DATASTORE, resolve(datastore, what="TOMCap datastore", patterns=("*",)))
-        datastore = IN_BUNDLE_PREFIX + BUNDLED_DATASTORE
-    if gap_stats is not None:
-        gap_stats.save(writer.path(BUNDLED_GAP_STATS))
-        config = config.replace(gap_stats=IN_BUNDLE_PREFIX + BUNDLED_GAP_STATS)
-    writer.add_component(TOMCAP_COMPONENT, config.replace(datastore=str(datastore) if datastore else None).to_dict())
-
-
-def load_from_bundle(bundle: Any, *, device: str | torch.device = "cpu") -> TOMCap:
-    """Rebuild the bundle's TOMCap (eval mode) exactly from its stored config and weights."""
-    config = TOMCapConfig.from_dict(bundle.component(TOMCAP_COMPONENT))
-    source = bundle.locate(config.lm)
-    lm, tokenizer = load_gpt2_with_cross_attention(source, device=device)
-    model = TOMCap(config, lm, tokenizer, lm_source=source)
-    model.load_trainable_state(bundle.tensors(TRAINABLE_WEIGHTS))
-    return model.to(device).eval()
-
-
-def datastore_from_bundle(bundle: Any) -> CaptionDatastore | None:
-    """The bundle's caption datastore (inside it or referenced), or None when the model does not retrieve."""
-    config = TOMCapConfig.from_dict(bundle.component(TOMCAP_COMPONENT))
-    if not config.use_retrieval:
-        return None
-    if config.datastore is None:
-        raise DatastoreError(f"{bundle.path}: the tomcap component names no datastore")
-    return CaptionDatastore.load(resolve(bundle.locate(config.datastore), what="TOMCap datastore", patterns=("*",)))
-
-
 __all__ = [
     "LORA_TARGET_SHAPES",
     "PromptTokens",
     "TOMCap",
     "TOMCapConfig",
-    "add_to_bundle",
     "build_prompt",
-    "datastore_from_bundle",
-    "load_from_bundle",
     "load_gpt2_with_cross_attention",
     "parameter_count_formula",
 ]
