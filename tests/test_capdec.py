@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +18,6 @@ from capdemo.methods.capdec.model import (
     CapDec, CapDecConfig, MLPMapper, TransformerMapper, add_to_bundle, load_from_bundle,
 )
 from capdemo.testing import TINY_CAPDEC, TINY_CORPUS, example_images, tiny_encoder_config, tiny_gpt2
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def tiny_config(**overrides) -> CapDecConfig:
     return CapDecConfig(**{**TINY_CAPDEC, "lm": "unused", **overrides})
@@ -154,16 +148,16 @@ def test_capdec_trains_from_the_command_line_into_an_existing_bundle(tiny_bundle
     assert "text_to_text_exact" in record["evaluations"][-1]
 
 
-def test_the_cli_captions_with_capdec_and_prints_the_same_keys_as_the_other_methods(tiny_bundle_dir, tmp_path):
+def test_the_cli_captions_with_capdec_and_prints_the_same_keys_as_the_other_methods(tiny_bundle_dir, tmp_path,
+                                                                                     capsys):
+    from capdemo.__main__ import main
+
     path = tmp_path / "image.png"
     example_images()[0].save(path)
     lines = {}
     for method in ("maccap", "tomcap", "capdec"):
-        command = [sys.executable, "-m", "capdemo", "caption", str(path), "--weights", str(tiny_bundle_dir),
-                   "--method", method, "--json"]
-        run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert run.returncode == 0, run.stderr
-        lines[method] = json.loads(run.stdout)
+        assert main(["caption", str(path), "--weights", str(tiny_bundle_dir), "--method", method, "--json"]) == 0
+        lines[method] = json.loads(capsys.readouterr().out)
     assert set(lines["capdec"]) == set(lines["maccap"]) == set(lines["tomcap"])
     capdec = lines["capdec"]
     assert len(capdec["candidates"]) == TINY_CAPDEC["beams"] and capdec["caption"] == capdec["candidates"][0]["text"]
