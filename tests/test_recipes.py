@@ -52,7 +52,7 @@ def test_every_recipe_loads_with_data_sources_stages_and_numbers():
         assert recipe.name == name and recipe.stages and recipe.published and recipe.title
         if recipe.method != "both":  # the shapes world downloads nothing
             named = {s.file.rstrip("/") for s in recipe.sources}
-            files = {v for k, v in recipe.data.items() if not k.endswith(("split", "subset"))}
+            files = {v for k, v in recipe.data.items() if not k.endswith(("split", "subset", "evaluation"))}
             assert {f.split("/")[0] for f in files} <= {n.split("/")[0] for n in named}, name  # every file sourced
             assert all(s.url.startswith(("http://", "https://")) for s in recipe.sources)
 

@@ -1,4 +1,5 @@
-"""The whole shapes recipe at smoke size, end to end: the same commands as the shipped bundle, then real scores.
+"""The whole shapes recipe at smoke size, end to end, as `python -m training reproduce shapes --smoke` runs it: the
+same commands as the shipped bundle, then real scores and the reproduction's table.
 
 An untrained or broken pipeline produces captions that do not parse (attribute accuracy 0), or ignores the image
 (a constant caption scores about 0.25 on attributes, see test_constant_caption_baseline); the trained smoke
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from capdemo.pipeline import Captioner
-from training.shapes import build, world
+from training.shapes import world
 from training.shapes.evaluate import evaluate_bundle, score
 from training.shapes.language import captions
 
@@ -19,10 +20,44 @@ N_TEST = 120
 
 
 @pytest.fixture(scope="module")
-def smoke_bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    assert build.main(["--smoke", "--out", str(root / "shapes"), "--work-dir", str(root / "work")]) == 0
-    return root / "shapes"
+def reproduction(tmp_path_factory):
+    """``reproduce shapes --smoke --json``: the build (bundle/, work/), shapes-eval, and the table's JSON."""
+    import contextlib
+    import io
+    import json
+
+    from training.reproduce import main
+
+    root = tmp_path_factory.mktemp("reproduce-shapes")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["shapes", "--smoke", "--json", "--out", str(root)]) == 0
+    return root, json.loads(printed.getvalue().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def smoke_bundle(reproduction):
+    return reproduction[0] / "bundle"
+
+
+def test_reproduce_runs_the_recipe_end_to_end_and_tables_ours_next_to_the_published_numbers(reproduction):
+    import contextlib
+    import io
+
+    from training.reproduce import main
+
+    root, report = reproduction
+    rows = {(row["method"], row["metric"]): row for row in report["rows"]}
+    assert {"maccap", "tomcap"} <= {method for method, _ in rows} and report["smoke"] is True
+    for (method, metric), row in rows.items():
+        assert row["ours"] is not None and row["paper"] > 0, (method, metric)
+        assert 0.0 <= row["ours"] <= (10.0 if metric == "CIDEr" else 1.0)
+    assert rows[("maccap", "scene_accuracy")]["paper"] == 0.63  # the README's measured table
+    assert (root / "reproduction.md").read_text().count("| shapes-held-out-500 |") == len(rows)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()) as log:
+        assert main(["shapes", "--smoke", "--out", str(root)]) == 0  # a second run: every stage done before
+    assert log.getvalue().count("done before:") == 2 and "| maccap |" in printed.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +114,8 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
     assert first["rows"]["maccap-s1"]["parse_rate"] > 0.5  # the smoke MacCap, scored through the ablation
     trained_dir = work / "ablation" / "gap-none" / "steps-10"
     variant = Bundle.load(trained_dir / "bundle").component("tomcap")
-    assert variant["gap_correction"] == "none" and variant["noise_variance"] == 0.0  # the row's flags took effect
+    assert (variant["gap_correction"], variant["noise_variance"], variant["input_noise_scale"],
+            variant["query_noise_scale"]) == ("none", 0.0, 0.0, 0.0)  # the row's flags took effect
     trained = (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns
     assert ablate.main(argv) == 0  # a second run reads the stored scores: no training, same numbers
     assert json.loads(capsys.readouterr().out) == first

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "evaluate": ("training.evaluate", "caption metrics (BLEU, METEOR, ROUGE-L, CIDEr) and VQA accuracy"),
     "caption-split": ("training.caption_split", "caption a Karpathy split with a bundle and score it (paper tables)"),
     "vqa-eval": ("training.vqa_eval", "zero-shot VQAv2 top-1/5/10 on a seeded question sample (MacCap Table 4)"),
+    "reproduce": ("training.reproduce", "run a recipe end to end: data files -> trained bundle -> the paper's table"),
     "shapes": ("training.shapes.build", "rebuild the shapes-world bundle (weights/shapes) from scratch"),
     "shapes-eval": ("training.shapes.evaluate", "score a bundle on freshly generated held-out shapes scenes"),
     "shapes-ablate": ("training.shapes.ablate", "gap handling, retrieval and sampling ablations in the shapes world"),

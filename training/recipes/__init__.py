@@ -50,6 +50,7 @@ class Published:
     unit: str  # one of UNITS: how the paper prints the numbers (values are stored exactly as printed)
     metrics: dict[str, float]  # metric key as `evaluate` names it (Bleu_4, CIDEr, top1...) -> the paper's value
     setting: str = ""  # the ablation row or variant this is, when not the method's default ("CLS token", ...)
+    method: str = ""  # whose numbers these are, when the recipe trains several methods (the shapes world)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class Recipe:
     published: tuple[Published, ...]  # the paper's numbers for this setting
     notes: tuple[str, ...]  # choices made where the paper is silent, and why
     path: Path  # the TOML file it was read from
+    # the commands `reproduce` runs, in order; default: the stages (the shapes world: its build, then shapes-eval)
+    pipeline: tuple[str, ...] = ()
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        return self.pipeline or tuple(self.stages)
 
     def argv(self, stage: str) -> list[str]:
         """The hyperparameter flags of ``stage`` as command-line arguments (without data or output paths)."""
@@ -132,11 +139,11 @@ def _recipe(document: dict[str, Any], path: Path) -> Recipe:
         published.append(Published(evaluation=need(row, "evaluation", str, "published "),
                                    source=need(row, "source", str, "published "), unit=unit,
                                    metrics={key: float(value) for key, value in metrics.items()},
-                                   setting=str(row.get("setting", ""))))
+                                   setting=str(row.get("setting", "")), method=str(row.get("method", ""))))
     return Recipe(name=path.stem, method=method, title=need(document, "title", str, ""),
                   paper=need(document, "paper", str, ""), data={k: str(v) for k, v in data.items()},
                   sources=sources, stages=stages, published=tuple(published),
-                  notes=tuple(document.get("notes", [])), path=path)
+                  notes=tuple(document.get("notes", [])), path=path, pipeline=tuple(document.get("pipeline", [])))
 
 
 __all__ = ["Published", "Recipe", "RecipeError", "Source", "flags_to_argv", "list_recipes", "load_recipe"]

@@ -49,16 +49,18 @@ class Variant:
         return self.samples is None
 
 
-NO_NOISE = ("--noise-variance", "0")
+NO_NOISE = ("--input-noise-scale", "0", "--query-noise-scale", "0", "--noise-variance", "0")
 VARIANTS = (
     Variant("gap-none", "gap", "no gap handling", ("--gap-correction", "none", *NO_NOISE)),
-    Variant("gap-noise", "gap", "noise injection only", ("--gap-correction", "none")),
+    Variant("gap-noise", "gap", "CapDec's noise only (variance 0.016, re-normalised)",
+            ("--gap-correction", "none", *NO_NOISE[:-1], "0.016")),
     Variant("gap-mean", "gap", "mean-only correction", ("--gap-correction", "mean", *NO_NOISE)),
     Variant("gap-mean-std", "gap", "mean+std correction", ("--gap-correction", "mean_std", *NO_NOISE)),
-    Variant("gap-mean-std-noise", "gap", "mean+std correction + noise (default)", ("--gap-correction", "mean_std")),
+    Variant("gap-mean-std-noise", "gap", "mean+std correction + noise scaled to sigma_I (default)",
+            ("--gap-correction", "mean_std")),
     Variant("no-retrieval", "retrieval", "TOMCap without retrieval",
             ("--gap-correction", "mean_std", "--no-retrieval")),
-    Variant("maccap-s1", "sampling", "MacCap S = 1 (no rerank)", samples=1),
+    Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", samples=1),
     Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", samples=20),
 )
 REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate")
