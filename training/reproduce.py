@@ -68,7 +68,7 @@ def _caption_split(recipe: Recipe, layout: Layout, prefix: str = "") -> list[str
     method = recipe.stages.get("caption-split", {}).get("method", recipe.method)
     return ["--weights", layout.bundle, "--split", layout.file(recipe, f"{prefix}eval_split"),
             "--subset", recipe.data.get(f"{prefix}eval_subset", "test"),
-            "--images", layout.file(recipe, f"{prefix}images" if prefix else "images"),
+            "--images", layout.file(recipe, f"{prefix}eval_images" if prefix else "images"),
             "--out", str(layout.out / f"{prefix}captions-{method}.jsonl"), "--json"]
 
 
