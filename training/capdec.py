@@ -20,16 +20,14 @@ from typing import Any
 import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
-from capdemo.encoders import ClipEncoder, EncoderConfig, load_encoder, parse_encoder_spec
+from capdemo.encoders import ClipEncoder, EncoderConfig
 from capdemo.lm import embedding_size, load_causal_lm
 from capdemo.methods.capdec.model import CAPDEC_COMPONENT, MAPPERS, CapDec, CapDecConfig, add_to_bundle
 from training.caption_data import CaptionDataset, collate, exact_match, prefix_loss
 from training.cli import (
-    OptimDefaults, add_optimisation, config_from_arguments, model_group, print_summary,
-    train_config_from_arguments, training_parser, write_method_bundle,
+    OptimDefaults, add_optimisation, model_group, print_summary, read_command, training_parser, write_method_bundle,
 )
-from training.distributed import resolve_device
-from training.embed import cached_text_embeddings, corpus_from_arguments, corpus_sha256
+from training.embed import cached_text_embeddings, corpus_sha256
 from training.loop import TrainConfig, TrainResult, TrainTask, train
 
 # CapDec's train.py: lr 2e-5, 10 epochs, batch 40 (36 on COCO), 5,000 linear warm-up steps then a linear decay.
@@ -106,17 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = config_from_arguments(parser, args, CapDecConfig)
-    train_config = train_config_from_arguments(args, CAPDEC_COMPONENT)
-    captions = corpus_from_arguments(args)
-    encoder_config = parse_encoder_spec(args.encoder)
-    device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    run = train_capdec(captions, encoder=load_encoder(encoder_config, device=device), encoder_config=encoder_config,
-                       config=config, train_config=train_config, out=args.out, embeddings_dir=args.embeddings,
-                       eval_captions=args.eval_captions, resume=args.resume, stop_after=args.stop_after,
-                       name=args.name)
+    command = read_command(build_parser(), argv, CapDecConfig, CAPDEC_COMPONENT)
+    args = command.args
+    run = train_capdec(command.captions, encoder=command.encoder, encoder_config=command.encoder_config,
+                       config=command.config, train_config=command.train_config, out=args.out,
+                       embeddings_dir=args.embeddings, eval_captions=args.eval_captions, resume=args.resume,
+                       stop_after=args.stop_after, name=args.name)
     print_summary(run.bundle, run.result)
     return 0
 

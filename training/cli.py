@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,9 +19,10 @@ from collections.abc import Callable
 
 from capdemo.bundle import BundleWriter
 from capdemo.config import Config
-from capdemo.encoders import add_encoder_to_bundle
-from training.embed import add_corpus_arguments
+from capdemo.encoders import ClipEncoder, EncoderConfig, add_encoder_to_bundle, load_encoder, parse_encoder_spec
 from training.curves import require_tensorboard
+from training.distributed import resolve_device
+from training.embed import add_corpus_arguments, corpus_from_arguments
 from training.loop import PRECISIONS, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,33 @@ def write_method_bundle(out: str | Path, *, name: str, component: str, descripti
         raise
 
 
+@dataclass
+class TrainingCommand:
+    """A training command line, read: what every method's ``main`` starts from."""
+
+    args: argparse.Namespace
+    config: Any  # the method's config (--config, then the model flags)
+    train_config: TrainConfig
+    captions: list[str]  # the corpus, filtered as the flags say
+    encoder_config: EncoderConfig
+    encoder: ClipEncoder  # loaded on this rank's device
+
+
+def read_command(parser: argparse.ArgumentParser, argv: list[str] | None, config_class: type[C], method: str, *,
+                 check: Callable[[argparse.Namespace, Any], None] | None = None) -> TrainingCommand:
+    """Parse ``argv`` and load what it names: the method's config, the loop's config, the corpus and the encoder
+    (``check(args, config)`` runs first, to refuse a bad combination before anything loads)."""
+    args = parser.parse_args(argv)
+    config = config_from_arguments(parser, args, config_class)
+    if check is not None:
+        check(args, config)
+    train_config = train_config_from_arguments(args, method)
+    encoder_config = parse_encoder_spec(args.encoder)
+    device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return TrainingCommand(args=args, config=config, train_config=train_config, captions=corpus_from_arguments(args),
+                           encoder_config=encoder_config, encoder=load_encoder(encoder_config, device=device))
+
+
 def print_summary(bundle: Path | None, result: TrainResult) -> None:
     """One JSON line on stdout when a run wrote its bundle (scripts read it)."""
     if bundle is None:
@@ -161,5 +190,6 @@ def print_summary(bundle: Path | None, result: TrainResult) -> None:
     print(json.dumps(summary))
 
 
-__all__ = ["OptimDefaults", "add_optimisation", "config_from_arguments", "model_group", "print_summary",
+__all__ = ["OptimDefaults", "TrainingCommand", "add_optimisation", "config_from_arguments", "model_group",
+           "print_summary", "read_command",
            "run_dir_of", "train_config_from_arguments", "training_parser", "write_method_bundle"]

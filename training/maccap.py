@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
-from capdemo.encoders import ClipEncoder, EncoderConfig, load_encoder, parse_encoder_spec
+from capdemo.encoders import ClipEncoder, EncoderConfig
 from capdemo.lm import embedding_size, load_causal_lm
 from capdemo.methods.maccap.model import (
     MACCAP_COMPONENT, REGION_COMBINE_MODES, REGION_MODES, MacCap, MacCapConfig, add_to_bundle,
@@ -33,11 +33,10 @@ from capdemo.vqa import AnswerList
 from capdemo.weights import WeightSource
 from training.caption_data import CaptionDataset, collate, exact_match, prefix_loss
 from training.cli import (
-    OptimDefaults, add_optimisation, config_from_arguments, model_group, print_summary,
-    train_config_from_arguments, training_parser, write_method_bundle,
+    OptimDefaults, add_optimisation, model_group, print_summary, read_command, training_parser, write_method_bundle,
 )
 from training.distributed import resolve_device
-from training.embed import cached_text_embeddings, corpus_from_arguments, corpus_sha256
+from training.embed import cached_text_embeddings, corpus_sha256
 from training.loop import TrainConfig, TrainResult, TrainTask, frozen_weights_dtype, resolve_precision, train
 
 TRAINING_RECORD = "maccap/training.json"  # bundle file: how the weights were trained
@@ -167,19 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = config_from_arguments(parser, args, MacCapConfig)
-    train_config = train_config_from_arguments(args, MACCAP_COMPONENT)
-    captions = corpus_from_arguments(args)
-    encoder_config = parse_encoder_spec(args.encoder)
-    device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    encoder = load_encoder(encoder_config, device=device)
+    command = read_command(build_parser(), argv, MacCapConfig, MACCAP_COMPONENT)
+    args = command.args
     answers = AnswerList.from_openvqa(args.vqa_answers) if args.vqa_answers else None
     run = train_maccap(
-        captions, encoder=encoder, encoder_config=encoder_config, config=config, train_config=train_config,
-        out=args.out, embeddings_dir=args.embeddings, answers=answers, eval_captions=args.eval_captions,
-        resume=args.resume, stop_after=args.stop_after, name=args.name,
+        command.captions, encoder=command.encoder, encoder_config=command.encoder_config, config=command.config,
+        train_config=command.train_config, out=args.out, embeddings_dir=args.embeddings, answers=answers,
+        eval_captions=args.eval_captions, resume=args.resume, stop_after=args.stop_after, name=args.name,
     )
     print_summary(run.bundle, run.result)
     return 0

@@ -47,11 +47,9 @@ from capdemo.methods.tomcap.model import (
     TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, build_prompt, load_gpt2_with_cross_attention,
 )
 from training.cli import (
-    OptimDefaults, add_optimisation, config_from_arguments, model_group, print_summary,
-    train_config_from_arguments, training_parser, write_method_bundle,
+    OptimDefaults, add_optimisation, model_group, print_summary, read_command, training_parser, write_method_bundle,
 )
-from training.embed import CACHE_WAIT_S, EmbedFn, cached_text_embeddings, corpus_from_arguments, corpus_sha256
-from training.distributed import resolve_device
+from training.embed import CACHE_WAIT_S, EmbedFn, cached_text_embeddings, corpus_sha256
 from training.loop import TrainConfig, TrainResult, TrainTask, train
 
 TRAINING_RECORD = "tomcap/training.json"  # bundle file: how the weights were trained
@@ -485,26 +483,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = config_from_arguments(parser, args, TOMCapConfig)
-    train_config = train_config_from_arguments(args, TOMCAP_COMPONENT)
-    needs_stats = (GapCorrection(config.gap_correction) is not GapCorrection.NONE or config.input_noise_scale > 0
-                   or config.query_noise_scale > 0 and config.retrieval_encoder is None)
-    if needs_stats and not args.gap_stats:
+def needs_gap_stats(config: TOMCapConfig) -> bool:
+    """The correction and the sigma_I-scaled noise read the gap statistics (a separate retrieval encoder's
+    queries are scaled by its own text spread instead)."""
+    return (GapCorrection(config.gap_correction) is not GapCorrection.NONE or config.input_noise_scale > 0
+            or config.query_noise_scale > 0 and config.retrieval_encoder is None)
+
+
+def _require_gap_stats(args: argparse.Namespace, config: TOMCapConfig) -> None:
+    if needs_gap_stats(config) and not args.gap_stats:
         raise SystemExit(f"error: --gap-stats is required for gap correction {config.gap_correction!r} and for noise "
                          "scaled to the image statistics (make it with `python -m training gapstats`, or pass "
                          "--gap-correction none --input-noise-scale 0 --query-noise-scale 0)")
-    captions = corpus_from_arguments(args)
-    encoder_config = parse_encoder_spec(args.encoder)
-    device = resolve_device(train_config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    encoder = load_encoder(encoder_config, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = read_command(build_parser(), argv, TOMCapConfig, TOMCAP_COMPONENT, check=_require_gap_stats)
+    args, config = command.args, command.config
     run = train_tomcap(
-        captions, encoder=encoder, encoder_config=encoder_config, datastore_dir=args.datastore,
-        gap_stats=GapStats.load(args.gap_stats) if needs_stats else None, config=config, train_config=train_config,
-        out=args.out, embeddings_dir=args.embeddings, copy_datastore=not args.reference_datastore,
-        eval_samples=args.eval_samples, resume=args.resume, stop_after=args.stop_after, name=args.name,
+        command.captions, encoder=command.encoder, encoder_config=command.encoder_config, datastore_dir=args.datastore,
+        gap_stats=GapStats.load(args.gap_stats) if needs_gap_stats(config) else None, config=config,
+        train_config=command.train_config, out=args.out, embeddings_dir=args.embeddings,
+        copy_datastore=not args.reference_datastore, eval_samples=args.eval_samples, resume=args.resume,
+        stop_after=args.stop_after, name=args.name,
     )
     print_summary(run.bundle, run.result)
     return 0
