@@ -11,7 +11,6 @@ reconstruct the caption. The shared loop and the shared training CLI do the rest
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,12 @@ import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.encoders import ClipEncoder, EncoderConfig
 from capdemo.lm import embedding_size, load_causal_lm
 from capdemo.methods.capdec.model import CAPDEC_COMPONENT, MAPPERS, CapDec, CapDecConfig, add_to_bundle
-from training.caption_data import CaptionDataset, collate, exact_match, prefix_loss
+from training.caption_data import exact_match, train_prefix_captioner
 from training.cli import (
     OptimDefaults, add_optimisation, model_group, print_summary, read_command, training_parser, write_method_bundle,
 )
 from training.embed import cached_text_embeddings, corpus_sha256
-from training.loop import TrainConfig, TrainResult, TrainTask, train
+from training.loop import TrainConfig, TrainResult
 
 # CapDec's train.py: lr 2e-5, 10 epochs, batch 40 (36 on COCO), 5,000 linear warm-up steps then a linear decay.
 # The shared loop decays by a cosine; its floor 0 matches the linear schedule's end.
@@ -70,18 +69,14 @@ def train_capdec(captions: list[str], *, encoder: ClipEncoder, encoder_config: E
         decode = lambda embeds: trained.generate(embeds, beams=1, max_new_tokens=config.max_new_tokens)  # noqa: E731
         return {"text_to_text_exact": exact_match(decode, text_embeds[scored], captions[scored])}
 
-    task = TrainTask(model=model, dataset=CaptionDataset(text_embeds, token_ids, attention_mask), collate_fn=collate,
-                     loss_fn=prefix_loss, evaluate=evaluate if eval_captions > 0 else None,
-                     identity=run_identity(config, captions))
-    result = train(task, train_config, resume=resume, stop_after=stop_after)
-    bundle = None
-    if result.finished and int(os.environ.get("RANK", "0")) == 0:
-        record = {"captions": len(captions), "train": train_config.to_dict(), "history": result.history,
-                  "evaluations": result.evaluations}
-        bundle = write_method_bundle(out, name=name or Path(out).name, component=CAPDEC_COMPONENT,
-                                     description=f"CapDec trained text-only on {len(captions)} captions",
-                                     encoder=encoder, encoder_config=encoder_config, record=record,
-                                     add=lambda writer: add_to_bundle(writer, model))
+    result, bundle = train_prefix_captioner(
+        model, text_embeds, token_ids, attention_mask, train_config=train_config,
+        identity=run_identity(config, captions), evaluate=evaluate if eval_captions > 0 else None,
+        resume=resume, stop_after=stop_after,
+        write_bundle=lambda record: write_method_bundle(
+            out, name=name or Path(out).name, component=CAPDEC_COMPONENT,
+            description=f"CapDec trained text-only on {len(captions)} captions", encoder=encoder,
+            encoder_config=encoder_config, record=record, add=lambda writer: add_to_bundle(writer, model)))
     return CapDecRun(result=result, model=model, bundle=bundle)
 
 

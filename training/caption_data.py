@@ -7,10 +7,14 @@ noise that stands in for the modality gap is the model's, drawn inside its ``los
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+
+from training.loop import TrainConfig, TrainResult, TrainTask, train
 
 
 class CaptionDataset(Dataset):
@@ -46,4 +50,22 @@ def exact_match(decode: Callable[[torch.Tensor], list[str]], text_embeds: torch.
     return sum(" ".join(a.split()) == " ".join(b.split()) for a, b in zip(decoded, captions)) / max(1, len(captions))
 
 
-__all__ = ["CaptionDataset", "collate", "exact_match", "prefix_loss"]
+def train_prefix_captioner(model, text_embeds: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                           train_config: TrainConfig, identity: dict[str, Any],
+                           evaluate: Callable[[Any], dict[str, float]] | None, resume: bool, stop_after: int | None,
+                           write_bundle: Callable[[dict[str, Any]], Any]) -> tuple[TrainResult, Any]:
+    """Train a prefix captioner on its captions through the shared loop; when the run finished, rank 0 writes
+    its bundle with ``write_bundle(record)`` (the record: caption count, train config, loss history, evaluations).
+
+    Returns the loop's result and the bundle (None while unfinished and on other ranks)."""
+    task = TrainTask(model=model, dataset=CaptionDataset(text_embeds, token_ids, attention_mask), collate_fn=collate,
+                     loss_fn=prefix_loss, evaluate=evaluate, identity=identity)
+    result = train(task, train_config, resume=resume, stop_after=stop_after)
+    if not result.finished or int(os.environ.get("RANK", "0")) != 0:
+        return result, None
+    record = {"captions": len(token_ids), "train": train_config.to_dict(), "history": result.history,
+              "evaluations": result.evaluations}
+    return result, write_bundle(record)
+
+
+__all__ = ["CaptionDataset", "collate", "exact_match", "prefix_loss", "train_prefix_captioner"]

@@ -31,13 +31,13 @@ from capdemo.methods.maccap.model import (
 )
 from capdemo.vqa import AnswerList
 from capdemo.weights import WeightSource
-from training.caption_data import CaptionDataset, collate, exact_match, prefix_loss
+from training.caption_data import exact_match, train_prefix_captioner
 from training.cli import (
     OptimDefaults, add_optimisation, model_group, print_summary, read_command, training_parser, write_method_bundle,
 )
 from training.distributed import resolve_device
 from training.embed import cached_text_embeddings, corpus_sha256
-from training.loop import TrainConfig, TrainResult, TrainTask, frozen_weights_dtype, resolve_precision, train
+from training.loop import TrainConfig, TrainResult, frozen_weights_dtype, resolve_precision
 
 TRAINING_RECORD = "maccap/training.json"  # bundle file: how the weights were trained
 # The reference code's COCO run (scripts/train_coco.sh): 8 epochs, lr 1e-4 at batch 32 (16 x 2 GPUs) = the paper's
@@ -111,23 +111,19 @@ def train_maccap(
     def evaluate(trained: MacCap) -> dict[str, float]:
         return {"text_to_text_exact": text_to_text_exact(trained, text_embeds[scored], captions[scored])}
 
-    task = TrainTask(model=model, dataset=CaptionDataset(text_embeds, token_ids, attention_mask), collate_fn=collate,
-                     loss_fn=prefix_loss, evaluate=evaluate if eval_captions > 0 else None,
-                     identity=run_identity(config, captions))
-    result = train(task, train_config, resume=resume, stop_after=stop_after)
-    bundle = None
-    if result.finished and int(os.environ.get("RANK", "0")) == 0:
-        record = {"captions": len(captions), "train": train_config.to_dict(), "history": result.history,
-                  "evaluations": result.evaluations}
+    def add(writer) -> None:
+        add_to_bundle(writer, model, include_lm=model.config.train_lm or not WeightSource.parse(config.lm).on_hub)
+        if answers is not None:
+            answers.add_to_bundle(writer, encoder)
 
-        def add(writer) -> None:
-            add_to_bundle(writer, model, include_lm=model.config.train_lm or not WeightSource.parse(config.lm).on_hub)
-            if answers is not None:
-                answers.add_to_bundle(writer, encoder)
-
-        bundle = write_method_bundle(out, name=name or Path(out).name, component=MACCAP_COMPONENT,
-                                     description=f"MacCap trained text-only on {len(captions)} captions",
-                                     encoder=encoder, encoder_config=encoder_config, record=record, add=add)
+    result, bundle = train_prefix_captioner(
+        model, text_embeds, token_ids, attention_mask, train_config=train_config,
+        identity=run_identity(config, captions), evaluate=evaluate if eval_captions > 0 else None,
+        resume=resume, stop_after=stop_after,
+        write_bundle=lambda record: write_method_bundle(
+            out, name=name or Path(out).name, component=MACCAP_COMPONENT,
+            description=f"MacCap trained text-only on {len(captions)} captions", encoder=encoder,
+            encoder_config=encoder_config, record=record, add=add))
     return MacCapRun(result=result, model=model, bundle=bundle)
 
 
