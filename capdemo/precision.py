@@ -6,11 +6,16 @@ lever left is the precision they run at. :func:`apply_precision` converts a
 loaded module tree in place, once, after loading:
 
 * ``"fp32"``: nothing changes (the precision every model is trained and stored in).
-* ``"bf16"``: every floating parameter and buffer becomes bfloat16. PyTorch's CPU
-  kernels accumulate LayerNorm, softmax and matmul sums in float32, ``generate``
-  turns each step's logits into float32 before beam scores, and capdemo casts
-  the inputs it builds (prefix, ``inputs_embeds``, CLIP pixels, TOMCap's memory)
-  to the dtype of the weights that read them, so nothing has to stay float32.
+* ``"bf16"``: every floating parameter and buffer becomes bfloat16, except inside
+  ``nn.MultiheadAttention`` (open_clip's CLIP towers, the MacCap adaptor), which
+  stays float32 with its inputs cast up and its outputs cast back: PyTorch's CPU
+  bf16 ``F.linear`` on the transposed (L, N, E) view that a ``batch_first``
+  attention projects copies its weight once per position (measured 12x slower
+  than float32 for CLIP's text tower at torch 2.13). PyTorch's CPU kernels
+  accumulate LayerNorm, softmax and matmul sums in float32, ``generate`` turns
+  each step's logits into float32 before beam scores, and capdemo casts the
+  inputs it builds (prefix, ``inputs_embeds``, CLIP pixels, TOMCap's memory) to
+  the dtype of the weights that read them, so nothing else has to stay float32.
   Fast only where the CPU has bf16 instructions (``avx512_bf16`` or AMX on x86,
   ``bf16`` on ARM); elsewhere the products are emulated, and this warns once.
 * ``"int8"``: dynamic quantization of the linear layers through PyTorch's own
@@ -74,7 +79,7 @@ class PrecisionReport:
     precision: str  # "fp32", "bf16" or "int8"
     # int8: linear layers now int8, by the kind they were ("Linear", or "Conv1D" converted to Linear first)
     quantized: dict[str, int] = field(default_factory=dict)
-    # int8: modules whose matmul weights stay float32, counted by reason ("MultiheadAttention", "keep", ...)
+    # modules whose matmul weights stay float32, counted by reason ("MultiheadAttention", "keep", ...)
     kept_float: dict[str, int] = field(default_factory=dict)
     lora_merged: int = 0  # peft LoRA layers whose adapters were merged into their base weights (bf16, int8)
     cast_tensors: int = 0  # bf16: floating parameters and buffers now bfloat16
@@ -86,14 +91,15 @@ class PrecisionReport:
 
     def summary(self) -> str:
         """One line for a log or the app's About tab."""
+        merged = f"; {self.lora_merged} LoRA layers merged" if self.lora_merged else ""
+        kept = ", ".join(f"{n} {kind}" for kind, n in sorted(self.kept_float.items()))
+        kept = f"; float32 kept: {kept}" if kept else ""
         if self.precision == "int8":
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.quantized.items()))
-            kept = ", ".join(f"{n} {kind}" for kind, n in sorted(self.kept_float.items()))
-            text = f"int8: {self.quantized_total} linear layers quantized ({kinds or 'none'})"
-            return text + (f"; float32 kept: {kept}" if kept else "")
+            return f"int8: {self.quantized_total} linear layers quantized ({kinds or 'none'}){kept}{merged}"
         if self.precision == "bf16":
             native = "native" if self.bf16_native else "emulated (no bf16 instructions: slower)"
-            return f"bf16: {self.cast_tensors} tensors in bfloat16, {native}"
+            return f"bf16: {self.cast_tensors} tensors in bfloat16, {native}{kept}{merged}"
         return "fp32: unchanged"
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,15 +127,48 @@ def apply_precision(module: nn.Module, precision: str, *, keep: Iterable[nn.Modu
         return PrecisionReport(precision)
     device = _device_of(module)
     if precision == "bf16":
-        merged = merge_lora(module)
-        cast = sum(t.is_floating_point() for t in _tensors(module))
-        module.to(torch.bfloat16)
-        native = bf16_is_native(device)
-        if not native:
-            log.warning("bf16 on %s without bf16 instructions: matmuls are emulated and may be slower than fp32",
-                        device.type.upper())
-        return PrecisionReport(precision, lora_merged=merged, cast_tensors=cast, bf16_native=native)
+        return _cast_bf16(module, device)
     return _quantize_int8(module, device, keep)
+
+
+# --------------------------------------------------------------------------------------------
+# bf16
+
+
+def _cast_bf16(module: nn.Module, device: torch.device) -> PrecisionReport:
+    merged = merge_lora(module)
+    attention = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
+    in_attention = {id(t) for m in attention for t in _tensors(m)}
+    cast = sum(t.is_floating_point() and id(t) not in in_attention for t in _tensors(module))
+    module.to(torch.bfloat16)
+    for mha in attention:
+        run_in_float32(mha, outputs=torch.bfloat16)
+    native = bf16_is_native(device)
+    if not native:
+        log.warning("bf16 on %s without bf16 instructions: matmuls are emulated and may be slower than fp32",
+                    device.type.upper())
+    kept = {"MultiheadAttention": len(attention)} if attention else {}
+    return PrecisionReport("bf16", kept_float=kept, lora_merged=merged, cast_tensors=cast, bf16_native=native)
+
+
+def run_in_float32(module: nn.Module, *, outputs: torch.dtype) -> None:
+    """Make ``module`` a float32 island in a model of another dtype: its weights become float32, every
+    floating tensor it is called with is cast to float32 and every floating tensor it returns to ``outputs``."""
+    module.float()
+    module.register_forward_pre_hook(lambda _, args, kwargs: (_cast(args, torch.float32), _cast(kwargs, torch.float32)),
+                                     with_kwargs=True)
+    module.register_forward_hook(lambda _, args, output: _cast(output, outputs))
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor in it (through tuples, lists and dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,4 +344,5 @@ __all__ = [
     "conv1d_to_linear",
     "cpu_flags",
     "merge_lora",
+    "run_in_float32",
 ]
