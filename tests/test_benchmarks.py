@@ -254,6 +254,21 @@ def test_recommended_precision_is_the_fastest_within_the_quality_limit():
     assert serving_precision.recommend(quality, speed)["maccap"] == "int8"
 
 
+def test_paired_quality_loss_counts_scenes_lost_and_gained():
+    from training.shapes import world
+    from training.shapes.language import captions
+
+    scenes = [scene for scene, _, _ in world.generate_pairs(4, seed=99, config=world.WorldConfig())]
+    right = [captions(scene)[0] for scene in scenes]
+    reference = [right[0], right[1], "nothing", right[3]]  # 3 of 4 right
+    predictions = [right[0], "nothing", right[2], "nothing"]  # loses scenes 1 and 3, gains scene 2
+    out = serving_precision.paired_loss(reference, predictions, scenes)
+    assert (out["lost"], out["gained"], out["loss"]) == (2, 1, 0.25)
+    assert out["loss_se"] == pytest.approx(np.sqrt((3 / 4 - 0.25**2) / 4), abs=1e-4)
+    assert serving_precision.paired_loss(reference, reference, scenes) == {"loss": 0, "loss_se": 0, "lost": 0,
+                                                                          "gained": 0}
+
+
 def test_runner_records_only_when_asked(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(runner, "run_all", lambda names, settings, threads: {"mode": "quick", "machine": {},
