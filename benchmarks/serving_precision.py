@@ -61,6 +61,7 @@ STORE_SIZE = 10_000  # captions in TOMCap's flat datastore (search cost is not w
 WARMUP_TOKENS = 2  # new tokens of the untimed warm-up calls
 BUDGET_S = 10.0  # seconds per image a CPU Space can afford (issue 18): the largest S within it is reported
 MAX_SAMPLES = 64  # the S search stops here
+SEARCH_STEPS = 4  # measurements per precision in the S search, after S = 1 and S = 20
 TARGET_S = 3.0  # issue 18: real-size MacCap S = 20 on 2 cores with the best precision
 TARGET_SPEEDUP = 2.2  # issue 18: ... measured as a ratio against fp32 in the same run
 MAX_QUALITY_LOSS = 0.01  # issue 18: a precision becomes a default only if scene accuracy drops by at most this
@@ -201,11 +202,10 @@ def measure_tomcap(settings: common.Settings, plan: Plan) -> dict[str, Any]:
 
 
 def largest_samples(settings: common.Settings, plan: Plan, lm: str) -> dict[str, Any]:
-    """An LM at S = 20, then per precision the largest S within :data:`BUDGET_S` per image.
+    """An LM at S = 20, then per precision the largest S within :data:`BUDGET_S` seconds per image.
 
-    S = 1 and S = 20 give a straight line t(S) = a + b S per precision; the S it puts at the budget is
-    measured, and lowered in proportion while it runs over (the line is an estimate: small batches
-    use the cores less well).
+    S = 1 and S = 20 are measured for every precision first (interleaved); :func:`largest_within`
+    searches from there.
     """
     stacks, reports = per_precision(
         lambda: maccap_stack(tiny=False, lm=lm, samples=SAMPLES, beams=MACCAP_BEAMS, new_tokens=MACCAP_TOKENS,
@@ -215,19 +215,37 @@ def largest_samples(settings: common.Settings, plan: Plan, lm: str) -> dict[str,
     out: dict[str, Any] = {"lm": lm, "s20": at_20, "s1": {f"{p}_s": at_1[f"{p}_s"] for p in PRECISIONS},
                            "largest_s": {}, "reports": {p: r["model"]["summary"] for p, r in reports.items()}}
     for precision in PRECISIONS:
-        t1, t20 = at_1[f"{precision}_s"], at_20[f"{precision}_s"]
-        slope = max((t20 - t1) / (SAMPLES - 1), 1e-6)
-        samples = int(min(MAX_SAMPLES, max(1, 1 + (BUDGET_S - t1) // slope)))
-        tried = []
-        while True:
-            seconds = t1 if samples == 1 else _seconds_at(stacks[precision], samples)
-            tried.append({"samples": samples, "s": round(seconds, 3)})
-            if seconds <= BUDGET_S or samples == 1:
-                break
-            samples = max(1, int(samples * BUDGET_S / seconds))
-        out["largest_s"][precision] = {"samples": samples, "s": tried[-1]["s"], "tried": tried,
-                                       "within_budget": tried[-1]["s"] <= BUDGET_S}
+        out["largest_s"][precision] = largest_within(
+            {1: at_1[f"{precision}_s"], SAMPLES: at_20[f"{precision}_s"]},
+            lambda samples, stack=stacks[precision]: _seconds_at(stack, samples))
     return out
+
+
+def largest_within(measured: dict[int, float], measure: Callable[[int], float], *, budget: float = BUDGET_S,
+                   steps: int = SEARCH_STEPS, cap: int = MAX_SAMPLES) -> dict[str, Any]:
+    """The largest S whose seconds per image stay within ``budget``, from ``measured`` {S: seconds} (two S or
+    more) and up to ``steps`` calls of ``measure(S)``.
+
+    The first guess comes from the straight line through the smallest and largest S measured; each
+    measurement gives the next (S scaled by budget / seconds), kept strictly between the largest S within
+    the budget and the smallest over it, and at most ``cap``.
+    """
+    measured = dict(measured)
+    first, last = min(measured), max(measured)
+    slope = max((measured[last] - measured[first]) / (last - first), 1e-9)
+    guess = first + int((budget - measured[first]) // slope)
+    for _ in range(steps):
+        within = [s for s, t in measured.items() if t <= budget]
+        over = [s for s, t in measured.items() if t > budget]
+        low, high = max(within, default=0) + 1, min(over, default=cap + 1) - 1
+        guess = min(max(guess, low), high)
+        if low > high or guess in measured:
+            break
+        measured[guess] = measure(guess)
+        guess = int(guess * budget / measured[guess])
+    best = max((s for s, t in measured.items() if t <= budget), default=first)
+    return {"samples": best, "s": round(measured[best], 3), "within_budget": measured[best] <= budget,
+            "measured": {str(s): round(t, 3) for s, t in sorted(measured.items())}}
 
 
 def _seconds_at(stack: Any, samples: int) -> float:

@@ -269,6 +269,20 @@ def test_paired_quality_loss_counts_scenes_lost_and_gained():
                                                                           "gained": 0}
 
 
+@pytest.mark.parametrize("per_sample, largest", [(0.5, 18), (0.05, 64), (12.0, 1), (0.9, 10)])
+def test_the_largest_s_within_the_budget_is_found_in_few_measurements(per_sample, largest):
+    def seconds(samples):  # 1 s fixed + per_sample s per sample, a little worse than linear past S = 20
+        return 1.0 + per_sample * samples * (1.0 + 0.002 * max(0, samples - 20))
+
+    calls = []
+    found = serving_precision.largest_within({1: seconds(1), 20: seconds(20)},
+                                             lambda s: calls.append(s) or seconds(s), budget=10.0, steps=4, cap=64)
+    brute = max((s for s in range(1, 65) if seconds(s) <= 10.0), default=1)
+    assert found["samples"] == brute == largest
+    assert found["within_budget"] is (seconds(largest) <= 10.0)
+    assert len(calls) <= 4 and set(found["measured"]) == {"1", "20", *map(str, calls)}
+
+
 def test_runner_records_only_when_asked(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(runner, "run_all", lambda names, settings, threads: {"mode": "quick", "machine": {},
