@@ -240,6 +240,13 @@ def test_precision_benchmark_times_every_precision_and_scores_its_quality():
         for precision in ("bf16", "int8"):
             row = quality[method][precision]
             assert row["loss"] == pytest.approx(quality[method]["fp32"]["scene_accuracy"] - row["scene_accuracy"])
+    (sweep,) = result["lms"]
+    for precision in ("fp32", "bf16", "int8"):
+        largest = sweep[precision]["largest_s"]
+        assert largest["within_budget"] and largest["s"] <= serving_precision.BUDGET_S
+        within = [int(s) for s, t in largest["measured"].items() if t <= serving_precision.BUDGET_S]
+        assert largest["samples"] == max(within)
+    assert sweep["speedup_int8"] == pytest.approx(sweep["fp32"]["s20_s"] / sweep["int8"]["s20_s"], rel=0.02)
     assert set(result["recommended"]) == {"maccap", "tomcap"}
     assert isinstance(result["bf16_native"], bool) and "Recommended" in serving_precision.summary(result)
 
