@@ -229,6 +229,10 @@ def test_both_methods_caption_at_every_precision(tiny_bundle_dir, reference_capt
                 assert [c.text for c in result.candidates] == [c.text for c in expected.candidates]
             else:
                 assert F.cosine_similarity(image, expected_image).item() > 0.99
+    answer = captioner.answer(images[0], "what colour is it?", top_k=3)  # VQA drives the same MacCap LM
+    assert len(answer.top_answers) == 3 and answer.answer == answer.top_answers[0][0]
+    view = captioner.embedding_view(images[0], {"maccap": results[0]})
+    assert view.points["image"].dtype == "float32" and view.points["patches"].shape[0] == 16
     if name == "int8":  # the LM's blocks and head, the adaptor's decoder feed-forward and MLP
         config = captioner.maccap.config
         assert reports["maccap"]["quantized"] == {"Conv1D": GPT2_LAYERS * CONV1D_PER_BLOCK,
