@@ -6,7 +6,7 @@ lever left is the precision they run at. :func:`apply_precision` converts a
 loaded module tree in place, once, after loading:
 
 * ``"fp32"``: nothing changes (the precision every model is trained and stored in).
-* ``"bf16"``: every floating parameter and buffer becomes bfloat16, except inside
+* ``"bf16"``: every floating parameter and buffer becomes bfloat16, except, on a CPU, inside
   ``nn.MultiheadAttention`` (open_clip's CLIP towers, the MacCap adaptor), which
   stays float32 with its inputs cast up and its outputs cast back: PyTorch's CPU
   bf16 ``F.linear`` on the transposed (L, N, E) view that a ``batch_first``
@@ -30,7 +30,10 @@ loaded module tree in place, once, after loading:
   ``F.multi_head_attention_forward`` as a tensor), raw projection matrices
   (CLIP's ``proj``/``text_projection``), timm's MAP pooling head (capdemo's
   encoder reads its ``kv`` weight as a tensor) and any module the caller names
-  in ``keep``. CPU only.
+  in ``keep``. CPU only. Because one scale serves a whole input tensor, an
+  image's candidates can depend on the other images (and beams) decoded with
+  it, and the batched and sequential MacCap paths no longer agree token for
+  token; fp32 keeps both guarantees.
 
 Both non-fp32 precisions first merge peft LoRA adapters into the weights they
 adapt (TOMCap), so each projection is one matrix product in the new precision.
@@ -137,7 +140,8 @@ def apply_precision(module: nn.Module, precision: str, *, keep: Iterable[nn.Modu
 
 def _cast_bf16(module: nn.Module, device: torch.device) -> PrecisionReport:
     merged = merge_lora(module)
-    attention = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
+    # the slow bf16 path is a CPU kernel's: on CUDA attention runs in bf16 like the rest
+    attention = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)] if device.type == "cpu" else []
     in_attention = {id(t) for m in attention for t in _tensors(m)}
     cast = sum(t.is_floating_point() and id(t) not in in_attention for t in _tensors(module))
     module.to(torch.bfloat16)
