@@ -247,7 +247,7 @@ def test_precision_benchmark_times_every_precision_and_scores_its_quality():
         within = [int(s) for s, t in largest["measured"].items() if t <= serving_precision.BUDGET_S]
         assert largest["samples"] == max(within)
     assert sweep["speedup_int8"] == pytest.approx(sweep["fp32"]["s20_s"] / sweep["int8"]["s20_s"], rel=0.02)
-    assert set(result["recommended"]) == {"maccap", "tomcap"}
+    assert set(result["recommended"]) == {"maccap", "tomcap", "bundle"}
     assert isinstance(result["bf16_native"], bool) and "Recommended" in serving_precision.summary(result)
 
 
@@ -256,9 +256,11 @@ def test_recommended_precision_is_the_fastest_within_the_quality_limit():
                                                                                  "int8_s": 3.0}}
     quality = {"maccap": {"fp32": {"loss": 0.0}, "bf16": {"loss": 0.004}, "int8": {"loss": 0.02}},
                "tomcap": {"fp32": {"loss": 0.0}, "bf16": {"loss": 0.0}, "int8": {"loss": 0.011}}}
-    assert serving_precision.recommend(quality, speed) == {"maccap": "bf16", "tomcap": "fp32"}
+    assert serving_precision.recommend(quality, speed) == {"maccap": "bf16", "tomcap": "fp32", "bundle": "bf16"}
     quality["maccap"]["int8"]["loss"] = 0.01  # the limit itself is allowed
     assert serving_precision.recommend(quality, speed)["maccap"] == "int8"
+    quality["tomcap"]["int8"]["loss"] = -0.01  # int8 allowed everywhere: 5 s summed against fp32's 10, bf16's 9
+    assert serving_precision.recommend(quality, speed) == {"maccap": "int8", "tomcap": "int8", "bundle": "int8"}
 
 
 def test_paired_quality_loss_counts_scenes_lost_and_gained():
