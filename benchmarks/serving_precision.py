@@ -385,12 +385,16 @@ def summary(result: dict[str, Any]) -> str:
     scenes = "; ".join(f"{m} " + ", ".join(f"{p} {quality_scores[m][p]['scene_accuracy']:.3f}" for p in PRECISIONS)
                        for m in ("maccap", "tomcap") if m in quality_scores)
     lms = "; ".join(f"{e['lm']} S=20 " + ", ".join(f"{p} {e[p]['s20_s']:.3g}" for p in PRECISIONS)
-                    + " s/img, largest S <= 10 s: " + ", ".join(f"{p} {e[p]['largest_s']['samples']}"
+                    + " s/img, largest S <= 10 s: " + ", ".join(f"{p} {_largest_text(e[p]['largest_s'])}"
                                                                   for p in PRECISIONS) for e in result["lms"])
     return (f"bf16 native {result['bf16_native']}. MacCap {result['maccap']['architecture']} S=20: "
             f"{speeds(result['maccap'])}; TOMCap K={result['tomcap']['k']}: {speeds(result['tomcap'])}. "
             f"Scene accuracy ({quality_scores['bundle']}, n={quality_scores['n']}): {scenes}. "
             + (f"{lms}. " if lms else "") + f"Recommended: {result['recommended']}")
+
+
+def _largest_text(largest: dict[str, Any]) -> str:
+    return str(largest["samples"]) if largest["within_budget"] else f"none (S=1 {largest['s']:.3g} s)"
 
 
 def main(argv: list[str] | None = None) -> int:
