@@ -13,13 +13,18 @@ timed interleaved in this process (fp32, bf16, int8, fp32, ...):
 * ``lms``: MacCap with OPT-125m and OPT-1.3b (random weights, real configs) at
   S = 20 and at the largest S whose time per image stays within 10 s: the
   figures a CPU Space owner chooses a setting from. Full run only (``--quick``
-  would spend its whole budget on OPT-1.3b alone).
+  would spend its whole budget on OPT-1.3b alone; the full run takes ~20 min at
+  load 4 and ~10 GB at its peak). One precision at a time on fresh builds of the
+  same seeded stack (three OPT-1.3b copies at once do not fit beside other jobs),
+  so these are not interleaved.
 
 Quality. ``python -m training shapes-eval``'s scoring of every method of the shipped
 bundle (``weights/shapes``; the tiny test bundle in ``--tiny``), once per precision
 on the same held-out scenes (n = 500; 100 in ``--quick``), with the loss of scene
-accuracy against fp32 in this run. A precision is recommended as a method's
-default only where that loss is <= 0.01 (issue 18) and it is faster than fp32.
+accuracy against fp32 in this run (paired, with its standard error). A precision is
+recommended as a method's default only where that loss is <= 0.01 (issue 18) and
+it is the fastest such; ``recommended["bundle"]`` is one precision for every model.
+n = 100 cannot resolve 0.01 (standard error 0.01-0.02): set defaults from n = 500.
 
 The CPU's bf16 support is recorded (``bf16_native``): without bf16 instructions the
 bf16 figures measure emulation.
