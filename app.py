@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
+from capdemo.precision import PRECISIONS
 from capdemo.weights import WeightsUnavailableError, default_bundle
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None,
                         help=f"port (env {' or '.join(PORT_VARIABLES)}; default {DEFAULT_PORT})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("CAPDEMO_PRECISION"),
+                        help="serving arithmetic (env CAPDEMO_PRECISION; default: the bundle's recommendation on a "
+                             "CPU, else fp32)")
     parser.add_argument("--photos", default=os.environ.get("CAPDEMO_PHOTOS"),
                         help="folder of extra example photos, shown for a real-world bundle (env CAPDEMO_PHOTOS; "
                              "e.g. ../shared/data/images/coco)")
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     port = args.port if args.port is not None else port_from_environment()
     try:
         weights = args.weights or default_bundle()
-        demo = build_app(weights, device=args.device, photos=photo_files(args.photos))
+        demo = build_app(weights, device=args.device, precision=args.precision, photos=photo_files(args.photos))
     except (ValueError, OSError, WeightsUnavailableError) as err:  # a missing or tampered bundle: one line
         raise SystemExit(f"error: {err}") from None
     serve(demo, server_name=args.host, server_port=port)

@@ -349,7 +349,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="inference weight dtype")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch intra-op threads")
     parser.add_argument("--json", action="store_true", help="print the one JSON object instead of a summary")
-    parser.add_argument("--no-record", action="store_true", help="do not append a row to benchmarks/README.md")
+    parser.add_argument("--record", action="store_true",
+                        help="append a row to the results table of benchmarks/README.md (a tracked file)")
 
 
 def settings_from_arguments(args: argparse.Namespace) -> Settings:
@@ -364,7 +365,8 @@ def benchmark_main(
     description: str,
     argv: list[str] | None = None,
 ) -> int:
-    """The command line of one benchmark module: run it, print JSON or the summary, record a table row.
+    """The command line of one benchmark module: run it, print JSON or the summary; with ``--record``, add a
+    row to the results table.
 
     Started from a shell (``argv`` None), the process first re-executes itself with :data:`PROCESS_ENV`.
     """
@@ -380,7 +382,7 @@ def benchmark_main(
     set_threads(args.threads)
     result = run(quick=settings.quick, tiny=settings.tiny, device=settings.device, dtype=settings.dtype)
     print(json.dumps(result) if args.json else f"{name}: {summary(result)}", flush=True)
-    if not args.no_record and not settings.tiny:
+    if args.record and not settings.tiny:
         append_results_rows([results_row(benchmark=name, figures=summary(result), command=command_line(),
                                          machine_info=result["machine"])])
     return 0

@@ -1,4 +1,4 @@
-"""Run every benchmark and print one JSON object with all their figures; record them in benchmarks/README.md.
+"""Run every benchmark and print one JSON object with all their figures; ``--record`` writes them into the README.
 
     python benchmarks/run.py --quick --json          # < 5 min on 2 CPU cores
     python benchmarks/run.py --json                  # the full sizes (much longer on a CPU)
@@ -8,7 +8,7 @@ Each benchmark runs in its own process (``python -m benchmarks.<name>``): its
 peak memory is then its own, a crash in one leaves the others' figures, and
 every process starts with OMP_WAIT_POLICY=PASSIVE and the same thread count.
 The printed object maps each benchmark's name to its JSON (failures go under
-``"failed"`` with the end of their log); unless ``--no-record`` (or ``--tiny``),
+``"failed"`` with the end of their log); with ``--record`` (never with ``--tiny``),
 one row per benchmark is appended to the results table of benchmarks/README.md.
 """
 
@@ -49,6 +49,7 @@ class Benchmark:
     name: str  # module benchmarks/<name>.py
     in_quick: bool  # part of --quick (the datastore benchmark's quick mode alone takes 1-2 min)
     common_cli: bool  # takes benchmark_main's arguments (--json --tiny ...) and has summary(); else only --quick
+    cpu_only: bool = False  # measures CPU serving itself: left out of a --device cuda run
 
     def summary(self, result: dict[str, Any]) -> str:
         if not self.common_cli:
@@ -62,6 +63,7 @@ BENCHMARKS = (
     Benchmark("throughput", in_quick=True, common_cli=True),
     Benchmark("training_throughput", in_quick=True, common_cli=True),
     Benchmark("app_latency", in_quick=True, common_cli=True),
+    Benchmark("serving_precision", in_quick=True, common_cli=True, cpu_only=True),
     Benchmark("datastore", in_quick=False, common_cli=False),
 )
 BY_NAME = {benchmark.name: benchmark for benchmark in BENCHMARKS}
@@ -70,7 +72,7 @@ BY_NAME = {benchmark.name: benchmark for benchmark in BENCHMARKS}
 def arguments_for(benchmark: Benchmark, settings: common.Settings, threads: int) -> list[str]:
     if not benchmark.common_cli:
         return ["--quick"] if settings.quick or settings.tiny else []
-    flags = ["--json", "--no-record", "--device", settings.device, "--dtype", settings.dtype, "--threads", str(threads)]
+    flags = ["--json", "--device", settings.device, "--dtype", settings.dtype, "--threads", str(threads)]
     return flags + (["--tiny"] if settings.tiny else ["--quick"] if settings.quick else [])
 
 
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     except common.BenchmarkError as err:
         parser.error(str(err))
     quick = settings.quick or settings.tiny
-    names = args.only or [b.name for b in BENCHMARKS if b.in_quick or not quick]
+    names = args.only or [b.name for b in BENCHMARKS
+                          if (b.in_quick or not quick) and not (b.cpu_only and settings.device != "cpu")]
     combined = run_all(names, settings, threads=args.threads)
     if args.json:
         print(json.dumps(combined), flush=True)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             line = BY_NAME[name].summary(combined[name]) if name in combined else combined["failed"][name]["error"]
             print(f"{name}: {line}")
         print(f"total {combined['wall_s']} s")
-    if not args.no_record and not settings.tiny:
+    if args.record and not settings.tiny:
         record(combined, names, common.command_line())
     return 1 if combined["failed"] else 0
 

@@ -35,13 +35,16 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load(weights: str | os.PathLike | None = None, *, device: str | None = None) -> Captioner:
+def load(weights: str | os.PathLike | None = None, *, device: str | None = None,
+         precision: str | None = None) -> Captioner:
     """Load and verify a bundle once, with every captioning method it has.
 
     Args:
         weights: a bundle folder, or ``"hf-hub:org/name@revision"`` (pin the revision); None: ``$CAPDEMO_WEIGHTS``,
             else the shipped shapes-world bundle.
         device: a torch device ("cpu", "cuda", ...); None: CUDA when available, else the CPU.
+        precision: "fp32", "bf16" or "int8" (CPU only); None: the bundle's measured recommendation on a CPU,
+            else fp32.
 
     Returns:
         A :class:`~capdemo.pipeline.Captioner`: ``caption(images, method, **settings)`` (PIL images or file paths;
@@ -51,7 +54,8 @@ def load(weights: str | os.PathLike | None = None, *, device: str | None = None)
     from capdemo.pipeline import Captioner
     from capdemo.weights import default_bundle
 
-    return Captioner.from_bundle(weights if weights is not None else default_bundle(), device=device)
+    return Captioner.from_bundle(weights if weights is not None else default_bundle(), device=device,
+                                 precision=precision)
 
 
 def list_methods() -> tuple[str, ...]:

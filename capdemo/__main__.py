@@ -13,6 +13,7 @@ from pathlib import Path
 
 from capdemo import methods as registry
 from capdemo.inputs import positive_int
+from capdemo.precision import PRECISIONS
 from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 
 
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", default=None, help="bundle folder or hf-hub:org/name@revision (default: "
                                                        "$CAPDEMO_WEIGHTS, else the shipped weights/shapes)")
         p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+        p.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="serving arithmetic (default: the bundle's recommendation on a CPU, else fp32)")
         p.add_argument("--json", action="store_true", help="print one JSON object per image instead of text")
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "caption":
             settings_from_arguments(args, args.method)  # a flag of another method: refused before loading anything
-        captioner = Captioner.from_bundle(args.weights or default_bundle(), device=args.device)
+        captioner = Captioner.from_bundle(args.weights or default_bundle(), device=args.device,
+                                          precision=args.precision)
         if args.command == "info":
             print(json.dumps(captioner.info(), indent=2 if not args.json else None))
             return 0

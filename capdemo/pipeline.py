@@ -30,6 +30,7 @@ from capdemo.features import ImageFeatures
 from capdemo.images import load_image
 from capdemo.methods.base import CaptionMethod, Encoded, LoadContext, MethodOptions, Towers
 from capdemo.inputs import clean_question
+from capdemo.precision import DEFAULT_PRECISION, PrecisionReport, apply_precision, check_precision
 from capdemo.result import Result
 from capdemo.timing import StageTimer
 
@@ -68,27 +69,38 @@ class _Cached:
 class Captioner:
     """A loaded bundle: its image towers, every captioning method it has, and VQA when it has an answer list."""
 
-    def __init__(self, bundle: Bundle, towers: Towers, methods: dict[str, CaptionMethod], *, answers=None):
+    def __init__(self, bundle: Bundle, towers: Towers, methods: dict[str, CaptionMethod], *, answers=None,
+                 precision: str = DEFAULT_PRECISION, precision_reports: dict[str, PrecisionReport] | None = None):
         self.bundle = bundle
         self.towers = towers
         self.methods = methods  # registry name -> loaded method, in registry order
         self.answers = answers
+        self.precision = precision  # the arithmetic every model serves at (capdemo.precision)
+        self.precision_reports = precision_reports or {}  # model name -> what the conversion changed
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self._corpus: tuple[list[str], torch.Tensor] | None = None
 
     @classmethod
-    def from_bundle(cls, spec: str | os.PathLike, *, device: str | None = None) -> Captioner:
-        """Load and verify the bundle at ``spec`` (folder or ``hf-hub:org/name@rev``) and every method it has."""
+    def from_bundle(cls, spec: str | os.PathLike, *, device: str | None = None,
+                    precision: str | None = None) -> Captioner:
+        """Load and verify the bundle at ``spec`` (folder or ``hf-hub:org/name@rev``) and every method it has,
+        then convert every model to the serving ``precision`` (None: the bundle's recommendation on a CPU,
+        else fp32; see :func:`serving_precision`)."""
         from capdemo.vqa import VQA_COMPONENT, AnswerList
 
         device = device or default_device()
         bundle = Bundle.load(spec)
+        precision = serving_precision(bundle, device, precision)
         towers = Towers(encoder_from_bundle(bundle, device=device), device=device)
         context = LoadContext(bundle=bundle, towers=towers, device=device)
         loaded = {method.name: method.from_bundle(context) for method in registry.methods() if bundle.has(method.name)}
         answers = AnswerList.from_bundle(bundle) if bundle.has(VQA_COMPONENT) else None
-        return cls(bundle, towers, loaded, answers=answers)
+        served = {**{f"encoder:{e.name}": e for e in towers.encoders()},
+                  **{f"{name}:{i}" if i else name: module
+                     for name, method in loaded.items() for i, module in enumerate(method.modules())}}
+        reports = {name: apply_precision(module, precision) for name, module in served.items()}
+        return cls(bundle, towers, loaded, answers=answers, precision=precision, precision_reports=reports)
 
     @property
     def encoder(self):
@@ -253,7 +265,23 @@ class Captioner:
             "training": manifest.get("training", {}),
             "files": {rel: entry["sha256"][:12] for rel, entry in manifest.get("files", {}).items()},
             "device": str(self.encoder.device),
+            "precision": self.precision,
+            "precision_reports": {name: report.summary() for name, report in self.precision_reports.items()},
         }
 
 
-__all__ = ["Captioner", "Encoded", "default_device", "image_key"]
+SERVING_KEY = "serving"  # manifest entry: {"precision": ...}, the bundle's measured recommendation for CPU serving
+
+
+def serving_precision(bundle: Bundle, device: str, requested: str | None = None) -> str:
+    """The precision to serve ``bundle`` at: ``requested`` when given; else the bundle's recommendation
+    (written by its build from a measured quality check) on a CPU; else fp32 (int8 is CPU-only)."""
+    if requested is not None:
+        return check_precision(requested)
+    recommended = bundle.manifest.get(SERVING_KEY, {}).get("precision")
+    if recommended is None or torch.device(device).type != "cpu":
+        return DEFAULT_PRECISION
+    return check_precision(recommended)
+
+
+__all__ = ["Captioner", "Encoded", "default_device", "image_key", "serving_precision"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, maccap_latency, throughput, tomcap_latency, training_throughput
+from benchmarks import common, maccap_latency, serving_precision, throughput, tomcap_latency, training_throughput
 from benchmarks import run as runner
 from benchmarks.models import fix_generation_length, maccap_stack, random_pixels, synthetic_tokenizer
 from capdemo.lm import generate_from_embeds
@@ -218,6 +218,89 @@ def test_training_benchmark_compares_cached_and_on_the_fly_embeddings():
         assert entry["cached_speedup"] == pytest.approx(
             entry["cached"]["captions_per_s"] / entry["on_the_fly"]["captions_per_s"], rel=0.01)
     assert result["cache_build_s"] > 0 and result["corpus_captions"] == 8 * 3
+
+
+def test_precision_benchmark_times_every_precision_and_scores_its_quality():
+    result = serving_precision.run(tiny=True)
+    for section in ("maccap", "tomcap"):
+        entry = result[section]
+        for precision in ("fp32", "bf16", "int8"):
+            assert entry[f"{precision}_s"] == entry["timings"][precision]["median_s"] > 0
+        for precision in ("bf16", "int8"):
+            assert entry[f"speedup_{precision}"] == pytest.approx(entry["fp32_s"] / entry[f"{precision}_s"], rel=0.02)
+        assert entry["best_s"] == min(entry[f"{p}_s"] for p in ("fp32", "bf16", "int8"))
+        assert entry["same_as_fp32"]["fp32"] == 1.0
+        assert entry["reports"]["int8"]["model"]["quantized"]["Conv1D"] > 0
+        assert entry["reports"]["bf16"]["encoder"]["kept_float"]["MultiheadAttention"] > 0
+    quality = result["quality"]
+    assert quality["bundle"] == "tiny"
+    assert quality["n"] == serving_precision.plan_for(common.Settings(tiny=True)).quality_n
+    for method in ("maccap", "tomcap"):
+        assert quality[method]["fp32"]["loss"] == 0 and quality[method]["fp32"]["same_caption_as_fp32"] == 1
+        for precision in ("bf16", "int8"):
+            row = quality[method][precision]
+            assert row["loss"] == pytest.approx(quality[method]["fp32"]["scene_accuracy"] - row["scene_accuracy"])
+    (sweep,) = result["lms"]
+    for precision in ("fp32", "bf16", "int8"):
+        largest = sweep[precision]["largest_s"]
+        assert largest["within_budget"] and largest["s"] <= serving_precision.BUDGET_S
+        within = [int(s) for s, t in largest["measured"].items() if t <= serving_precision.BUDGET_S]
+        assert largest["samples"] == max(within)
+    assert sweep["speedup_int8"] == pytest.approx(sweep["fp32"]["s20_s"] / sweep["int8"]["s20_s"], rel=0.02)
+    assert set(result["recommended"]) == {"maccap", "tomcap", "bundle"}
+    assert isinstance(result["bf16_native"], bool) and "Recommended" in serving_precision.summary(result)
+
+
+def test_recommended_precision_is_the_fastest_within_the_quality_limit():
+    speed = {"maccap": {"fp32_s": 6.0, "bf16_s": 4.0, "int8_s": 2.0}, "tomcap": {"fp32_s": 4.0, "bf16_s": 5.0,
+                                                                                 "int8_s": 3.0}}
+    quality = {"maccap": {"fp32": {"loss": 0.0}, "bf16": {"loss": 0.004}, "int8": {"loss": 0.02}},
+               "tomcap": {"fp32": {"loss": 0.0}, "bf16": {"loss": 0.0}, "int8": {"loss": 0.011}}}
+    assert serving_precision.recommend(quality, speed) == {"maccap": "bf16", "tomcap": "fp32", "bundle": "bf16"}
+    quality["maccap"]["int8"]["loss"] = 0.01  # the limit itself is allowed
+    assert serving_precision.recommend(quality, speed)["maccap"] == "int8"
+    quality["tomcap"]["int8"]["loss"] = -0.01  # int8 allowed everywhere: 5 s summed against fp32's 10, bf16's 9
+    assert serving_precision.recommend(quality, speed) == {"maccap": "int8", "tomcap": "int8", "bundle": "int8"}
+
+
+def test_paired_quality_loss_counts_scenes_lost_and_gained():
+    from training.shapes import world
+    from training.shapes.language import captions
+
+    scenes = [scene for scene, _, _ in world.generate_pairs(4, seed=99, config=world.WorldConfig())]
+    right = [captions(scene)[0] for scene in scenes]
+    reference = [right[0], right[1], "nothing", right[3]]  # 3 of 4 right
+    predictions = [right[0], "nothing", right[2], "nothing"]  # loses scenes 1 and 3, gains scene 2
+    out = serving_precision.paired_loss(reference, predictions, scenes)
+    assert (out["lost"], out["gained"], out["loss"]) == (2, 1, 0.25)
+    assert out["loss_se"] == pytest.approx(np.sqrt((3 / 4 - 0.25**2) / 4), abs=1e-4)
+    assert serving_precision.paired_loss(reference, reference, scenes) == {"loss": 0, "loss_se": 0, "lost": 0,
+                                                                          "gained": 0}
+
+
+@pytest.mark.parametrize("per_sample, largest", [(0.5, 18), (0.05, 64), (12.0, 1), (0.9, 10)])
+def test_the_largest_s_within_the_budget_is_found_in_few_measurements(per_sample, largest):
+    def seconds(samples):  # 1 s fixed + per_sample s per sample, a little worse than linear past S = 20
+        return 1.0 + per_sample * samples * (1.0 + 0.002 * max(0, samples - 20))
+
+    calls = []
+    found = serving_precision.largest_within({1: seconds(1), 20: seconds(20)},
+                                             lambda s: calls.append(s) or seconds(s), budget=10.0, steps=4, cap=64)
+    brute = max((s for s in range(1, 65) if seconds(s) <= 10.0), default=1)
+    assert found["samples"] == brute == largest
+    assert found["within_budget"] is (seconds(largest) <= 10.0)
+    assert len(calls) <= 4 and set(found["measured"]) == {"1", "20", *map(str, calls)}
+
+
+def test_runner_records_only_when_asked(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "run_all", lambda names, settings, threads: {"mode": "quick", "machine": {},
+                                                                          "failed": {}, "wall_s": 0.0})
+    monkeypatch.setattr(runner, "record", lambda *args, **kwargs: calls.append(args))
+    runner.main(["--quick", "--json", "--only", "maccap_latency"])
+    assert calls == []
+    runner.main(["--quick", "--json", "--only", "maccap_latency", "--record"])
+    assert len(calls) == 1
 
 
 def test_runner_prints_one_object_with_every_benchmark(tmp_path):

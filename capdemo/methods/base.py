@@ -197,6 +197,10 @@ class Towers:
             self._others[name] = load_encoder(config, device=self.device)
         return self._others[name]
 
+    def encoders(self) -> list[ClipEncoder]:
+        """Every loaded encoder, the captioning CLIP first."""
+        return [self.main, *self._others.values()]
+
 
 @dataclass
 class LoadContext:

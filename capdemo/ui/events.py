@@ -285,7 +285,8 @@ class CaptionDemo:
             f"- **Components:** {', '.join(sorted(info['components']))}",
             f"- **Training:** {one_line(json.dumps(info['training'])) if info['training'] else 'not recorded'}",
             f"- **Files:** {len(info['files'])}, each checked against its sha256 in `bundle.json` at load",
-            f"- **Device:** {info['device']}",
+            f"- **Device:** {info['device']}, serving at **{info['precision']}** "
+            "(`--precision fp32|bf16|int8`; int8 and bf16 are measured against fp32 in benchmarks/README.md)",
             "",
             "**Loading another bundle:** `python app.py --weights path/to/bundle`, or "
             "`python app.py --weights hf-hub:org/name@revision` (pin the revision), or set `CAPDEMO_WEIGHTS`.",

@@ -249,10 +249,12 @@ def _batch_tab(config: AppConfig) -> tuple[list, list, Any]:
 
 
 def build_app(
-    weights: str, *, device: str | None = None, config: AppConfig | None = None, photos: Sequence[Path] = ()
+    weights: str, *, device: str | None = None, precision: str | None = None, config: AppConfig | None = None,
+    photos: Sequence[Path] = (),
 ) -> gr.Blocks:
     """Load the bundle ``weights`` (folder or ``hf-hub:org/name@rev``) once and build the page over it."""
-    return create_blocks(Captioner.from_bundle(weights, device=device), config=config, photos=photos)
+    captioner = Captioner.from_bundle(weights, device=device, precision=precision)
+    return create_blocks(captioner, config=config, photos=photos)
 
 
 __all__ = ["MODEL_CONCURRENCY_ID", "build_app", "create_blocks", "image_input", "on_gpu", "serve"]

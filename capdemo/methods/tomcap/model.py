@@ -300,6 +300,11 @@ class TOMCap(nn.Module):
     def device(self) -> torch.device:
         return self.memory_proj[0].weight.device
 
+    def float_submodules(self) -> list[tuple[str, nn.Module]]:
+        """What a serving precision must leave float: :meth:`memory` reads the projection's weight dtype and
+        device (one D x n_embd product per image: nothing to gain from int8)."""
+        return [("TOMCap.memory_proj", self.memory_proj)]
+
     def memory(self, input_embeds: torch.Tensor, neighbour_embeds: torch.Tensor | None) -> torch.Tensor:
         """Keys/values of every cross-attention: input (B, D) and neighbours (B, K, D) -> (B, 1 + K, n_embd)."""
         tokens = input_embeds.unsqueeze(1)  # (B, 1, D)
