@@ -70,11 +70,13 @@ class Captioner:
     """A loaded bundle: its image towers, every captioning method it has, and VQA when it has an answer list."""
 
     def __init__(self, bundle: Bundle, towers: Towers, methods: dict[str, CaptionMethod], *, answers=None,
-                 precision: str = DEFAULT_PRECISION, precision_reports: dict[str, PrecisionReport] | None = None):
+                 answer_lm=None, precision: str = DEFAULT_PRECISION,
+                 precision_reports: dict[str, PrecisionReport] | None = None):
         self.bundle = bundle
         self.towers = towers
         self.methods = methods  # registry name -> loaded method, in registry order
         self.answers = answers
+        self.answer_lm = answer_lm  # capdemo.vqa.AnswerLM: the LM that answers questions (None: no VQA)
         self.precision = precision  # the arithmetic every model serves at (capdemo.precision)
         self.precision_reports = precision_reports or {}  # model name -> what the conversion changed
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
@@ -96,11 +98,16 @@ class Captioner:
         context = LoadContext(bundle=bundle, towers=towers, device=device)
         loaded = {method.name: method.from_bundle(context) for method in registry.methods() if bundle.has(method.name)}
         answers = AnswerList.from_bundle(bundle) if bundle.has(VQA_COMPONENT) else None
+        answer_lm = answering_lm(bundle, loaded.values(), device=device) if answers is not None else None
         served = {**{f"encoder:{e.name}": e for e in towers.encoders()},
                   **{f"{name}:{i}" if i else name: module
                      for name, method in loaded.items() for i, module in enumerate(method.modules())}}
+        own_lms = [lm.lm for lm in (m.answer_lm() for m in loaded.values()) if lm is not None]
+        if answer_lm is not None and not any(answer_lm.lm is lm for lm in own_lms):
+            served["vqa:lm"] = answer_lm.lm  # the frozen LM the bundle names for VQA
         reports = {name: apply_precision(module, precision) for name, module in served.items()}
-        return cls(bundle, towers, loaded, answers=answers, precision=precision, precision_reports=reports)
+        return cls(bundle, towers, loaded, answers=answers, answer_lm=answer_lm, precision=precision,
+                   precision_reports=reports)
 
     @property
     def encoder(self):
@@ -203,22 +210,20 @@ class Captioner:
 
     @property
     def vqa_method(self) -> CaptionMethod | None:
-        """The method whose captions and LM answer questions (the first one that serves VQA), if the bundle
-        has an answer list."""
+        """The method whose captions answer questions (the first one that serves VQA), if the bundle has an
+        answer list."""
         if self.answers is None:
             return None
-        return next((m for m in self.methods.values() if m.language_model() is not None), None)
+        return next((m for m in self.methods.values() if m.answer_lm() is not None), None)
 
     def answer(self, image: ImageInput | Encoded, question: str, *, top_k: int = 10, caption: str | None = None):
-        """Zero-shot VQA (MacCap §4.4): caption the image, prompt the LM with the question, match the answers.
-
-        ``caption`` skips captioning (e.g. the app already has one for this image).
-        """
+        """Zero-shot VQA (MacCap §4.4): caption the image, prompt the answering LM with the question, match the
+        answers. ``caption`` skips captioning (e.g. the app already has one for this image)."""
         from capdemo.vqa import answer_question
 
         question = clean_question(question)
         method = self.vqa_method
-        if method is None:
+        if method is None or self.answer_lm is None:
             raise ValueError("this bundle cannot answer questions (it needs a VQA answer list and a method with an LM)")
         if not 1 <= top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
@@ -228,8 +233,7 @@ class Captioner:
         if caption is None:
             caption = self.caption(encoded, method.name)[0].caption
         with torch.inference_mode():
-            return answer_question(method.language_model(), self.encoder, caption, question, self.answers,
-                                   top_k=top_k)
+            return answer_question(self.answer_lm, self.encoder, caption, question, self.answers, top_k=top_k)
 
     # ------------------------------------------------------------------ analysis inputs
 
@@ -268,6 +272,17 @@ class Captioner:
             "precision": self.precision,
             "precision_reports": {name: report.summary() for name, report in self.precision_reports.items()},
         }
+
+
+def answering_lm(bundle: Bundle, methods, *, device: str):
+    """The LM that answers questions: the frozen LM the bundle names for VQA (decoded with the VQA method's
+    settings), else the VQA method's own LM; None when no method serves VQA."""
+    from capdemo.vqa import AnswerLM
+
+    own = next((lm for lm in (m.answer_lm() for m in methods) if lm is not None), None)
+    if own is None:
+        return None
+    return AnswerLM.frozen_from_bundle(bundle, own, device=device) or own
 
 
 SERVING_KEY = "serving"  # manifest entry: {"precision": ...}, the bundle's measured recommendation for CPU serving

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from capdemo.bundle import BundleWriter
+from capdemo.bundle import IN_BUNDLE_PREFIX, BundleWriter
 from capdemo.encoders import ClipEncoder, EncoderConfig, add_encoder_to_bundle
 from capdemo.gap import GapStats
 from capdemo.lm import load_causal_lm, save_causal_lm
@@ -105,6 +105,9 @@ def example_images(seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
 
 
+TINY_VQA_LM = "vqa/lm"  # bundle folder of the tiny bundle's frozen answering LM
+
+
 def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
     from capdemo.methods.capdec import model as capdec
     from capdemo.methods.maccap import model as maccap
@@ -133,7 +136,10 @@ def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
         tomcap_bundle.add_to_bundle(writer, tom, datastore=store_dir, copy_datastore=True, gap_stats=stats)
         dec = capdec.CapDec(capdec.CapDecConfig(lm=str(lm_dir), **TINY_CAPDEC), *load_causal_lm(lm_dir))
         capdec.add_to_bundle(writer, dec)
-        AnswerList(TINY_ANSWERS).add_to_bundle(writer, encoder)
+        # the frozen LM that answers questions (as the shapes bundle ships one): other weights than MacCap's
+        frozen_dir = save_causal_lm(tiny_gpt2(tokenizer, seed=seed + 1), tokenizer, Path(scratch) / "vqa-lm")
+        writer.add_directory(TINY_VQA_LM, frozen_dir)
+        AnswerList(TINY_ANSWERS).add_to_bundle(writer, encoder, lm=IN_BUNDLE_PREFIX + TINY_VQA_LM)
         for i, image in enumerate(images):
             image.save(writer.path(f"examples/random-{i}.png"))
         return writer.finish()

@@ -1,7 +1,9 @@
 """Zero-shot VQA through a caption (MacCap §4.4): caption -> LM answer -> nearest candidate answers.
 
 The image is captioned by MacCap; the LM alone (no visual prefix) continues the
-prompt ``"[caption] Question: [question] Answer:"``; its short free-form answer
+prompt ``"[caption] Question: [question] Answer:"`` (an :class:`AnswerLM`: the
+frozen, untouched LM when the bundle ships one, as in the paper, where MacCap's
+LM is frozen; else the captioning method's own LM); its short free-form answer
 is embedded with the CLIP text encoder and the candidate answers (VQAv2's 3,128)
 are ranked by cosine with it (the paper). ``MacCapConfig.vqa_match = "word"``
 switches to the official code's matching instead: every candidate that occurs as
@@ -22,11 +24,13 @@ from collections.abc import Sequence
 import torch
 
 from capdemo.encoders import ClipEncoder
-from capdemo.lm import clean_text, decode, embed_tokens, generate_from_embeds
+from capdemo.lm import clean_text, decode, embed_tokens, generate_from_embeds, load_causal_lm, special_ids
 
 VQA_PROMPT = "{caption} Question: {question} Answer:"  # paper §4.4
 VQA_COMPONENT = "vqa"  # bundle component naming the answer files below
 ANSWERS_FILE = "vqa/answers.json"  # JSON list of candidate answers
+VQA_LM_KEY = "lm"  # optional field of the vqa component: the weight source of the frozen LM that answers
+MATCH_MODES = ("clip", "word")
 ANSWER_EMBEDS_FILE = "vqa/answer_embeds.safetensors"  # their CLIP text embeddings, "embeds" (N, D)
 ENCODE_BATCH = 512  # answers per CLIP text-encoder call when embedding the list
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -74,12 +78,13 @@ class AnswerList:
         embeds = bundle.tensors(ANSWER_EMBEDS_FILE)["embeds"] if shipped else None
         return cls(bundle.json(ANSWERS_FILE), embeds=embeds)
 
-    def add_to_bundle(self, writer: Any, encoder: ClipEncoder) -> None:
-        """Ship the answers and their embeddings by ``encoder`` (the bundle's encoder) in a BundleWriter."""
+    def add_to_bundle(self, writer: Any, encoder: ClipEncoder, *, lm: str | None = None) -> None:
+        """Ship the answers and their embeddings by ``encoder`` (the bundle's encoder) in a BundleWriter;
+        ``lm``: the weight source of a frozen LM that answers instead of the captioning method's own."""
         writer.add_json(ANSWERS_FILE, self.answers)
         writer.add_tensors(ANSWER_EMBEDS_FILE, {"embeds": self.embeddings(encoder)})
         writer.add_component(VQA_COMPONENT, {"answers": ANSWERS_FILE, "embeddings": ANSWER_EMBEDS_FILE,
-                                             "count": len(self.answers)})
+                                             "count": len(self.answers), **({VQA_LM_KEY: lm} if lm else {})})
 
     def embeddings(self, encoder: ClipEncoder) -> torch.Tensor:
         """(N, D) L2-normalised CLIP text embeddings of the answers, computed at most once per encoder."""
@@ -122,24 +127,61 @@ def word_matches(generated: str, answers: Sequence[str]) -> list[str]:
     return [answer for answer in answers if answer in words]
 
 
-def generate_answer(model: Any, prompt: str) -> str:
+@dataclass
+class AnswerLM:
+    """The LM that answers questions, its tokenizer and how its answer is decoded and matched."""
+
+    lm: Any
+    tokenizer: Any
+    beams: int = 1
+    max_new_tokens: int = 10  # length cap of the free-form answer
+    match: str = "clip"  # "clip": nearest answers by CLIP text cosine (paper); "word": whole-word matches
+
+    def __post_init__(self):
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"VQA match must be one of {', '.join(MATCH_MODES)}, got {self.match!r}")
+        _, self.eos_id, self.pad_id = special_ids(self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @classmethod
+    def of_captioner(cls, model: Any) -> AnswerLM:
+        """A captioning model's own LM with its VQA settings (MacCapConfig's beams, vqa_max_new_tokens, vqa_match)."""
+        config = model.config
+        return cls(model.lm, model.tokenizer, beams=config.beams, max_new_tokens=config.vqa_max_new_tokens,
+                   match=config.vqa_match)
+
+    @classmethod
+    def frozen_from_bundle(cls, bundle: Any, like: AnswerLM, *, device: str | torch.device = "cpu") -> AnswerLM | None:
+        """The frozen LM a bundle names for VQA (``vqa`` component, field ``lm``), decoded as ``like`` is;
+        None when it names none."""
+        spec = bundle.component(VQA_COMPONENT).get(VQA_LM_KEY) if bundle.has(VQA_COMPONENT) else None
+        if spec is None:
+            return None
+        lm, tokenizer = load_causal_lm(bundle.locate(spec), device=device)
+        return cls(lm.eval(), tokenizer, beams=like.beams, max_new_tokens=like.max_new_tokens, match=like.match)
+
+
+def generate_answer(answer_lm: AnswerLM, prompt: str) -> str:
     """The LM's short answer to ``prompt`` (plain text; the tokenizer adds the LM's usual special tokens)."""
-    ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
+    ids = answer_lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(answer_lm.device)  # (1, L)
     out = generate_from_embeds(
-        model.lm, embed_tokens(model.lm, ids), eos_token_id=model.eos_id, pad_token_id=model.pad_id,
-        beams=model.config.beams, max_new_tokens=model.config.vqa_max_new_tokens,
+        answer_lm.lm, embed_tokens(answer_lm.lm, ids), eos_token_id=answer_lm.eos_id, pad_token_id=answer_lm.pad_id,
+        beams=answer_lm.beams, max_new_tokens=answer_lm.max_new_tokens,
     )
-    return short_answer(decode(model.tokenizer, out, raw=True)[0])  # cut at the first line break, then clean
+    return short_answer(decode(answer_lm.tokenizer, out, raw=True)[0])  # cut at the first line break, then clean
 
 
 @torch.inference_mode()
-def answer_question(model: Any, encoder: ClipEncoder, caption: str, question: str, answers: AnswerList, *,
+def answer_question(answer_lm: AnswerLM, encoder: ClipEncoder, caption: str, question: str, answers: AnswerList, *,
                     top_k: int = 10) -> VQAResult:
-    """Answer a (cleaned) ``question`` about an image described by ``caption``: the LM of ``model`` continues
+    """Answer a (cleaned) ``question`` about an image described by ``caption``: ``answer_lm``'s LM continues
     the VQA prompt, and its short answer is matched against the candidate answers (``top_k`` listed)."""
     prompt = VQA_PROMPT.format(caption=caption, question=question).strip()
-    generated = generate_answer(model, prompt)
-    if model.config.vqa_match == "word":
+    generated = generate_answer(answer_lm, prompt)
+    if answer_lm.match == "word":
         top = [(answer, 1.0) for answer in word_matches(generated, answers.answers)[:top_k]]
         best = top[0][0] if top else generated
     else:
@@ -153,6 +195,7 @@ def answer_question(model: Any, encoder: ClipEncoder, caption: str, question: st
 
 __all__ = [
     "AnswerList",
+    "AnswerLM",
     "AnswerListError",
     "VQAResult",
     "VQA_PROMPT",

@@ -32,6 +32,24 @@ def test_loads_every_component(captioner):
     assert all(len(h) == 12 for h in info["files"].values())
 
 
+def test_the_frozen_lm_the_bundle_names_answers_questions_not_maccaps(captioner, tiny_bundle_dir):
+    from safetensors.torch import load_file
+
+    from capdemo.vqa import AnswerLM, generate_answer
+
+    maccap = captioner.methods["maccap"].model
+    answer_lm = captioner.answer_lm
+    assert answer_lm.lm is not maccap.lm  # the paper's VQA LM is frozen; MacCap's was trained for captioning here
+    stored = load_file(Path(tiny_bundle_dir) / "vqa" / "lm" / "model.safetensors")
+    served = answer_lm.lm.state_dict()
+    assert all(torch.equal(served[name], tensor) for name, tensor in stored.items() if name in served)
+    assert not torch.equal(answer_lm.lm.get_input_embeddings().weight, maccap.lm.get_input_embeddings().weight)
+    own = AnswerLM.of_captioner(maccap)
+    assert (answer_lm.beams, answer_lm.max_new_tokens, answer_lm.match) == (own.beams, own.max_new_tokens, own.match)
+    result = captioner.answer(example_images()[0], "what colour is it?", caption="a red circle")
+    assert result.generated == generate_answer(answer_lm, result.prompt)
+
+
 def test_maccap_results_are_consistent(captioner):
     images = example_images()
     results = captioner.caption(images, "maccap", samples=6, seed=3)

@@ -1,9 +1,13 @@
 """The shapes world: reproducible data, captions that parse back exactly, images that match them, scoring."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from capdemo.config import ConfigError
+from training.shapes import world
 from training.shapes.world import (
     COUNT_WORDS,
     PALETTE,
@@ -27,6 +31,7 @@ from training.shapes.world import (
     vocabulary,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 COLOUR_TOLERANCE = 60  # RGB distance within which a pixel counts as showing a palette colour
 
 RED_CIRCLE_LEFT_OF_BLUE_SQUARE = Scene("pair", "red", "circle", relation="left of", colour2="blue",
@@ -77,7 +82,7 @@ def test_kind_frequencies_follow_the_config():
     assert frequency == pytest.approx({"single": 0.4, "pair": 0.4, "group": 0.2}, abs=0.03)
     only_groups = generate_scenes(200, seed=0, config=WorldConfig(kind_probs=(0.0, 0.0, 1.0)))
     assert {s.kind for s in only_groups} == {"group"}
-    assert {s.count for s in only_groups} == {2, 3}
+    assert {s.count for s in only_groups} == {2, 3, 4}
 
 
 # The world's size
@@ -87,10 +92,10 @@ def test_scene_and_vocabulary_counts():
     config = WorldConfig()
     scenes = all_scenes(config)
     n_objects = 6 * 3
-    assert len(scenes) == len(set(scenes)) == n_objects * 2 * 5 + n_objects * (n_objects - 1) * 2 + n_objects * 2
-    assert len(scenes) == 828
-    assert len(vocabulary(config)) == 35
-    assert len(all_scenes(WorldConfig(shapes=SHAPES))) == 24 * 2 * 5 + 24 * 23 * 2 + 24 * 2
+    assert len(scenes) == len(set(scenes)) == n_objects * 2 * 5 + n_objects * (n_objects - 1) * 2 + n_objects * 3
+    assert len(scenes) == 846
+    assert len(vocabulary(config)) == 36
+    assert len(all_scenes(WorldConfig(shapes=SHAPES))) == 24 * 2 * 5 + 24 * 23 * 2 + 24 * 3
     assert set(generate_scenes(3000, seed=1, config=config)) <= set(scenes)
 
 
@@ -142,6 +147,7 @@ def test_paraphrases_in_other_orders_parse_to_the_same_scene():
     assert parse_caption("in the center there is a small white cross") == Scene(
         "single", "white", "cross", size="small", position="centre")
     assert parse_caption("there are three identical green triangles") == Scene("group", "green", "triangle", count=3)
+    assert parse_caption("there are four white squares") == Scene("group", "white", "square", count=4)
 
 
 @pytest.mark.parametrize("junk", [
@@ -153,7 +159,8 @@ def test_paraphrases_in_other_orders_parse_to_the_same_scene():
     "a red circle to the left of a red circle",  # the two objects of a pair differ
     "a red circle on the left and a blue square on the left",
     "a red circle on the left and a blue square at the bottom",
-    "four red circles",
+    "five red circles",
+    "one red circle",
     "two red circle",
     "a large pink circle on the left",
     "a large red circle on the left and more",
@@ -167,7 +174,7 @@ def test_invalid_scenes_and_configs_are_refused():
         Scene("single", "red", "circle")
     with pytest.raises(SceneError, match="must differ"):
         Scene("pair", "red", "circle", relation="left of", colour2="red", shape2="circle", count=2)
-    for count in (1, 4):
+    for count in (1, 5):
         with pytest.raises(SceneError, match="count"):
             Scene("group", "red", "circle", count=count)
     with pytest.raises(SceneError, match="kind"):
@@ -176,27 +183,34 @@ def test_invalid_scenes_and_configs_are_refused():
         WorldConfig(colours=("red", "pink"))
     with pytest.raises(ConfigError, match="kind_probs"):
         WorldConfig(kind_probs=(0.5, 0.5, 0.5))
-    config = WorldConfig(colours=("red", "blue"), image_size=32, test_seed=9)
+    with pytest.raises(ConfigError, match="background"):
+        WorldConfig(background="wallpaper")
+    with pytest.raises(ConfigError, match="occlusion"):
+        WorldConfig(occlusion=1.5)
+    config = WorldConfig(colours=("red", "blue"), image_size=32, test_seed=9, background="plain", clutter=0)
     assert WorldConfig.from_dict(config.to_dict()) == config
 
 
 # Images
 
+CLEAN = {"clutter": 0, "occlusion": 0.0}  # only the scene's objects: their geometry is checked by colour masks
 
-@pytest.mark.parametrize("image_size", [64, 32])
+
+@pytest.mark.parametrize("image_size", [56, 32])
 def test_image_size_and_mode(image_size):
-    image = render(LARGE_RED_CIRCLE_LEFT, np.random.default_rng(0), image_size=image_size)
+    image = render(LARGE_RED_CIRCLE_LEFT, np.random.default_rng(0), config=WorldConfig(image_size=image_size))
     assert image.mode == "RGB" and image.size == (image_size, image_size)
     assert np.asarray(image).dtype == np.uint8
-    with pytest.raises(ValueError, match="image_size"):
-        render(LARGE_RED_CIRCLE_LEFT, np.random.default_rng(0), image_size=8)
+    with pytest.raises(ConfigError, match="image_size"):
+        WorldConfig(image_size=8)
 
 
-@pytest.mark.parametrize("image_size", [64, 32])
+@pytest.mark.parametrize("image_size", [56, 32])
 def test_single_objects_are_drawn_where_the_caption_says(image_size):
     regions = {"left": lambda x, y: x < 0.4, "right": lambda x, y: x > 0.6, "top": lambda x, y: y < 0.4,
                "bottom": lambda x, y: y > 0.6, "centre": lambda x, y: 0.4 < x < 0.6 and 0.4 < y < 0.6}
-    config = WorldConfig(image_size=image_size, kind_probs=(1.0, 0.0, 0.0), shapes=SHAPES)
+    # a flat background: a textured one's gradient would move the half-image means compared below
+    config = WorldConfig(image_size=image_size, kind_probs=(1.0, 0.0, 0.0), shapes=SHAPES, background="plain", **CLEAN)
     for scene, image, _ in generate_pairs(150, seed=1, config=config):
         mask = colour_mask(image, scene.colour)
         assert regions[scene.position](*centroid(mask)), scene
@@ -209,18 +223,18 @@ def test_single_objects_are_drawn_where_the_caption_says(image_size):
 
 
 def test_small_and_large_objects_have_the_stated_sizes():
-    config = WorldConfig(kind_probs=(1.0, 0.0, 0.0))
+    config = WorldConfig(kind_probs=(1.0, 0.0, 0.0), **CLEAN)
     extent, area = {"small": [], "large": []}, {"small": [], "large": []}
     for scene, image, _ in generate_pairs(200, seed=2, config=config):
         ys, xs = np.nonzero(colour_mask(image, scene.colour))
         extent[scene.size].append(max(np.ptp(xs), np.ptp(ys)) + 1)
         area[scene.size].append(len(xs))
-    assert min(extent["small"]) >= 10 and min(extent["large"]) >= 20  # pixels across, at 64 px
+    assert min(extent["small"]) >= 9 and min(extent["large"]) >= 18  # pixels across, at 56 px
     assert max(area["small"]) < min(area["large"])
 
 
 def test_pairs_are_drawn_in_the_stated_relation():
-    config = WorldConfig(kind_probs=(0.0, 1.0, 0.0))
+    config = WorldConfig(kind_probs=(0.0, 1.0, 0.0), **CLEAN)
     checked = 0
     for scene, image, _ in generate_pairs(200, seed=3, config=config):
         if scene.colour == scene.colour2:
@@ -235,17 +249,81 @@ def test_pairs_are_drawn_in_the_stated_relation():
 
 def test_groups_show_the_stated_number_of_separate_objects():
     ndimage = pytest.importorskip("scipy.ndimage")
-    config = WorldConfig(kind_probs=(0.0, 0.0, 1.0))
+    config = WorldConfig(kind_probs=(0.0, 0.0, 1.0), **CLEAN)
+    counts = set()
     for scene, image, _ in generate_pairs(100, seed=4, config=config):
         _, n_blobs = ndimage.label(colour_mask(image, scene.colour), structure=np.ones((3, 3)))  # 8-connected
         assert n_blobs == scene.count and scene.count in COUNT_WORDS, scene
+        counts.add(scene.count)
+    assert counts == {2, 3, 4}
 
 
 def test_background_is_never_mistaken_for_an_object():
-    config = WorldConfig(image_size=32)
-    for _, image, _ in generate_pairs(100, seed=5, config=config):
-        corner = np.asarray(image)[:2, :2].reshape(-1, 3)  # objects never reach the corners
-        assert np.all(np.linalg.norm(corner[:, None] - np.array(list(PALETTE.values())), axis=-1) > 60)
+    for background in ("plain", "textured"):
+        config = WorldConfig(background=background, **CLEAN)
+        for _, image, _ in generate_pairs(100, seed=5, config=config):
+            corner = np.asarray(image)[:2, :2].reshape(-1, 3)  # objects never reach the corners
+            assert np.all(np.linalg.norm(corner[:, None] - np.array(list(PALETTE.values())), axis=-1) > 60)
+
+
+def test_textured_backgrounds_vary_across_the_image_and_plain_ones_do_not():
+    spread = {}
+    for background in ("plain", "textured"):
+        config = WorldConfig(background=background, **CLEAN)
+        corners = [[pixels[rows, cols].mean(axis=(0, 1)) for rows in (slice(0, 3), slice(-3, None))
+                    for cols in (slice(0, 3), slice(-3, None))]  # (4, 3): objects never reach the corners
+                   for pixels in (np.asarray(image, dtype=np.float64) for _, image, _ in
+                                  generate_pairs(100, seed=6, config=config))]
+        spread[background] = np.mean([np.ptp(four, axis=0).max() for four in corners])  # widest channel
+    assert spread["plain"] < 8 < 2 * 8 < spread["textured"]  # plain: pixel noise only, averaged over 9 values
+
+
+def test_clutter_is_drawn_and_is_never_a_caption_colour():
+    """Clutter and occluders are dull greys: no pixel comes near a palette colour the caption does not name."""
+    cluttered = WorldConfig(background="plain", clutter=4, occlusion=1.0)
+    clean = WorldConfig(background="plain", **CLEAN)  # the same scenes: the scene stream ignores the pixels
+
+    def foreground(image) -> int:  # pixels far from the (plain) background's colour
+        pixels = np.asarray(image, dtype=np.float64)
+        return int((np.linalg.norm(pixels - np.median(pixels.reshape(-1, 3), axis=0), axis=-1) > 45).sum())
+
+    extra = []
+    for (scene, image, _), (_, plain, _) in zip(generate_pairs(200, seed=7, config=cluttered),
+                                                generate_pairs(200, seed=7, config=clean)):
+        for colour in set(PALETTE) - {scene.colour, scene.colour2}:
+            assert colour_mask(image, colour).sum() <= 2, (scene, colour)  # anti-aliased edges at most
+        extra.append(foreground(image) - foreground(plain))  # same scenes, so the objects' area cancels on average
+    assert np.mean(extra) > 10  # clutter and occluders are really drawn
+
+
+def test_an_occluder_hides_part_of_one_object_and_never_most_of_it():
+    occluded = WorldConfig(clutter=0, occlusion=1.0)
+    visible = WorldConfig(clutter=0, occlusion=0.0)
+    fractions = []
+    for i, scene in enumerate(generate_scenes(150, seed=8, config=WorldConfig(kind_probs=(1.0, 0.0, 0.0)))):
+        # the same generator state draws the same background and layout; only the occluder differs
+        hidden = render(scene, np.random.default_rng(i), config=occluded)
+        shown = render(scene, np.random.default_rng(i), config=visible)
+        before, after = colour_mask(shown, scene.colour).sum(), colour_mask(hidden, scene.colour).sum()
+        fractions.append(after / before)
+    assert 0.55 < min(fractions) and np.median(fractions) < 0.97  # part hidden, most of the object still shown
+    assert max(fractions) <= 1.05
+
+
+def test_examples_rotate_scene_kinds_and_are_the_seeds_own_images():
+    config = WorldConfig()
+    chosen = world.example_pairs(8, seed=4, config=config)
+    assert [scene.kind for scene, _, _ in chosen] == ["single", "pair", "group"] * 2 + ["single", "pair"]
+    stream = generate_pairs(200, seed=4, config=config)
+    index = 0
+    for scene, image, caption in chosen:  # each example is the next scene of its kind in the seed's stream
+        while stream[index][0].kind != scene.kind:
+            index += 1
+        assert (stream[index][0], stream[index][1].tobytes(), stream[index][2]) == (scene, image.tobytes(), caption)
+        index += 1
+    assert [s for s, _, _ in world.example_pairs(8, seed=4, config=config)] == [s for s, _, _ in chosen]
+    only_pairs = WorldConfig(kind_probs=(0.0, 1.0, 0.0))
+    assert {scene.kind for scene, _, _ in world.example_pairs(3, seed=4, config=only_pairs)} == {"pair"}
 
 
 # Scoring
@@ -288,3 +366,20 @@ def test_scoring_refuses_mismatched_lengths():
         scene_accuracy(["a red circle"], [])
     with pytest.raises(ValueError, match="one prediction per scene"):
         attribute_accuracy(["x", "y"], [LARGE_RED_CIRCLE_LEFT])
+
+
+def test_the_world_recorded_in_the_shipped_bundle_redraws_its_examples_pixel_for_pixel():
+    """The shipped bundle's manifest records its world; world v2's features are switched off by their config fields
+    and draw no random numbers when off, so a world-v1 bundle is evaluated on exactly the world it learned."""
+    from capdemo.bundle import Bundle
+    from training.shapes.world import example_pairs
+
+    bundle = Bundle.load(REPO / "weights" / "shapes")
+    config = WorldConfig.from_dict(bundle.manifest["training"]["recipe"]["world"])
+    shipped = sorted((bundle.path / "examples").glob("examples-*.png"))
+    assert len(shipped) == 8
+    seed = config.test_seed + 1
+    redrawn = (generate_images(len(shipped), seed=seed, config=config) if config.background == "plain"  # world v1
+               else [image for _, image, _ in example_pairs(len(shipped), seed=seed, config=config)])
+    for path, image in zip(shipped, redrawn):
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image)), path.name

@@ -10,7 +10,7 @@ import torch
 
 from capdemo.bundle import Bundle, BundleWriter
 from capdemo.methods.maccap.model import MacCap, MacCapConfig
-from capdemo.vqa import AnswerList, AnswerListError, answer_question, short_answer, word_matches
+from capdemo.vqa import AnswerList, AnswerListError, AnswerLM, answer_question, short_answer, word_matches
 from capdemo.testing import tiny_gpt2
 
 OPENVQA_ANSWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa" / "openvqa_answer_dict.json"
@@ -62,8 +62,8 @@ def test_bad_answer_files_are_one_line_errors(tmp_path):
 def test_answers_are_ranked_by_clip_cosine_with_the_generated_answer(model, tiny_encoder):
     encoder = CountingEncoder(tiny_encoder)
     answers = AnswerList(SMALL_ANSWERS)
-    result = answer_question(model, encoder, "a red circle on the left", "What colour is the circle?", answers,
-                             top_k=4)
+    result = answer_question(AnswerLM.of_captioner(model), encoder, "a red circle on the left",
+                             "What colour is the circle?", answers, top_k=4)
     assert result.prompt == "a red circle on the left Question: What colour is the circle? Answer:"
     assert result.caption == "a red circle on the left"
     query = tiny_encoder.encode_text([result.generated])[0]
@@ -73,7 +73,7 @@ def test_answers_are_ranked_by_clip_cosine_with_the_generated_answer(model, tiny
     assert [s for _, s in result.top_answers] == pytest.approx(cosines[best].tolist(), abs=1e-5)
     assert result.answer == result.top_answers[0][0]
     calls = encoder.text_calls
-    answer_question(model, encoder, "x", "Is it red?", answers)
+    answer_question(AnswerLM.of_captioner(model), encoder, "x", "Is it red?", answers)
     assert encoder.text_calls == calls + 1  # answer embeddings were cached; only the new answer is encoded
     assert result.to_json()["top_answers"][0]["text"] == result.answer
 
@@ -81,9 +81,9 @@ def test_answers_are_ranked_by_clip_cosine_with_the_generated_answer(model, tiny
 def test_word_matching_is_the_reference_behaviour(model, tiny_encoder):
     assert word_matches("Two red circles, left.", SMALL_ANSWERS) == ["red", "two", "left"]
     assert word_matches("black and white", SMALL_ANSWERS) == []  # multi-word answers never match
-    word_model = MacCap(model.config.replace(vqa_match="word"), model.lm, model.tokenizer)
-    word_model.adaptor.load_state_dict(model.adaptor.state_dict())
-    result = answer_question(word_model, tiny_encoder, "c", "What?", AnswerList(SMALL_ANSWERS))
+    word_lm = AnswerLM.of_captioner(MacCap(model.config.replace(vqa_match="word"), model.lm, model.tokenizer))
+    assert word_lm.match == "word"
+    result = answer_question(word_lm, tiny_encoder, "c", "What?", AnswerList(SMALL_ANSWERS))
     assert all(score == 1.0 for _, score in result.top_answers)
     assert result.top_answers == [(a, 1.0) for a in word_matches(result.generated, SMALL_ANSWERS)][:10]
     assert result.answer == (result.top_answers[0][0] if result.top_answers else result.generated)
@@ -101,7 +101,7 @@ def test_the_generated_answer_is_cut_at_its_first_line_break(model, monkeypatch)
     continuation = " two\n\nThe man is holding a red umbrella."
     ids = torch.tensor([model.tokenizer(continuation)["input_ids"]])
     monkeypatch.setattr(vqa, "generate_from_embeds", lambda *args, **kwargs: ids)
-    assert vqa.generate_answer(model, "Question: how many? Answer:") == "two"
+    assert vqa.generate_answer(AnswerLM.of_captioner(model), "Question: how many? Answer:") == "two"
 
 
 def test_answer_embeddings_travel_in_a_bundle(tiny_encoder, tmp_path):

@@ -269,9 +269,9 @@ class CaptionMethod(ABC):
         ceiling of text-only training, where no modality gap exists. None when the method has no such path."""
         return None
 
-    def language_model(self) -> Any:
-        """The model whose LM answers visual questions about this method's captions (MacCap's, as in its
-        paper §4.4), or None when this method does not serve VQA."""
+    def answer_lm(self) -> Any:
+        """A :class:`capdemo.vqa.AnswerLM` over this method's own LM, with its VQA settings, when this method's
+        captions serve VQA (MacCap, paper §4.4); else None. A bundle may name a frozen LM that answers instead."""
         return None
 
     def modules(self) -> list[nn.Module]:

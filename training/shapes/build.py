@@ -3,13 +3,17 @@
 Every stage runs the same commands a real-world user runs (``python -m training
 index | gapstats | maccap | tomcap``), only on shapes captions and tiny models:
 
-1. world data: a text-only caption corpus, unpaired images (for the image statistics), example images;
+1. world data: a text-only caption corpus, unpaired images (for the image statistics), the world's VQA
+   answer list, and the example images (chosen by scene kind from a held-out seed, before any training);
 2. the tiny CLIP, trained contrastively on generated image-caption pairs (the only stage that sees images
    paired with text: it stands in for OpenAI's pretraining);
-3. the tiny LM: a BPE tokenizer and GPT-2 trained on captions and caption-grounded question-answer text;
+3. the tiny LM: a BPE tokenizer and GPT-2 trained on captions, TOMCap-shaped prompts and caption-grounded
+   question-answer text in the VQA prompt format;
 4. the caption datastore and the modality-gap statistics;
 5. MacCap and TOMCap, trained text-only, written into one bundle;
-6. examples and provenance in the bundle manifest.
+6. examples (``examples/scenes.json`` lists each with its caption), the untouched LM as ``vqa/lm`` (the
+   ``vqa`` component's ``"lm": "bundle:vqa/lm"``: VQA follows the paper and answers with the frozen LM,
+   while MacCap's own LM was trained for captioning), and provenance with per-stage timings in the manifest.
 
 Stages cache their outputs in ``--work-dir``, so a killed build continues where it stopped.
 ``--smoke`` shrinks everything so the whole recipe runs in about a minute (CI).
@@ -18,6 +22,7 @@ Stages cache their outputs in ``--work-dir``, so a killed build continues where 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -29,34 +34,42 @@ import numpy as np
 import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
-from capdemo.bundle import BundleWriter
+from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter
+from capdemo.vqa import VQA_COMPONENT
 from capdemo.config import Config
 from capdemo.fileio import atomic_output
 from training.loop import TrainConfig
 from training.shapes.clip import TinyClipConfig
 from training.shapes import world
 from training.shapes.lm import TinyLMConfig, pretrain_lm
-from training.shapes.questions import qa_texts
+from training.shapes.questions import ANSWERS, qa_texts
 
-ANSWERS_FILE = Path(__file__).resolve().parents[1] / "data" / "openvqa_answer_dict.json"
-# The tiny CLIP: 32 px images, 8 px patches (a 4x4 grid), a 96-wide 3-layer ViT, in-batch negatives plus 3 near
-# misses per pair (TinyClipConfig), 5 epochs. Shipped build: i2t 0.96, 828-way zero-shot 0.94, 1.2 % of captions
-# crowded within cosine 0.99 of another scene's (6.5 % without near misses), gap 0.29 with probe 1.0.
-SHAPES_IMAGE_SIZE = 32
-SHAPES_CLIP = dict(image_size=SHAPES_IMAGE_SIZE, patch_size=8, vision_width=96, vision_layers=3,
-                   same_scene_positives=False)
+VQA_LM = "vqa/lm"  # bundle folder: the untouched pretrained LM that answers questions (MacCap's VQA LM is frozen)
+EXAMPLES_FILE = "examples/scenes.json"  # bundle file: each shipped example's image file and canonical caption
+# The tiny CLIP (TinyClipConfig): 56 px images, 8 px patches (ViT-B/32's 7x7 grid), a 256-d joint space, in-batch
+# negatives plus 3 near misses per pair, 50k pairs x 4 epochs at batch 128. The logit scale is fixed at 300, not
+# CLIP's 100: measured on held-out pairs, 100 let training close the gap to 0.44 (paired cosine 0.70) by the time
+# retrieval was half-way useful, 200 kept 0.55 at i2t 0.92, 300 keeps 0.57 at i2t 0.88 (trials in the README).
+SHAPES_CLIP = dict(image_size=56, patch_size=8, embed_dim=256, vision_width=96, vision_layers=3, logit_scale=300.0,
+                   pairs=50_000, same_scene_positives=False)
+SHAPES_CLIP_TRAIN = dict(batch_size=128, epochs=4, lr=2e-3)
+
+
+def _shapes_clip() -> TinyClipConfig:
+    config = TinyClipConfig(**SHAPES_CLIP)
+    return config.replace(train=config.train.replace(**SHAPES_CLIP_TRAIN))
 
 
 @dataclass
 class ShapesRecipe(Config):
     """Sizes of every stage; ``full()`` makes the shipped bundle, ``smoke()`` the CI one."""
 
-    world: world.WorldConfig = field(default_factory=lambda: world.WorldConfig(image_size=SHAPES_IMAGE_SIZE))
-    # the tiny CLIP and its training
-    clip: TinyClipConfig = field(default_factory=lambda: TinyClipConfig(**SHAPES_CLIP))
+    world: world.WorldConfig = field(default_factory=world.WorldConfig)
+    clip: TinyClipConfig = field(default_factory=lambda: _shapes_clip())  # the tiny CLIP and its training
     corpus_captions: int = 20000  # text-only captions drawn (the commands get --dedupe: ~2.5k distinct ones)
     unpaired_images: int = 2000  # images for the image-side gap statistics (never paired with text)
-    qa_texts: int = 10000  # question-answer texts for LM pretraining (so VQA works on the shapes LM)
+    qa_texts: int = 40000  # question-answer texts for LM pretraining (so the frozen shapes LM answers questions)
+    qa_per_text: int = 3  # questions (with answers) per question-answer text
     prompt_texts: int = 4000  # TOMCap-prompt-shaped texts for LM pretraining (its template words, listing captions)
     examples: int = 8  # example images shipped in the bundle
     lm: TinyLMConfig = field(default_factory=TinyLMConfig)
@@ -68,6 +81,10 @@ class ShapesRecipe(Config):
     )  # the shapes LM must train with the adaptor (shapes-world-prototype.md, round 2)
     tomcap_steps: int = 2400  # TOMCap text-only training steps
     tomcap_args: tuple[str, ...] = ("--batch-size", "32", "--lr", "2e-3", "--warmup", "60", "--lora-r", "32")
+    capdec_steps: int = 1500  # CapDec text-only training steps
+    # CapDec's mapper scaled to the 128-wide shapes LM (the paper's: 40 prefix vectors, 8 layers, 8 heads)
+    capdec_args: tuple[str, ...] = ("--prefix-length", "8", "--clip-length", "8", "--mapper-layers", "2",
+                                    "--mapper-heads", "4", "--batch-size", "64", "--lr", "2e-3", "--warmup", "100")
     seed: int = 0
 
     @classmethod
@@ -76,12 +93,15 @@ class ShapesRecipe(Config):
 
     @classmethod
     def smoke(cls) -> ShapesRecipe:
-        return cls(clip=TinyClipConfig.smoke().replace(**{**SHAPES_CLIP, "vision_width": 64, "vision_layers": 2}),
-                   corpus_captions=3000, unpaired_images=300, qa_texts=1000, prompt_texts=500, examples=2,
+        return cls(clip=TinyClipConfig.smoke().replace(**{**SHAPES_CLIP, "vision_width": 64, "vision_layers": 2,
+                                                          "pairs": 4_000}),
+                   corpus_captions=3000, unpaired_images=300, qa_texts=1000, prompt_texts=500, examples=3,
                    lm=TinyLMConfig(n_embd=64, n_layer=2, n_positions=128), lm_steps=40, maccap_steps=120,
                    maccap_args=cls().maccap_args[:-6] + ("--batch-size", "32", "--lr", "3e-3", "--warmup", "20"),
                    tomcap_steps=60,
-                   tomcap_args=("--batch-size", "16", "--lr", "3e-3", "--warmup", "10", "--lora-r", "16"))
+                   tomcap_args=("--batch-size", "16", "--lr", "3e-3", "--warmup", "10", "--lora-r", "16"),
+                   capdec_steps=60, capdec_args=cls().capdec_args[:-6] + ("--batch-size", "32", "--lr", "3e-3",
+                                                                          "--warmup", "6"))
 
 
 def log(message: str) -> None:
@@ -120,22 +140,44 @@ class StageOutputs:
         return [str(path.relative_to(self.work)) for path in done if not path.is_file()]
 
 
+def examples_seed(config: world.WorldConfig) -> int:
+    """The world seed the shipped examples come from (never a training seed; shapes-eval refuses it)."""
+    return config.test_seed + 1
+
+
 def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
-    """Corpus, unpaired images and examples on disk (skipped when already there)."""
-    paths = {"corpus": StageOutputs(work).corpus, "unpaired": work / "unpaired", "examples": work / "examples"}
+    """Corpus, unpaired images, the VQA answer list and the examples on disk (each skipped when already there).
+
+    The examples follow :func:`training.shapes.world.example_pairs` (scene kinds in rotation from a held-out
+    seed), a rule fixed before training; ``examples/scenes.json`` lists each file with its canonical caption.
+    """
+    paths = {"corpus": StageOutputs(work).corpus, "unpaired": work / "unpaired", "examples": work / "examples",
+             "answers": work / "answers.json"}
     config = recipe.world
     if not paths["corpus"].is_file():
         captions = world.generate_captions(recipe.corpus_captions, seed=config.text_seed, config=config)
         with atomic_output(paths["corpus"]) as tmp:
             tmp.write_text("\n".join(captions) + "\n")
-    for key, count, seed in (("unpaired", recipe.unpaired_images, config.unpaired_seed),
-                             ("examples", recipe.examples, config.test_seed + 1)):
-        folder = paths[key]
-        if not (folder / "done").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(world.generate_images(count, seed=seed, config=config)):
-                image.save(folder / f"{key}-{i:05d}.png")
-            (folder / "done").write_text("")
+    if not paths["answers"].is_file():  # the openvqa format `python -m training maccap --vqa-answers` reads
+        with atomic_output(paths["answers"]) as tmp:
+            tmp.write_text(json.dumps([{a: i for i, a in enumerate(ANSWERS)}, dict(enumerate(ANSWERS))]))
+    unpaired = paths["unpaired"]
+    if not (unpaired / "done").is_file():
+        unpaired.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(world.generate_images(recipe.unpaired_images, seed=config.unpaired_seed,
+                                                        config=config)):
+            image.save(unpaired / f"unpaired-{i:05d}.png")
+        (unpaired / "done").write_text("")
+    examples = paths["examples"]
+    if not (examples / "done").is_file():
+        examples.mkdir(parents=True, exist_ok=True)
+        listed = []
+        for i, (scene, image, _) in enumerate(world.example_pairs(recipe.examples, seed=examples_seed(config),
+                                                                  config=config)):
+            image.save(examples / f"example-{i}-{scene.kind}.png")
+            listed.append({"file": f"examples/example-{i}-{scene.kind}.png", "caption": world.captions(scene)[0]})
+        (examples / "scenes.json").write_text(json.dumps(listed, indent=1) + "\n")
+        (examples / "done").write_text("")
     return paths
 
 
@@ -161,21 +203,31 @@ def train_encoder(recipe: ShapesRecipe, work: Path) -> Path:
     return spec
 
 
+def qa_seed(config: world.WorldConfig) -> int:
+    """The world seed of the scenes the LM's question-answer pretraining text is about."""
+    return config.text_seed + 7
+
+
 def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path:
+    """The tiny LM (tokenizer + GPT-2) pretrained on captions, question-answer text and TOMCap-shaped prompts.
+
+    This LM is what TOMCap adapts (its base stays frozen), what MacCap's ``--train-lm`` starts from, and,
+    untouched, what answers questions (the bundle's ``vqa/lm``).
+    """
     from capdemo.lm import save_causal_lm
 
     out = StageOutputs(work).lm
     if (out / "config.json").is_file():
         return out
     captions = [line for line in corpus.read_text().splitlines() if line]
-    scenes = world.generate_scenes(recipe.qa_texts, seed=recipe.world.text_seed + 7, config=recipe.world)
+    scenes = world.generate_scenes(recipe.qa_texts, seed=qa_seed(recipe.world), config=recipe.world)
     rng = np.random.default_rng(recipe.seed)
-    qa = qa_texts(scenes, rng)
+    qa = qa_texts(scenes, rng, colours=recipe.world.colours, shapes=recipe.world.shapes, per_text=recipe.qa_per_text)
     prompts = prompt_texts(captions, recipe.prompt_texts, rng)
     train_config = TrainConfig(out_dir=str(work / "lm-run"), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps,
                                lr=3e-3, warmup_steps=max(1, recipe.lm_steps // 10), checkpoint_every=0, log_every=50)
     shutil.rmtree(train_config.out_dir, ignore_errors=True)
-    lm, tokenizer, result = pretrain_lm([*captions, *qa, *prompts], recipe.lm, train_config)
+    lm, tokenizer, result = pretrain_lm([*captions, *prompts], recipe.lm, train_config, aligned_texts=qa)
     log(f"LM: loss {result.history[-1]['loss']:.3f} after {result.step} steps")
     save_causal_lm(lm, tokenizer, out)
     return out
@@ -215,37 +267,82 @@ def tomcap_command(recipe: ShapesRecipe, work: Path, *, out: Path, run_dir: Path
             "--device", "cpu", *recipe.tomcap_args, *extra, "--resume"]
 
 
+def capdec_command(recipe: ShapesRecipe, work: Path, *, out: Path, run_dir: Path, steps: int | None = None,
+                   extra: tuple[str, ...] = ()) -> list[str]:
+    """The recipe's ``python -m training capdec`` arguments on a work dir's stage outputs (``extra`` last wins)."""
+    stages = StageOutputs(work)
+    return ["capdec", "--corpus", str(stages.corpus), "--dedupe", "--encoder", str(stages.encoder),
+            "--lm", str(stages.lm), "--out", str(out), "--run-dir", str(run_dir),
+            "--steps", str(recipe.capdec_steps if steps is None else steps), "--seed", str(recipe.seed),
+            "--device", "cpu", *recipe.capdec_args, *extra, "--resume"]
+
+
+class StageTimes:
+    """Wall and CPU seconds per build stage, kept in ``<work>/timings.json`` so a resumed build reports every
+    stage (a stage found complete keeps the time it took when it ran)."""
+
+    def __init__(self, work: Path):
+        self.file = work / "timings.json"
+        self.seconds: dict[str, dict[str, float]] = json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        spent = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        if spent["wall_s"] >= 1 or stage not in self.seconds:  # a skipped stage keeps its recorded time
+            self.seconds[stage] = spent
+            with atomic_output(self.file) as tmp:
+                tmp.write_text(json.dumps(self.seconds, indent=1))
+
+
 def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
     start = time.time()
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    data = write_world_data(recipe, work)
-    encoder = str(train_encoder(recipe, work))
-    lm = str(train_language_model(recipe, work, data["corpus"]))
+    timed = StageTimes(work)
+    with timed("world data"):
+        data = write_world_data(recipe, work)
+    with timed("clip"):
+        encoder = str(train_encoder(recipe, work))
+    with timed("lm"):
+        lm = str(train_language_model(recipe, work, data["corpus"]))
     corpus = str(data["corpus"])
     stages = StageOutputs(work)
     datastore, gap_stats = stages.datastore, stages.gap_stats
-    if not (datastore / "datastore.json").is_file():
-        run_command(["index", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--out", str(datastore),
-                     "--kind", "flat"])
-    if not gap_stats.is_file():
-        run_command(["gapstats", "--images", str(data["unpaired"]), "--corpus", corpus, "--dedupe",
-                     "--encoder", encoder, "--out", str(gap_stats)])
+    with timed("datastore + gap statistics"):
+        if not (datastore / "datastore.json").is_file():
+            run_command(["index", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--out", str(datastore),
+                         "--kind", "flat"])
+        if not gap_stats.is_file():
+            run_command(["gapstats", "--images", str(data["unpaired"]), "--corpus", corpus, "--dedupe",
+                         "--encoder", encoder, "--out", str(gap_stats)])
     staging = work / "bundle"
     shutil.rmtree(staging, ignore_errors=True)
-    run_command(["maccap", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--lm", lm, "--out", str(staging),
-                 "--run-dir", str(work / "maccap-run"), "--steps", str(recipe.maccap_steps), "--seed", str(recipe.seed),
-                 "--vqa-answers", str(ANSWERS_FILE), "--device", "cpu", *recipe.maccap_args, "--resume"])
-    run_command(tomcap_command(recipe, work, out=staging, run_dir=work / "tomcap-run"))
+    with timed("maccap"):
+        run_command(["maccap", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--lm", lm, "--out", str(staging),
+                     "--run-dir", str(work / "maccap-run"), "--steps", str(recipe.maccap_steps),
+                     "--seed", str(recipe.seed), "--vqa-answers", str(data["answers"]), "--device", "cpu",
+                     *recipe.maccap_args, "--resume"])
+    with timed("tomcap"):
+        run_command(tomcap_command(recipe, work, out=staging, run_dir=work / "tomcap-run"))
+    with timed("capdec"):
+        run_command(capdec_command(recipe, work, out=staging, run_dir=work / "capdec-run"))
+    answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
-        description="The shapes world: a tiny CLIP, LM, MacCap and TOMCap trained text-only on synthetic captions",
+        description="The shapes world: a tiny CLIP and LM, and MacCap, TOMCap and CapDec trained text-only on "
+                    "synthetic captions",
         training={"recipe": recipe.to_dict(), "command": "python -m training shapes",
                   "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()),
-                  "build_seconds": round(time.time() - start)},
+                  "stage_seconds": timed.seconds, "build_seconds": round(time.time() - start)},
     )
     for image in sorted(data["examples"].glob("*.png")):
         writer.add_file(f"examples/{image.name}", image)
+    writer.add_file(EXAMPLES_FILE, data["examples"] / "scenes.json")
+    # VQA follows the paper: the LM that answers is the frozen, untouched one (MacCap's was trained for captions)
+    writer.add_directory(VQA_LM, lm)
+    writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM})
     writer.finish()
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(staging), str(out))
@@ -259,14 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="stage outputs (default: runs/shapes-build or -smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole recipe in about a minute (CI)")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first instead of resuming")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads for every stage (the shipped weights were built with 2; float sums, "
+                             "and so the weights' last bits, depend on it)")
     parser.add_argument("--maccap-steps", type=int, default=None, help="override the recipe's MacCap steps")
     parser.add_argument("--tomcap-steps", type=int, default=None, help="override the recipe's TOMCap steps")
+    parser.add_argument("--capdec-steps", type=int, default=None, help="override the recipe's CapDec steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = ShapesRecipe.smoke() if args.smoke else ShapesRecipe.full()
-    steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps}
+    steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps, "capdec_steps": args.capdec_steps}
     recipe = recipe.replace(**{name: value for name, value in steps.items() if value is not None})
+    recipe = recipe.replace(clip=recipe.clip.replace(threads=args.threads))
     work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build'}")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)

@@ -4,11 +4,14 @@ The model is an ordinary open_clip architecture, registered at run time under ``
 and built through :mod:`capdemo.encoders`, so the encoder that is trained here is exactly the one
 the app loads from the bundle. Two choices make it a faithful miniature of a real CLIP:
 
-* The logit scale is fixed at CLIP's final value (100, temperature 0.01). A learnable one drifts
-  low in this small world and nearly closes the modality gap; at 100 the gap is CLIP-like (the
-  means of the two modalities stay apart and a linear probe separates them), which is what
-  text-only captioning has to overcome. :func:`evaluate_clip` reports it as for real CLIP.
-* The loss is CLIP's symmetric InfoNCE. The world is small (828 scenes), so a batch holds
+* The logit scale is fixed (a low temperature). Both towers start in narrow cones pointing in
+  different directions (Liang et al. 2022); a learnable scale drifts low in this small world and
+  training closes the gap, a fixed high one preserves it: the means of the two modalities stay
+  apart and a linear probe separates them, which is what text-only captioning has to overcome.
+  The default is CLIP's final value, 100; the shapes recipe uses 300 (see training.shapes.build).
+  Mismatched pairs (``mismatched``, Yaras et al. 2024) preserve it too. :func:`evaluate_clip`
+  reports the gap as for real CLIP.
+* The loss is CLIP's symmetric InfoNCE. The world is small (846 scenes), so a batch holds
   few of the near misses that separate "a red circle left of a blue square" from its mirror
   image; ``near_misses`` puts one-attribute variants of each pair's scene into its batch as hard
   negatives. ``same_scene_positives`` (count same-scene pairs in a batch as matches) is a switch,
@@ -50,6 +53,7 @@ from training.shapes.world import (
     captions,
     generate_pairs,
     render,
+    sample_scene,
 )
 
 SHAPES_CLIP_NAME = "shapes-tiny-clip"
@@ -65,11 +69,11 @@ def _default_train_config() -> TrainConfig:
 class TinyClipConfig(Config):
     """Architecture and training recipe of the shapes world's CLIP."""
 
-    embed_dim: int = 64  # D, the joint image-text space
+    embed_dim: int = 256  # D, the joint image-text space (ViT-B/32: 512; the gap grows with D, Fahim et al. 2024)
     # Input side in pixels. Training draws the world at this size (WorldConfig.image_size must match);
-    # the app resizes any image to it. 32 px with 8 px patches beat 64 px with 16 px patches at equal cost.
-    image_size: int = 32
-    patch_size: int = 8  # ViT patch side; 32 / 8 gives a 4x4 grid (16 patches + CLS)
+    # the app resizes any image to it.
+    image_size: int = 56
+    patch_size: int = 8  # ViT patch side; 56 / 8 gives ViT-B/32's 7x7 grid (49 patches + CLS)
     vision_width: int = 96  # ViT hidden width
     vision_layers: int = 3  # ViT blocks
     vision_head_width: int = 32  # width per attention head (heads = vision_width / vision_head_width)
@@ -80,7 +84,7 @@ class TinyClipConfig(Config):
     text_heads: int = 4  # text attention heads
     text_layers: int = 2  # text transformer blocks
     vocab_size: int = 49408  # open_clip's BPE vocabulary
-    logit_scale: float = 100.0  # fixed inverse temperature (CLIP's final value): keeps the modality gap real
+    logit_scale: float = 100.0  # fixed inverse temperature (CLIP's final value); higher keeps more of the gap
     pairs: int = 40_000  # generated (image, caption) training pairs, drawn from WorldConfig.train_seed
     # Count other pairs of the same scene in a batch as matches (soft targets) instead of negatives.
     # Off by default: in a 48k-sample trial it scored lower (i2t 0.47 against 0.51).
@@ -89,6 +93,10 @@ class TinyClipConfig(Config):
     # changed, freshly drawn) in the same batch; pairs and train.batch_size count all of them. With 3, at
     # equal cost, zero-shot rose 0.923 -> 0.941 and captions crowding within cosine 0.99 fell 6.5% -> 0.5%.
     near_misses: int = 3
+    # Mismatched pairs: this fraction of the training pairs carries the caption of another scene, drawn from the
+    # world (web alt-text is often wrong or about something else). Yaras et al. 2024 trace the modality gap to
+    # such pairs: they keep the two modalities apart where perfectly matched pairs let training close the gap.
+    mismatched: float = 0.0
     round_to_fp16: bool = True  # round the trained weights to float16 values, so a bundle can store them in
     #                             half the bytes and load back bit-identical in float32
     init_seed: int = 0  # seed of the random initialisation
@@ -106,6 +114,8 @@ class TinyClipConfig(Config):
         if self.train.batch_size % self.family_size or self.pairs % self.family_size:
             raise ConfigError(f"TinyClipConfig: pairs {self.pairs} and train.batch_size {self.train.batch_size} "
                               f"must be multiples of 1 + near_misses = {self.family_size}")
+        if not 0 <= self.mismatched < 1:
+            raise ConfigError(f"TinyClipConfig.mismatched must be a fraction in [0, 1), got {self.mismatched}")
         if not self.logit_scale > 0 or self.pairs < self.train.batch_size or self.threads < 1:
             raise ConfigError(f"TinyClipConfig needs logit_scale > 0, pairs >= train.batch_size and threads >= 1, "
                               f"got {self.logit_scale}, {self.pairs} < {self.train.batch_size}, {self.threads}")
@@ -213,7 +223,8 @@ def _valid_variants(scene: Scene, changes: list[dict[str, Any]]) -> list[Scene]:
 
 
 def generate_training_pairs(config: TinyClipConfig, *, world: WorldConfig) -> list[tuple[Scene, Image.Image]]:
-    """``config.pairs`` (scene, image) pairs in families: a world pair (WorldConfig.train_seed) then its near misses."""
+    """``config.pairs`` (caption scene, image) pairs in families: a world pair (WorldConfig.train_seed) then its
+    near misses. A ``config.mismatched`` fraction of them pairs the image with another scene's captions."""
     anchors = generate_pairs(config.pairs // config.family_size, seed=world.train_seed, config=world)
     rng = np.random.default_rng([world.train_seed, config.near_misses])  # near misses: a stream of their own
     pairs = []
@@ -221,7 +232,12 @@ def generate_training_pairs(config: TinyClipConfig, *, world: WorldConfig) -> li
         pairs.append((scene, image))
         for _ in range(config.near_misses):
             variant = near_miss(scene, rng, world=world)
-            pairs.append((variant, render(variant, rng, image_size=world.image_size)))
+            pairs.append((variant, render(variant, rng, config=world)))
+    if config.mismatched:
+        wrong = np.random.default_rng([world.train_seed, 1 + config.near_misses])  # a stream of its own
+        flips = wrong.random(len(pairs)) < config.mismatched
+        pairs = [(sample_scene(wrong, config=world) if flip else scene, image)
+                 for flip, (scene, image) in zip(flips, pairs)]
     return pairs
 
 

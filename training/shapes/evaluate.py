@@ -7,6 +7,17 @@ paraphrases. ``text_to_text`` is the ceiling of text-only training: each test
 scene's caption decoded from its own CLIP text embedding, where no modality gap
 exists (each method's ``text_to_text``: MacCap one clean sample, greedy;
 TOMCap its training input, decoded with its default beams and selection).
+
+Besides the captions (JSON keys others rely on, issue 15):
+
+- ``world``: ``image_size`` and the CLIP's ``patch_grid`` [rows, cols];
+- ``gap``: the modality-gap numbers of :mod:`training.shapes.metrics` on 1,000 held-out pairs;
+- ``vqa``: zero-shot VQA as the app answers (the VQA method's caption, LM answer, nearest answer in the
+  bundle's list) on questions of every type: ``accuracy`` / ``n`` / ``by_type`` of the LM the app uses, and
+  the same per LM: the frozen, untouched LM the bundle names for VQA (``frozen_lm``), the method's
+  caption-trained LM (``caption_trained_lm``) and the frozen LM reading the true captions
+  (``frozen_lm_true_captions``, the ceiling);
+- ``examples``: ``correct`` of ``n`` shipped example images captioned exactly by the app's default method.
 """
 
 from __future__ import annotations
@@ -21,11 +32,15 @@ import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo import methods as registry
+from capdemo.features import ImageFeatures
 from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 from capdemo.pipeline import Captioner
 from training.evaluate import score_captions
 from training.shapes import world
+from training.shapes.build import EXAMPLES_FILE, examples_seed, qa_seed
 from training.shapes.language import Scene, attribute_accuracy, captions, parse_caption, references, scene_accuracy
+from training.shapes.metrics import GAP_KEYS, gap_metrics
+from training.shapes.vqa_eval import question_set, vqa_accuracy
 
 CAPTION_BATCH = 50  # images per captioning call
 TEXT_METRICS = ("Bleu", "CIDEr")  # no METEOR: it needs a JVM start per call and adds nothing on a 35-word world
@@ -38,8 +53,8 @@ def world_config_of(captioner: Captioner) -> world.WorldConfig:
 
 
 def used_seeds(config: world.WorldConfig) -> set[int]:
-    """Every world seed the build draws training data from (the LM's question-answer scenes use text_seed + 7)."""
-    return {config.train_seed, config.text_seed, config.text_seed + 7, config.unpaired_seed, config.test_seed + 1}
+    """Every world seed the build draws data from: training, the LM's question-answer scenes, the examples."""
+    return {config.train_seed, config.text_seed, qa_seed(config), config.unpaired_seed, examples_seed(config)}
 
 
 def score(predictions: list[str], scenes: list[Scene]) -> dict[str, Any]:
@@ -72,26 +87,97 @@ def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[st
         return captioner.method(method).text_to_text(texts, embeds)
 
 
+GAP_PAIRS = 1000  # held-out pairs the gap numbers are measured on (i2t R@1 "among 1,000")
+
+
+def gap_report(captioner: Captioner, pairs: list, features: ImageFeatures) -> dict[str, Any]:
+    """:func:`training.shapes.metrics.gap_metrics` of held-out ``pairs`` (scene, image, caption) whose images'
+    ``features`` are given (in order), with MacCap's N_cr when the bundle has MacCap (else the paper's 10)."""
+    texts = [text for _, _, text in pairs]
+    text_embeds = torch.cat([captioner.encoder.encode_text(texts[i: i + 256]) for i in range(0, len(texts), 256)])
+    catalogue: dict[Scene, int] = {}
+    scene_ids = [catalogue.setdefault(scene, len(catalogue)) for scene, _, _ in pairs]
+    maccap = captioner.methods["maccap"].model.config if "maccap" in captioner.methods else None
+    return gap_metrics(features.to("cpu"), text_embeds.cpu(), scene_ids, n_cr=maccap.n_cr if maccap else 10,
+                       include_cls=maccap.include_cls_in_topk if maccap else False)
+
+
+def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], *, seed: int,
+               config: world.WorldConfig) -> dict[str, Any] | None:
+    """VQA accuracy with the VQA method's ``predicted`` captions of the held-out images: for the LM the app
+    answers with (the headline numbers), the frozen LM the bundle names and the method's caption-trained LM
+    (the paper's §5.4 claim), and the frozen LM reading the true captions (the text-only ceiling). None when
+    the bundle cannot answer."""
+    method = captioner.vqa_method
+    if method is None:
+        return None
+    asked = question_set(scenes, seed=seed, colours=config.colours, shapes=config.shapes)
+    truth = [captions(scene)[0] for scene in scenes]
+    common = {"encoder": captioner.encoder, "answers": captioner.answers}
+    own = method.answer_lm()
+    report: dict[str, Any] = {"scenes": len(scenes), "answers": len(captioner.answers), "method": method.name}
+    report["caption_trained_lm"] = vqa_accuracy(predicted, asked, lm=own.lm, tokenizer=own.tokenizer, **common)
+    served = captioner.answer_lm
+    if served.lm is not own.lm:
+        report["frozen_lm"] = vqa_accuracy(predicted, asked, lm=served.lm, tokenizer=served.tokenizer, **common)
+        report["frozen_lm_true_captions"] = vqa_accuracy(truth, asked, lm=served.lm, tokenizer=served.tokenizer,
+                                                         **common)
+    headline = report.get("frozen_lm", report["caption_trained_lm"])
+    report.update({key: headline[key] for key in ("accuracy", "n", "by_type")})
+    return report
+
+
+def examples_report(captioner: Captioner, method: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Scene accuracy of ``method`` on the bundle's shipped examples (``examples/scenes.json``), or None."""
+    if EXAMPLES_FILE not in captioner.bundle.manifest.get("files", {}):
+        return None
+    from PIL import Image
+
+    listed = captioner.bundle.json(EXAMPLES_FILE)
+    images = [Image.open(captioner.bundle.file(entry["file"])).convert("RGB") for entry in listed]
+    predictions = [result.caption for result in captioner.caption(images, method, **settings)]
+    scenes = [parse_caption(entry["caption"]) for entry in listed]
+    correct = sum(parse_caption(p) == s for p, s in zip(predictions, scenes))
+    return {"correct": correct, "n": len(listed), "method": method,
+            "captions": [{"file": e["file"], "prediction": p, "reference": e["caption"]}
+                         for e, p in zip(listed, predictions)]}
+
+
 def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | None = None,
                     settings: dict[str, dict[str, Any]] | None = None, ceiling: bool = True,
-                    world_config: world.WorldConfig | None = None) -> dict[str, Any]:
+                    world_config: world.WorldConfig | None = None, gap: bool = True,
+                    vqa_scenes: int | None = 200, examples: bool = True) -> dict[str, Any]:
     """Score ``methods`` (default: every method of the bundle) on ``n`` held-out scenes of its world
     (``world_config``: the recipe's world, for bundles that do not record it), each with the bundle's
-    settings changed by ``settings[method]``; seconds per image exclude the one shared encoding pass."""
+    settings changed by ``settings[method]``; seconds per image exclude the one shared encoding pass.
+
+    Also, each when asked and possible: the gap numbers on ``GAP_PAIRS`` held-out pairs of the same seed,
+    VQA on the first ``vqa_scenes`` test scenes (the VQA method's captions), and the shipped examples' scene
+    accuracy for the app's default method (the bundle's first).
+    """
     captioner = Captioner.from_bundle(weights)
     methods = list(methods or captioner.method_names)
+    settings = settings or {}
     config = world_config or world_config_of(captioner)
     if seed in used_seeds(config):
         raise ValueError(f"seed {seed} generated training data; pick a held-out seed "
                          f"(not {sorted(used_seeds(config))})")
-    pairs = world.generate_pairs(n, seed=seed, config=config)
-    scenes, images = [scene for scene, _, _ in pairs], [image for _, image, _ in pairs]
-    report: dict[str, Any] = {"n": n, "seed": seed, "bundle": captioner.bundle.name}
+    pairs = world.generate_pairs(max(n, GAP_PAIRS if gap else 0), seed=seed, config=config)
+    scenes, images = [scene for scene, _, _ in pairs[:n]], [image for _, image, _ in pairs]
+    report: dict[str, Any] = {"n": n, "seed": seed, "bundle": captioner.bundle.name,
+                              "world": {"image_size": config.image_size,
+                                        "patch_grid": list(captioner.encoder.grid_size)}}
     started = time.perf_counter()
-    encoded = [captioner.encode(batch) for batch in in_batches(images)]  # one vision-tower pass, every method
+    encoded = [captioner.encode(batch) for batch in in_batches(images[:n])]  # one vision-tower pass, every method
     report["encode_seconds_per_image"] = (time.perf_counter() - started) / max(1, n)
+    if gap:
+        extra = [captioner.encode(batch) for batch in in_batches(images[n:GAP_PAIRS])]
+        features = ImageFeatures.cat([batch.features for batch in encoded + extra]).select(slice(0, GAP_PAIRS))
+        report["gap"] = gap_report(captioner, pairs[:GAP_PAIRS], features)
+    predictions_of: dict[str, list[str]] = {}
     for method in methods:
-        predictions, seconds = caption_all(captioner, encoded, method, (settings or {}).get(method, {}))
+        predictions, seconds = caption_all(captioner, encoded, method, settings.get(method, {}))
+        predictions_of[method] = predictions
         report[method] = {**score(predictions, scenes), "seconds_per_image": seconds,
                           "examples": [{"prediction": p, "reference": captions(s)[0]}
                                        for p, s in list(zip(predictions, scenes))[:5]]}
@@ -99,6 +185,18 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
         texts = [captions(scene)[0] for scene in scenes]
         decoded = {m: text_to_text(captioner, m, texts) for m in methods}
         report["text_to_text"] = {m: score(out, scenes) for m, out in decoded.items() if out is not None}
+    vqa_method = captioner.vqa_method
+    if vqa_scenes and vqa_method is not None and vqa_method.name in predictions_of:
+        count = min(vqa_scenes, n)
+        vqa = vqa_report(captioner, predictions_of[vqa_method.name][:count], scenes[:count], seed=seed,
+                         config=config)
+        if vqa is not None:
+            report["vqa"] = vqa
+    default_method = captioner.method_names[0]
+    if examples and default_method in methods:
+        shipped = examples_report(captioner, default_method, settings.get(default_method, {}))
+        if shipped is not None:
+            report["examples"] = shipped
     return report
 
 
@@ -111,25 +209,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=registry.names(), default=None,
                         help="methods to score (default: every method in the bundle)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the text-to-text ceiling")
+    parser.add_argument("--no-gap", action="store_true", help="skip the modality-gap numbers")
+    parser.add_argument("--vqa-scenes", type=int, default=200, help="test scenes asked questions (0: no VQA)")
+    parser.add_argument("--no-examples", action="store_true", help="skip the shipped examples")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_setting_arguments(parser, exclude=("seed",))  # --seed is the test scenes' world seed here
     args = parser.parse_args(argv)
     try:
         settings = {method: settings_from_arguments(args, method, strict=False) for method in registry.names()}
         report = evaluate_bundle(args.weights, n=args.n, seed=args.seed, methods=args.methods, settings=settings,
-                                 ceiling=not args.no_ceiling)
+                                 ceiling=not args.no_ceiling, gap=not args.no_gap, vqa_scenes=args.vqa_scenes,
+                                 examples=not args.no_examples)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report))
-    else:
-        for method in (m for m in registry.names() if m in report):
-            row = report[method]
-            print(f"{method:7s} scene {row['scene_accuracy']:.3f}  attributes {row['attribute_accuracy']:.3f}  "
-                  f"CIDEr {row['cider']:.2f}  BLEU-4 {row['bleu4']:.3f}")
-        for method, row in report.get("text_to_text", {}).items():
-            print(f"{method:7s} text-to-text scene {row['scene_accuracy']:.3f}")
+        return 0
+    for method in (m for m in registry.names() if m in report):
+        row = report[method]
+        print(f"{method:7s} scene {row['scene_accuracy']:.3f}  attributes {row['attribute_accuracy']:.3f}  "
+              f"CIDEr {row['cider']:.2f}  BLEU-4 {row['bleu4']:.3f}")
+    for method, row in report.get("text_to_text", {}).items():
+        print(f"{method:7s} text-to-text scene {row['scene_accuracy']:.3f}")
+    if "gap" in report:
+        print("gap     " + "  ".join(f"{key} {report['gap'][key]:.3f}" for key in GAP_KEYS))
+    if "vqa" in report:
+        vqa = report["vqa"]
+        rows = {name: vqa[name] for name in ("frozen_lm", "caption_trained_lm", "frozen_lm_true_captions")
+                if name in vqa}
+        for name, row in rows.items():
+            by_type = "  ".join(f"{kind} {value:.3f}" for kind, value in row["by_type"].items())
+            print(f"vqa     {name}: {row['accuracy']:.3f} ({row['n']} questions; {by_type})")
+    if "examples" in report:
+        shipped = report["examples"]
+        print(f"examples {shipped['method']}: {shipped['correct']} / {shipped['n']} scenes exact")
     return 0
 
 

@@ -7,7 +7,7 @@ exact ``Scene``, so a generated caption can be scored by meaning (``scene_accura
 
 - single: one object with a size and a position ("a large red circle on the left");
 - pair: two different objects side by side or stacked ("a red circle to the left of a blue square");
-- group: two or three identical objects ("three white triangles").
+- group: two to four identical objects ("three white triangles").
 
 How scenes are sampled and drawn lives in :mod:`training.shapes.world`, which re-exports everything here.
 """
@@ -28,7 +28,7 @@ SIZES = ("small", "large")
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
                     "bottom": "at the bottom", "centre": "in the centre"}
 PAIR_RELATIONS = ("left of", "above")  # canonical: the first object is left of / above the second
-COUNT_WORDS = {2: "two", 3: "three"}
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 KINDS = ("single", "pair", "group")
 ATTRIBUTES = ("type", "colour", "shape", "size", "position", "relation", "count")
 
@@ -53,7 +53,7 @@ class Scene:
     relation: str | None = None  # pair only: "left of" or "above", the first object relative to the second
     colour2: str | None = None  # pair only: colour of the right or lower object
     shape2: str | None = None  # pair only: shape of the right or lower object
-    count: int = 1  # objects drawn: 1 for single, 2 for pair, 2 or 3 for group
+    count: int = 1  # objects drawn: 1 for single, 2 for pair, 2 to 4 for group
 
     def __post_init__(self) -> None:
         single, pair = self.kind == "single", self.kind == "pair"
@@ -68,7 +68,7 @@ class Scene:
                 else self.relation is None and self.colour2 is None and self.shape2 is None,
             "the two objects of a pair must differ":
                 not pair or (self.colour, self.shape) != (self.colour2, self.shape2),
-            "count must be 1 for single, 2 for pair, 2 or 3 for group":
+            "count must be 1 for single, 2 for pair, 2 to 4 for group":
                 self.count in {"single": (1,), "pair": (2,), "group": tuple(COUNT_WORDS)}.get(self.kind, ()),
         }
         broken = [message for message, ok in rules.items() if not ok]

@@ -49,7 +49,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 
 
-# Geometry, as fractions of the image side. At 64 px a small object is ~13 px across, a large one ~26 px.
+# Geometry, as fractions of the image side. At 56 px a small object is ~11 px across, a large one ~22 px.
 _SUPERSAMPLE = 4  # draw this many times larger, then box-downsample for anti-aliased edges
 _SINGLE_DIAMETER = {"small": 0.2, "large": 0.4}
 _PAIR_DIAMETER = 0.3
@@ -64,7 +64,22 @@ _PAIR_ACROSS = (0.38, 0.62)  # centre range across it: the stated relation alway
 _GROUP_JITTER = 0.03
 _BACKGROUND_GREY = (15, 75)  # range of the background's grey level
 _BACKGROUND_TINT = 12  # at most this far from grey per channel: dark and desaturated
+_GRADIENT_SPREAD = 25  # textured backgrounds: the far end of the gradient is this far from the near end, per channel
+_STRIPE_AMPLITUDE = 8  # textured backgrounds: stripes up to this many grey levels above and below the gradient
+_STRIPE_CYCLES = (2.0, 7.0)  # stripes per image side
 _NOISE_AMPLITUDE = 10  # per-pixel noise, uniform integers in [-10, 10] (std ~6; far cheaper than Gaussian)
+# Clutter: small, dull, unmentioned things (captions leave them out, as real captions leave out the background).
+# Their grey levels sit between the dark backgrounds and the bright palette, so no caption colour describes them.
+_CLUTTER_GREY = (85, 150)
+_CLUTTER_TINT = 15
+_CLUTTER_DIAMETER = (0.05, 0.09)
+_CLUTTER_SHAPES = ("circle", "square", "triangle")
+# Occluders: one dull shape over the edge of one object hides part of it (at most about a quarter).
+_OCCLUDER_DIAMETER = (0.4, 0.6)  # relative to the occluded object's diameter
+_OCCLUDER_OFFSET = 0.45  # occluder centre's distance from the object's centre, in object diameters
+
+
+BACKGROUNDS = ("plain", "textured")
 
 
 @dataclass
@@ -73,8 +88,14 @@ class WorldConfig(Config):
 
     colours: tuple[str, ...] = COLOURS  # colour words in use (a subset of COLOURS)
     shapes: tuple[str, ...] = ("circle", "square", "triangle")  # shapes in use ("cross" is also available)
-    image_size: int = 64  # side of the square RGB images, in pixels
+    image_size: int = 56  # side of the square RGB images, in pixels (56 with 8 px patches: ViT-B/32's 7x7 grid)
     kind_probs: tuple[float, float, float] = (0.4, 0.4, 0.2)  # probabilities of single, pair and group scenes
+    # "plain": one dark tinted grey (world v1); "textured": a dark two-colour gradient in a random direction with
+    # faint stripes, so the background differs from image to image as a photograph's does
+    background: str = "textured"
+    clutter: int = 3  # up to this many small dull unmentioned shapes per image (uniform 0..clutter)
+    occlusion: float = 0.3  # probability that a dull occluder hides part of one object
+    max_count: int = 4  # largest group (groups hold 2..max_count objects; world v1: 3)
     train_seed: int = 0  # image-caption pairs for training the tiny CLIP
     text_seed: int = 1  # text-only caption corpus (never rendered)
     unpaired_seed: int = 2  # unpaired images (image-side statistics of the modality gap)
@@ -92,6 +113,17 @@ class WorldConfig(Config):
             raise ConfigError(f"kind_probs must be 3 non-negative numbers summing to 1, got {self.kind_probs}")
         if self.kind_probs[1] > 0 and len(self.colours) * len(self.shapes) < 2:
             raise ConfigError("pair scenes need at least two distinct objects (colours x shapes)")
+        if self.background not in BACKGROUNDS:
+            raise ConfigError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
+        if self.clutter < 0 or not 0 <= self.occlusion <= 1:
+            raise ConfigError(f"clutter must be >= 0 and occlusion a probability, got {self.clutter}, {self.occlusion}")
+        if self.max_count not in COUNT_WORDS:
+            raise ConfigError(f"max_count must be one of {tuple(COUNT_WORDS)}, got {self.max_count}")
+
+    @property
+    def group_counts(self) -> tuple[int, ...]:
+        """The group sizes this world draws."""
+        return tuple(n for n in COUNT_WORDS if n <= self.max_count)
 
 
 # Sampling and rendering
@@ -113,27 +145,29 @@ def sample_scene(rng: np.random.Generator, *, config: WorldConfig | None = None)
     if kind == "single":
         position = tuple(POSITION_PHRASES)[rng.integers(len(POSITION_PHRASES))]
         return Scene("single", colour, shape, size=SIZES[rng.integers(len(SIZES))], position=position)
-    return Scene("group", colour, shape, count=tuple(COUNT_WORDS)[rng.integers(len(COUNT_WORDS))])
+    counts = config.group_counts
+    return Scene("group", colour, shape, count=counts[rng.integers(len(counts))])
 
 
-def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, float, float, float]]:
+def layout(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, float, float, float]]:
     """Objects to draw as (shape, colour, centre x, centre y, diameter), in fractions of the image side."""
     scale = 1 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
     if scene.kind == "single":
         diameter = _SINGLE_DIAMETER[scene.size] * scale
         centre = np.add(_POSITION_CENTRES[scene.position], rng.uniform(-_POSITION_JITTER, _POSITION_JITTER, 2))
         x, y = np.clip(centre, _REACH * diameter / 2, 1 - _REACH * diameter / 2)  # stay inside the frame
-        return [(scene.shape, scene.colour, x, y, diameter)]
+        return [(scene.shape, scene.colour, float(x), float(y), diameter)]
     if scene.kind == "pair":
         along = [rng.uniform(*bounds) for bounds in _PAIR_ALONG]
         across = rng.uniform(*_PAIR_ACROSS, 2)
         centres = list(zip(along, across)) if scene.relation == "left of" else list(zip(across, along))
         objects = [(scene.shape, scene.colour), (scene.shape2, scene.colour2)]
-        return [(shape, colour, x, y, _PAIR_DIAMETER * scale) for (shape, colour), (x, y) in zip(objects, centres)]
+        return [(shape, colour, float(x), float(y), _PAIR_DIAMETER * scale)
+                for (shape, colour), (x, y) in zip(objects, centres)]
     cells = rng.choice(9, size=scene.count, replace=False)  # distinct cells of a 3x3 grid
     offsets = rng.uniform(-_GROUP_JITTER, _GROUP_JITTER, (scene.count, 2))
     centres = [((cell % 3 + 0.5) / 3 + dx, (cell // 3 + 0.5) / 3 + dy) for cell, (dx, dy) in zip(cells, offsets)]
-    return [(scene.shape, scene.colour, x, y, _GROUP_DIAMETER * scale) for x, y in centres]
+    return [(scene.shape, scene.colour, float(x), float(y), _GROUP_DIAMETER * scale) for x, y in centres]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int], x: float, y: float, r: float) -> None:
@@ -154,17 +188,57 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int], x: f
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def render(scene: Scene, rng: np.random.Generator, *, image_size: int = 64) -> Image.Image:
-    """Draw ``scene`` as an RGB image; ``rng`` picks the background, placement jitter and pixel noise."""
-    if image_size < 16:
-        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+def _background(rng: np.random.Generator, side: int, style: str) -> np.ndarray:
+    """(side, side, 3) float background: a dark tinted grey, or (textured) a gradient with faint stripes."""
     grey = rng.uniform(*_BACKGROUND_GREY)
-    background = tuple(int(c) for c in grey + rng.uniform(-_BACKGROUND_TINT, _BACKGROUND_TINT, 3))
-    side = image_size * _SUPERSAMPLE
-    canvas = Image.new("RGB", (side, side), background)
+    near = grey + rng.uniform(-_BACKGROUND_TINT, _BACKGROUND_TINT, 3)  # (3,)
+    if style == "plain":
+        return np.broadcast_to(near, (side, side, 3)).astype(np.float32)
+    far = near + rng.uniform(-_GRADIENT_SPREAD, _GRADIENT_SPREAD, 3)  # (3,)
+    angle, stripe_angle, phase = rng.uniform(0, 2 * math.pi, 3)
+    amplitude, cycles = rng.uniform(0, _STRIPE_AMPLITUDE), rng.uniform(*_STRIPE_CYCLES)
+    coords = (np.arange(side, dtype=np.float32) + 0.5) / side
+    x, y = coords[None, :], coords[:, None]  # broadcast to (side, side)
+    along = x * math.cos(angle) + y * math.sin(angle)
+    along = (along - along.min()) / max(float(np.ptp(along)), 1e-6)  # (side, side) in [0, 1]
+    stripes = amplitude * np.sin(2 * math.pi * cycles * (x * math.cos(stripe_angle) + y * math.sin(stripe_angle))
+                                 + phase)  # (side, side)
+    return (near + along[..., None] * (far - near) + stripes[..., None]).astype(np.float32)
+
+
+def _dull_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A clutter colour: a mid grey, slightly tinted (never a caption colour, never the dark background)."""
+    return tuple(int(c) for c in rng.uniform(*_CLUTTER_GREY) + rng.uniform(-_CLUTTER_TINT, _CLUTTER_TINT, 3))
+
+
+def render(scene: Scene, rng: np.random.Generator, *, config: WorldConfig | None = None) -> Image.Image:
+    """Draw ``scene`` as an RGB image; ``rng`` picks the background, clutter, occluder, placement and pixel noise.
+
+    Drawing order: background, clutter (behind everything), the scene's objects, then the occluder, if any,
+    over the edge of one object.
+    """
+    config = config or WorldConfig()
+    size = config.image_size
+    background = _background(rng, size, config.background)  # (S, S, 3) at the output size
+    canvas = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8).repeat(_SUPERSAMPLE, 0)
+                             .repeat(_SUPERSAMPLE, 1), mode="RGB")
+    side = size * _SUPERSAMPLE
     draw = ImageDraw.Draw(canvas)
-    for shape, colour, x, y, diameter in _layout(scene, rng):
+    n_clutter = int(rng.integers(config.clutter + 1)) if config.clutter else 0  # no draw when off: v1 images stay
+    for _ in range(n_clutter):
+        diameter = rng.uniform(*_CLUTTER_DIAMETER)
+        x, y = rng.uniform(diameter, 1 - diameter, 2)
+        shape = _CLUTTER_SHAPES[rng.integers(len(_CLUTTER_SHAPES))]
+        _draw(draw, shape, _dull_colour(rng), x * side, y * side, diameter * side / 2)
+    objects = layout(scene, rng)
+    for shape, colour, x, y, diameter in objects:
         _draw(draw, shape, PALETTE[colour], x * side, y * side, diameter * side / 2)
+    if config.occlusion and rng.random() < config.occlusion:  # likewise
+        _, _, x, y, diameter = objects[rng.integers(len(objects))]
+        angle = rng.uniform(0, 2 * math.pi)
+        radius = rng.uniform(*_OCCLUDER_DIAMETER) * diameter / 2
+        ox, oy = x + _OCCLUDER_OFFSET * diameter * math.cos(angle), y + _OCCLUDER_OFFSET * diameter * math.sin(angle)
+        _draw(draw, "circle", _dull_colour(rng), ox * side, oy * side, radius * side)
     pixels = np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.int16)  # (S, S, 3)
     pixels += rng.integers(-_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, pixels.shape, dtype=np.int16)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
@@ -188,7 +262,7 @@ def generate_scenes(n: int, *, seed: int, config: WorldConfig) -> list[Scene]:
 def generate_pairs(n: int, *, seed: int, config: WorldConfig) -> list[tuple[Scene, Image.Image, str]]:
     """``n`` (scene, image, caption) triples, each caption a random paraphrase of its scene."""
     _, caption_rng, pixel_rng = _streams(seed)
-    return [(scene, render(scene, pixel_rng, image_size=config.image_size), sample_caption(scene, caption_rng))
+    return [(scene, render(scene, pixel_rng, config=config), sample_caption(scene, caption_rng))
             for scene in generate_scenes(n, seed=seed, config=config)]
 
 
@@ -201,8 +275,26 @@ def generate_captions(n: int, *, seed: int, config: WorldConfig) -> list[str]:
 def generate_images(n: int, *, seed: int, config: WorldConfig) -> list[Image.Image]:
     """The images of ``generate_pairs`` with the same seed, without their scenes or captions."""
     _, _, pixel_rng = _streams(seed)
-    return [render(scene, pixel_rng, image_size=config.image_size)
+    return [render(scene, pixel_rng, config=config)
             for scene in generate_scenes(n, seed=seed, config=config)]
+
+
+def example_pairs(count: int, *, seed: int, config: WorldConfig) -> list[tuple[Scene, Image.Image, str]]:
+    """The app's example images, by a rule fixed before any training: slot i takes the next scene of kind
+    ``KINDS[i % 3]`` from the scene stream of ``seed`` (single, pair, group, single, ...), skipping the others.
+
+    Only the scene kind decides; nothing about a model's captions does. Kinds the world never draws are
+    left out of the rotation.
+    """
+    kinds = [kind for kind, p in zip(KINDS, config.kind_probs) if p > 0]
+    scene_rng, caption_rng, pixel_rng = _streams(seed)
+    chosen: list[tuple[Scene, Image.Image, str]] = []
+    while len(chosen) < count:
+        scene = sample_scene(scene_rng, config=config)
+        image, caption = render(scene, pixel_rng, config=config), sample_caption(scene, caption_rng)
+        if scene.kind == kinds[len(chosen) % len(kinds)]:
+            chosen.append((scene, image, caption))
+    return chosen
 
 
 def all_scenes(config: WorldConfig) -> list[Scene]:
@@ -212,7 +304,7 @@ def all_scenes(config: WorldConfig) -> list[Scene]:
                for c, s in objects for size in SIZES for p in POSITION_PHRASES]
     pairs = [Scene("pair", c, s, relation=r, colour2=c2, shape2=s2, count=2)
              for (c, s), (c2, s2) in itertools.permutations(objects, 2) for r in PAIR_RELATIONS]
-    groups = [Scene("group", c, s, count=n) for c, s in objects for n in COUNT_WORDS]
+    groups = [Scene("group", c, s, count=n) for c, s in objects for n in config.group_counts]
     return singles + pairs + groups
 
 
@@ -222,8 +314,8 @@ def vocabulary(config: WorldConfig) -> list[str]:
 
 
 __all__ = [  # the language's names are re-exported: this module is the world's one import
-    "ATTRIBUTES", "COLOURS", "COUNT_WORDS", "KINDS", "PAIR_RELATIONS", "PALETTE", "POSITION_PHRASES", "SHAPES",
-    "SIZES", "Scene", "SceneError", "WorldConfig", "all_scenes", "attribute_accuracy", "captions",
-    "generate_captions", "generate_images", "generate_pairs", "generate_scenes", "parse_caption", "references",
-    "render", "sample_caption", "sample_scene", "scene_accuracy", "vocabulary",
+    "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COUNT_WORDS", "KINDS", "PAIR_RELATIONS", "PALETTE", "POSITION_PHRASES",
+    "SHAPES", "SIZES", "Scene", "SceneError", "WorldConfig", "all_scenes", "attribute_accuracy", "captions",
+    "example_pairs", "generate_captions", "generate_images", "generate_pairs", "generate_scenes", "layout",
+    "parse_caption", "references", "render", "sample_caption", "sample_scene", "scene_accuracy", "vocabulary",
 ]

@@ -34,6 +34,7 @@ from capdemo.methods.maccap.model import (
 )
 from capdemo.rerank import ScoredTexts, clip_scores
 from capdemo.result import Candidate, Patch, Result
+from capdemo.vqa import AnswerLM
 from capdemo.timing import StageTimer
 
 
@@ -213,8 +214,8 @@ class MacCapMethod(CaptionMethod):
         return [text for start in range(0, len(texts), TEXT_TO_TEXT_BATCH)
                 for text in caption_text_embeddings(self.model, embeds[start : start + TEXT_TO_TEXT_BATCH])]
 
-    def language_model(self) -> MacCap:
-        return self.model
+    def answer_lm(self) -> AnswerLM:
+        return AnswerLM.of_captioner(self.model)
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.model]

@@ -36,7 +36,7 @@ from capdemo.prefix_lm import PrefixLM
 
 REGION_COMBINE_MODES = ("mean", "sum")
 REGION_MODES = ("subregion", "cls")  # Table 5's inference rows: subregion aggregation (I_cr), or the CLS token alone
-VQA_MATCH_MODES = ("clip", "word")
+from capdemo.vqa import MATCH_MODES as VQA_MATCH_MODES  # noqa: E402
 MACCAP_COMPONENT = "maccap"  # bundle component holding MacCapConfig
 ADAPTOR_WEIGHTS = "maccap/adaptor.safetensors"  # bundle file with the adaptor's state dict
 BUNDLED_LM = "maccap/lm"  # bundle folder with the LM and tokenizer (save_pretrained), when the bundle carries them

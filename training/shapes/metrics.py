@@ -1,0 +1,77 @@
+"""How CLIP-like a CLIP is: the modality-gap numbers shapes-eval reports, on held-out image-caption pairs.
+
+``gap_metrics`` gives the five numbers of shapes-eval's ``"gap"`` entry, each comparable to what the
+literature reports for OpenAI's ViT-B/32 on COCO:
+
+- ``paired_cosine_mean``: mean cosine of an image and its caption (ViT-B/32: about 0.3);
+- ``modality_probe_accuracy``: held-out accuracy of a linear probe telling image from text embeddings
+  (real CLIP: 1.0, Liang et al. 2022);
+- ``mean_gap_norm``: ``||mu_I - mu_T||`` of the two modalities' mean embeddings (ViT-B/32: about 0.82);
+- ``i2t_r1``: image-to-text recall@1 among the pairs' captions, a hit when the retrieved caption describes the
+  image's scene (paraphrases and repeated scenes are right answers);
+- ``subregion_closer_fraction``: MacCap's own statistic (paper Table 1: 33 % on COCO), the fraction of images
+  for which at least one of the N_cr subregion features I_s is closer to the caption than the global feature.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from capdemo.encoders import ImageFeatures
+from capdemo.gap import linear_probe_accuracy
+from capdemo.methods.maccap.model import select_patches
+
+GAP_KEYS = ("paired_cosine_mean", "modality_probe_accuracy", "mean_gap_norm", "subregion_closer_fraction", "i2t_r1")
+
+
+def subregion_features(features: ImageFeatures, token_index: torch.Tensor) -> torch.Tensor:
+    """I_s (B, N_cr, D), L2-normalised: each picked token's attention row pooling all normalised tokens (eq. 12).
+
+    The same pooling as :func:`capdemo.methods.maccap.model.aggregate_regions` with ``normalise_parts`` (the
+    shipped setting), before I_c is added.
+    """
+    attention = features.attention.mean(dim=1)  # (B, T, T) head-averaged
+    rows = attention.gather(1, token_index.unsqueeze(-1).expand(-1, -1, attention.shape[-1]))  # (B, N_cr, T)
+    return F.normalize(torch.bmm(rows, F.normalize(features.token_embeds, dim=-1)), dim=-1)
+
+
+def subregion_closer(features: ImageFeatures, caption_embeds: torch.Tensor, n_cr: int, *,
+                     include_cls: bool = False) -> torch.Tensor:
+    """(B,) bool: some selected subregion I_s is closer (cosine) to the image's caption (B, D) than I_c is."""
+    token_index, _ = select_patches(features, n_cr, include_cls=include_cls)  # (B, N_cr)
+    captions = F.normalize(caption_embeds.float(), dim=-1)  # (B, D)
+    subregions = subregion_features(features, token_index)  # (B, N_cr, D)
+    region_cosine = torch.einsum("bnd,bd->bn", subregions.float(), captions)  # (B, N_cr)
+    global_cosine = (F.normalize(features.global_embeds.float(), dim=-1) * captions).sum(-1)  # (B,)
+    return region_cosine.max(dim=1).values > global_cosine
+
+
+def recall_at_1(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scene_ids: Sequence[int]) -> float:
+    """Image-to-text R@1: the nearest text (cosine) of each image describes the image's scene."""
+    ids = torch.as_tensor(list(scene_ids))  # (N,)
+    nearest = (F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).T).argmax(1)
+    return (ids[nearest] == ids).float().mean().item()
+
+
+def gap_metrics(features: ImageFeatures, text_embeds: torch.Tensor, scene_ids: Sequence[int], *, n_cr: int,
+                include_cls: bool = False) -> dict[str, Any]:
+    """The five gap numbers (:data:`GAP_KEYS`) of N held-out pairs: image features and caption embeddings (N, D).
+
+    ``scene_ids`` identify each pair's scene, so retrieval counts any caption of the right scene as a hit;
+    ``n_cr`` is MacCap's patch count (the bundle's).
+    """
+    images = F.normalize(features.image_embeds.float(), dim=-1)  # (N, D)
+    texts = F.normalize(text_embeds.float(), dim=-1)  # (N, D)
+    closer = subregion_closer(features, texts, n_cr, include_cls=include_cls)
+    return {
+        "paired_cosine_mean": (images * texts).sum(-1).mean().item(),
+        "modality_probe_accuracy": linear_probe_accuracy(images, texts),
+        "mean_gap_norm": (images.mean(0) - texts.mean(0)).norm().item(),
+        "subregion_closer_fraction": closer.float().mean().item(),
+        "i2t_r1": recall_at_1(images, texts, scene_ids),
+        "n": int(images.shape[0]),
+    }

@@ -1,0 +1,91 @@
+"""VQA in the shapes world, scored as MacCap §4.4 answers: caption -> LM answer -> nearest candidate answer.
+
+Each held-out image is captioned (by the caller, e.g. MacCap from the bundle); the LM continues
+``"{caption} Question: {q} Answer:"`` (capdemo.vqa.VQA_PROMPT) for questions generated from the image's
+true scene (:func:`training.shapes.questions.questions`); the continuation is cut with
+:func:`capdemo.vqa.short_answer` and matched to the answer list by CLIP text cosine, as capdemo.vqa
+does. The LM and tokenizer are arguments, so the same evaluation scores the frozen, untouched LM
+(the paper's VQA) and the LM that MacCap's caption training changed (the paper's §5.4: fine-tuning
+the LM harms VQA).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from capdemo.encoders import ClipEncoder
+from capdemo.lm import decode, embed_tokens, generate_from_embeds, special_ids
+from capdemo.vqa import AnswerList, short_answer
+from training.shapes.language import Scene
+from training.shapes.questions import QUESTION_TYPES, Question, prompt, questions
+
+ANSWER_BATCH = 64  # prompts per generate call
+MAX_ANSWER_TOKENS = 6  # the world's answers are one word
+
+
+@torch.inference_mode()
+def generate_answers(lm: Any, tokenizer: Any, prompts: Sequence[str], *, beams: int = 1,
+                     max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[str]:
+    """The LM's short answer to each prompt: tokenised as capdemo.vqa does, left-padded into batches."""
+    _, eos_id, pad_id = special_ids(tokenizer)
+    device = next(lm.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(prompts), ANSWER_BATCH):
+        rows = tokenizer(list(prompts[start : start + ANSWER_BATCH]))["input_ids"]
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(rows):  # left padding: every prompt ends where generation starts
+            ids[row, length - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, length - len(tokens):] = 1
+        out = generate_from_embeds(lm, embed_tokens(lm, ids), mask, eos_token_id=eos_id, pad_token_id=pad_id,
+                                   beams=beams, max_new_tokens=max_new_tokens)
+        answers += [short_answer(text) for text in decode(tokenizer, out, raw=True)]
+    return answers
+
+
+@torch.inference_mode()
+def match_answers(generated: Sequence[str], answers: AnswerList, encoder: ClipEncoder) -> list[str]:
+    """Each free-form answer's nearest candidate by CLIP text cosine (capdemo.vqa's "clip" matching)."""
+    queries = torch.cat([encoder.encode_text(list(generated[i : i + 256])).cpu()
+                         for i in range(0, len(generated), 256)])  # (Q, D)
+    best = (queries.float() @ answers.embeddings(encoder).float().T).argmax(dim=1)  # (Q,)
+    return [answers.answers[i] for i in best.tolist()]
+
+
+def question_set(scenes: Sequence[Scene], *, seed: int, colours: tuple[str, ...], shapes: tuple[str, ...]
+                 ) -> list[list[Question]]:
+    """Every question of :func:`questions` for each scene, drawn from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    return [questions(scene, rng, colours=colours, shapes=shapes) for scene in scenes]
+
+
+def vqa_accuracy(captions: Sequence[str], asked: Sequence[Sequence[Question]], *, lm: Any, tokenizer: Any,
+                 encoder: ClipEncoder, answers: AnswerList, beams: int = 1, examples: int = 5) -> dict[str, Any]:
+    """Accuracy overall and by question type of answering ``asked[i]`` from ``captions[i]``.
+
+    Returns ``{"accuracy", "n" (questions), "by_type": {type: accuracy}, "examples": [...]}``.
+    """
+    if len(captions) != len(asked):
+        raise ValueError(f"{len(captions)} captions for {len(asked)} question lists")
+    flat = [(caption, q) for caption, qs in zip(captions, asked) for q in qs]
+    if not flat:
+        raise ValueError("no questions to answer")
+    generated = generate_answers(lm, tokenizer, [prompt(c, q.text) for c, q in flat], beams=beams)
+    chosen = match_answers(generated, answers, encoder)
+    correct, total = Counter(), Counter()
+    for (_, question), answer in zip(flat, chosen):
+        total[question.kind] += 1
+        correct[question.kind] += answer == question.answer
+    return {
+        "accuracy": sum(correct.values()) / len(flat),
+        "n": len(flat),
+        "by_type": {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]},
+        "examples": [{"prompt": prompt(c, q.text), "generated": g, "answer": a, "truth": q.answer}
+                     for (c, q), g, a in list(zip(flat, generated, chosen))[:examples]],
+    }
