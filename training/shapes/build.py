@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,9 +56,19 @@ SHAPES_CLIP = dict(image_size=56, patch_size=8, embed_dim=256, vision_width=96, 
 SHAPES_CLIP_TRAIN = dict(batch_size=128, epochs=4, lr=2e-3)
 
 
-def _shapes_clip() -> TinyClipConfig:
-    config = TinyClipConfig(**SHAPES_CLIP)
-    return config.replace(train=config.train.replace(**SHAPES_CLIP_TRAIN))
+# World v1, the shipped bundle's world: 32 px images (a 4x4 patch grid), flat backgrounds, nothing unmentioned,
+# groups of up to three; a 64-d CLIP at CLIP's logit scale 100, 40k pairs x 5 epochs at batch 256 (i2t 0.96, gap
+# 0.29: far better aligned than real CLIP, which is why world v2 exists).
+WORLD_V1 = dict(image_size=32, background="plain", clutter=0, occlusion=0.0, max_count=3)
+SHAPES_CLIP_V1 = dict(image_size=32, patch_size=8, embed_dim=64, vision_width=96, vision_layers=3,
+                      logit_scale=100.0, pairs=40_000, same_scene_positives=False)
+SHAPES_CLIP_V1_TRAIN = dict(batch_size=256, epochs=5, lr=2e-3, warmup_steps=50)
+
+
+def _shapes_clip(architecture: dict[str, Any] = SHAPES_CLIP, train: dict[str, Any] = SHAPES_CLIP_TRAIN
+                 ) -> TinyClipConfig:
+    config = TinyClipConfig(**architecture)
+    return config.replace(train=config.train.replace(**train))
 
 
 @dataclass
@@ -90,6 +101,11 @@ class ShapesRecipe(Config):
     @classmethod
     def full(cls) -> ShapesRecipe:
         return cls()
+
+    @classmethod
+    def world_v1(cls) -> ShapesRecipe:
+        """The shipped bundle's recipe: world v1 and its CLIP, everything after the CLIP as in ``full``."""
+        return cls(world=world.WorldConfig(**WORLD_V1), clip=_shapes_clip(SHAPES_CLIP_V1, SHAPES_CLIP_V1_TRAIN))
 
     @classmethod
     def smoke(cls) -> ShapesRecipe:
@@ -296,7 +312,7 @@ class StageTimes:
                 tmp.write_text(json.dumps(self.seconds, indent=1))
 
 
-def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
+def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python -m training shapes") -> Path:
     start = time.time()
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
@@ -333,7 +349,7 @@ def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
         staging, name=out.name, world="shapes",
         description="The shapes world: a tiny CLIP and LM, and MacCap, TOMCap and CapDec trained text-only on "
                     "synthetic captions",
-        training={"recipe": recipe.to_dict(), "command": "python -m training shapes",
+        training={"recipe": recipe.to_dict(), "command": command,
                   "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()),
                   "stage_seconds": timed.seconds, "build_seconds": round(time.time() - start)},
     )
@@ -353,8 +369,12 @@ def build(recipe: ShapesRecipe, out: Path, work: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training shapes", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="weights/shapes", help="bundle folder to write")
-    parser.add_argument("--work-dir", default=None, help="stage outputs (default: runs/shapes-build or -smoke)")
+    parser.add_argument("--work-dir", default=None,
+                        help="stage outputs (default: runs/shapes-build-v2, -build-v1 or -smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole recipe in about a minute (CI)")
+    parser.add_argument("--world", choices=("v2", "v1"), default="v2",
+                        help="v2: 56 px scenes with clutter and occlusion and a CLIP with a real-CLIP-like gap; "
+                             "v1: the shipped bundle's 32 px world (see the README's shapes section)")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first instead of resuming")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads for every stage (the shipped weights were built with 2; float sums, "
@@ -364,14 +384,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capdec-steps", type=int, default=None, help="override the recipe's CapDec steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = ShapesRecipe.smoke() if args.smoke else ShapesRecipe.full()
+    if args.smoke and args.world != "v2":
+        parser.error("--smoke builds world v2 only")
+    recipe = (ShapesRecipe.smoke() if args.smoke else ShapesRecipe.world_v1() if args.world == "v1"
+              else ShapesRecipe.full())
     steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps, "capdec_steps": args.capdec_steps}
     recipe = recipe.replace(**{name: value for name, value in steps.items() if value is not None})
     recipe = recipe.replace(clip=recipe.clip.replace(threads=args.threads))
-    work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build'}")
+    work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build-' + args.world}")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
-    build(recipe, Path(args.out), work)
+    command = "python -m training shapes" + (" --world v1" if args.world == "v1" else "")
+    build(recipe, Path(args.out), work, command=command)
     return 0
 
 
