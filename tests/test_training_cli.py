@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from training import capdec, maccap, tomcap
+from training.__main__ import SUBCOMMANDS
+from training.__main__ import main as training_main
 from training.cli import run_dir_of, train_config_from_arguments
 from training.embed import StaleCacheError, cached_text_embeddings
 
@@ -49,3 +51,12 @@ def test_two_methods_in_one_bundle_keep_apart_their_run_folders_and_caches(tmp_p
     cached_text_embeddings(["a", "b"], Encoder(), tmp_path / "cache")
     with pytest.raises(StaleCacheError, match="pass another --embeddings folder"):  # a flag the command has
         cached_text_embeddings(["a", "b", "c"], Encoder(), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_subcommands_help_shows_its_defaults(name, capsys):
+    """A reader reproducing a paper sees every default in ``--help`` (issue #14: "every subcommand")."""
+    with pytest.raises(SystemExit) as exit_info:
+        training_main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "(default: " in capsys.readouterr().out, f"python -m training {name} --help shows no defaults"

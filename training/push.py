@@ -78,7 +78,8 @@ def push_bundle(weights: str | Path, repo_id: str, *, api: Any, private: bool = 
 
 def main(argv: list[str] | None = None, *, api: Any = None) -> int:
     """The CLI; ``api`` replaces ``huggingface_hub.HfApi()`` (the tests hand in a recording fake)."""
-    parser = argparse.ArgumentParser(prog="capdemo-train push", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="capdemo-train push", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", required=True, help="bundle folder to publish")
     parser.add_argument("--repo", required=True, help="Hub model repository, org/name (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")

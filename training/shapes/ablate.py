@@ -30,7 +30,8 @@ from typing import Any
 
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.fileio import atomic_output
-from training.shapes.build import ShapesRecipe, StageOutputs, log, run_command, tomcap_command
+from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, chosen_recipe, log, run_command,
+                                   tomcap_command)
 from training.shapes.evaluate import evaluate_bundle
 
 
@@ -114,14 +115,15 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training shapes-ablate", description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default="runs/shapes-build",
+    parser = argparse.ArgumentParser(prog="python -m training shapes-ablate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--work-dir", default="runs/shapes-build-v2",
                         help="a finished `python -m training shapes` work dir")
     parser.add_argument("--weights", default="weights/shapes", help="bundle for the inference-only (MacCap) rows")
     parser.add_argument("--steps", type=int, default=None, help="TOMCap steps per trained variant (recipe default)")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes per row")
     parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes")
-    parser.add_argument("--smoke", action="store_true", help="the work dir is a --smoke build (its TOMCap flags)")
+    add_recipe_arguments(parser)  # the work dir's recipe: --world v1 for the shipped bundle's, --smoke for CI's
     parser.add_argument("--only", nargs="+", default=None, choices=[v.name for v in VARIANTS], help="run these rows")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
     args = parser.parse_args(argv)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {work} is not a finished shapes build (missing {', '.join(missing)}); "
               "run python -m training shapes --work-dir first", file=sys.stderr)
         return 2
-    recipe = ShapesRecipe.smoke() if args.smoke else ShapesRecipe.full()
+    recipe = chosen_recipe(args)
     chosen = [v for v in VARIANTS if args.only is None or v.name in args.only]
     rows = {v.name: run_variant(v, recipe=recipe, work=work, weights=Path(args.weights), steps=args.steps, n=args.n,
                                 seed=args.seed) for v in chosen}

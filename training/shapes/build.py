@@ -366,15 +366,28 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training shapes", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="weights/shapes", help="bundle folder to write")
-    parser.add_argument("--work-dir", default=None,
-                        help="stage outputs (default: runs/shapes-build-v2, -build-v1 or -smoke)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole recipe in about a minute (CI)")
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--world`` and ``--smoke``: which recipe (the build and the ablation must name the same one)."""
     parser.add_argument("--world", choices=("v2", "v1"), default="v2",
                         help="v2: 56 px scenes with clutter and occlusion and a CLIP with a real-CLIP-like gap; "
                              "v1: the shipped bundle's 32 px world (see the README's shapes section)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the whole recipe in about a minute (CI)")
+
+
+def chosen_recipe(args: argparse.Namespace) -> ShapesRecipe:
+    """The recipe ``add_recipe_arguments``' flags name."""
+    if args.smoke:
+        return ShapesRecipe.smoke()
+    return ShapesRecipe.world_v1() if args.world == "v1" else ShapesRecipe.full()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training shapes", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="weights/shapes", help="bundle folder to write")
+    parser.add_argument("--work-dir", default=None,
+                        help="stage outputs (default: runs/shapes-build-v2, -build-v1 or -smoke)")
+    add_recipe_arguments(parser)
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first instead of resuming")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads for every stage (the shipped weights were built with 2; float sums, "
@@ -386,8 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.smoke and args.world != "v2":
         parser.error("--smoke builds world v2 only")
-    recipe = (ShapesRecipe.smoke() if args.smoke else ShapesRecipe.world_v1() if args.world == "v1"
-              else ShapesRecipe.full())
+    recipe = chosen_recipe(args)
     steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps, "capdec_steps": args.capdec_steps}
     recipe = recipe.replace(**{name: value for name, value in steps.items() if value is not None})
     recipe = recipe.replace(clip=recipe.clip.replace(threads=args.threads))

@@ -201,7 +201,8 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training shapes-eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training shapes-eval", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", default="weights/shapes", help="bundle to evaluate")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes to generate")
     parser.add_argument("--seed", type=int, default=DEFAULT_TEST_SEED,
