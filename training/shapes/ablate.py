@@ -6,6 +6,8 @@ same freshly generated held-out scenes:
 * modality-gap handling: TOMCap decoders trained with no gap handling, noise
   injection only, mean-only correction, mean+std correction, and mean+std
   with noise (the recipe's default), every other setting equal;
+* the noise scale: mean+std correction with the training noise (cross-attention input and retrieval query)
+  at 0, 0.25, 0.5 (the default), 1 and 2 x sigma_I per dimension -- the sweep behind the default;
 * retrieval: TOMCap trained and run without retrieved captions (mean+std with noise);
 * multiple sampling: MacCap at S = 1 and S = 20 with CLIP rerank (inference only,
   on the built bundle).
@@ -59,6 +61,9 @@ VARIANTS = (
     Variant("gap-mean-std", "gap", "mean+std correction", ("--gap-correction", "mean_std", *NO_NOISE)),
     Variant("gap-mean-std-noise", "gap", "mean+std correction + noise scaled to sigma_I (default)",
             ("--gap-correction", "mean_std")),
+    *(Variant(f"noise-scale-{scale}", "noise", f"mean+std correction + noise {scale} x sigma_I",
+              ("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
+      for scale in ("0.25", "1", "2")),  # with gap-mean-std (0) and the default (0.5): the noise-scale sweep
     Variant("no-retrieval", "retrieval", "TOMCap without retrieval",
             ("--gap-correction", "mean_std", "--no-retrieval")),
     Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", samples=1),
