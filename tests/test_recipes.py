@@ -28,6 +28,7 @@ REQUIRED = {
     "vqa-eval": ["--weights", "w", "--questions", "q", "--annotations", "a", "--out", "o"],
     "maccap": ["--corpus", "c.txt", "--out", "o"],
     "tomcap": ["--corpus", "c.txt", "--datastore", "d", "--out", "o"],
+    "capdec": ["--corpus", "c.txt", "--out", "o"],
 }
 
 
@@ -87,7 +88,8 @@ def test_the_shapes_recipe_is_what_the_shapes_build_runs():
 
     recipe, shipped = load_recipe("shapes"), ShapesRecipe()
     for stage, args, steps in (("maccap", shipped.maccap_args, shipped.maccap_steps),
-                               ("tomcap", shipped.tomcap_args, shipped.tomcap_steps)):
+                               ("tomcap", shipped.tomcap_args, shipped.tomcap_steps),
+                               ("capdec", shipped.capdec_args, shipped.capdec_steps)):
         flags = dict(recipe.stages[stage])
         assert (flags.pop("steps"), flags.pop("seed"), flags.pop("dedupe")) == (steps, shipped.seed, True)
         assert sorted(flags) == sorted(a[2:] for a in args if a.startswith("--"))
