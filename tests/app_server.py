@@ -48,9 +48,12 @@ def running_app(demo) -> Iterator[str]:
 
 def shapes_image(path: Path) -> Path:
     """Write one held-out shapes-world image (the world the shipped bundle was trained on) to ``path``."""
+    from capdemo.bundle import Bundle
     from training.shapes.world import WorldConfig, generate_images
 
-    config = WorldConfig()
+    manifest = Bundle.load(SHAPES_BUNDLE).manifest if (SHAPES_BUNDLE / "bundle.json").is_file() else {}
+    recorded = manifest.get("training", {}).get("recipe", {}).get("world")
+    config = WorldConfig.from_dict(recorded) if recorded else WorldConfig()
     generate_images(1, seed=config.test_seed, config=config)[0].save(path)
     return path
 

@@ -57,12 +57,15 @@ class FakeHfApi:
 
 @pytest.fixture
 def bundle_dir(tmp_path) -> Path:
-    """A copy of the shipped shapes bundle: its manifest and the files it lists, nothing else."""
+    """A copy of the shipped shapes bundle: its manifest and the files it lists, nothing else, and no recorded
+    evaluation (the card of a bundle nobody has scored yet; the shipped card's numbers are checked apart)."""
     out = tmp_path / "shapes"
-    listed = json.loads((SHAPES / MANIFEST).read_text())["files"]
-    for rel in [MANIFEST, *listed]:
+    manifest = json.loads((SHAPES / MANIFEST).read_text())
+    manifest["files"].pop(EVALUATION_FILE, None)
+    for rel in manifest["files"]:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SHAPES / rel, out / rel)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
 
@@ -100,6 +103,17 @@ def test_card_metadata_and_what_the_bundle_records(bundle_dir):
     assert "No evaluation is recorded" in card
     assert f"python app.py --weights hf-hub:{REPO}@<commit>" in card
     assert "circle, square, triangle" in card  # the shapes world, from the build's recipe
+
+
+def test_the_shipped_card_shows_every_recorded_evaluation():
+    """weights/shapes ships its shapes-eval scores (evaluation.json) and a card generated from them."""
+    bundle = Bundle.load(SHAPES)
+    recorded = read_evaluation(bundle)
+    assert {r.method for r in recorded} == set(bundle.components) - {"encoder", "vqa"}
+    card = (SHAPES / CARD_FILE).read_text()
+    assert front_matter(card)["metrics"]
+    for result in recorded:
+        assert f"| {result.method} | {result.metrics['scene_accuracy']:.4g} |" in card
 
 
 def test_card_takes_license_and_datasets(bundle_dir):

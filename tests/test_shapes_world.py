@@ -369,17 +369,20 @@ def test_scoring_refuses_mismatched_lengths():
 
 
 def test_the_world_recorded_in_the_shipped_bundle_redraws_its_examples_pixel_for_pixel():
-    """The shipped bundle's manifest records its world; world v2's features are switched off by their config fields
-    and draw no random numbers when off, so a world-v1 bundle is evaluated on exactly the world it learned."""
+    """The shipped bundle's manifest records its world (world v2's features switched off by their config fields,
+    which then draw no random numbers); its examples follow ``example_pairs``' rule, so that record and the seed
+    redraw every example image and its caption exactly: the bundle is evaluated on the world it learned."""
+    import json
+
     from capdemo.bundle import Bundle
     from training.shapes.world import example_pairs
 
     bundle = Bundle.load(REPO / "weights" / "shapes")
     config = WorldConfig.from_dict(bundle.manifest["training"]["recipe"]["world"])
-    shipped = sorted((bundle.path / "examples").glob("examples-*.png"))
-    assert len(shipped) == 8
-    seed = config.test_seed + 1
-    redrawn = (generate_images(len(shipped), seed=seed, config=config) if config.background == "plain"  # world v1
-               else [image for _, image, _ in example_pairs(len(shipped), seed=seed, config=config)])
-    for path, image in zip(shipped, redrawn):
-        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image)), path.name
+    listed = json.loads((bundle.path / "examples" / "scenes.json").read_text())
+    assert len(listed) == 8
+    for entry, (scene, image, _) in zip(listed, example_pairs(len(listed), seed=config.test_seed + 1,
+                                                               config=config)):
+        assert entry["caption"] == captions(scene)[0]  # the scene's canonical caption
+        shipped = np.asarray(Image.open(bundle.path / entry["file"]).convert("RGB"))
+        assert np.array_equal(shipped, np.asarray(image)), entry["file"]

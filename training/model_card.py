@@ -152,8 +152,8 @@ def _training_section(bundle: Bundle) -> list[str]:
 def _evaluation_section(evaluation: Sequence[EvaluationResult]) -> list[str]:
     lines = ["## Evaluation", ""]
     if not evaluation:
-        return lines + ["No evaluation is recorded in this bundle (`evaluation.json`; `capdemo-train shapes-eval` "
-                        "and `capdemo-train caption-split` measure one)."]
+        return lines + ["No evaluation is recorded in this bundle (`evaluation.json`; `capdemo-train shapes-eval "
+                        "--record` writes one)."]
     groups: dict[tuple[str, str, str], list[EvaluationResult]] = {}
     for result in evaluation:
         groups.setdefault((result.task, result.dataset, result.split), []).append(result)
