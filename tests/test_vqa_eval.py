@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,7 +14,7 @@ from training import vqa_eval
 from training.datasets import DataFormatError
 from training.evaluate import load_vqa_predictions, vqa_topk_accuracy
 from training.shapes import world
-from training.shapes.questions import question_answers
+from training.shapes.questions import questions as scene_questions
 
 SHAPES_BUNDLE = Path(__file__).resolve().parents[1] / "weights" / "shapes"
 FILLER = [f"filler{i}" for i in range(20)]
@@ -135,10 +136,13 @@ def shapes_vqa(tmp_path_factory):
     images = root / "val2014"
     images.mkdir()
     rows = []
-    config = world.WorldConfig(image_size=32)
+    config = world.WorldConfig.from_dict(json.loads((SHAPES_BUNDLE / "bundle.json").read_text())
+                                         ["training"]["recipe"]["world"])  # the world the bundle learned
+    rng = np.random.default_rng(0)
     for image_id, (scene, image, _) in enumerate(world.generate_pairs(3, seed=99, config=config), start=500):
         image.save(images / f"COCO_val2014_{image_id:012d}.jpg")
-        for number, (question, answer) in enumerate(question_answers(scene)[:3]):
+        asked = scene_questions(scene, rng, colours=config.colours, shapes=config.shapes)
+        for number, (question, answer) in enumerate((q.text, q.answer) for q in asked[:3]):
             kind = "yes/no" if answer in ("yes", "no") else "number" if answer.isdigit() else "other"
             rows.append({"question_id": image_id * 10 + number, "image_id": image_id, "question": question,
                          "mca": answer, "answers": [answer] * 10, "answer_type": kind})
