@@ -104,8 +104,10 @@ def test_report_has_the_keys_others_rely_on(report):
     vqa = report["vqa"]
     assert {"accuracy", "n", "by_type", "frozen_lm", "caption_trained_lm"} <= set(vqa)
     assert vqa["accuracy"] == vqa["frozen_lm"]["accuracy"] and set(vqa["by_type"]) == set(QUESTION_TYPES)
-    assert set(report["examples"]) == {"maccap", "tomcap", "capdec"}  # every method on the shipped examples
-    assert all(row["n"] == 3 and 0 <= row["correct"] <= 3 for row in report["examples"].values())
+    shipped = report["examples"]  # the app's default method's count, and every method's under by_method
+    assert shipped["method"] == "maccap" and shipped["n"] == 3 and 0 <= shipped["correct"] <= 3
+    assert set(shipped["by_method"]) == {"maccap", "tomcap", "capdec"}
+    assert shipped["by_method"]["maccap"] == {"correct": shipped["correct"], "n": 3}
 
 
 def test_trained_smoke_models_beat_untrained_thresholds(report, smoke_bundle):
