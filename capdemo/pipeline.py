@@ -290,13 +290,17 @@ SERVING_KEY = "serving"  # manifest entry: {"precision": ...}, the bundle's meas
 
 def serving_precision(bundle: Bundle, device: str, requested: str | None = None) -> str:
     """The precision to serve ``bundle`` at: ``requested`` when given; else the bundle's recommendation
-    (written by its build from a measured quality check) on a CPU; else fp32 (int8 is CPU-only)."""
+    (written from a measured quality check) on a CPU, except bf16 on a CPU without bf16 instructions (emulated,
+    slower than fp32); else fp32 (int8 is CPU-only)."""
+    from capdemo.precision import bf16_is_native
+
     if requested is not None:
         return check_precision(requested)
     recommended = bundle.manifest.get(SERVING_KEY, {}).get("precision")
     if recommended is None or torch.device(device).type != "cpu":
         return DEFAULT_PRECISION
-    return check_precision(recommended)
+    recommended = check_precision(recommended)
+    return DEFAULT_PRECISION if recommended == "bf16" and not bf16_is_native(device) else recommended
 
 
 __all__ = ["Captioner", "Encoded", "default_device", "image_key", "serving_precision"]

@@ -7,6 +7,8 @@ import copy
 import json
 import logging
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,6 +255,28 @@ def test_the_bundle_recommendation_serves_on_a_cpu_only(tiny_bundle_dir, tmp_pat
     bundle.manifest[SERVING_KEY] = {"precision": "fp8"}
     with pytest.raises(PrecisionError, match="precision must be one of"):
         serving_precision(bundle, "cpu")
+
+
+def test_a_bf16_recommendation_falls_back_to_fp32_on_a_cpu_without_bf16_instructions(tiny_bundle_dir, monkeypatch):
+    from capdemo import precision
+
+    bundle = Bundle.load(tiny_bundle_dir)
+    bundle.manifest[SERVING_KEY] = {"precision": "bf16"}
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert serving_precision(bundle, "cpu") == "fp32"  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert serving_precision(bundle, "cpu") == "bf16"
+    assert serving_precision(bundle, "cpu", "bf16") == "bf16"  # asked for: still served as asked
+
+
+def test_the_shipped_bundle_recommends_a_precision_only_with_its_measured_quality():
+    """weights/shapes records the paired shapes-eval (n = 500) behind its recommendation: loss <= 0.01 each."""
+    manifest = Bundle.load(Path(__file__).resolve().parents[1] / "weights" / "shapes").manifest
+    serving = manifest[SERVING_KEY]
+    evidence = serving["evidence"]
+    assert evidence["n"] >= 500 and set(evidence["scene_accuracy_loss"]) == set(manifest["components"]) - {
+        "encoder", "vqa"}
+    assert all(loss <= 0.01 for loss in evidence["scene_accuracy_loss"].values())
 
 
 def test_the_cli_takes_a_precision_and_refuses_an_unknown_one(tiny_bundle_dir, capsys):
