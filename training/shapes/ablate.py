@@ -9,8 +9,8 @@ same freshly generated held-out scenes:
 * the noise scale: mean+std correction with the training noise (cross-attention input and retrieval query)
   at 0, 0.25, 0.5 (the default), 1 and 2 x sigma_I per dimension -- the sweep behind the default;
 * retrieval: TOMCap trained and run without retrieved captions (mean+std with noise);
-* multiple sampling: MacCap at S = 1 and S = 20 with CLIP rerank (inference only,
-  on the built bundle).
+* multiple sampling and subregions: MacCap at S = 1, with the CLS token instead of subregion aggregation, and at
+  S = 20 with CLIP rerank (inference only, on the built bundle).
 
 It reuses a finished build's stage outputs (``--work-dir`` of ``python -m
 training shapes``: CLIP, LM, datastore, gap statistics), trains each variant
@@ -45,11 +45,11 @@ class Variant:
     group: str
     description: str
     tomcap_flags: tuple[str, ...] = ()  # extra ``python -m training tomcap`` flags (trained variants)
-    samples: int | None = None  # MacCap S (inference-only variants)
+    maccap: tuple[tuple[str, object], ...] = ()  # MacCap inference settings (inference-only variants)
 
     @property
     def trained(self) -> bool:
-        return self.samples is None
+        return not self.maccap
 
 
 NO_NOISE = ("--input-noise-scale", "0", "--query-noise-scale", "0", "--noise-variance", "0")
@@ -66,8 +66,10 @@ VARIANTS = (
       for scale in ("0.25", "1", "2")),  # with gap-mean-std (0) and the default (0.5): the noise-scale sweep
     Variant("no-retrieval", "retrieval", "TOMCap without retrieval",
             ("--gap-correction", "mean_std", "--no-retrieval")),
-    Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", samples=1),
-    Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", samples=20),
+    Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", maccap=(("samples", 1),)),
+    Variant("maccap-cls", "region", "MacCap with the CLS token instead of subregion aggregation, S = 20",
+            maccap=(("region_mode", "cls"),)),
+    Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", maccap=(("samples", 20),)),
 )
 REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate")
 
@@ -101,7 +103,7 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
                                  world_config=recipe.world)["tomcap"]  # its bundle has no recipe
     else:
         report = evaluate_bundle(str(weights), n=n, seed=seed, methods=["maccap"],
-                                 settings={"maccap": {"samples": variant.samples}}, ceiling=False,
+                                 settings={"maccap": dict(variant.maccap)}, ceiling=False,
                                  world_config=recipe.world)["maccap"]
     row = {"group": variant.group, "description": variant.description, **{k: report[k] for k in REPORTED}}
     with atomic_output(scores_file) as tmp:
