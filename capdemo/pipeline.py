@@ -126,6 +126,12 @@ class Captioner:
             raise ValueError(f"this bundle has no {registry.get(name).label} model (it has: {have})")
         return self.methods[name]
 
+    def retrieval_encoders(self) -> list[Any]:
+        """The distinct encoders the retrieving methods' datastores were embedded with (a visitor's own captions are
+        embedded with each)."""
+        found = {e.name: e for e in (m.retrieval_encoder() for m in self.methods.values()) if e is not None}
+        return list(found.values())
+
     def shared(self, attribute: str) -> Any:
         """The first loaded method's ``datastore`` or ``gap_stats`` (what analysis views show), or None."""
         return next((getattr(m, attribute) for m in self.methods.values() if getattr(m, attribute) is not None), None)
@@ -173,14 +179,15 @@ class Captioner:
         return self.method(method).options(options, **settings)
 
     def caption(self, images: Sequence[ImageInput] | Encoded, method: str, options: MethodOptions | None = None,
-                **settings: Any) -> list[Result]:
+                *, store: Any = None, **settings: Any) -> list[Result]:
         """Caption images (PIL images, file paths, or an Encoded batch) with one method.
 
-        Settings not given take the bundle's defaults: ``caption(images, "maccap", samples=5)``.
+        Settings not given take the bundle's defaults: ``caption(images, "maccap", samples=5)``. ``store``: a
+        retrieving method searches it instead of its own datastore (:mod:`capdemo.my_captions`).
         Each Result's ``timings_ms`` are its own: its share of the vision-tower pass ("encode") and of
         each of the method's batched stages.
         """
-        chosen = self.method(method)
+        chosen = self.method(method) if store is None else self.method(method).using_store(store)
         options = chosen.options(options, **settings)
         if not isinstance(images, Encoded) and len(images) == 0:
             raise ValueError("no images to caption")

@@ -28,9 +28,9 @@ SETTINGS = dict(maccap_samples=6, maccap_beams=2, maccap_noise_variance=0.016, m
                 maccap_max_new_tokens=12, maccap_seed=0, tomcap_k=3, tomcap_beams=3, tomcap_max_new_tokens=10)
 BOTH = ["maccap", "tomcap"]
 # /caption's outputs: per method in the bundle's order its caption and candidates (and neighbours for a method
-# with a datastore), then the heatmap, the timings and every result as JSON
+# with a datastore), then the heatmap, the timings, the image's notice line and every result as JSON
 OUTPUTS = ("maccap_caption", "maccap_table", "tomcap_caption", "tomcap_table", "neighbours", "heatmap", "timings",
-           "details")
+           "notice", "details")
 
 
 def caption(client: Client, path: Path, methods: list[str], **settings) -> dict:
@@ -105,9 +105,11 @@ def test_caption_outputs_are_complete_and_consistent(client, images, name):
     assert len(listed) == SETTINGS["tomcap_k"] and all(n["neighbour caption"] for n in listed)
     assert [n["neighbour caption"] for n in listed] == [n["text"] for n in details["results"]["tomcap"]["neighbours"]]
 
-    with Image.open(heatmap) as drawn:  # the overlay keeps the photo's aspect ratio
-        assert max(drawn.size) == figures.DISPLAY_SIDE
-        assert abs(drawn.size[0] / drawn.size[1] - size[0] / size[1]) < 0.02
+    with Image.open(heatmap) as drawn:  # the overlay keeps the photo's aspect ratio; the colour scale is under it
+        width, height = drawn.width, drawn.height - figures.LEGEND_HEIGHT
+        assert max(width, height) == figures.DISPLAY_SIDE
+        assert abs(width / height - size[0] / size[1]) < 0.02
+    assert (out["notice"] != "") == (name == "coco")  # a photo is outside the shapes bundle's domain
     stages = {(r["method"], r["stage"]): r["ms"] for r in rows(timings)}
     assert ("MacCap", "total") in stages and ("TOMCap", "total") in stages
     assert stages[("MacCap", "encode")] > 0 or details["results"]["maccap"]["timings_ms"]["encode"] > 0
@@ -128,7 +130,9 @@ def test_vqa_answer_comes_with_its_evidence(client, images, name):
 
 
 def test_embedding_endpoint_returns_two_plots_and_the_gap_table(client, images):
-    projection, histogram, table = client.predict(handle_file(str(images["shapes"])), "pca", api_name="/embedding")
+    projection, histogram, table, note = client.predict(handle_file(str(images["shapes"])), "pca",
+                                                        api_name="/embedding")
+    assert note == ""
     for figure in (projection, histogram):
         assert figure["type"] == "plotly" and json.loads(figure["plot"])["data"]
     names = {trace["name"] for trace in json.loads(projection["plot"])["data"]}
@@ -151,21 +155,23 @@ def test_batch_endpoint_returns_a_table_and_downloads(client, images, tmp_path):
 
 def test_about_endpoint_describes_the_served_bundle(client, bundle):
     text, info = client.predict(api_name="/about")
-    assert info["folder"] == str(bundle) and f"`{info['name']}`" in text and "--weights" in text
+    assert f"`{info['name']}`" in text and "--weights" in text and "| file | size | sha256 |" in text
+    assert str(bundle.resolve()) not in text + json.dumps(info)  # nothing of the server's file system
 
 
-def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(client, images, tmp_path):
+def test_bad_requests_get_one_line_messages_in_place_and_the_server_keeps_serving(client, images, tmp_path):
     broken = corrupt_png(tmp_path / "broken.png")
-    with pytest.raises(AppError) as raised:
-        caption(client, broken, BOTH)
-    assert str(raised.value).startswith("broken.png: truncated or corrupt image data")
-    assert "Traceback" not in str(raised.value) and "\n" not in str(raised.value)
-    with pytest.raises(AppError, match="question is empty"):
-        client.predict(handle_file(str(images["shapes"])), "   ", api_name="/vqa")
+    out = caption(client, broken, BOTH)
+    for method in ("maccap", "tomcap"):
+        assert out[f"{method}_caption"].startswith("⚠ broken.png: truncated or corrupt image data")
+        assert "Traceback" not in out[f"{method}_caption"] and "\n" not in out[f"{method}_caption"]
+    answer, *_ = client.predict(handle_file(str(images["shapes"])), "   ", api_name="/vqa")
+    assert answer.startswith("⚠ question is empty")
     with pytest.raises(AppError, match="less than minimum value 1"):  # Gradio checks the slider's range itself
         caption(client, images["shapes"], ["maccap"], maccap_samples=0)
-    with pytest.raises(AppError, match="samples must be a whole number"):
-        caption(client, images["shapes"], ["maccap"], maccap_samples=2.5)
+    out = caption(client, images["shapes"], BOTH, maccap_samples=2.5)  # one method's bad setting: its own message
+    assert out["maccap_caption"] == "⚠ MacCap: samples must be a whole number, got 2.5"
+    assert out["tomcap_caption"] and not out["tomcap_caption"].startswith("⚠")  # the other's result stays
     assert caption(client, images["shapes"], ["tomcap"])["tomcap_caption"]
 
 

@@ -391,11 +391,12 @@ def test_the_caption_api_takes_one_named_parameter_per_method_setting_defaulting
     event = next(fn for fn in demo.fns.values() if fn.api_name == "caption").fn
     parameters = inspect.signature(event).parameters
     expected = [f"{name}_{item.name}" for name, m in captioner.methods.items() for item in m.Options.settings()]
-    assert list(parameters)[:2] == ["image", "methods"] and list(parameters)[2:-3] == expected
+    assert list(parameters)[:2] == ["image", "methods"] and list(parameters)[2:-4] == expected
+    assert parameters["retrieve_from"].default == "bundle"  # which store retrieving methods search
     assert list(parameters)[-3:] == ["session", "own", "progress"]  # the page's states, not API parameters
     assert parameters["tomcap_beams"].default == captioner.methods["tomcap"].default_options().beams
     outputs = event(example, ["tomcap"], tomcap_k=1, tomcap_beams=2, session=None, progress=lambda *a, **k: None)
-    details, notice = outputs[-3], outputs[-2]  # then the session state
+    notice, details = outputs[-3], outputs[-2]  # then the session state
     assert notice == ""  # the tiny bundle records no domain: no warning
     assert len(details["results"]["tomcap"]["neighbours"]) == 1 and len(details["results"]["tomcap"]["candidates"]) == 2
 
@@ -407,7 +408,7 @@ def _examples_shown(demo: gr.Blocks) -> list:
 def test_page_wires_stable_api_names_and_a_bounded_queue(captioner):
     demo = ui.create_blocks(captioner, config=ui.AppConfig(concurrency_limit=2, max_queue_size=5))
     public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
-    assert public == {"caption", "vqa", "embedding", "batch", "about"}
+    assert public == {"caption", "vqa", "embedding", "batch", "about", "datastore"}
     assert demo._queue.max_size == 5 and demo._queue.default_concurrency_limit == 2
     assert demo.delete_cache == (3600, 3600)  # Gradio's file cache is swept, not kept until a restart
     model_events = [fn for fn in demo.fns.values() if fn.api_name in {"caption", "vqa", "batch"}]

@@ -18,6 +18,7 @@ import csv
 import functools
 import json
 import logging
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from PIL import Image
 
 from capdemo import analysis, figures
 from capdemo.domain import Domain
+from capdemo.my_captions import MyCaptions, read_input
 from capdemo.ui.about import about_markdown
 from capdemo.config import Config
 from capdemo.images import load_image
@@ -39,7 +41,7 @@ from capdemo.methods.base import Encoded
 from capdemo.pipeline import Captioner
 from capdemo.result import Result
 from capdemo.ui.views import (
-    BatchView, CaptionView, EmbeddingOutputs, MethodView, SessionResults, VQAView, candidates_table,
+    BatchView, CaptionView, EmbeddingOutputs, MethodView, MyCaptionsView, SessionResults, VQAView, candidates_table,
     neighbours_table, timings_table,
 )
 
@@ -143,9 +145,8 @@ class CaptionDemo:
         """One method's result, or the one-line reason it failed (its settings, or an internal error)."""
         label = self.labels[method]
         try:
-            if stores is not None and self.captioner.methods[method].datastore is not None:
-                return stores.caption(self.captioner, encoded, method, settings)
-            return self.captioner.caption(encoded, method, **settings)[0]
+            store = stores.store_for(self.captioner.methods[method]) if stores is not None else None
+            return self.captioner.caption(encoded, method, store=store, **settings)[0]
         except ValueError as err:
             return f"{label}: {one_line(err)}"
         except Exception as err:  # one method's crash must not take the others' results with it
@@ -291,6 +292,29 @@ class CaptionDemo:
         table = pd.DataFrame(rows, columns=columns).fillna("")
         csv_path, json_path = self.write_downloads(table)
         return BatchView(table=table, csv_path=str(csv_path), json_path=str(json_path))
+
+    @user_facing("embedding your captions")
+    def datastore_event(self, text: str | None, file: Any = None, progress: gr.Progress = gr.Progress()
+                        ) -> MyCaptionsView:
+        """Embed a visitor's own captions (pasted text, or an uploaded text file or JSON list) into a store for
+        their session only; a one-line message for bad input (binary, not UTF-8, empty, over a limit)."""
+        encoders = self.captioner.retrieval_encoders()
+        if not encoders:
+            return MyCaptionsView(message="⚠ no method of this bundle retrieves captions")
+        try:
+            captions = read_input(text, getattr(file, "name", file))
+        except ValueError as err:
+            return MyCaptionsView(message=f"⚠ {one_line(err)}")
+        mine = MyCaptions.build(captions, encoders, progress=lambda step, desc: progress(step, desc=desc))
+        with self._download_lock:
+            self._download_count += 1
+            number = self._download_count
+            stale = self._downloads / f"my-captions-{number - self.config.kept_downloads}.zip"
+            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale.with_suffix(""), ignore_errors=True)
+        archive = mine.save_zip(self._downloads / f"my-captions-{number}.zip", encoders[0].name)
+        return MyCaptionsView(message=f"{len(captions):,} captions of yours embedded (this session only); TOMCap "
+                                      "retrieves from them when asked below.", mine=mine, archive=str(archive))
 
     def write_downloads(self, table: pd.DataFrame) -> tuple[Path, Path]:
         """Write the batch table as CSV and JSON; only the newest ``kept_downloads`` pairs stay on disk."""

@@ -9,15 +9,18 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 from gradio.data_classes import FileData
 
 from capdemo import analysis
+from capdemo.my_captions import BOTH, BUNDLE, MAX_BYTES, MAX_CAPTION_CHARS, MAX_LINES, MINE, StoreChoice
 from capdemo.pipeline import Captioner
 from capdemo.ui.controls import SettingControl, method_controls, options_from_values, with_parameters
 from capdemo.ui.events import AppConfig, CaptionDemo
@@ -33,8 +36,8 @@ SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
 # Column widths as shares of the table's width, so the score columns fit whatever the caption length (the caption
 # column, last, wraps at words).
-CANDIDATE_WIDTHS = ["9%", "18%", "17%", "16%", "40%"]  # #, CLIP score, chosen, sample, caption
-NEIGHBOUR_WIDTHS = ["9%", "17%", "17%", "57%"]  # #, cosine, store, neighbour caption
+CANDIDATE_WIDTHS = ["8%", "17%", "19%", "19%", "37%"]  # #, CLIP score, chosen, sample, caption
+NEIGHBOUR_WIDTHS = ["8%", "19%", "18%", "55%"]  # #, cosine, store, neighbour caption
 CSS = """
 .capdemo-caption textarea { font-size: 1.1rem !important; font-weight: 600; }
 /* Tables: headers break only between words ("CLIP score"), captions wrap at words, never mid-word. */
@@ -51,6 +54,8 @@ CSS = """
 .dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
 .capdemo-notice p { margin: 0.2rem 0; }
 .capdemo-table th, .capdemo-table td { padding: 6px !important; }
+.capdemo-table th, .capdemo-table th * { font-size: 12px !important; }
+.capdemo-table th .cell-wrap { padding: 0 !important; }
 @media (max-width: 640px) {
   .capdemo-intro { display: none; }
   .capdemo-header h1 { font-size: 1.25rem !important; }
@@ -118,9 +123,29 @@ def serve(demo: gr.Blocks, **launch_args: Any) -> Any:
     return demo.launch(theme=theme, css=CSS, show_error=False, max_file_size=MAX_UPLOAD_SIZE, **launch_args)
 
 
-def shown(value: Any, visible: bool) -> Any:
-    """An output that shows ``value``, or hides (an empty table, no heatmap: nothing to look at)."""
-    return gr.update(value=value, visible=visible)
+def filled(value: Any) -> bool:
+    """Whether an output holds something to look at (a table with rows, an image, a figure)."""
+    if value is None:
+        return False
+    if isinstance(value, pd.DataFrame):
+        return not value.empty
+    if isinstance(value, dict) and "data" in value:  # a table as Gradio hands it over
+        return bool(value["data"]) and any(any(cell not in ("", None) for cell in row) for row in value["data"])
+    return True
+
+
+def reveal_when_filled(trigger: Any, components: Sequence[Any]) -> None:
+    """After ``trigger`` changes, show each of ``components`` that holds something and hide the empty ones.
+
+    The events themselves return plain values (so API clients get tables, not visibility updates); this
+    follow-up, private and unqueued, keeps empty tables and a blank heatmap off the page, whichever way the
+    values arrived (a click, a cached example, a new upload clearing them).
+    """
+    def reveal(*values: Any) -> list[Any]:
+        return [gr.update(visible=filled(value)) for value in values]
+
+    trigger.change(reveal, list(components), list(components), api_visibility="private", queue=False,
+                   show_progress="hidden")
 
 
 class CaptionOutputs:
@@ -164,24 +189,27 @@ class CaptionOutputs:
     def components(self) -> list[Any]:
         per_method = [c for name in self.methods
                       for c in (self.captions[name], self.candidates[name], self.neighbours.get(name)) if c is not None]
-        return [*per_method, self.heatmap, self.timings, self.details, self.notice]
+        return [*per_method, self.heatmap, self.timings, self.notice, self.details]  # details last (API users)
 
     def values(self, view: CaptionView) -> list[Any]:
         per_method = []
         for name in self.methods:
             result = view.methods[name]
-            per_method += [result.shown, shown(result.candidates, not result.candidates.empty)]
+            per_method += [result.shown, result.candidates]
             if name in self.neighbours:
-                per_method.append(shown(result.neighbours, not result.neighbours.empty))
-        return [*per_method, shown(view.heatmap, view.heatmap is not None),
-                shown(view.timings, not view.timings.empty), view.details, view.notice]
+                per_method.append(result.neighbours)
+        return [*per_method, view.heatmap, view.timings, view.notice, view.details]
 
     def cleared(self) -> list[Any]:
-        """Every output emptied and its tables and heatmap hidden (a new image was picked)."""
+        """Every output emptied (a new image was picked); :meth:`hideable` ones then hide."""
         per_method = []
         for name in self.methods:
-            per_method += [""] + [shown(None, False)] * (1 + (name in self.neighbours))
-        return [*per_method, shown(None, False), shown(None, False), None, ""]
+            per_method += [""] + [None] * (1 + (name in self.neighbours))
+        return [*per_method, None, None, "", None]
+
+    def hideable(self) -> list[Any]:
+        """The tables and the heatmap: shown only when they hold something."""
+        return [*self.candidates.values(), *self.neighbours.values(), self.heatmap, self.timings]
 
 
 def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, photos: Sequence[Path] = (),
@@ -209,7 +237,7 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
             with gr.Column(scale=5):
                 with gr.Tabs():
                     with gr.Tab("Caption", id="caption"):
-                        chosen, controls, caption_button, caption_outputs = _caption_tab(captioner, app)
+                        chosen, controls, caption_button, caption_outputs, panel = _caption_tab(captioner, app)
                     with gr.Tab("Ask (VQA)", id="vqa"):
                         vqa_inputs, vqa_outputs, vqa_button = _vqa_tab(captioner)
                     with gr.Tab("Embedding space", id="embedding"):
@@ -221,10 +249,16 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                         with gr.Accordion("Bundle details as data", open=False):
                             about_details = gr.JSON(label="Bundle details")
 
-        def caption(image: Any, methods: Any, settings: list, session: Any, own: Any, progress: gr.Progress) -> list:
+        def caption(image: Any, methods: Any, settings: list, retrieve_from: str, session: Any, own: Any,
+                    progress: gr.Progress) -> list:
+            choice = StoreChoice(own, retrieve_from or BUNDLE)
             view = app.caption_event(image, methods, options_from_values(captioner.methods, controls, settings),
-                                     session, progress=progress, stores=own)
+                                     session, progress=progress, stores=choice)
             return [*caption_outputs.values(view), view.session]
+
+        def datastore(text: str, file: Any, own: Any, progress: gr.Progress = gr.Progress()) -> list:
+            view = app.datastore_event(text, file, progress=progress)
+            return [view.message, view.archive, view.mine if view.mine is not None else own]
 
         def example_caption(image: Any) -> list:
             """An example's captions with the bundle's settings (what the cached examples show)."""
@@ -232,14 +266,13 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
 
         def vqa(image: Any, question: str, session: Any, progress: gr.Progress = gr.Progress()) -> list:
             view = app.vqa_event(image, question, session, progress=progress)
-            return [view.answer, shown(view.top_answers, not view.top_answers.empty), view.generated, view.caption,
-                    view.prompt]
+            return [view.answer, view.top_answers, view.generated, view.caption, view.prompt]
 
         def embedding(image: Any, projection: str, session: Any, progress: gr.Progress = gr.Progress()) -> list:
             view = app.embedding_event(image, projection, session, progress=progress)
             if view.message:
                 return [gr.update(), gr.update(), gr.update(), view.message, gr.update()]
-            return [view.projection, view.gap_histogram, shown(view.gap_table, True), "", view.session]
+            return [view.projection, view.gap_histogram, view.gap_table, "", view.session]
 
         def batch(files: Any, progress: gr.Progress = gr.Progress()) -> list:
             view = app.batch_event(files, progress=progress)
@@ -247,8 +280,7 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
 
         def cleared() -> list:
             """A new image: every earlier result goes (captions, tables, heatmap, answer, plots)."""
-            return [*caption_outputs.cleared(), "", shown(None, False), "", "", "", None, None, shown(None, False),
-                    "", None]
+            return [*caption_outputs.cleared(), "", None, "", "", "", None, None, None, "", None]
 
         with left:
             if examples:
@@ -259,14 +291,20 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                         f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
                         "try again shortly.</small>", elem_classes=["capdemo-queue"])
 
-        trailing = [inspect.Parameter("session", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        trailing = [inspect.Parameter("retrieve_from", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=BUNDLE),
+                    inspect.Parameter("session", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
                     inspect.Parameter("own", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
                     inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
         caption_fn = with_parameters(caption, ["image", "methods"], controls, trailing)
         caption_fn.__doc__ = app.caption_event.__doc__
         model = {"concurrency_id": MODEL_CONCURRENCY_ID}  # at most `concurrency_limit` captioning events at once
-        caption_button.click(on_gpu(caption_fn), [picture, chosen, *(c.component for c in controls), state, stores],
+        retrieve_from = [panel.retrieve_from] if panel else [gr.State(BUNDLE)]
+        caption_button.click(on_gpu(caption_fn),
+                             [picture, chosen, *(c.component for c in controls), *retrieve_from, state, stores],
                              [*caption_outputs.components(), state], api_name="caption", **model)
+        if panel is not None:
+            panel.button.click(on_gpu(datastore), [panel.text, panel.file, stores],
+                               [panel.status, panel.download, stores], api_name="datastore", **model)
         vqa_button.click(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_name="vqa", **model)
         vqa_inputs[0].submit(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_visibility="private",
                              **model)
@@ -277,13 +315,19 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
         clear_targets = [*caption_outputs.components(), *vqa_outputs, *embedding_outputs, embedding_note, state]
         for trigger in (picture.upload, picture.clear):
             trigger(cleared, None, clear_targets, api_visibility="private", queue=False)
+        reveal_when_filled(caption_outputs.details, caption_outputs.hideable())
+        reveal_when_filled(vqa_outputs[0], vqa_outputs[1:2])  # the answer -> its top-answers table
+        reveal_when_filled(embedding_outputs[0], embedding_outputs[2:])  # the plot -> the gap table
+        if panel is not None:
+            reveal_when_filled(panel.status, [panel.download])
         demo.load(app.about, None, [about_text, about_details], api_name="about")
 
     demo.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)
     return demo
 
 
-def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[SettingControl], Any, CaptionOutputs]:
+def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[SettingControl], Any, CaptionOutputs,
+                                                                   MyCaptionsPanel | None]:
     choices = [(method.label, name) for name, method in captioner.methods.items()]
     chosen = gr.CheckboxGroup(choices, value=[name for _, name in choices], label="Methods (side by side)",
                               elem_id="methods")
@@ -292,8 +336,46 @@ def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[Sett
         with gr.Accordion(f"{method.label} settings (preset to the bundle's)", open=False):
             with gr.Row():
                 controls += method_controls(method)
+    own = _my_captions_panel(captioner)
     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-    return chosen, controls, button, CaptionOutputs(captioner)
+    return chosen, controls, button, CaptionOutputs(captioner), own
+
+
+def _my_captions_panel(captioner: Captioner) -> MyCaptionsPanel | None:
+    """Bring your own captions, for bundles with a retrieving method (None when none retrieves)."""
+    retrieving = [m.label for m in captioner.methods.values() if m.retrieval_encoder() is not None]
+    if not retrieving:
+        return None
+    with gr.Accordion(f"Bring your own captions ({', '.join(retrieving)} retrieval)", open=False,
+                      elem_id="my-captions"):
+        gr.Markdown(f"Paste captions, one per line (or a JSON list of strings), or upload a `.txt`/`.json` file: up "
+                    f"to {MAX_LINES:,} captions, {MAX_BYTES // 2**20} MB, {MAX_CAPTION_CHARS} characters each. They "
+                    "are embedded with the bundle's retrieval encoder into a store that only this browser session "
+                    "sees, and can be downloaded as a datastore folder for `--datastore` or "
+                    "`python -m training index --corpus captions.txt`.")
+        panel = MyCaptionsPanel(
+            text=gr.Textbox(label="Your captions", lines=4, elem_id="my-captions-text",
+                            placeholder="a red circle above a blue square\na yellow triangle on the left"),
+            file=gr.File(label="...or a file", file_types=[".txt", ".json"], elem_id="my-captions-file"),
+            button=gr.Button("Embed my captions", elem_id="my-captions-button"),
+            status=gr.Markdown(elem_id="my-captions-status", elem_classes=["capdemo-notice"]),
+            download=gr.DownloadButton("Download as datastore (zip)", visible=False, elem_id="my-captions-download"),
+            retrieve_from=gr.Radio([("the bundle's store", BUNDLE), ("my captions", MINE), ("both", BOTH)],
+                                   value=BUNDLE, label="Retrieve neighbours from", elem_id="retrieve-from"),
+        )
+    return panel
+
+
+@dataclass
+class MyCaptionsPanel:
+    """The Bring-your-own-captions components."""
+
+    text: Any
+    file: Any
+    button: Any
+    status: Any
+    download: Any
+    retrieve_from: Any
 
 
 def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:

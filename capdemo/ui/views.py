@@ -96,6 +96,15 @@ class EmbeddingOutputs:
 
 
 @dataclass
+class MyCaptionsView:
+    """Outputs of /datastore: a one-line status, the session's new store, and its download."""
+
+    message: str
+    mine: Any = None  # capdemo.my_captions.MyCaptions (None: nothing was built)
+    archive: str | None = None  # zip of the store as a datastore folder
+
+
+@dataclass
 class BatchView:
     """Outputs of /batch."""
 
@@ -127,6 +136,6 @@ def timings_table(results: dict[str, Result], labels: dict[str, str]) -> pd.Data
 
 
 __all__ = [
-    "BatchView", "CaptionView", "EmbeddingOutputs", "MethodView", "SessionResults", "VQAView",
+    "BatchView", "CaptionView", "EmbeddingOutputs", "MethodView", "MyCaptionsView", "SessionResults", "VQAView",
     "candidates_table", "neighbours_table", "timings_table",
 ]

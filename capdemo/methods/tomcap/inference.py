@@ -220,6 +220,7 @@ class TOMCapMethod(CaptionMethod):
         self.datastore = datastore
         self.gap_stats = gap_stats
         self._limits: dict[str, tuple[float, float]] | None = None  # computed on first use (tokenizes the store)
+        self._limits_store: Any = None  # the store they were computed for
         if datastore is not None:  # queries must live in the datastore's space: checked once, here
             datastore.require_encoder((retriever or encoder).name)
 
@@ -241,7 +242,7 @@ class TOMCapMethod(CaptionMethod):
         """K: at most the datastore's size, and only as many neighbours as the LM's positions hold with room left
         for a caption of the bundle's length (checked against the store's longest captions); new tokens: at most
         what the shortest prompt leaves (a longer prompt cuts the caption at the LM's last position)."""
-        if self._limits is None:
+        if self._limits is None or self._limits_store is not self.datastore:  # a copy may search another store
             tokens, config = self.model.tokens, self.model.config
             shortest = [] if not config.use_retrieval or self.datastore is None else [""]
             limits = {"max_new_tokens": (1, tokens.room_after([tokens.prompt_ids(shortest)]))}
@@ -250,8 +251,11 @@ class TOMCapMethod(CaptionMethod):
                 store = self.datastore.captions
                 largest = tokens.largest_k([store[i] for i in range(len(self.datastore))], room=room, k_max=MAX_K)
                 limits["k"] = (1, max(1, min(largest, len(self.datastore))))
-            self._limits = limits
+            self._limits, self._limits_store = limits, self.datastore
         return dict(self._limits)
+
+    def retrieval_encoder(self) -> ClipEncoder | None:
+        return (self.retriever or self.encoder) if self.datastore is not None else None
 
     def image_towers(self) -> list[ClipEncoder]:
         return [self.retriever] if self.retriever is not None else []
