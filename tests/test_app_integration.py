@@ -217,3 +217,72 @@ def test_the_readme_client_example_runs(url, bundle, tmp_path, monkeypatch, caps
     exec(compile(example.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "maccap: " in printed and "neighbours:" in printed and "patches (row, col):" in printed
+
+
+def slider_bounds(client: Client) -> dict[str, tuple[float, float]]:
+    """Every /caption parameter that the page shows as a slider, with the slider's minimum and maximum."""
+    config = client.config
+    by_id = {c["id"]: c for c in config["components"]}
+    dependency = next(d for d in config["dependencies"] if d.get("api_name") == "caption")
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/caption"]["parameters"]
+    names = [p["parameter_name"] for p in info]
+    sliders = {}
+    for name, component_id in zip(names, dependency["inputs"]):
+        props = by_id[component_id]["props"]
+        if by_id[component_id]["type"] == "slider":
+            sliders[name] = (props["minimum"], props["maximum"])
+    return sliders
+
+
+def test_every_decoding_slider_of_every_method_answers_at_its_minimum_and_its_maximum(client, images):
+    sliders = slider_bounds(client)
+    methods = sorted({name.split("_", 1)[0] for name in sliders})
+    assert {"maccap_samples", "maccap_n_cr", "tomcap_k", "tomcap_max_new_tokens"} <= set(sliders)
+    for name, (low, high) in sorted(sliders.items()):
+        method = name.split("_", 1)[0]
+        assert method in methods
+        for value in (low, high):
+            outputs = client.predict(image=handle_file(str(images["shapes"])), methods=[method],
+                                     api_name="/caption", **{name: value})
+            details = outputs[-1]
+            assert details["errors"] == {}, f"{name}={value}: {details['errors']}"
+            result = details["results"][method]
+            assert result["candidates"] and result["caption"] == result["candidates"][0]["text"], f"{name}={value}"
+
+
+def test_a_question_at_the_length_limit_answers(client, images, bundle):
+    limit = Captioner.from_bundle(str(bundle), device="cpu").question_limit()
+    assert 0 < limit <= 500
+    question = ("what colour is the circle on the left of the square " * 20)[:limit]
+    answer, top, generated, caption, prompt = client.predict(handle_file(str(images["shapes"])), question,
+                                                             api_name="/vqa")
+    assert not answer.startswith("⚠") and rows(top) and answer == rows(top)[0]["answer"]
+    assert prompt.endswith(f"Question: {question.strip()} Answer:")
+    too_long, *_ = client.predict(handle_file(str(images["shapes"])), question + "?", api_name="/vqa")
+    assert too_long == f"⚠ question is {limit + 1} characters long; the limit is {limit}"
+
+
+def test_my_captions_change_my_neighbours_and_never_another_sessions(url, images):
+    """Two visitors: A adds captions of its own; A's TOMCap retrieves them, B's never sees them."""
+    mine = ["a giraffe standing in tall grass", "two zebras drinking at a river", "an elephant under a tree",
+            "a lion asleep on a rock", "a flock of birds over the sea"]
+    visitor_a, visitor_b = Client(url, verbose=False), Client(url, verbose=False)
+    status, archive = visitor_a.predict("\n".join(mine), None, api_name="/datastore")
+    assert status.startswith("5 captions of yours embedded") and archive.endswith(".zip")
+    image = handle_file(str(images["shapes"]))
+    a_mine = caption(visitor_a, images["shapes"], ["tomcap"], tomcap_k=2, retrieve_from="mine")
+    listed = rows(a_mine["neighbours"])
+    assert len(listed) == 2 and {n["store"] for n in listed} == {"mine"}
+    assert {n["neighbour caption"] for n in listed} <= set(mine)
+    a_both = caption(visitor_a, images["shapes"], ["tomcap"], tomcap_k=4, retrieve_from="both")
+    scores = [n["cosine"] for n in rows(a_both["neighbours"])]
+    assert scores == sorted(scores, reverse=True)
+    b_mine = caption(visitor_b, images["shapes"], ["tomcap"], retrieve_from="mine")
+    assert b_mine["tomcap_caption"].startswith("⚠ TOMCap: no captions of yours yet")
+    b_both = visitor_b.predict(image=image, methods=["tomcap"], retrieve_from="both", api_name="/caption")[-1]
+    assert b_both["errors"]["tomcap"].startswith("TOMCap: no captions of yours yet")
+    b_bundle = caption(visitor_b, images["shapes"], ["tomcap"], tomcap_k=4)
+    assert {n["store"] for n in rows(b_bundle["neighbours"])} == {"bundle"}
+    assert not {n["neighbour caption"] for n in rows(b_bundle["neighbours"])} & set(mine)
+    bad, no_archive = visitor_b.predict("", None, api_name="/datastore")
+    assert bad == "⚠ no captions: the text is empty or blank" and no_archive is None
