@@ -28,29 +28,22 @@ from capdemo.analysis import PROJECTIONS, PointGroup, pca_project, umap_project
 # ---------------------------------------------------------------------------------------------------------------
 # Heatmap
 
-# Viridis sampled at 9 evenly spaced points; interpolating between them is visually indistinguishable from the
-# full 256-entry table. Perceptually uniform and readable by colour-blind viewers.
-VIRIDIS_ANCHORS = np.array(
-    [
-        [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
-        [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
-    ],
-    dtype=np.float64,
-)
-OUTLINE_RGB = (255, 48, 48)  # picked-patch outline and label box: red does not occur in viridis
+OUTLINE_RGB = (255, 48, 48)  # picked-patch outline and label box
 LABEL_TEXT_RGB = (255, 255, 255)
 OUTSIDE_GRID_DIM = 0.35  # brightness kept outside the square CLIP looked at (its centre crop)
-HEATMAP_ALPHA = (0.25, 0.70)  # colormap opacity at the lowest and at the highest attention
-DISPLAY_SIDE = 448  # longest side of the drawn heatmap: small photos are enlarged, large ones shrunk
+# The attention is shown without recolouring the image (in the shapes world colour is often the answer): patches
+# the CLS token ignored are veiled in one translucent hue, the attended ones stay clear. The veil's opacity runs
+# from FOG_ALPHA[0] at the highest attention to FOG_ALPHA[1] at the lowest.
+FOG_RGB = np.array([30, 41, 59], dtype=np.float64)  # slate: one hue, never a colour of the shapes world
+FOG_ALPHA = (0.0, 0.72)
+LEGEND_HEIGHT = 40  # pixels of the colour scale drawn under the image
+DISPLAY_SIDE = 448  # longest side of the drawn image (legend excluded): small inputs enlarged, large ones shrunk
 
 
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (any shape) to viridis RGB: (..., 3) uint8. Values outside are clipped."""
-    position = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * (len(VIRIDIS_ANCHORS) - 1)
-    low = np.minimum(np.floor(position).astype(int), len(VIRIDIS_ANCHORS) - 2)
-    weight = (position - low)[..., None]  # (..., 1)
-    rgb = VIRIDIS_ANCHORS[low] * (1.0 - weight) + VIRIDIS_ANCHORS[low + 1] * weight  # (..., 3)
-    return np.rint(rgb).astype(np.uint8)
+def fog_alpha(level: np.ndarray) -> np.ndarray:
+    """Veil opacity for attention levels in [0, 1] (any shape): clear at 1, FOG_ALPHA[1] at 0."""
+    level = np.clip(np.asarray(level, dtype=np.float64), 0.0, 1.0)
+    return FOG_ALPHA[0] + (FOG_ALPHA[1] - FOG_ALPHA[0]) * (1.0 - level)
 
 
 def center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -83,10 +76,12 @@ def cell_box(row: int, col: int, grid: tuple[int, int], box: tuple[int, int, int
 
 
 def display_copy(image: Image.Image, *, side: int = DISPLAY_SIDE) -> Image.Image:
-    """An RGB copy of ``image`` scaled so its longest side is ``side`` pixels (aspect ratio kept)."""
+    """An RGB copy of ``image`` scaled so its longest side is ``side`` pixels (aspect ratio kept): enlarged with
+    nearest-neighbour (a 32 px input keeps its crisp pixels), shrunk with Lanczos."""
     scale = side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    return image.convert("RGB").resize(size, resample)
 
 
 def attention_overlay(
@@ -96,17 +91,21 @@ def attention_overlay(
     outlined: Sequence[tuple[int, int]] = (),
     side: int = DISPLAY_SIDE,
     center_crop: bool = True,
+    legend: bool = True,
 ) -> Image.Image:
-    """The patch attention drawn over the part of ``image`` CLIP saw, with ``outlined`` patches boxed and numbered.
+    """The patch attention over the part of ``image`` CLIP saw, its colours untouched: ignored patches veiled,
+    attended ones clear; ``outlined`` patches boxed and numbered; a colour scale underneath.
 
     Args:
         image: the input image, any size; it is redrawn with its longest side ``side``.
         attention: (rows, cols) non-negative attention per patch (e.g. the head-averaged CLS attention of the
-            last block); min-max scaled for the colormap, so only the relative pattern is shown.
+            last block); min-max scaled for the veil, so only the relative pattern is shown (the legend gives
+            the actual range).
         outlined: (row, col) of the picked patches, best first; patch ``i`` of the list is labelled ``i + 1``.
-        side: longest side of the returned image in pixels.
+        side: longest side of the image part in pixels.
         center_crop: the tower's preprocessing centre-crops (the grid covers the centre square); False: it
             squashes the whole image onto the grid (:attr:`capdemo.encoders.ClipEncoder.center_crops`).
+        legend: draw the colour scale (LEGEND_HEIGHT pixels) under the image.
 
     Returns:
         A new RGB image. Outside the part the grid covers the image is dimmed.
@@ -125,17 +124,40 @@ def attention_overlay(
     pixels = np.asarray(canvas, dtype=np.float64)  # (H, W, 3)
     shaded = pixels * OUTSIDE_GRID_DIM
     spread = grid.max() - grid.min()
-    scaled = (grid - grid.min()) / spread if spread > 0 else np.zeros_like(grid)  # (rows, cols) in [0, 1]
-    smooth = Image.fromarray(scaled.astype(np.float32), mode="F").resize(
-        (right - left, bottom - top), Image.Resampling.BILINEAR
-    )
-    level = np.clip(np.asarray(smooth, dtype=np.float64), 0.0, 1.0)  # (side', side')
-    alpha = (HEATMAP_ALPHA[0] + (HEATMAP_ALPHA[1] - HEATMAP_ALPHA[0]) * level)[..., None]  # (side', side', 1)
-    inside = pixels[top:bottom, left:right]
-    shaded[top:bottom, left:right] = inside * (1.0 - alpha) + colormap(level) * alpha
+    scaled = (grid - grid.min()) / spread if spread > 0 else np.ones_like(grid)  # (rows, cols) in [0, 1]
+    level = np.asarray(Image.fromarray(scaled.astype(np.float32), mode="F").resize(
+        (right - left, bottom - top), Image.Resampling.NEAREST), dtype=np.float64)  # (h, w): one level per patch
+    alpha = fog_alpha(level)[..., None]  # (h, w, 1)
+    shaded[top:bottom, left:right] = pixels[top:bottom, left:right] * (1.0 - alpha) + FOG_RGB * alpha
     result = Image.fromarray(np.rint(shaded).astype(np.uint8), mode="RGB")
     _outline_patches(result, outlined, grid=(rows, cols), box=box)
-    return result
+    if not legend:
+        return result
+    framed = Image.new("RGB", (result.width, result.height + LEGEND_HEIGHT), (255, 255, 255))
+    framed.paste(result, (0, 0))
+    _draw_legend(framed, top=result.height, low=float(grid.min()), high=float(grid.max()))
+    return framed
+
+
+def _draw_legend(canvas: Image.Image, *, top: int, low: float, high: float) -> None:
+    """The colour scale under the image: the veil over a mid grey from the lowest to the highest attention."""
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=12)
+    margin, bar_height = 8, 12
+    low_text, high_text = f"{low:.3f}", f"{high:.3f}"
+    label = "CLS attention per patch (veiled = ignored)"
+    bar_left = margin + int(draw.textlength(low_text, font=font)) + 6
+    bar_right = canvas.width - margin - int(draw.textlength(high_text, font=font)) - 6
+    width = max(2, bar_right - bar_left)
+    ramp = np.linspace(0.0, 1.0, width)  # (w,)
+    alpha = fog_alpha(ramp)[:, None]  # (w, 1)
+    colours = np.full((width, 3), 190.0) * (1.0 - alpha) + FOG_RGB * alpha  # (w, 3)
+    strip = np.repeat(np.rint(colours).astype(np.uint8)[None], bar_height, axis=0)  # (bar_height, w, 3)
+    canvas.paste(Image.fromarray(strip, mode="RGB"), (bar_left, top + 6))
+    text_y = top + 6 + (bar_height - 12) // 2
+    draw.text((margin, text_y), low_text, fill=(55, 65, 81), font=font)
+    draw.text((bar_right + 6, text_y), high_text, fill=(55, 65, 81), font=font)
+    draw.text((bar_left, top + 6 + bar_height + 3), label, fill=(55, 65, 81), font=font)
 
 
 def _outline_patches(
@@ -185,6 +207,16 @@ FALLBACK_STYLE = TraceStyle("#10b981", "x", 8)
 # Candidates of the second, third, ... method (by the order the methods ran) in their own colours.
 METHOD_CANDIDATE_COLORS = ("#7c3aed", "#2563eb", "#059669", "#db2777")
 FIGURE_HEIGHT = 520  # explicit: autosized plotly figures can render blank or tiny inside hidden tabs
+# One template for light and dark pages: transparent backgrounds (the page's own colour shows through), grey grid
+# lines at half opacity that read on either, and text in the page's text colour (the app's CSS sets it for the
+# dark theme, where Gradio puts the ``dark`` class on the page).
+THEME_TEMPLATE = go.layout.Template(layout={
+    "paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)",
+    "font": {"color": "#374151"},
+    "xaxis": {"gridcolor": "rgba(128,128,128,0.3)", "zerolinecolor": "rgba(128,128,128,0.5)"},
+    "yaxis": {"gridcolor": "rgba(128,128,128,0.3)", "zerolinecolor": "rgba(128,128,128,0.5)"},
+    "legend": {"bgcolor": "rgba(0,0,0,0)"},
+})
 
 
 def _style(group: PointGroup, method_order: Sequence[str]) -> TraceStyle:
@@ -226,7 +258,7 @@ def embedding_figure(groups: Sequence[PointGroup], *, method: str = "pca", seed:
             )
         )
     figure.update_layout(
-        height=FIGURE_HEIGHT, template="plotly_white", margin={"l": 40, "r": 20, "t": 50, "b": 40},
+        height=FIGURE_HEIGHT, template=THEME_TEMPLATE, margin={"l": 40, "r": 20, "t": 50, "b": 40},
         title=f"Embedding space ({method.upper()})", legend={"itemsizing": "constant"},
         xaxis_title=projection.axis_titles[0], yaxis_title=projection.axis_titles[1],
     )
@@ -263,7 +295,7 @@ def gap_histogram_figure(differences: Mapping[str, np.ndarray]) -> go.Figure:
                            name=f"normal fit: {name}", legendgroup=name, showlegend=False, hoverinfo="skip")
             )
     figure.update_layout(
-        height=FIGURE_HEIGHT - 120, template="plotly_white", barmode="overlay",
+        height=FIGURE_HEIGHT - 120, template=THEME_TEMPLATE, barmode="overlay",
         margin={"l": 40, "r": 20, "t": 50, "b": 40}, title="Per-dimension modality gap",
         xaxis_title="image - text, per embedding dimension", yaxis_title="density",
         legend={"orientation": "h", "y": -0.25},

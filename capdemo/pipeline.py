@@ -29,7 +29,7 @@ from capdemo.encoders import encoder_from_bundle
 from capdemo.features import ImageFeatures
 from capdemo.images import load_image
 from capdemo.methods.base import CaptionMethod, Encoded, LoadContext, MethodOptions, Towers
-from capdemo.inputs import clean_question
+from capdemo.inputs import MAX_QUESTION_CHARS, clean_question
 from capdemo.precision import DEFAULT_PRECISION, PrecisionReport, apply_precision, check_precision
 from capdemo.result import Result
 from capdemo.timing import StageTimer
@@ -126,6 +126,12 @@ class Captioner:
             raise ValueError(f"this bundle has no {registry.get(name).label} model (it has: {have})")
         return self.methods[name]
 
+    def retrieval_encoders(self) -> list[Any]:
+        """The distinct encoders the retrieving methods' datastores were embedded with (a visitor's own captions are
+        embedded with each)."""
+        found = {e.name: e for e in (m.retrieval_encoder() for m in self.methods.values()) if e is not None}
+        return list(found.values())
+
     def shared(self, attribute: str) -> Any:
         """The first loaded method's ``datastore`` or ``gap_stats`` (what analysis views show), or None."""
         return next((getattr(m, attribute) for m in self.methods.values() if getattr(m, attribute) is not None), None)
@@ -173,14 +179,15 @@ class Captioner:
         return self.method(method).options(options, **settings)
 
     def caption(self, images: Sequence[ImageInput] | Encoded, method: str, options: MethodOptions | None = None,
-                **settings: Any) -> list[Result]:
+                *, store: Any = None, **settings: Any) -> list[Result]:
         """Caption images (PIL images, file paths, or an Encoded batch) with one method.
 
-        Settings not given take the bundle's defaults: ``caption(images, "maccap", samples=5)``.
+        Settings not given take the bundle's defaults: ``caption(images, "maccap", samples=5)``. ``store``: a
+        retrieving method searches it instead of its own datastore (:mod:`capdemo.my_captions`).
         Each Result's ``timings_ms`` are its own: its share of the vision-tower pass ("encode") and of
         each of the method's batched stages.
         """
-        chosen = self.method(method)
+        chosen = self.method(method) if store is None else self.method(method).using_store(store)
         options = chosen.options(options, **settings)
         if not isinstance(images, Encoded) and len(images) == 0:
             raise ValueError("no images to caption")
@@ -216,12 +223,21 @@ class Captioner:
             return None
         return next((m for m in self.methods.values() if m.answer_lm() is not None), None)
 
+    def question_limit(self) -> int:
+        """The longest question (characters) that always fits the answering LM beside a caption of the VQA method's
+        default length; 0 when the bundle cannot answer."""
+        method = self.vqa_method
+        if method is None or self.answer_lm is None:
+            return 0
+        caption_tokens = int(getattr(method.default_options(), "max_new_tokens", 0)) + 1  # + the caption's '.'
+        return min(MAX_QUESTION_CHARS, self.answer_lm.question_limit(caption_tokens))
+
     def answer(self, image: ImageInput | Encoded, question: str, *, top_k: int = 10, caption: str | None = None):
         """Zero-shot VQA (MacCap §4.4): caption the image, prompt the answering LM with the question, match the
         answers. ``caption`` skips captioning (e.g. the app already has one for this image)."""
         from capdemo.vqa import answer_question
 
-        question = clean_question(question)
+        question = clean_question(question, max_chars=self.question_limit())
         method = self.vqa_method
         if method is None or self.answer_lm is None:
             raise ValueError("this bundle cannot answer questions (it needs a VQA answer list and a method with an LM)")
@@ -268,6 +284,7 @@ class Captioner:
             "components": manifest.get("components", {}),
             "training": manifest.get("training", {}),
             "files": {rel: entry["sha256"][:12] for rel, entry in manifest.get("files", {}).items()},
+            "file_entries": dict(manifest.get("files", {})),  # rel -> {"sha256", "bytes"}
             "device": str(self.encoder.device),
             "precision": self.precision,
             "precision_reports": {name: report.summary() for name, report in self.precision_reports.items()},

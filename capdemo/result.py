@@ -38,6 +38,7 @@ class Neighbour:
 
     text: str
     score: float
+    store: str = "bundle"  # which datastore it came from: the bundle's, or a visitor's own captions ("mine")
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Result:
             "patches": [
                 {"index": p.index, "row": p.row, "col": p.col, "attention": p.attention} for p in self.patches
             ],
-            "neighbours": [{"text": n.text, "score": n.score} for n in self.neighbours],
+            "neighbours": [{"text": n.text, "score": n.score, "store": n.store} for n in self.neighbours],
             "timings_ms": dict(self.timings_ms),
             **({"extras": self.extras} if self.extras else {}),
         }

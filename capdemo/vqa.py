@@ -24,7 +24,9 @@ from collections.abc import Sequence
 import torch
 
 from capdemo.encoders import ClipEncoder
-from capdemo.lm import clean_text, decode, embed_tokens, generate_from_embeds, load_causal_lm, special_ids
+from capdemo.lm import (
+    clean_text, decode, embed_tokens, generate_from_embeds, load_causal_lm, max_positions, special_ids,
+)
 
 VQA_PROMPT = "{caption} Question: {question} Answer:"  # paper §4.4
 VQA_COMPONENT = "vqa"  # bundle component naming the answer files below
@@ -146,6 +148,38 @@ class AnswerLM:
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text`` as the prompt is tokenized (with the LM's usual special tokens)."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def prompt_room(self) -> int:
+        """Positions of the LM left for the caption and the question: its context minus the VQA template's own
+        tokens and the answer's ``max_new_tokens``."""
+        return max_positions(self.lm) - self.max_new_tokens - self.token_count(VQA_PROMPT.format(caption="",
+                                                                                                question=""))
+
+    def question_limit(self, caption_tokens: int) -> int:
+        """Characters a question may have so that it fits beside a caption of ``caption_tokens`` tokens: one
+        token per character at most (true of ASCII for byte-level and character-level tokenizers; longer
+        non-ASCII questions are checked in tokens by :meth:`fit_prompt`)."""
+        return max(0, self.prompt_room() - caption_tokens)
+
+    def fit_prompt(self, caption: str, question: str) -> str:
+        """The VQA prompt for ``caption`` and ``question``, its caption cut at a token when prompt and answer would
+        run past the LM's positions; a question that alone does not fit is a one-line error."""
+        prompt = VQA_PROMPT.format(caption=caption, question=question).strip()
+        room = max_positions(self.lm) - self.max_new_tokens
+        excess = self.token_count(prompt) - room
+        if excess <= 0:
+            return prompt
+        caption_ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        if excess >= len(caption_ids) + 1:
+            question_tokens = self.token_count(question)
+            raise ValueError(f"the question is {question_tokens} tokens long; the language model has room for "
+                             f"{question_tokens - excess + len(caption_ids)} beside the prompt and the answer")
+        caption = self.tokenizer.decode(caption_ids[: len(caption_ids) - excess - 1]).strip()
+        return VQA_PROMPT.format(caption=caption, question=question).strip()
+
     @classmethod
     def of_captioner(cls, model: Any) -> AnswerLM:
         """A captioning model's own LM with its VQA settings (MacCapConfig's beams, vqa_max_new_tokens, vqa_match)."""
@@ -179,7 +213,7 @@ def answer_question(answer_lm: AnswerLM, encoder: ClipEncoder, caption: str, que
                     top_k: int = 10) -> VQAResult:
     """Answer a (cleaned) ``question`` about an image described by ``caption``: ``answer_lm``'s LM continues
     the VQA prompt, and its short answer is matched against the candidate answers (``top_k`` listed)."""
-    prompt = VQA_PROMPT.format(caption=caption, question=question).strip()
+    prompt = answer_lm.fit_prompt(caption, question)
     generated = generate_answer(answer_lm, prompt)
     if answer_lm.match == "word":
         top = [(answer, 1.0) for answer in word_matches(generated, answers.answers)[:top_k]]

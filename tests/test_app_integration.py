@@ -28,9 +28,9 @@ SETTINGS = dict(maccap_samples=6, maccap_beams=2, maccap_noise_variance=0.016, m
                 maccap_max_new_tokens=12, maccap_seed=0, tomcap_k=3, tomcap_beams=3, tomcap_max_new_tokens=10)
 BOTH = ["maccap", "tomcap"]
 # /caption's outputs: per method in the bundle's order its caption and candidates (and neighbours for a method
-# with a datastore), then the heatmap, the timings and every result as JSON
+# with a datastore), then the heatmap, the timings, the image's notice line and every result as JSON
 OUTPUTS = ("maccap_caption", "maccap_table", "tomcap_caption", "tomcap_table", "neighbours", "capdec_caption",
-           "capdec_table", "heatmap", "timings", "details")
+           "capdec_table", "heatmap", "timings", "notice", "details")
 
 
 def caption(client: Client, path: Path, methods: list[str], **settings) -> dict:
@@ -107,9 +107,11 @@ def test_caption_outputs_are_complete_and_consistent(client, images, name):
     assert len(listed) == SETTINGS["tomcap_k"] and all(n["neighbour caption"] for n in listed)
     assert [n["neighbour caption"] for n in listed] == [n["text"] for n in details["results"]["tomcap"]["neighbours"]]
 
-    with Image.open(heatmap) as drawn:  # the overlay keeps the photo's aspect ratio
-        assert max(drawn.size) == figures.DISPLAY_SIDE
-        assert abs(drawn.size[0] / drawn.size[1] - size[0] / size[1]) < 0.02
+    with Image.open(heatmap) as drawn:  # the overlay keeps the photo's aspect ratio; the colour scale is under it
+        width, height = drawn.width, drawn.height - figures.LEGEND_HEIGHT
+        assert max(width, height) == figures.DISPLAY_SIDE
+        assert abs(width / height - size[0] / size[1]) < 0.02
+    assert (out["notice"] != "") == (name == "coco")  # a photo is outside the shapes bundle's domain
     stages = {(r["method"], r["stage"]): r["ms"] for r in rows(timings)}
     assert ("MacCap", "total") in stages and ("TOMCap", "total") in stages
     assert stages[("MacCap", "encode")] > 0 or details["results"]["maccap"]["timings_ms"]["encode"] > 0
@@ -130,7 +132,9 @@ def test_vqa_answer_comes_with_its_evidence(client, images, name):
 
 
 def test_embedding_endpoint_returns_two_plots_and_the_gap_table(client, images):
-    projection, histogram, table = client.predict(handle_file(str(images["shapes"])), "pca", api_name="/embedding")
+    projection, histogram, table, note = client.predict(handle_file(str(images["shapes"])), "pca",
+                                                        api_name="/embedding")
+    assert note == ""
     for figure in (projection, histogram):
         assert figure["type"] == "plotly" and json.loads(figure["plot"])["data"]
     names = {trace["name"] for trace in json.loads(projection["plot"])["data"]}
@@ -153,21 +157,23 @@ def test_batch_endpoint_returns_a_table_and_downloads(client, images, tmp_path):
 
 def test_about_endpoint_describes_the_served_bundle(client, bundle):
     text, info = client.predict(api_name="/about")
-    assert info["folder"] == str(bundle) and f"`{info['name']}`" in text and "--weights" in text
+    assert f"`{info['name']}`" in text and "--weights" in text and "| file | size | sha256 |" in text
+    assert str(bundle.resolve()) not in text + json.dumps(info)  # nothing of the server's file system
 
 
-def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(client, images, tmp_path):
+def test_bad_requests_get_one_line_messages_in_place_and_the_server_keeps_serving(client, images, tmp_path):
     broken = corrupt_png(tmp_path / "broken.png")
-    with pytest.raises(AppError) as raised:
-        caption(client, broken, BOTH)
-    assert str(raised.value).startswith("broken.png: truncated or corrupt image data")
-    assert "Traceback" not in str(raised.value) and "\n" not in str(raised.value)
-    with pytest.raises(AppError, match="question is empty"):
-        client.predict(handle_file(str(images["shapes"])), "   ", api_name="/vqa")
+    out = caption(client, broken, BOTH)
+    for method in ("maccap", "tomcap"):
+        assert out[f"{method}_caption"].startswith("⚠ broken.png: truncated or corrupt image data")
+        assert "Traceback" not in out[f"{method}_caption"] and "\n" not in out[f"{method}_caption"]
+    answer, *_ = client.predict(handle_file(str(images["shapes"])), "   ", api_name="/vqa")
+    assert answer.startswith("⚠ question is empty")
     with pytest.raises(AppError, match="less than minimum value 1"):  # Gradio checks the slider's range itself
         caption(client, images["shapes"], ["maccap"], maccap_samples=0)
-    with pytest.raises(AppError, match="samples must be a whole number"):
-        caption(client, images["shapes"], ["maccap"], maccap_samples=2.5)
+    out = caption(client, images["shapes"], BOTH, maccap_samples=2.5)  # one method's bad setting: its own message
+    assert out["maccap_caption"] == "⚠ MacCap: samples must be a whole number, got 2.5"
+    assert out["tomcap_caption"] and not out["tomcap_caption"].startswith("⚠")  # the other's result stays
     assert caption(client, images["shapes"], ["tomcap"])["tomcap_caption"]
 
 
@@ -213,3 +219,72 @@ def test_the_readme_client_example_runs(url, bundle, tmp_path, monkeypatch, caps
     exec(compile(example.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "maccap: " in printed and "neighbours:" in printed and "patches (row, col):" in printed
+
+
+def slider_bounds(client: Client) -> dict[str, tuple[float, float]]:
+    """Every /caption parameter that the page shows as a slider, with the slider's minimum and maximum."""
+    config = client.config
+    by_id = {c["id"]: c for c in config["components"]}
+    dependency = next(d for d in config["dependencies"] if d.get("api_name") == "caption")
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/caption"]["parameters"]
+    names = [p["parameter_name"] for p in info]
+    sliders = {}
+    for name, component_id in zip(names, dependency["inputs"]):
+        props = by_id[component_id]["props"]
+        if by_id[component_id]["type"] == "slider":
+            sliders[name] = (props["minimum"], props["maximum"])
+    return sliders
+
+
+def test_every_decoding_slider_of_every_method_answers_at_its_minimum_and_its_maximum(client, images):
+    sliders = slider_bounds(client)
+    methods = sorted({name.split("_", 1)[0] for name in sliders})
+    assert {"maccap_samples", "maccap_n_cr", "tomcap_k", "tomcap_max_new_tokens"} <= set(sliders)
+    for name, (low, high) in sorted(sliders.items()):
+        method = name.split("_", 1)[0]
+        assert method in methods
+        for value in (low, high):
+            outputs = client.predict(image=handle_file(str(images["shapes"])), methods=[method],
+                                     api_name="/caption", **{name: value})
+            details = outputs[-1]
+            assert details["errors"] == {}, f"{name}={value}: {details['errors']}"
+            result = details["results"][method]
+            assert result["candidates"] and result["caption"] == result["candidates"][0]["text"], f"{name}={value}"
+
+
+def test_a_question_at_the_length_limit_answers(client, images, bundle):
+    limit = Captioner.from_bundle(str(bundle), device="cpu").question_limit()
+    assert 0 < limit <= 500
+    question = ("what colour is the circle on the left of the square " * 20)[:limit]
+    answer, top, generated, caption, prompt = client.predict(handle_file(str(images["shapes"])), question,
+                                                             api_name="/vqa")
+    assert not answer.startswith("⚠") and rows(top) and answer == rows(top)[0]["answer"]
+    assert prompt.endswith(f"Question: {question.strip()} Answer:")
+    too_long, *_ = client.predict(handle_file(str(images["shapes"])), question + "?", api_name="/vqa")
+    assert too_long == f"⚠ question is {limit + 1} characters long; the limit is {limit}"
+
+
+def test_my_captions_change_my_neighbours_and_never_another_sessions(url, images):
+    """Two visitors: A adds captions of its own; A's TOMCap retrieves them, B's never sees them."""
+    mine = ["a giraffe standing in tall grass", "two zebras drinking at a river", "an elephant under a tree",
+            "a lion asleep on a rock", "a flock of birds over the sea"]
+    visitor_a, visitor_b = Client(url, verbose=False), Client(url, verbose=False)
+    status, archive = visitor_a.predict("\n".join(mine), None, api_name="/datastore")
+    assert status.startswith("5 captions of yours embedded") and archive.endswith(".zip")
+    image = handle_file(str(images["shapes"]))
+    a_mine = caption(visitor_a, images["shapes"], ["tomcap"], tomcap_k=2, retrieve_from="mine")
+    listed = rows(a_mine["neighbours"])
+    assert len(listed) == 2 and {n["store"] for n in listed} == {"mine"}
+    assert {n["neighbour caption"] for n in listed} <= set(mine)
+    a_both = caption(visitor_a, images["shapes"], ["tomcap"], tomcap_k=4, retrieve_from="both")
+    scores = [n["cosine"] for n in rows(a_both["neighbours"])]
+    assert scores == sorted(scores, reverse=True)
+    b_mine = caption(visitor_b, images["shapes"], ["tomcap"], retrieve_from="mine")
+    assert b_mine["tomcap_caption"].startswith("⚠ TOMCap: no captions of yours yet")
+    b_both = visitor_b.predict(image=image, methods=["tomcap"], retrieve_from="both", api_name="/caption")[-1]
+    assert b_both["errors"]["tomcap"].startswith("TOMCap: no captions of yours yet")
+    b_bundle = caption(visitor_b, images["shapes"], ["tomcap"], tomcap_k=4)
+    assert {n["store"] for n in rows(b_bundle["neighbours"])} == {"bundle"}
+    assert not {n["neighbour caption"] for n in rows(b_bundle["neighbours"])} & set(mine)
+    bad, no_archive = visitor_b.predict("", None, api_name="/datastore")
+    assert bad == "⚠ no captions: the text is empty or blank" and no_archive is None

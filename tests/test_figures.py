@@ -31,14 +31,10 @@ def _outlined_cells(picture: Image.Image, grid: tuple[int, int]) -> set[tuple[in
     return found
 
 
-def test_colormap_endpoints_and_clipping():
-    rgb = figures.colormap(np.array([-1.0, 0.0, 0.5, 1.0, 2.0]))
-    assert rgb.dtype == np.uint8 and rgb.shape == (5, 3)
-    assert (rgb[0] == figures.VIRIDIS_ANCHORS[0]).all() and (rgb[1] == figures.VIRIDIS_ANCHORS[0]).all()
-    assert (rgb[2] == figures.VIRIDIS_ANCHORS[4]).all()  # 0.5 is the middle anchor of 9
-    assert (rgb[3] == figures.VIRIDIS_ANCHORS[-1]).all() and (rgb[4] == figures.VIRIDIS_ANCHORS[-1]).all()
-    halfway = figures.colormap(np.array(1 / 16))  # halfway between anchors 0 and 1
-    assert np.abs(halfway.astype(float) - (figures.VIRIDIS_ANCHORS[0] + figures.VIRIDIS_ANCHORS[1]) / 2).max() <= 0.5
+def test_the_veil_is_clear_at_the_highest_attention_and_thickest_at_the_lowest():
+    alpha = figures.fog_alpha(np.array([-1.0, 0.0, 0.5, 1.0, 2.0]))
+    assert np.allclose(alpha, [figures.FOG_ALPHA[1], figures.FOG_ALPHA[1], sum(figures.FOG_ALPHA) / 2,
+                               figures.FOG_ALPHA[0], figures.FOG_ALPHA[0]])
 
 
 def test_cell_boxes_tile_the_grid_box_exactly():
@@ -54,7 +50,7 @@ def test_cell_boxes_tile_the_grid_box_exactly():
 def test_heatmap_outlines_exactly_the_given_patches_and_labels_them():
     image = Image.new("RGB", (64, 64), (128, 128, 128))
     picked = [(0, 1), (2, 3), (3, 0)]
-    overlay = figures.attention_overlay(image, np.zeros((4, 4)), outlined=picked, side=256)
+    overlay = figures.attention_overlay(image, np.zeros((4, 4)), outlined=picked, side=256, legend=False)
     assert overlay.size == (256, 256) and overlay.mode == "RGB"
     assert _outlined_cells(overlay, (4, 4)) == set(picked)
     # each label box is drawn in the cell's top-left corner and holds white text
@@ -65,21 +61,33 @@ def test_heatmap_outlines_exactly_the_given_patches_and_labels_them():
         assert (corner == figures.LABEL_TEXT_RGB).all(axis=-1).any()
 
 
-def test_heatmap_colours_follow_the_attention():
-    image = Image.new("RGB", (32, 32), (0, 0, 0))  # black: the overlay shows the colormap alone
+def test_heatmap_keeps_the_image_colours_and_veils_only_the_ignored_patches():
+    red = (220, 30, 30)
+    image = Image.new("RGB", (32, 32), red)  # a red shape must stay red wherever the attention is high
     attention = np.zeros((2, 2))
     attention[1, 0] = 5.0
-    overlay = np.asarray(figures.attention_overlay(image, attention, side=64)).astype(float)
-    hot, cold = overlay[63, 0], overlay[0, 63]  # outer corners of cells (1, 0) and (0, 1): no interpolation there
-    top, bottom = figures.HEATMAP_ALPHA[1], figures.HEATMAP_ALPHA[0]
-    assert np.abs(hot - figures.VIRIDIS_ANCHORS[-1] * top).max() <= 1.0
-    assert np.abs(cold - figures.VIRIDIS_ANCHORS[0] * bottom).max() <= 1.0
-    assert overlay[48, 16].sum() > overlay[16, 48].sum()  # cell centres: the hot cell is brighter
+    overlay = figures.attention_overlay(image, attention, side=64)
+    assert overlay.size == (64, 64 + figures.LEGEND_HEIGHT)  # the colour scale sits under the image
+    pixels = np.asarray(overlay).astype(float)
+    assert tuple(pixels[48, 16]) == red  # the attended patch is untouched: no recolouring
+    veiled = np.asarray(red) * (1 - figures.FOG_ALPHA[1]) + figures.FOG_RGB * figures.FOG_ALPHA[1]
+    assert np.abs(pixels[16, 48] - veiled).max() <= 1.0  # an ignored patch: the one-hue veil at full strength
+    hue = np.argmax(pixels[16, 48])
+    assert hue == 0  # still reddest in its red channel: the veil darkens, it does not change the hue
+    legend = pixels[64:]
+    assert legend.std() > 10  # the colour scale is drawn
+
+
+def test_small_inputs_are_enlarged_with_nearest_neighbour():
+    checker = Image.fromarray((np.indices((4, 4)).sum(0) % 2 * 255).astype(np.uint8)).convert("RGB")
+    big = np.asarray(figures.display_copy(checker, side=64))
+    assert set(np.unique(big)) == {0, 255}  # no blended edges
+    assert (big[:16, :16] == 0).all() and (big[:16, 16:32] == 255).all()
 
 
 def test_heatmap_grid_covers_the_centre_square_of_a_wide_image():
     image = Image.new("RGB", (200, 100), (200, 200, 200))
-    overlay = figures.attention_overlay(image, np.ones((2, 2)), outlined=[(0, 0)], side=200)
+    overlay = figures.attention_overlay(image, np.ones((2, 2)), outlined=[(0, 0)], side=200, legend=False)
     assert overlay.size == (200, 100)
     assert figures.center_square(overlay.size) == (50, 0, 150, 100)
     pixels = np.asarray(overlay)

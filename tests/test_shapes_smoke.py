@@ -157,3 +157,15 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
     assert (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns == trained
     assert ablate.main(["--work-dir", str(work / "missing")]) == 2
     assert "not a finished shapes build" in capsys.readouterr().err
+
+
+def test_the_build_records_the_bundles_domain_for_the_apps_warning(smoke_bundle):
+    from capdemo.bundle import Bundle
+    from capdemo.domain import DOMAIN_KEY
+
+    domain = Bundle.load(smoke_bundle).manifest[DOMAIN_KEY]
+    assert "shapes world" in domain["summary"]
+    assert set(domain["clip_score"]) == {"maccap", "tomcap", "capdec", "best"}
+    for scores in domain["clip_score"].values():
+        assert scores["n"] == 20 and -1 <= scores["p05"] <= scores["median"] <= 1
+    assert domain["clip_score"]["best"]["median"] >= max(s["median"] for s in domain["clip_score"].values()) - 1e-6

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "reproduce": ("training.reproduce", "run a recipe end to end: data files -> trained bundle -> the paper's table"),
     "shapes": ("training.shapes.build", "rebuild the shapes-world bundle (weights/shapes) from scratch"),
     "shapes-eval": ("training.shapes.evaluate", "score a bundle on freshly generated held-out shapes scenes"),
+    "shapes-domain": ("training.shapes.domain", "record a shapes bundle's domain (summary, in-domain CLIP scores)"),
     "shapes-ablate": ("training.shapes.ablate", "gap handling, retrieval and sampling ablations in the shapes world"),
     "push": ("training.push", "publish a verified bundle with its generated model card on the Hugging Face Hub"),
 }

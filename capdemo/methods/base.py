@@ -13,6 +13,8 @@ hands the same batch to every method and plot.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import math
 import typing
@@ -254,6 +256,20 @@ class CaptionMethod(ABC):
             known = ", ".join(item.name for item in self.Options.settings())
             raise ValueError(f"{self.label} has no setting {', '.join(unknown)} (it has: {known})")
         return dataclasses.replace(base, **overrides).validated(self.limits())
+
+    def retrieval_encoder(self) -> ClipEncoder | None:
+        """The encoder this method's datastore was embedded with (what a visitor's own captions must be embedded
+        with to be searched in its place); None when the method does not retrieve."""
+        return None
+
+    def using_store(self, store: Any) -> CaptionMethod:
+        """A shallow copy of this loaded method that searches ``store`` (a datastore, or stores searched as one)
+        instead of its own; the networks are shared, nothing of this instance changes."""
+        if self.datastore is None:
+            raise ValueError(f"{self.label} does not retrieve captions")
+        copied = copy.copy(self)
+        copied.datastore = store
+        return copied
 
     def image_towers(self) -> list[ClipEncoder]:
         """Image towers besides the captioning CLIP that must see every image (their embeddings reach

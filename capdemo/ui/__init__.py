@@ -7,10 +7,13 @@ method's settings controls and API parameters come from its declared options
 """
 
 from capdemo.ui.events import AppConfig, CaptionDemo, attention_grid, user_facing
-from capdemo.ui.layout import MODEL_CONCURRENCY_ID, build_app, create_blocks, image_input, on_gpu, serve
+from capdemo.ui.layout import (
+    MODEL_CONCURRENCY_ID, PLOT_CONCURRENCY_ID, build_app, create_blocks, image_input, on_gpu, serve, warm_up_umap,
+)
 from capdemo.ui.views import CaptionView, SessionResults
 
 __all__ = [
-    "AppConfig", "CaptionDemo", "CaptionView", "MODEL_CONCURRENCY_ID", "SessionResults", "attention_grid",
+    "AppConfig", "CaptionDemo", "CaptionView", "MODEL_CONCURRENCY_ID", "PLOT_CONCURRENCY_ID", "SessionResults",
+    "attention_grid", "warm_up_umap",
     "build_app", "create_blocks", "image_input", "on_gpu", "serve", "user_facing",
 ]

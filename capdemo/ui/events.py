@@ -5,10 +5,11 @@ serves the same values. Model work goes through the Captioner, numbers through
 :mod:`capdemo.analysis`, drawing through :mod:`capdemo.figures`; nothing here runs a model or
 names a method: every method in the bundle is handled the same way.
 
-Errors: a bad request (corrupt upload, empty question, out-of-range setting) becomes a one-line
-``gr.Error``; a method that fails shows its one-line reason where its caption goes while the other
-methods' results stay; anything unexpected is logged with its traceback on the server and reaches
-the page only as "internal error while ...: <type>".
+Errors stay where they happen: a visitor's mistake in Caption or Ask (no image, no method ticked, an
+empty question, a corrupt upload) is a one-line message where the output goes, never a traceback in
+the server log; a method that fails shows its reason where its caption goes while the other methods'
+results stay. Embedding and Batch turn mistakes into a one-line ``gr.Error``. Anything unexpected is
+logged once with its traceback and reaches the page only as "internal error while ...: <type>".
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import csv
 import functools
 import json
 import logging
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -30,13 +32,16 @@ import pandas as pd
 from PIL import Image
 
 from capdemo import analysis, figures
+from capdemo.domain import Domain
+from capdemo.my_captions import MyCaptions, read_input
+from capdemo.ui.about import about_markdown
 from capdemo.config import Config
 from capdemo.images import load_image
 from capdemo.methods.base import Encoded
 from capdemo.pipeline import Captioner
 from capdemo.result import Result
 from capdemo.ui.views import (
-    BatchView, CaptionView, EmbeddingOutputs, MethodView, SessionResults, VQAView, candidates_table,
+    BatchView, CaptionView, EmbeddingOutputs, MethodView, MyCaptionsView, SessionResults, VQAView, candidates_table,
     neighbours_table, timings_table,
 )
 
@@ -78,11 +83,11 @@ def user_facing(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any
                 return fn(*args, **kwargs)
             except gr.Error:
                 raise
-            except ValueError as err:
-                raise gr.Error(one_line(err) or f"invalid input while {action}") from None
-            except Exception as err:
+            except ValueError as err:  # the visitor's mistake: a message, and nothing in the server log
+                raise gr.Error(one_line(err) or f"invalid input while {action}", print_exception=False) from None
+            except Exception as err:  # ours: its traceback logged once, here, and not again by Gradio
                 log.exception("internal error while %s", action)
-                raise gr.Error(f"internal error while {action}: {type(err).__name__}") from None
+                raise gr.Error(f"internal error while {action}: {type(err).__name__}", print_exception=False) from None
 
         return event
 
@@ -103,6 +108,7 @@ class CaptionDemo:
         self.captioner = captioner
         self.config = config or AppConfig()
         self.labels = {name: method.label for name, method in captioner.methods.items()}
+        self.domain = Domain.from_manifest(captioner.bundle.manifest)  # None: the bundle records no domain
         self._downloads = Path(tempfile.mkdtemp(prefix="capdemo-downloads-"))
         self._download_count = 0
         self._download_lock = threading.Lock()
@@ -135,11 +141,12 @@ class CaptionDemo:
             results[method] = self.captioner.caption(encoded, method)[0]
         return results, SessionResults(key=key, results=results)
 
-    def _run_method(self, encoded: Encoded, method: str, settings: dict[str, Any]) -> Result | str:
+    def _run_method(self, encoded: Encoded, method: str, settings: dict[str, Any], stores: Any = None) -> Result | str:
         """One method's result, or the one-line reason it failed (its settings, or an internal error)."""
         label = self.labels[method]
         try:
-            return self.captioner.caption(encoded, method, **settings)[0]
+            store = stores.store_for(self.captioner.methods[method]) if stores is not None else None
+            return self.captioner.caption(encoded, method, store=store, **settings)[0]
         except ValueError as err:
             return f"{label}: {one_line(err)}"
         except Exception as err:  # one method's crash must not take the others' results with it
@@ -151,29 +158,41 @@ class CaptionDemo:
     @user_facing("captioning")
     def caption_event(self, image: Any, methods: Sequence[str] | str | None,
                       settings: dict[str, dict[str, Any]] | None = None, session: SessionResults | None = None,
-                      progress: gr.Progress = gr.Progress()) -> CaptionView:
-        """Caption one image with the chosen methods (``settings``: per method, the values to change)."""
-        chosen = self.chosen_methods(methods)
+                      progress: gr.Progress = gr.Progress(), stores: Any = None) -> CaptionView:
+        """Caption one image with the chosen methods (``settings``: per method, the values to change).
+
+        Nothing a visitor can do raises: no image, no method ticked or a bad upload is a one-line message where
+        every method's caption goes; a method whose settings fail shows its message while the others' results
+        stay. ``stores``: the session's own caption stores (:mod:`capdemo.ui.my_captions`), for the methods that
+        retrieve.
+        """
+        try:
+            chosen = self.chosen_methods(methods)
+            picture = self.load(image)
+        except ValueError as err:
+            return CaptionView.failed(list(self.captioner.methods), one_line(err), session)
         settings = settings or {}
-        progress(0.0, desc="Reading the image")
-        picture = self.load(image)
         progress(0.05, desc="Encoding the image")
-        encoded = self.captioner.encode([picture])
+        try:
+            encoded = self.captioner.encode([picture])
+        except Exception as err:  # an internal error: logged once, shown in place
+            log.exception("internal error while encoding an image")
+            return CaptionView.failed(list(self.captioner.methods),
+                                      f"internal error while captioning: {type(err).__name__}", session)
         results: dict[str, Result] = {}
         views = {name: MethodView() for name in self.captioner.methods}
         for i, method in enumerate(chosen):
             progress((i, len(chosen)), desc=f"{self.labels[method]}: sampling, decoding, reranking")
-            outcome = self._run_method(encoded, method, settings.get(method, {}))
+            outcome = self._run_method(encoded, method, settings.get(method, {}), stores)
             if isinstance(outcome, str):
                 views[method] = MethodView(error=outcome)
                 continue
             results[method] = outcome
             views[method] = MethodView(caption=outcome.caption, candidates=candidates_table(outcome),
                                        neighbours=neighbours_table(outcome))
-        if not results:
-            raise ValueError(" | ".join(view.error for view in views.values() if view.error))
         attention = attention_grid(encoded)
         outlined = next(([(p.row, p.col) for p in r.patches] for r in results.values() if r.patches), [])
+        best = {method: result.candidates[0].clip_score for method, result in results.items() if result.candidates}
         return CaptionView(
             methods=views,
             heatmap=figures.attention_overlay(picture, attention, outlined=outlined,
@@ -186,21 +205,27 @@ class CaptionDemo:
                 "errors": {method: view.error for method, view in views.items() if view.error},
             },
             session=SessionResults(key=encoded.keys[0], results=results),
+            notice=self.domain.warning(best) if self.domain else "",
         )
 
     @user_facing("answering the question")
     def vqa_event(
         self, image: Any, question: str, session: SessionResults | None = None, progress: gr.Progress = gr.Progress()
     ) -> VQAView:
-        """Answer a question about the image: the caption -> the LM -> the nearest candidate answers."""
+        """Answer a question about the image: the caption -> the LM -> the nearest candidate answers.
+
+        A visitor's mistake (no image, an empty or too long question) is the answer box's one-line message."""
         progress(0.0, desc="Reading the image")
-        picture = self.load(image)
-        encoded = self.captioner.encode([picture])
-        method = self.captioner.vqa_method
-        shown = (session or SessionResults()).for_image(encoded.keys[0]).get(method.name) if method else None
-        progress(0.2, desc="Answering" if shown else "Captioning and answering")
-        result = self.captioner.answer(encoded, question, top_k=self.config.vqa_top_k,
-                                       caption=shown.caption if shown else None)
+        try:
+            picture = self.load(image)
+            encoded = self.captioner.encode([picture])
+            method = self.captioner.vqa_method
+            shown = (session or SessionResults()).for_image(encoded.keys[0]).get(method.name) if method else None
+            progress(0.2, desc="Answering" if shown else "Captioning and answering")
+            result = self.captioner.answer(encoded, question, top_k=self.config.vqa_top_k,
+                                           caption=shown.caption if shown else None)
+        except ValueError as err:
+            return VQAView.failed(one_line(err))
         top = pd.DataFrame(
             [(rank, round(score, 4), text) for rank, (text, score) in enumerate(result.top_answers, start=1)],
             columns=["rank", "score", "answer"],
@@ -212,10 +237,17 @@ class CaptionDemo:
     def embedding_event(
         self, image: Any, projection: str, session: SessionResults | None = None, progress: gr.Progress = gr.Progress()
     ) -> EmbeddingOutputs:
-        """Where this image, its patches and regions, its captions and the corpus sit in CLIP space."""
-        if projection not in analysis.PROJECTIONS:
-            raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(analysis.PROJECTIONS)}")
-        picture = self.load(image)
+        """Where this image, its patches and regions, its captions and the corpus sit in CLIP space.
+
+        A visitor's mistake (no image, an unknown projection) is a one-line ``message``; the plots already shown
+        stay."""
+        try:
+            if projection not in analysis.PROJECTIONS:
+                raise ValueError(f"unknown projection {projection!r}; choose one of {', '.join(analysis.PROJECTIONS)}")
+            picture = self.load(image)
+        except ValueError as err:
+            return EmbeddingOutputs(projection=None, gap_histogram=None, gap_table=None, session=session,
+                                    message=f"⚠ {one_line(err)}")
         encoded = self.captioner.encode([picture])
         results, session = self.complete_results(encoded, session, progress)
         progress(0.9, desc="Projecting" + (" (UMAP compiles on its first run)" if projection == "umap" else ""))
@@ -261,6 +293,29 @@ class CaptionDemo:
         csv_path, json_path = self.write_downloads(table)
         return BatchView(table=table, csv_path=str(csv_path), json_path=str(json_path))
 
+    @user_facing("embedding your captions")
+    def datastore_event(self, text: str | None, file: Any = None, progress: gr.Progress = gr.Progress()
+                        ) -> MyCaptionsView:
+        """Embed a visitor's own captions (pasted text, or an uploaded text file or JSON list) into a store for
+        their session only; a one-line message for bad input (binary, not UTF-8, empty, over a limit)."""
+        encoders = self.captioner.retrieval_encoders()
+        if not encoders:
+            return MyCaptionsView(message="⚠ no method of this bundle retrieves captions")
+        try:
+            captions = read_input(text, getattr(file, "name", file))
+        except ValueError as err:
+            return MyCaptionsView(message=f"⚠ {one_line(err)}")
+        mine = MyCaptions.build(captions, encoders, progress=lambda step, desc: progress(step, desc=desc))
+        with self._download_lock:
+            self._download_count += 1
+            number = self._download_count
+            stale = self._downloads / f"my-captions-{number - self.config.kept_downloads}.zip"
+            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale.with_suffix(""), ignore_errors=True)
+        archive = mine.save_zip(self._downloads / f"my-captions-{number}.zip", encoders[0].name)
+        return MyCaptionsView(message=f"{len(captions):,} captions of yours embedded (this session only); TOMCap "
+                                      "retrieves from them when asked below.", mine=mine, archive=str(archive))
+
     def write_downloads(self, table: pd.DataFrame) -> tuple[Path, Path]:
         """Write the batch table as CSV and JSON; only the newest ``kept_downloads`` pairs stay on disk."""
         with self._download_lock:
@@ -275,25 +330,12 @@ class CaptionDemo:
         return csv_path, json_path
 
     def about(self) -> tuple[str, dict[str, Any]]:
-        """A readable summary of the loaded bundle, and its full description."""
+        """A readable summary of the loaded bundle (tables), and its description as data; neither names a folder
+        of the server."""
         info = self.captioner.info()
-        lines = [
-            f"### Loaded bundle: `{info['name']}` ({info['world']} world)",
-            info.get("description", ""),
-            "",
-            f"- **Methods:** {', '.join(self.labels[m] for m in info['methods'])}",
-            f"- **Components:** {', '.join(sorted(info['components']))}",
-            f"- **Training:** {one_line(json.dumps(info['training'])) if info['training'] else 'not recorded'}",
-            f"- **Files:** {len(info['files'])}, each checked against its sha256 in `bundle.json` at load",
-            f"- **Device:** {info['device']}, serving at **{info['precision']}** "
-            "(`--precision fp32|bf16|int8`; int8 and bf16 are measured against fp32 in benchmarks/README.md)",
-            "",
-            "**Loading another bundle:** `python app.py --weights path/to/bundle`, or "
-            "`python app.py --weights hf-hub:org/name@revision` (pin the revision), or set `CAPDEMO_WEIGHTS`.",
-        ]
-        # "folder", not "path": gradio_client would take a dict with a "path" string for a file to download
-        details = {("folder" if key == "path" else key): value for key, value in info.items()}
-        return "\n".join(lines), details
+        text = about_markdown(info, self.labels, self.domain.summary if self.domain else "")
+        hidden = {"path", "file_entries"}  # the server's folder; the files are in the text already
+        return text, {key: value for key, value in info.items() if key not in hidden}
 
 
 __all__ = ["AppConfig", "CaptionDemo", "attention_grid", "one_line", "user_facing"]

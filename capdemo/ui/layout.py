@@ -7,25 +7,70 @@ event functions return (:mod:`capdemo.ui.views`) are flattened here into the pag
 from __future__ import annotations
 
 import inspect
+import logging
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
 
 import gradio as gr
+import numpy as np
+import pandas as pd
 from gradio.data_classes import FileData
 
+from capdemo import analysis
+from capdemo.my_captions import BOTH, BUNDLE, MAX_BYTES, MAX_CAPTION_CHARS, MAX_LINES, MINE, StoreChoice
 from capdemo.pipeline import Captioner
 from capdemo.ui.controls import SettingControl, method_controls, options_from_values, with_parameters
 from capdemo.ui.events import AppConfig, CaptionDemo
 from capdemo.ui.views import CaptionView
 
-PROJECTION_CHOICES = [("PCA", "pca"), ("UMAP (the first run compiles for ~10-30 s)", "umap")]
-MODEL_CONCURRENCY_ID = "model"  # the queue group shared by every event that runs the models
+log = logging.getLogger(__name__)
+
+PROJECTION_CHOICES = [("PCA", "pca"), ("UMAP", "umap")]
+MODEL_CONCURRENCY_ID = "model"  # the queue group of the events that caption (Caption, Ask, Batch)
+PLOT_CONCURRENCY_ID = "plots"  # the Embedding tab's own group: a long UMAP never holds up a caption
 MAX_UPLOAD_SIZE = "50mb"  # per file, enforced by Gradio before the upload reaches the app
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
+# Column widths as shares of the table's width, so the score columns fit whatever the caption length (the caption
+# column, last, wraps at words).
+CANDIDATE_WIDTHS = ["8%", "17%", "19%", "19%", "37%"]  # #, CLIP score, chosen, sample, caption
+NEIGHBOUR_WIDTHS = ["8%", "19%", "18%", "55%"]  # #, cosine, store, neighbour caption
 CSS = """
 .capdemo-caption textarea { font-size: 1.1rem !important; font-weight: 600; }
+/* Tables: headers break only between words ("CLIP score"), captions wrap at words, never mid-word. */
+.capdemo-table th, .capdemo-table th span { word-break: keep-all !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+.capdemo-table td, .capdemo-table td span { word-break: normal !important; overflow-wrap: normal !important;
+  white-space: nowrap !important; }
+.capdemo-table td:last-child, .capdemo-table td:last-child span { white-space: normal !important;
+  overflow-wrap: break-word !important; }
+/* Small inputs (the shapes world is 32 px) fill their box with crisp pixels instead of sitting tiny in it. */
+#image-input img, .capdemo-heatmap img { image-rendering: pixelated; }
+#image-input img { width: 100% !important; height: 100% !important; object-fit: contain; }
+/* Plots: the figures are transparent; their text follows the page's theme. */
+.dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
+.capdemo-notice p { margin: 0.2rem 0; }
+.capdemo-table th, .capdemo-table td { padding: 6px !important; }
+.capdemo-table th, .capdemo-table th * { font-size: 12px !important; }
+.capdemo-table th .cell-wrap { padding: 0 !important; }
+@media (max-width: 640px) {
+  .capdemo-intro { display: none; }
+  .capdemo-header h1 { font-size: 1.25rem !important; }
+  #image-input { max-height: 210px; }
+  .capdemo-queue { display: none; }
+  /* Every tab in view: Gradio folds the tabs that do not fit into a "..." menu, measuring them in a hidden copy
+     of the row; shrunk there, they all count as fitting, and the real row wraps onto a second line instead. */
+  .tab-container.visually-hidden button { padding: 0 !important; font-size: 1px !important; min-width: 0 !important; }
+  .tab-wrapper { height: auto !important; padding-bottom: 0 !important; }
+  .tab-container[role=tablist] { flex-wrap: wrap !important; height: auto !important; row-gap: 2px; }
+  .tab-container[role=tablist] button { padding: 4px 10px !important; }
+  .overflow-menu { display: none !important; }
+  .capdemo-table th, .capdemo-table td { padding: 3px !important; }
+  .capdemo-table table, .capdemo-table table * { font-size: 12px !important; }
+}
 """
 
 
@@ -60,14 +105,14 @@ def uploaded_path(payload: FileData | None) -> str | None:
     return str(payload.path)
 
 
-def header(captioner: Captioner) -> str:
+def header(captioner: Captioner, domain_summary: str = "") -> tuple[str, str]:
+    """The title with the bundle's domain line (when its manifest records one), and what the page shows."""
     named = " and ".join(f"**{m.label}** ({m.citation.split(':')[0]})" for m in captioner.methods.values())
-    return (
-        "# capdemo · text-only image captioning you can see into\n"
-        f"{named} caption images with language models trained on *captions alone*, across CLIP's modality gap. "
-        "Pick an image, then see which patches the attention chose, every candidate with its CLIP rerank score, "
-        "the retrieved neighbour captions, and where images and texts sit in the embedding space."
-    )
+    domain = f"\n\n**Domain:** {domain_summary}" if domain_summary else ""
+    intro = (f"{named} caption images with language models trained on *captions alone*, across CLIP's modality gap. "
+             "Pick an image, then see which patches the attention chose, every candidate with its CLIP rerank "
+             "score, the retrieved neighbour captions, and where images and texts sit in the embedding space.")
+    return f"# capdemo · text-only image captioning you can see into{domain}", intro
 
 
 def serve(demo: gr.Blocks, **launch_args: Any) -> Any:
@@ -78,87 +123,146 @@ def serve(demo: gr.Blocks, **launch_args: Any) -> Any:
     return demo.launch(theme=theme, css=CSS, show_error=False, max_file_size=MAX_UPLOAD_SIZE, **launch_args)
 
 
+def filled(value: Any) -> bool:
+    """Whether an output holds something to look at (a table with rows, an image, a figure)."""
+    if value is None:
+        return False
+    if isinstance(value, pd.DataFrame):
+        return not value.empty
+    if isinstance(value, dict) and "data" in value:  # a table as Gradio hands it over
+        return bool(value["data"]) and any(any(cell not in ("", None) for cell in row) for row in value["data"])
+    return True
+
+
+def reveal_when_filled(trigger: Any, components: Sequence[Any]) -> None:
+    """After ``trigger`` changes, show each of ``components`` that holds something and hide the empty ones.
+
+    The events themselves return plain values (so API clients get tables, not visibility updates); this
+    follow-up, private and unqueued, keeps empty tables and a blank heatmap off the page, whichever way the
+    values arrived (a click, a cached example, a new upload clearing them).
+    """
+    def reveal(*values: Any) -> list[Any]:
+        return [gr.update(visible=filled(value)) for value in values]
+
+    trigger.change(reveal, list(components), list(components), api_visibility="private", queue=False,
+                   show_progress="hidden")
+
+
 class CaptionOutputs:
-    """The Caption tab's output components and how a :class:`CaptionView` fills them, in order."""
+    """The Caption tab's output components and how a :class:`CaptionView` fills them, in order.
+
+    Tables and the heatmap stay hidden until there is something in them; a new upload hides them again
+    (:meth:`cleared`), so no result of an earlier image is ever shown next to a new one.
+    """
 
     def __init__(self, captioner: Captioner):
         self.methods = list(captioner.methods)
         self.captions: dict[str, gr.Textbox] = {}
         self.candidates: dict[str, gr.Dataframe] = {}
         self.neighbours: dict[str, gr.Dataframe] = {}
+        self.notice = gr.Markdown(elem_id="caption-notice", elem_classes=["capdemo-notice"])
         with gr.Row(equal_height=False):
             for name, method in captioner.methods.items():
-                with gr.Column(min_width=280):
+                with gr.Column(min_width=300):
                     self.captions[name] = gr.Textbox(label=f"{method.label} caption", elem_id=f"{name}-caption",
                                                      elem_classes=["capdemo-caption"], buttons=["copy"])
                     self.candidates[name] = gr.Dataframe(
-                        label=f"{method.label} candidates (best first; click a header to sort)", interactive=False,
-                        wrap=True, elem_id=f"{name}-candidates")
+                        label=f"{method.label} candidates (best first)", interactive=False, wrap=True,
+                        visible=False, column_widths=CANDIDATE_WIDTHS, elem_id=f"{name}-candidates",
+                        elem_classes=["capdemo-table"])
                     if method.datastore is not None:
-                        self.neighbours[name] = gr.Dataframe(label=f"{method.label}: retrieved neighbour captions",
-                                                             interactive=False, wrap=True,
-                                                             elem_id=f"{name}-neighbours")
+                        self.neighbours[name] = gr.Dataframe(
+                            label=f"{method.label}: retrieved neighbour captions", interactive=False, wrap=True,
+                            visible=False, column_widths=NEIGHBOUR_WIDTHS, elem_id=f"{name}-neighbours",
+                            elem_classes=["capdemo-table"])
         with gr.Row(equal_height=False):
-            self.heatmap = gr.Image(label="CLS attention; the picked patches outlined by rank", type="pil",
-                                    height=360, interactive=False, elem_id="heatmap")
-            self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False, elem_id="timings")
+            with gr.Column(min_width=300):
+                self.heatmap = gr.Image(label="CLS attention; the picked patches outlined by rank", type="pil",
+                                        show_label=False, buttons=[], interactive=False, visible=False,
+                                        elem_id="heatmap", elem_classes=["capdemo-heatmap"])
+            with gr.Column(min_width=300):
+                self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False, visible=False,
+                                            elem_id="timings", elem_classes=["capdemo-table"])
         with gr.Accordion("Everything as JSON", open=False):
             self.details = gr.JSON(label="Caption details")
 
     def components(self) -> list[Any]:
         per_method = [c for name in self.methods
                       for c in (self.captions[name], self.candidates[name], self.neighbours.get(name)) if c is not None]
-        return [*per_method, self.heatmap, self.timings, self.details]
+        return [*per_method, self.heatmap, self.timings, self.notice, self.details]  # details last (API users)
 
     def values(self, view: CaptionView) -> list[Any]:
         per_method = []
         for name in self.methods:
-            shown = view.methods[name]
-            per_method += [shown.shown, shown.candidates]
+            result = view.methods[name]
+            per_method += [result.shown, result.candidates]
             if name in self.neighbours:
-                per_method.append(shown.neighbours)
-        return [*per_method, view.heatmap, view.timings, view.details]
+                per_method.append(result.neighbours)
+        return [*per_method, view.heatmap, view.timings, view.notice, view.details]
+
+    def cleared(self) -> list[Any]:
+        """Every output emptied (a new image was picked); :meth:`hideable` ones then hide."""
+        per_method = []
+        for name in self.methods:
+            per_method += [""] + [None] * (1 + (name in self.neighbours))
+        return [*per_method, None, None, "", None]
+
+    def hideable(self) -> list[Any]:
+        """The tables and the heatmap: shown only when they hold something."""
+        return [*self.candidates.values(), *self.neighbours.values(), self.heatmap, self.timings]
 
 
-def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, photos: Sequence[Path] = ()) -> gr.Blocks:
+def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, photos: Sequence[Path] = (),
+                  cache_examples: bool = True) -> gr.Blocks:
     """Lay out the page over a loaded captioner and wire every event to a stable api_name.
 
-    ``photos`` are extra example images, shown only when the bundle is a real-world one.
+    ``photos`` are extra example images, shown only when the bundle is a real-world one. ``cache_examples``:
+    an example shows its captions on click, computed on its first click and cached (Gradio's lazy caching).
     """
     app = CaptionDemo(captioner, config=config)
     config = app.config
     shown_photos = list(photos) if captioner.info()["world"] == "real" else []
     examples = [[str(path)] for path in [*captioner.examples(), *shown_photos]]
     age = config.cache_max_age_s  # checked as often as files may live: Gradio keeps them forever by default
+    title, intro = header(captioner, app.domain.summary if app.domain else "")
     with gr.Blocks(title="capdemo: " + " and ".join(app.labels.values()), delete_cache=(age, age)) as demo:
         state = gr.State()
-        gr.Markdown(header(captioner))
+        stores = gr.State()  # this session's own caption stores (Bring your own captions)
+        gr.Markdown(title, elem_classes=["capdemo-header"])
+        gr.Markdown(intro, elem_classes=["capdemo-intro"])
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=300):
+            with gr.Column(scale=2, min_width=300) as left:
                 picture = image_input(label="Image (for Caption, Ask and Embedding space)", height=320,
                                       sources=["upload", "clipboard"], elem_id="image-input")
-                if examples:
-                    gr.Examples(examples=examples, inputs=[picture], label="Examples", examples_per_page=12)
-                gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} running, at most "
-                            f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
-                            "try again shortly.</small>")
             with gr.Column(scale=5):
                 with gr.Tabs():
                     with gr.Tab("Caption", id="caption"):
-                        chosen, controls, caption_button, caption_outputs = _caption_tab(captioner, app)
+                        chosen, controls, caption_button, caption_outputs, panel = _caption_tab(captioner, app)
                     with gr.Tab("Ask (VQA)", id="vqa"):
                         vqa_inputs, vqa_outputs, vqa_button = _vqa_tab(captioner)
                     with gr.Tab("Embedding space", id="embedding"):
-                        embedding_inputs, embedding_outputs, embedding_button = _embedding_tab()
+                        embedding_inputs, embedding_outputs, embedding_button, embedding_note = _embedding_tab()
                     with gr.Tab("Batch", id="batch"):
-                        batch_inputs, batch_outputs, batch_button = _batch_tab(config)
+                        batch_inputs, batch_outputs, batch_button = _batch_tab(config, captioner)
                     with gr.Tab("About", id="about"):
-                        about_outputs = [gr.Markdown(label="Bundle summary"), gr.JSON(label="Bundle details")]
+                        about_text = gr.Markdown(elem_id="about-text")
+                        with gr.Accordion("Bundle details as data", open=False):
+                            about_details = gr.JSON(label="Bundle details")
 
-        def caption(image: Any, methods: Any, settings: list, session: Any, progress: gr.Progress) -> list:
+        def caption(image: Any, methods: Any, settings: list, retrieve_from: str, session: Any, own: Any,
+                    progress: gr.Progress) -> list:
+            choice = StoreChoice(own, retrieve_from or BUNDLE)
             view = app.caption_event(image, methods, options_from_values(captioner.methods, controls, settings),
-                                     session, progress=progress)
+                                     session, progress=progress, stores=choice)
             return [*caption_outputs.values(view), view.session]
+
+        def datastore(text: str, file: Any, own: Any, progress: gr.Progress = gr.Progress()) -> list:
+            view = app.datastore_event(text, file, progress=progress)
+            return [view.message, view.archive, view.mine if view.mine is not None else own]
+
+        def example_caption(image: Any) -> list:
+            """An example's captions with the bundle's settings (what the cached examples show)."""
+            return caption_outputs.values(app.caption_event(image, list(captioner.methods)))
 
         def vqa(image: Any, question: str, session: Any, progress: gr.Progress = gr.Progress()) -> list:
             view = app.vqa_event(image, question, session, progress=progress)
@@ -166,32 +270,64 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
 
         def embedding(image: Any, projection: str, session: Any, progress: gr.Progress = gr.Progress()) -> list:
             view = app.embedding_event(image, projection, session, progress=progress)
-            return [view.projection, view.gap_histogram, view.gap_table, view.session]
+            if view.message:
+                return [gr.update(), gr.update(), gr.update(), view.message, gr.update()]
+            return [view.projection, view.gap_histogram, view.gap_table, "", view.session]
 
         def batch(files: Any, progress: gr.Progress = gr.Progress()) -> list:
             view = app.batch_event(files, progress=progress)
             return [view.table, view.csv_path, view.json_path]
 
-        trailing = [inspect.Parameter("session", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        def cleared() -> list:
+            """A new image: every earlier result goes (captions, tables, heatmap, answer, plots)."""
+            return [*caption_outputs.cleared(), "", None, "", "", "", None, None, None, "", None]
+
+        with left:
+            if examples:
+                gr.Examples(examples=examples, inputs=[picture], outputs=caption_outputs.components(),
+                            fn=example_caption, cache_examples=cache_examples, cache_mode="lazy",
+                            label="Examples (click one: its captions show at once)", examples_per_page=12)
+            gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} captioning at once, at most "
+                        f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
+                        "try again shortly.</small>", elem_classes=["capdemo-queue"])
+
+        trailing = [inspect.Parameter("retrieve_from", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=BUNDLE),
+                    inspect.Parameter("session", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+                    inspect.Parameter("own", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
                     inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())]
         caption_fn = with_parameters(caption, ["image", "methods"], controls, trailing)
         caption_fn.__doc__ = app.caption_event.__doc__
-        model = {"concurrency_id": MODEL_CONCURRENCY_ID}  # at most `concurrency_limit` model events at once
-        caption_button.click(on_gpu(caption_fn), [picture, chosen, *(c.component for c in controls), state],
+        model = {"concurrency_id": MODEL_CONCURRENCY_ID}  # at most `concurrency_limit` captioning events at once
+        retrieve_from = [panel.retrieve_from] if panel else [gr.State(BUNDLE)]
+        caption_button.click(on_gpu(caption_fn),
+                             [picture, chosen, *(c.component for c in controls), *retrieve_from, state, stores],
                              [*caption_outputs.components(), state], api_name="caption", **model)
+        if panel is not None:
+            panel.button.click(on_gpu(datastore), [panel.text, panel.file, stores],
+                               [panel.status, panel.download, stores], api_name="datastore", **model)
         vqa_button.click(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_name="vqa", **model)
         vqa_inputs[0].submit(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_visibility="private",
                              **model)
         embedding_button.click(on_gpu(embedding), [picture, *embedding_inputs, state],
-                               [*embedding_outputs, state], api_name="embedding", **model)
+                               [*embedding_outputs, embedding_note, state], api_name="embedding",
+                               concurrency_id=PLOT_CONCURRENCY_ID, concurrency_limit=1)
         batch_button.click(on_gpu(batch), batch_inputs, batch_outputs, api_name="batch", **model)
-        demo.load(app.about, None, about_outputs, api_name="about")
+        clear_targets = [*caption_outputs.components(), *vqa_outputs, *embedding_outputs, embedding_note, state]
+        for trigger in (picture.upload, picture.clear):
+            trigger(cleared, None, clear_targets, api_visibility="private", queue=False)
+        reveal_when_filled(caption_outputs.details, caption_outputs.hideable())
+        reveal_when_filled(vqa_outputs[0], vqa_outputs[1:2])  # the answer -> its top-answers table
+        reveal_when_filled(embedding_outputs[0], embedding_outputs[2:])  # the plot -> the gap table
+        if panel is not None:
+            reveal_when_filled(panel.status, [panel.download])
+        demo.load(app.about, None, [about_text, about_details], api_name="about")
 
     demo.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)
     return demo
 
 
-def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[SettingControl], Any, CaptionOutputs]:
+def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[SettingControl], Any, CaptionOutputs,
+                                                                   MyCaptionsPanel | None]:
     choices = [(method.label, name) for name, method in captioner.methods.items()]
     chosen = gr.CheckboxGroup(choices, value=[name for _, name in choices], label="Methods (side by side)",
                               elem_id="methods")
@@ -200,19 +336,60 @@ def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[Sett
         with gr.Accordion(f"{method.label} settings (preset to the bundle's)", open=False):
             with gr.Row():
                 controls += method_controls(method)
+    own = _my_captions_panel(captioner)
     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-    return chosen, controls, button, CaptionOutputs(captioner)
+    return chosen, controls, button, CaptionOutputs(captioner), own
+
+
+def _my_captions_panel(captioner: Captioner) -> MyCaptionsPanel | None:
+    """Bring your own captions, for bundles with a retrieving method (None when none retrieves)."""
+    retrieving = [m.label for m in captioner.methods.values() if m.retrieval_encoder() is not None]
+    if not retrieving:
+        return None
+    with gr.Accordion(f"Bring your own captions ({', '.join(retrieving)} retrieval)", open=False,
+                      elem_id="my-captions"):
+        gr.Markdown(f"Paste captions, one per line (or a JSON list of strings), or upload a `.txt`/`.json` file: up "
+                    f"to {MAX_LINES:,} captions, {MAX_BYTES // 2**20} MB, {MAX_CAPTION_CHARS} characters each. They "
+                    "are embedded with the bundle's retrieval encoder into a store that only this browser session "
+                    "sees, and can be downloaded as a datastore folder for `--datastore` or "
+                    "`python -m training index --corpus captions.txt`.")
+        panel = MyCaptionsPanel(
+            text=gr.Textbox(label="Your captions", lines=4, elem_id="my-captions-text",
+                            placeholder="a red circle above a blue square\na yellow triangle on the left"),
+            file=gr.File(label="...or a file", file_types=[".txt", ".json"], elem_id="my-captions-file"),
+            button=gr.Button("Embed my captions", elem_id="my-captions-button"),
+            status=gr.Markdown(elem_id="my-captions-status", elem_classes=["capdemo-notice"]),
+            download=gr.DownloadButton("Download as datastore (zip)", visible=False, elem_id="my-captions-download"),
+            retrieve_from=gr.Radio([("the bundle's store", BUNDLE), ("my captions", MINE), ("both", BOTH)],
+                                   value=BUNDLE, label="Retrieve neighbours from", elem_id="retrieve-from"),
+        )
+    return panel
+
+
+@dataclass
+class MyCaptionsPanel:
+    """The Bring-your-own-captions components."""
+
+    text: Any
+    file: Any
+    button: Any
+    status: Any
+    download: Any
+    retrieve_from: Any
 
 
 def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
+    limit = captioner.question_limit()
     if captioner.vqa_method is None:
         gr.Markdown("This bundle cannot answer questions (it has no answer list or no method with an LM); "
                     "Ask will say so.")
-    question = gr.Textbox(label="Question", placeholder="e.g. What colour is the circle?", elem_id="question")
+    question = gr.Textbox(label=f"Question (up to {limit} characters: what the answering LM has room for)",
+                          placeholder="e.g. What colour is the circle?", max_length=limit or None, elem_id="question")
     button = gr.Button("Ask", variant="primary", elem_id="ask-button")
     answer = gr.Textbox(label="Answer", elem_classes=["capdemo-caption"], elem_id="answer")
     with gr.Row(equal_height=False):
-        top = gr.Dataframe(label="Top candidate answers", interactive=False, elem_id="top-answers")
+        top = gr.Dataframe(label="Top candidate answers", interactive=False, visible=False, elem_id="top-answers",
+                           elem_classes=["capdemo-table"])
         with gr.Column():
             generated = gr.Textbox(label="The language model's free-form answer")
             caption = gr.Textbox(label="Caption used (the Caption tab's caption when there is one)")
@@ -220,28 +397,36 @@ def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
     return [question], [answer, top, generated, caption, prompt], button
 
 
-def _embedding_tab() -> tuple[list, list, Any]:
+def _embedding_tab() -> tuple[list, list, Any, Any]:
     gr.Markdown("CLIP puts images and texts in separate regions of its embedding space (the *modality gap*). "
                 "MacCap moves the image side towards the texts by mixing in subregion features; TOMCap moves "
                 "texts towards the images by matching per-dimension statistics; CapDec trains with noise around "
                 "the texts. The Caption tab's results for this image are reused; missing ones are made with the "
-                "bundle's settings.")
+                "bundle's settings. Plots run in their own queue, so a slow UMAP never delays a caption.")
     with gr.Row():
-        projection = gr.Radio(PROJECTION_CHOICES, value="pca", label="Projection")
-        button = gr.Button("Draw", variant="primary", elem_id="embedding-button")
-    figure = gr.Plot(label="Embedding space", elem_id="embedding-plot")
+        projection = gr.Radio(PROJECTION_CHOICES, value="pca", label="Projection", min_width=200)
+        button = gr.Button("Draw", variant="primary", elem_id="embedding-button", min_width=120)
+    note = gr.Markdown(elem_id="embedding-notice", elem_classes=["capdemo-notice"])
+    figure = gr.Plot(label="Embedding space", elem_id="embedding-plot", min_width=300)
     with gr.Row(equal_height=False):
-        histogram = gr.Plot(label="Per-dimension gap (MacCap Fig. 1)", elem_id="gap-histogram")
+        histogram = gr.Plot(label="Per-dimension gap (MacCap Fig. 1)", elem_id="gap-histogram", min_width=300)
         table = gr.Dataframe(label="Gap numbers (MacCap Table 1, TOMCap std ratios)", interactive=False,
-                             elem_id="gap-table")
-    return [projection], [figure, histogram, table], button
+                             visible=False, elem_id="gap-table", elem_classes=["capdemo-table"], min_width=300)
+    return [projection], [figure, histogram, table], button, note
 
 
-def _batch_tab(config: AppConfig) -> tuple[list, list, Any]:
+def batch_widths(methods: Sequence[str]) -> list[str]:
+    """Column shares of the Batch table (image, per method caption and score, error): everything in view."""
+    caption, score = 60 / len(methods), 20 / len(methods)
+    return ["10%", *[f"{w:.1f}%" for _ in methods for w in (caption, score)], "10%"]
+
+
+def _batch_tab(config: AppConfig, captioner: Captioner) -> tuple[list, list, Any]:
     files = gr.File(label=f"Images (up to {config.max_batch_images})", file_count="multiple", file_types=["image"],
                     elem_id="batch-files")
     button = gr.Button("Caption all (bundle settings)", variant="primary", elem_id="batch-button")
-    table = gr.Dataframe(label="Captions", interactive=False, wrap=True, elem_id="batch-table")
+    table = gr.Dataframe(label="Captions", interactive=False, wrap=True, elem_id="batch-table",
+                         column_widths=batch_widths(list(captioner.methods)), elem_classes=["capdemo-table"])
     with gr.Row():
         csv_file = gr.DownloadButton("Download CSV")
         json_file = gr.DownloadButton("Download JSON")
@@ -254,7 +439,29 @@ def build_app(
 ) -> gr.Blocks:
     """Load the bundle ``weights`` (folder or ``hf-hub:org/name@rev``) once and build the page over it."""
     captioner = Captioner.from_bundle(weights, device=device, precision=precision)
+    warm_up_umap()
     return create_blocks(captioner, config=config, photos=photos)
 
 
-__all__ = ["MODEL_CONCURRENCY_ID", "build_app", "create_blocks", "image_input", "on_gpu", "serve"]
+_umap_warmed = threading.Event()  # set once UMAP's numba code is compiled in this process
+_umap_started = threading.Lock()
+
+
+def warm_up_umap() -> threading.Event:
+    """Compile UMAP's numba code in a background thread, once per process, so the first visitor to ask for a
+    UMAP does not wait 10-30 s for it (nor hold a queue slot meanwhile). Returns the event set when done."""
+    if _umap_started.acquire(blocking=False):
+        def compile_umap() -> None:
+            try:
+                analysis.umap_project(np.random.default_rng(0).normal(size=(2 * analysis.UMAP_MIN_POINTS + 8, 8)))
+            except Exception:  # UMAP stays usable: its first real request compiles instead
+                log.exception("warming up UMAP failed")
+            finally:
+                _umap_warmed.set()
+
+        threading.Thread(target=compile_umap, name="umap-warm-up", daemon=True).start()
+    return _umap_warmed
+
+
+__all__ = ["MODEL_CONCURRENCY_ID", "PLOT_CONCURRENCY_ID", "build_app", "create_blocks", "image_input", "on_gpu",
+           "serve", "warm_up_umap"]

@@ -7,6 +7,7 @@ HTTP API see ordinary positional outputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,10 @@ from PIL import Image
 
 from capdemo.result import Result
 
-CANDIDATE_COLUMNS = ["rank", "CLIP score", "chosen", "caption", "sample"]
-NEIGHBOUR_COLUMNS = ["rank", "similarity", "neighbour caption"]
+# Numbers first and the caption last: the caption column takes what width is left and wraps at words, so the
+# scores stay in view however long the captions are (the widths are the layout's, in CANDIDATE_WIDTHS).
+CANDIDATE_COLUMNS = ["#", "CLIP score", "chosen", "sample", "caption"]  # "#": the rank, best first
+NEIGHBOUR_COLUMNS = ["#", "cosine", "store", "neighbour caption"]  # cosine with the retrieval query
 
 
 @dataclass
@@ -50,31 +53,55 @@ class CaptionView:
     """Outputs of /caption."""
 
     methods: dict[str, MethodView]  # every loaded method, in registry order (empty views for those not run)
-    heatmap: Image.Image  # CLS attention over the image; picked patches outlined and numbered
+    heatmap: Image.Image | None  # CLS attention over the image, picked patches outlined; None: no image was read
     timings: pd.DataFrame  # method, stage, ms
     details: dict[str, Any]  # {"grid": [rows, cols], "image_size": [w, h], "results": {...}, "errors": {...}}
     session: SessionResults
+    notice: str = ""  # one line about the image as a whole (e.g. it looks outside the bundle's domain)
+
+    @classmethod
+    def failed(cls, methods: Sequence[str], message: str, session: SessionResults | None = None) -> CaptionView:
+        """Nothing could run (no image, no method ticked, ...): ``message`` where every method's caption goes."""
+        return cls(methods={name: MethodView(error=message) for name in methods}, heatmap=None,
+                   timings=timings_table({}, {}), details={"results": {}, "errors": dict.fromkeys(methods, message)},
+                   session=session or SessionResults())
 
 
 @dataclass
 class VQAView:
     """Outputs of /vqa."""
 
-    answer: str
+    answer: str  # or "⚠ <one line>" when the question could not be answered
     top_answers: pd.DataFrame  # rank, score, answer; best first
     generated: str  # the LM's free-form answer, before matching the answer list
     caption: str  # the caption the prompt was built from
     prompt: str  # the exact text the LM continued
+
+    @classmethod
+    def failed(cls, message: str) -> VQAView:
+        """No answer: ``message`` where the answer goes."""
+        return cls(answer=f"⚠ {message}", top_answers=pd.DataFrame(columns=["rank", "score", "answer"]),
+                   generated="", caption="", prompt="")
 
 
 @dataclass
 class EmbeddingOutputs:
     """Outputs of /embedding."""
 
-    projection: Any  # plotly Figure: every embedding group in one shared 2-D projection
-    gap_histogram: Any  # plotly Figure: per-dimension differences, with normal fits
-    gap_table: pd.DataFrame  # quantity, value
-    session: SessionResults
+    projection: Any  # plotly Figure: every embedding group in one shared 2-D projection (None: not drawn)
+    gap_histogram: Any  # plotly Figure: per-dimension differences, with normal fits (None: not drawn)
+    gap_table: pd.DataFrame | None  # quantity, value (None: not drawn)
+    session: SessionResults | None
+    message: str = ""  # one line when nothing could be drawn (the page keeps the plots it shows)
+
+
+@dataclass
+class MyCaptionsView:
+    """Outputs of /datastore: a one-line status, the session's new store, and its download."""
+
+    message: str
+    mine: Any = None  # capdemo.my_captions.MyCaptions (None: nothing was built)
+    archive: str | None = None  # zip of the store as a datastore folder
 
 
 @dataclass
@@ -88,13 +115,15 @@ class BatchView:
 
 def candidates_table(result: Result | None) -> pd.DataFrame:
     """Every candidate of a result in the result's order (best first), the chosen one marked."""
-    rows = [(rank, round(c.clip_score, 4), "✓" if rank == 1 else "", c.text, c.sample)
+    rows = [(rank, round(c.clip_score, 4), "✓" if rank == 1 else "", c.sample, c.text)
             for rank, c in enumerate(result.candidates if result else [], start=1)]
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
 def neighbours_table(result: Result | None) -> pd.DataFrame:
-    rows = [(rank, round(n.score, 4), n.text) for rank, n in enumerate(result.neighbours if result else [], start=1)]
+    """The retrieved captions, most similar first, each with the store it came from."""
+    rows = [(rank, round(n.score, 4), n.store, n.text)
+            for rank, n in enumerate(result.neighbours if result else [], start=1)]
     return pd.DataFrame(rows, columns=NEIGHBOUR_COLUMNS)
 
 
@@ -107,6 +136,6 @@ def timings_table(results: dict[str, Result], labels: dict[str, str]) -> pd.Data
 
 
 __all__ = [
-    "BatchView", "CaptionView", "EmbeddingOutputs", "MethodView", "SessionResults", "VQAView",
+    "BatchView", "CaptionView", "EmbeddingOutputs", "MethodView", "MyCaptionsView", "SessionResults", "VQAView",
     "candidates_table", "neighbours_table", "timings_table",
 ]

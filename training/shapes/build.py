@@ -10,10 +10,12 @@ index | gapstats | maccap | tomcap``), only on shapes captions and tiny models:
 3. the tiny LM: a BPE tokenizer and GPT-2 trained on captions, TOMCap-shaped prompts and caption-grounded
    question-answer text in the VQA prompt format;
 4. the caption datastore and the modality-gap statistics;
-5. MacCap and TOMCap, trained text-only, written into one bundle;
+5. MacCap, TOMCap and CapDec, trained text-only, written into one bundle;
 6. examples (``examples/scenes.json`` lists each with its caption), the untouched LM as ``vqa/lm`` (the
    ``vqa`` component's ``"lm": "bundle:vqa/lm"``: VQA follows the paper and answers with the frozen LM,
-   while MacCap's own LM was trained for captioning), and provenance with per-stage timings in the manifest.
+   while MacCap's own LM was trained for captioning), and provenance with per-stage timings in the manifest;
+7. the bundle's domain (``python -m training shapes-domain``): the app's summary line and the in-domain CLIP-score
+   range it warns against.
 
 Stages cache their outputs in ``--work-dir``, so a killed build continues where it stopped.
 ``--smoke`` shrinks everything so the whole recipe runs in about a minute (CI).
@@ -41,6 +43,7 @@ from capdemo.config import Config
 from capdemo.fileio import atomic_output
 from training.loop import TrainConfig
 from training.shapes.clip import TinyClipConfig
+from training.shapes.domain import record_domain
 from training.shapes import world
 from training.shapes.lm import TinyLMConfig, pretrain_lm
 from training.shapes.questions import ANSWERS, qa_texts
@@ -83,6 +86,7 @@ class ShapesRecipe(Config):
     qa_per_text: int = 3  # questions (with answers) per question-answer text
     prompt_texts: int = 4000  # TOMCap-prompt-shaped texts for LM pretraining (its template words, listing captions)
     examples: int = 8  # example images shipped in the bundle
+    domain_images: int = 100  # held-out images that measure the in-domain CLIP-score range (the app's warning)
     lm: TinyLMConfig = field(default_factory=TinyLMConfig)
     lm_steps: int = 200  # LM pretraining steps (batch 64 x 48 tokens)
     maccap_steps: int = 1500  # MacCap text-only training steps
@@ -112,7 +116,8 @@ class ShapesRecipe(Config):
         return cls(clip=TinyClipConfig.smoke().replace(**{**SHAPES_CLIP, "vision_width": 64, "vision_layers": 2,
                                                           "pairs": 4_000}),
                    corpus_captions=3000, unpaired_images=300, qa_texts=1000, prompt_texts=500, examples=3,
-                   lm=TinyLMConfig(n_embd=64, n_layer=2, n_positions=128), lm_steps=40, maccap_steps=120,
+                   domain_images=20, lm=TinyLMConfig(n_embd=64, n_layer=2, n_positions=128), lm_steps=40,
+                   maccap_steps=120,
                    maccap_args=cls().maccap_args[:-6] + ("--batch-size", "32", "--lr", "3e-3", "--warmup", "20"),
                    tomcap_steps=60,
                    tomcap_args=("--batch-size", "16", "--lr", "3e-3", "--warmup", "10", "--lora-r", "16"),
@@ -360,6 +365,8 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     writer.add_directory(VQA_LM, lm)
     writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM})
     writer.finish()
+    with timed("domain"):
+        record_domain(staging, n=recipe.domain_images)
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(staging), str(out))
     log(f"bundle written to {out} in {time.time() - start:.0f} s")

@@ -84,6 +84,16 @@ def retrieve_neighbours(datastore: CaptionDatastore | None, queries: torch.Tenso
     return neighbours
 
 
+def fitted_new_tokens(model: TOMCap, prompts: Sequence[Sequence[int]], requested: int) -> int:
+    """``requested`` new tokens, fewer when the prompts leave less room in the LM's positions (the caption is cut
+    where the LM's context ends instead of running past it); a prompt that fills them is a one-line error."""
+    room = model.tokens.room_after(prompts)
+    if room < 1:
+        raise ValueError(f"the prompt with these neighbours fills all {model.tokens.max_positions} positions of "
+                         "TOMCap's language model; choose a smaller K")
+    return min(requested, room)
+
+
 @torch.inference_mode()
 def caption_images(model: TOMCap, encoder: ClipEncoder, datastore: CaptionDatastore | None,
                    image_embeds: torch.Tensor, query_embeds: torch.Tensor, options: TOMCapOptions) -> list[Result]:
@@ -106,12 +116,14 @@ def caption_images(model: TOMCap, encoder: ClipEncoder, datastore: CaptionDatast
             neighbours, neighbour_embeds = [[] for _ in range(batch)], None
     with timer("generate"):
         prompts = [model.tokens.prompt_ids([n.text for n in row]) for row in neighbours]
+        new_tokens = fitted_new_tokens(model, prompts, options.max_new_tokens)
         memory = model.memory(image_embeds, neighbour_embeds)  # (B, 1 + K, n_embd), the image is not corrected
-        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=options.max_new_tokens)
+        texts = model.generate(prompts, memory, beams=beams, max_new_tokens=new_tokens)
     with timer("rerank"):
         scored = clip_scores(encoder, image_embeds, [texts[b * beams : (b + 1) * beams] for b in range(batch)])
     timings = timer.per_image(batch)
-    settings = {**options.to_dict(), "k": k if config.use_retrieval else 0, "batch_size": batch}
+    settings = {**options.to_dict(), "k": k if config.use_retrieval else 0, "batch_size": batch,
+                "max_new_tokens_fitted": new_tokens}
     return [_result(b, image_embeds, neighbours[b], neighbour_embeds, scored[b], config, timings, settings)
             for b in range(batch)]
 
@@ -207,6 +219,8 @@ class TOMCapMethod(CaptionMethod):
         self.retriever = retriever  # the datastore's encoder when it is not the captioning CLIP (paper: SigLIP2)
         self.datastore = datastore
         self.gap_stats = gap_stats
+        self._limits: dict[str, tuple[float, float]] | None = None  # computed on first use (tokenizes the store)
+        self._limits_store: Any = None  # the store they were computed for
         if datastore is not None:  # queries must live in the datastore's space: checked once, here
             datastore.require_encoder((retriever or encoder).name)
 
@@ -225,9 +239,23 @@ class TOMCapMethod(CaptionMethod):
         return options_from_config(TOMCapOptions, self.model.config)
 
     def limits(self) -> dict[str, tuple[float, float]]:
-        if self.datastore is None:
-            return {}
-        return {"k": (1, len(self.datastore))}
+        """K: at most the datastore's size, and only as many neighbours as the LM's positions hold with room left
+        for a caption of the bundle's length (checked against the store's longest captions); new tokens: at most
+        what the shortest prompt leaves (a longer prompt cuts the caption at the LM's last position)."""
+        if self._limits is None or self._limits_store is not self.datastore:  # a copy may search another store
+            tokens, config = self.model.tokens, self.model.config
+            shortest = [] if not config.use_retrieval or self.datastore is None else [""]
+            limits = {"max_new_tokens": (1, tokens.room_after([tokens.prompt_ids(shortest)]))}
+            if self.datastore is not None and config.use_retrieval:
+                room = min(config.max_new_tokens, config.max_caption_tokens)
+                store = self.datastore.captions
+                largest = tokens.largest_k([store[i] for i in range(len(self.datastore))], room=room, k_max=MAX_K)
+                limits["k"] = (1, max(1, min(largest, len(self.datastore))))
+            self._limits, self._limits_store = limits, self.datastore
+        return dict(self._limits)
+
+    def retrieval_encoder(self) -> ClipEncoder | None:
+        return (self.retriever or self.encoder) if self.datastore is not None else None
 
     def image_towers(self) -> list[ClipEncoder]:
         return [self.retriever] if self.retriever is not None else []

@@ -227,6 +227,24 @@ class PromptTokens:
     def prompt_ids(self, neighbours: Sequence[str]) -> list[int]:
         return self.tokenizer(build_prompt(neighbours, self.config), add_special_tokens=False)["input_ids"]
 
+    def room_after(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Positions left for new tokens after the longest of ``prompts`` (left-padded to one length)."""
+        return self.max_positions - max(len(p) for p in prompts)
+
+    def largest_k(self, captions: Sequence[str], *, room: int, k_max: int) -> int:
+        """The largest K (at most ``k_max``) whose prompt leaves ``room`` positions even when its neighbours are
+        the K longest of ``captions``; 0 when not even one fits. Only the longest captions are tokenized, so a
+        store of millions costs as much as one of hundreds."""
+        pool = sorted(captions, key=len, reverse=True)[: 4 * k_max]  # the longest by characters
+        longest = sorted(pool, key=lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                         reverse=True)
+        fits = 0
+        for k in range(1, min(k_max, len(longest)) + 1):
+            if len(self.prompt_ids(longest[:k])) + room > self.max_positions:
+                break
+            fits = k
+        return fits
+
     def training_tokens(self, neighbours: Sequence[str], target: str) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of one example: prompt, then " target" and EOS; only the target carries labels."""
         prompt = self.prompt_ids(neighbours)
