@@ -7,7 +7,7 @@ same freshly generated held-out scenes:
   injection only, mean-only correction, mean+std correction, and mean+std
   with noise (the recipe's default), every other setting equal;
 * the noise scale: mean+std correction with the training noise (cross-attention input and retrieval query)
-  at 0, 0.25, 0.5 (the default), 1 and 2 x sigma_I per dimension -- the sweep behind the default;
+  at 0, 0.25, 0.5, 1 (the default), 2 and 4 x sigma_I per dimension -- the sweep behind the default;
 * retrieval: TOMCap trained and run without retrieved captions (mean+std with noise);
 * multiple sampling and subregions: MacCap at S = 1, with the CLS token instead of subregion aggregation, and at
   S = 20 with CLIP rerank (inference only, on the built bundle).
@@ -32,6 +32,7 @@ from typing import Any
 
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.fileio import atomic_output
+from capdemo.methods.tomcap.model import TOMCapConfig
 from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, chosen_recipe, log, run_command,
                                    tomcap_command)
 from training.shapes.evaluate import evaluate_bundle
@@ -59,11 +60,11 @@ VARIANTS = (
             ("--gap-correction", "none", *NO_NOISE[:-1], "0.016")),
     Variant("gap-mean", "gap", "mean-only correction", ("--gap-correction", "mean", *NO_NOISE)),
     Variant("gap-mean-std", "gap", "mean+std correction", ("--gap-correction", "mean_std", *NO_NOISE)),
-    Variant("gap-mean-std-noise", "gap", "mean+std correction + noise scaled to sigma_I (default)",
+    Variant("gap-mean-std-noise", "gap", "mean+std correction + noise 1 x sigma_I (default)",
             ("--gap-correction", "mean_std")),
     *(Variant(f"noise-scale-{scale}", "noise", f"mean+std correction + noise {scale} x sigma_I",
               ("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
-      for scale in ("0.25", "1", "2")),  # with gap-mean-std (0) and the default (0.5): the noise-scale sweep
+      for scale in ("0.25", "0.5", "2", "4")),  # with gap-mean-std (0) and the default (1): the noise-scale sweep
     Variant("no-retrieval", "retrieval", "TOMCap without retrieval",
             ("--gap-correction", "mean_std", "--no-retrieval")),
     Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", maccap=(("samples", 1),)),
@@ -78,18 +79,19 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
                 seed: int) -> dict[str, Any]:
     """Train (if needed) and score one variant; scores are cached next to its bundle.
 
-    Trained variants live in a folder per step count; a row's file name carries a hash of what it was
-    measured on (the recipe, or the scored weights' manifest), so a rerun with other inputs never reuses it.
+    Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe, its steps,
+    its flags and TOMCap's defaults; an inference row: the scored weights' manifest and its settings), so a rerun
+    with other inputs, or after a default changed, never reuses a bundle or a score.
     """
-    if variant.trained:
+    if variant.trained:  # what the row trains: the recipe, its steps, its flags and TOMCap's defaults under them
         tomcap_steps = recipe.tomcap_steps if steps is None else steps
-        folder = work / "ablation" / variant.name / f"steps-{tomcap_steps}"
-        source: dict[str, Any] = {"recipe": recipe.to_dict(), "steps": tomcap_steps}
+        source: dict[str, Any] = {"recipe": recipe.to_dict(), "steps": tomcap_steps, "flags": variant.tomcap_flags,
+                                  "defaults": TOMCapConfig().to_dict()}
     else:
-        folder = work / "ablation" / variant.name
-        source = {"weights": sha256_of(weights / MANIFEST)}
+        source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.maccap}
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
-    scores_file = folder / f"scores-n{n}-seed{seed}-{key}.json"
+    folder = work / "ablation" / variant.name / (f"steps-{tomcap_steps}-{key}" if variant.trained else key)
+    scores_file = folder / f"scores-n{n}-seed{seed}.json"
     if scores_file.is_file():
         return json.loads(scores_file.read_text())
     folder.mkdir(parents=True, exist_ok=True)
