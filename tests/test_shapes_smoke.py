@@ -150,11 +150,16 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
     assert json.loads(capsys.readouterr().out) == first
     assert (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns == trained
     other = ["--smoke", "--work-dir", str(work), "--weights", str(smoke_bundle), "--only", "gap-none",
-             "--steps", "12", "--n", "20", "--json"]  # other inputs: a new row, trained in its own folder
+             "--steps", "12", "--n", "20", "--train-seeds", "0", "1", "--json"]  # other inputs: new rows, own folders
     assert ablate.main(other) == 0
-    assert json.loads(capsys.readouterr().out)["tomcap_steps"] == 12
+    second = json.loads(capsys.readouterr().out)
+    assert second["tomcap_steps"] == 12 and second["train_seeds"] == [0, 1]
+    row = second["rows"]["gap-none"]  # the mean and sample std over the two training seeds
+    runs = [row["seeds"][seed]["scene_accuracy"] for seed in ("0", "1")]
+    assert row["scene_accuracy"] == pytest.approx(sum(runs) / 2)
+    assert row["scene_accuracy_std"] == pytest.approx(abs(runs[0] - runs[1]) / 2 ** 0.5)
     assert [(d / "bundle" / "bundle.json").is_file() for d in (work / "ablation" / "gap-none").glob("steps-12-*")
-            ] == [True]
+            ] == [True, True]
     assert (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns == trained
     assert ablate.main(["--work-dir", str(work / "missing")]) == 2
     assert "not a finished shapes build" in capsys.readouterr().err

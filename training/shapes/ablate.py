@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.fileio import atomic_output
 from capdemo.methods.tomcap.model import TOMCapConfig
@@ -114,12 +116,30 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     return row
 
 
+def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One row from a variant's runs (training seed -> row): each metric's mean and, over two or more seeds,
+    its sample standard deviation (``<metric>_std``); the runs themselves under ``seeds``."""
+    first = next(iter(runs.values()))
+    row: dict[str, Any] = {"group": first["group"], "description": first["description"]}
+    for metric in REPORTED:
+        values = np.array([run[metric] for run in runs.values()], dtype=float)
+        row[metric] = float(values.mean())
+        if len(values) > 1:
+            row[f"{metric}_std"] = float(values.std(ddof=1))
+    row["seeds"] = {str(seed): run for seed, run in runs.items()}
+    return row
+
+
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
-    """The ablation as a Markdown table, one line per variant."""
-    lines = ["| variant | scene acc. | attribute acc. | CIDEr | BLEU-4 |", "|---|---|---|---|---|"]
+    """The ablation as a Markdown table, one line per variant (mean ± std where several seeds ran)."""
+    def cell(row: dict[str, Any], metric: str, digits: int) -> str:
+        std = row.get(f"{metric}_std")
+        return f"{row[metric]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    lines = ["| variant | seeds | scene acc. | attribute acc. | CIDEr | BLEU-4 |", "|---|---|---|---|---|---|"]
     for row in rows.values():
-        lines.append(f"| {row['description']} | {row['scene_accuracy']:.3f} | {row['attribute_accuracy']:.3f} "
-                     f"| {row['cider']:.2f} | {row['bleu4']:.3f} |")
+        lines.append(f"| {row['description']} | {len(row['seeds'])} | {cell(row, 'scene_accuracy', 3)} "
+                     f"| {cell(row, 'attribute_accuracy', 3)} | {cell(row, 'cider', 2)} | {cell(row, 'bleu4', 3)} |")
     return "\n".join(lines)
 
 
@@ -132,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="TOMCap steps per trained variant (recipe default)")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes per row")
     parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
+                        help="TOMCap training seeds per trained row (mean ± std over them)")
     add_recipe_arguments(parser)  # the work dir's recipe: --world v1 for the shipped bundle's, --smoke for CI's
     parser.add_argument("--only", nargs="+", default=None, choices=[v.name for v in VARIANTS], help="run these rows")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
@@ -144,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     recipe = chosen_recipe(args)
     chosen = [v for v in VARIANTS if args.only is None or v.name in args.only]
-    rows = {v.name: run_variant(v, recipe=recipe, work=work, weights=Path(args.weights), steps=args.steps, n=args.n,
-                                seed=args.seed) for v in chosen}
-    report = {"n": args.n, "seed": args.seed, "tomcap_steps": args.steps or recipe.tomcap_steps, "rows": rows}
+    rows = {}
+    for variant in chosen:  # inference rows do not train: one run, whatever --train-seeds says
+        seeds = args.train_seeds if variant.trained else [recipe.seed]
+        rows[variant.name] = over_seeds({
+            seed: run_variant(variant, recipe=recipe.replace(seed=seed), work=work, weights=Path(args.weights),
+                              steps=args.steps, n=args.n, seed=args.seed) for seed in seeds})
+    report = {"n": args.n, "seed": args.seed, "tomcap_steps": args.steps or recipe.tomcap_steps,
+              "train_seeds": args.train_seeds, "rows": rows}
     print(json.dumps(report) if args.json else markdown_table(rows))
     return 0
 
