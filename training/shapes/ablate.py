@@ -7,7 +7,7 @@ same freshly generated held-out scenes:
   injection only, mean-only correction, mean+std correction, and mean+std
   with noise (the recipe's default), every other setting equal;
 * the noise scale: mean+std correction with the training noise (cross-attention input and retrieval query)
-  at 0, 0.25, 0.5, 1 (the default), 2 and 4 x sigma_I per dimension -- the sweep behind the default;
+  at 0, 0.25, 0.5 (the default), 1, 2 and 4 x sigma_I per dimension -- the sweep behind the default;
 * retrieval: TOMCap trained and run without retrieved captions (mean+std with noise);
 * multiple sampling and subregions: MacCap at S = 1, with the CLS token instead of subregion aggregation, and at
   S = 20 with CLIP rerank (inference only, on the built bundle).
@@ -62,11 +62,11 @@ VARIANTS = (
             ("--gap-correction", "none", *NO_NOISE[:-1], "0.016")),
     Variant("gap-mean", "gap", "mean-only correction", ("--gap-correction", "mean", *NO_NOISE)),
     Variant("gap-mean-std", "gap", "mean+std correction", ("--gap-correction", "mean_std", *NO_NOISE)),
-    Variant("gap-mean-std-noise", "gap", "mean+std correction + noise 1 x sigma_I (default)",
+    Variant("gap-mean-std-noise", "gap", "mean+std correction + noise 0.5 x sigma_I (default)",
             ("--gap-correction", "mean_std")),
     *(Variant(f"noise-scale-{scale}", "noise", f"mean+std correction + noise {scale} x sigma_I",
               ("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
-      for scale in ("0.25", "0.5", "2", "4")),  # with gap-mean-std (0) and the default (1): the noise-scale sweep
+      for scale in ("0.25", "1", "2", "4")),  # with gap-mean-std (0) and the default (0.5): the noise-scale sweep
     Variant("no-retrieval", "retrieval", "TOMCap without retrieval",
             ("--gap-correction", "mean_std", "--no-retrieval")),
     Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", maccap=(("samples", 1),)),

@@ -110,9 +110,9 @@ class TOMCapConfig(Config):
     gap_correction: str = "mean_std"  # onto image statistics: "mean_std" (paper), "mean" (CapDec's offset), "none"
     # training noise on the corrected cross-attention input: std = input_noise_scale x sigma_I per dimension
     # (the value: a sweep in the shapes world, README "TOMCap's gap noise")
-    input_noise_scale: float = 1.0
+    input_noise_scale: float = 0.5
     # the same for the training retrieval queries (image-like queries; 0: the clean corrected embedding)
-    query_noise_scale: float = 1.0
+    query_noise_scale: float = 0.5
     # CapDec's noise instead, for the ablation rows: L2norm(e + n), n ~ N(0, noise_variance) (CapDec: 0.016)
     noise_variance: float = 0.0
     # the statistics of the correction ("bundle:tomcap/gap_stats.safetensors"); for analysis, unused at inference
