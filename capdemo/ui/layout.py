@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import gradio as gr
 import numpy as np
-import pandas as pd
 from gradio.data_classes import FileData
 
 from capdemo import analysis
@@ -53,6 +52,8 @@ CSS = """
 /* Plots: the figures are transparent; their text follows the page's theme. */
 .dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
 .capdemo-notice p { margin: 0.2rem 0; }
+/* Nothing empty on the page: a table without rows, an image output without an image are not drawn. */
+.capdemo-table:not(:has(td)), .capdemo-heatmap:not(:has(img)) { display: none !important; }
 .capdemo-table th, .capdemo-table td { padding: 6px !important; }
 .capdemo-table th, .capdemo-table th * { font-size: 12px !important; }
 .capdemo-table th .cell-wrap { padding: 0 !important; }
@@ -123,36 +124,12 @@ def serve(demo: gr.Blocks, **launch_args: Any) -> Any:
     return demo.launch(theme=theme, css=CSS, show_error=False, max_file_size=MAX_UPLOAD_SIZE, **launch_args)
 
 
-def filled(value: Any) -> bool:
-    """Whether an output holds something to look at (a table with rows, an image, a figure)."""
-    if value is None:
-        return False
-    if isinstance(value, pd.DataFrame):
-        return not value.empty
-    if isinstance(value, dict) and "data" in value:  # a table as Gradio hands it over
-        return bool(value["data"]) and any(any(cell not in ("", None) for cell in row) for row in value["data"])
-    return True
-
-
-def reveal_when_filled(trigger: Any, components: Sequence[Any]) -> None:
-    """After ``trigger`` changes, show each of ``components`` that holds something and hide the empty ones.
-
-    The events themselves return plain values (so API clients get tables, not visibility updates); this
-    follow-up, private and unqueued, keeps empty tables and a blank heatmap off the page, whichever way the
-    values arrived (a click, a cached example, a new upload clearing them).
-    """
-    def reveal(*values: Any) -> list[Any]:
-        return [gr.update(visible=filled(value)) for value in values]
-
-    trigger.change(reveal, list(components), list(components), api_visibility="private", queue=False,
-                   show_progress="hidden")
-
-
 class CaptionOutputs:
     """The Caption tab's output components and how a :class:`CaptionView` fills them, in order.
 
-    Tables and the heatmap stay hidden until there is something in them; a new upload hides them again
-    (:meth:`cleared`), so no result of an earlier image is ever shown next to a new one.
+    A table without rows and an empty heatmap are not drawn (the CSS hides them), so nothing empty shows before a
+    run; a new upload empties every output (:meth:`cleared`), so no result of an earlier image is ever shown next
+    to a new one. Values stay plain (no visibility updates), so API clients get the tables themselves.
     """
 
     def __init__(self, captioner: Captioner):
@@ -168,20 +145,20 @@ class CaptionOutputs:
                                                      elem_classes=["capdemo-caption"], buttons=["copy"])
                     self.candidates[name] = gr.Dataframe(
                         label=f"{method.label} candidates (best first)", interactive=False, wrap=True,
-                        visible=False, column_widths=CANDIDATE_WIDTHS, elem_id=f"{name}-candidates",
+                        column_widths=CANDIDATE_WIDTHS, elem_id=f"{name}-candidates",
                         elem_classes=["capdemo-table"])
                     if method.datastore is not None:
                         self.neighbours[name] = gr.Dataframe(
                             label=f"{method.label}: retrieved neighbour captions", interactive=False, wrap=True,
-                            visible=False, column_widths=NEIGHBOUR_WIDTHS, elem_id=f"{name}-neighbours",
+                            column_widths=NEIGHBOUR_WIDTHS, elem_id=f"{name}-neighbours",
                             elem_classes=["capdemo-table"])
         with gr.Row(equal_height=False):
             with gr.Column(min_width=300):
                 self.heatmap = gr.Image(label="CLS attention; the picked patches outlined by rank", type="pil",
-                                        show_label=False, buttons=[], interactive=False, visible=False,
+                                        show_label=False, buttons=[], interactive=False,
                                         elem_id="heatmap", elem_classes=["capdemo-heatmap"])
             with gr.Column(min_width=300):
-                self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False, visible=False,
+                self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False,
                                             elem_id="timings", elem_classes=["capdemo-table"])
         with gr.Accordion("Everything as JSON", open=False):
             self.details = gr.JSON(label="Caption details")
@@ -201,15 +178,11 @@ class CaptionOutputs:
         return [*per_method, view.heatmap, view.timings, view.notice, view.details]
 
     def cleared(self) -> list[Any]:
-        """Every output emptied (a new image was picked); :meth:`hideable` ones then hide."""
+        """Every output emptied (a new image was picked)."""
         per_method = []
         for name in self.methods:
             per_method += [""] + [None] * (1 + (name in self.neighbours))
         return [*per_method, None, None, "", None]
-
-    def hideable(self) -> list[Any]:
-        """The tables and the heatmap: shown only when they hold something."""
-        return [*self.candidates.values(), *self.neighbours.values(), self.heatmap, self.timings]
 
 
 def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, photos: Sequence[Path] = (),
@@ -315,11 +288,6 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
         clear_targets = [*caption_outputs.components(), *vqa_outputs, *embedding_outputs, embedding_note, state]
         for trigger in (picture.upload, picture.clear):
             trigger(cleared, None, clear_targets, api_visibility="private", queue=False)
-        reveal_when_filled(caption_outputs.details, caption_outputs.hideable())
-        reveal_when_filled(vqa_outputs[0], vqa_outputs[1:2])  # the answer -> its top-answers table
-        reveal_when_filled(embedding_outputs[0], embedding_outputs[2:])  # the plot -> the gap table
-        if panel is not None:
-            reveal_when_filled(panel.status, [panel.download])
         demo.load(app.about, None, [about_text, about_details], api_name="about")
 
     demo.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)
@@ -359,7 +327,7 @@ def _my_captions_panel(captioner: Captioner) -> MyCaptionsPanel | None:
             file=gr.File(label="...or a file", file_types=[".txt", ".json"], elem_id="my-captions-file"),
             button=gr.Button("Embed my captions", elem_id="my-captions-button"),
             status=gr.Markdown(elem_id="my-captions-status", elem_classes=["capdemo-notice"]),
-            download=gr.DownloadButton("Download as datastore (zip)", visible=False, elem_id="my-captions-download"),
+            download=gr.DownloadButton("Download my captions as a datastore (zip)", elem_id="my-captions-download"),
             retrieve_from=gr.Radio([("the bundle's store", BUNDLE), ("my captions", MINE), ("both", BOTH)],
                                    value=BUNDLE, label="Retrieve neighbours from", elem_id="retrieve-from"),
         )
@@ -388,7 +356,7 @@ def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
     button = gr.Button("Ask", variant="primary", elem_id="ask-button")
     answer = gr.Textbox(label="Answer", elem_classes=["capdemo-caption"], elem_id="answer")
     with gr.Row(equal_height=False):
-        top = gr.Dataframe(label="Top candidate answers", interactive=False, visible=False, elem_id="top-answers",
+        top = gr.Dataframe(label="Top candidate answers", interactive=False, elem_id="top-answers",
                            elem_classes=["capdemo-table"])
         with gr.Column():
             generated = gr.Textbox(label="The language model's free-form answer")
@@ -411,7 +379,7 @@ def _embedding_tab() -> tuple[list, list, Any, Any]:
     with gr.Row(equal_height=False):
         histogram = gr.Plot(label="Per-dimension gap (MacCap Fig. 1)", elem_id="gap-histogram", min_width=300)
         table = gr.Dataframe(label="Gap numbers (MacCap Table 1, TOMCap std ratios)", interactive=False,
-                             visible=False, elem_id="gap-table", elem_classes=["capdemo-table"], min_width=300)
+                             elem_id="gap-table", elem_classes=["capdemo-table"], min_width=300)
     return [projection], [figure, histogram, table], button, note
 
 
