@@ -98,9 +98,15 @@ def shot(page, tmp_path: Path, name: str) -> Path:
 
 
 def set_slider(page, elem_id: str, value: float) -> None:
+    """Type ``value`` into a slider's number box and wait until the slider itself shows it."""
+    from playwright.sync_api import expect
+
     number = page.locator(f"#{elem_id} input[type=number]")
+    number.scroll_into_view_if_needed()
     number.fill(str(value))
     number.press("Enter")
+    number.blur()
+    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value))
 
 
 def header_box(page, table_id: str, header: str) -> dict:
@@ -124,6 +130,12 @@ def test_score_columns_are_inside_the_viewport_and_headers_never_break_mid_word(
             assert box["lines"] <= len(header.split()), f"{table} {header} breaks inside a word: {box}"
         grid = page.locator(f"#{table} [role=grid]")
         assert grid.evaluate("g => g.scrollWidth <= g.clientWidth + 1"), f"{table} scrolls sideways"
+        score = page.locator(f"#{table} [data-testid='cell-0-1'] span")  # the best candidate's CLIP score
+        assert score.evaluate("s => s.getClientRects().length") == 1, f"{table}: a score breaks over lines"
+        assert score.evaluate("""s => s.getBoundingClientRect().right <=
+            s.closest('[role=gridcell]').getBoundingClientRect().right + 0.5"""), f"{table}: a score is cut off"
+        box = score.bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width, f"{table}: the score is outside the viewport"
     shot(page, tmp_path, "caption")
     assert page.script_errors == []
 

@@ -42,10 +42,10 @@ CSS = """
 /* Tables: headers break only between words ("CLIP score"), captions wrap at words, never mid-word. */
 .capdemo-table th, .capdemo-table th span { word-break: keep-all !important; overflow-wrap: normal !important;
   hyphens: none !important; }
-.capdemo-table td, .capdemo-table td span { word-break: normal !important; overflow-wrap: normal !important;
-  white-space: nowrap !important; }
-.capdemo-table td:last-child, .capdemo-table td:last-child span { white-space: normal !important;
-  overflow-wrap: break-word !important; }
+.capdemo-table [role=gridcell], .capdemo-table [role=gridcell] span { word-break: normal !important;
+  overflow-wrap: normal !important; white-space: nowrap !important; }
+.capdemo-table [role=gridcell]:last-child, .capdemo-table [role=gridcell]:last-child span {
+  white-space: normal !important; overflow-wrap: break-word !important; }
 /* Small inputs (the shapes world is 32 px) fill their box with crisp pixels instead of sitting tiny in it. */
 #image-input img, .capdemo-heatmap img { image-rendering: pixelated; }
 #image-input img { width: 100% !important; height: 100% !important; object-fit: contain; }
@@ -53,8 +53,10 @@ CSS = """
 .dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
 .capdemo-notice p { margin: 0.2rem 0; }
 /* Nothing empty on the page: a table without rows, an image output without an image are not drawn. */
+/* (td: the table's hidden sizing copy of its rows, drawn even while the table is hidden; the visible rows are
+   virtual and only drawn once it shows) */
 .capdemo-table:not(:has(td)), .capdemo-heatmap:not(:has(img)) { display: none !important; }
-.capdemo-table th, .capdemo-table td { padding: 6px !important; }
+.capdemo-table th, .capdemo-table [role=gridcell] { padding: 6px !important; }
 .capdemo-table th, .capdemo-table th * { font-size: 12px !important; }
 .capdemo-table th .cell-wrap { padding: 0 !important; }
 @media (max-width: 640px) {
@@ -69,8 +71,8 @@ CSS = """
   .tab-container[role=tablist] { flex-wrap: wrap !important; height: auto !important; row-gap: 2px; }
   .tab-container[role=tablist] button { padding: 4px 10px !important; }
   .overflow-menu { display: none !important; }
-  .capdemo-table th, .capdemo-table td { padding: 3px !important; }
-  .capdemo-table table, .capdemo-table table * { font-size: 12px !important; }
+  .capdemo-table th, .capdemo-table [role=gridcell] { padding: 3px !important; }
+  .capdemo-table [role=grid], .capdemo-table [role=grid] * { font-size: 12px !important; }
 }
 """
 
