@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,6 +414,7 @@ def build_app(
     return create_blocks(captioner, config=config, photos=photos)
 
 
+WARM_UP_NICENESS = 10  # the warm-up thread's niceness: captions keep the CPU while it compiles
 _umap_warmed = threading.Event()  # set once UMAP's numba code is compiled in this process
 _umap_started = threading.Lock()
 
@@ -422,6 +424,10 @@ def warm_up_umap() -> threading.Event:
     UMAP does not wait 10-30 s for it (nor hold a queue slot meanwhile). Returns the event set when done."""
     if _umap_started.acquire(blocking=False):
         def compile_umap() -> None:
+            try:  # a background job: let the request threads have the CPU first (Linux: per-thread niceness)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_UP_NICENESS)
+            except (AttributeError, OSError):
+                pass
             try:
                 analysis.umap_project(np.random.default_rng(0).normal(size=(2 * analysis.UMAP_MIN_POINTS + 8, 8)))
             except Exception:  # UMAP stays usable: its first real request compiles instead
