@@ -261,6 +261,8 @@ def test_every_tab_is_reachable_and_the_plot_is_not_squeezed(page, shapes_png, t
     expect(plot).to_be_visible()
     box = plot.bounding_box()
     assert box["height"] >= 300 and box["width"] >= 0.7 * min(page.viewport_size["width"], 800), box
+    area = page.locator("#embedding-plot .nsewdrag").first.bounding_box()  # the plotting area itself
+    assert area["width"] >= 0.6 * box["width"] and area["height"] >= 200, (area, box)  # not squeezed by a legend
     shot(page, tmp_path, "embedding")
     page.get_by_role("tab", name="About").click()
     about = page.locator("#about-text")

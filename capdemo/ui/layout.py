@@ -10,7 +10,6 @@ import inspect
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
@@ -20,10 +19,12 @@ import numpy as np
 from gradio.data_classes import FileData
 
 from capdemo import analysis
-from capdemo.my_captions import BOTH, BUNDLE, MAX_BYTES, MAX_CAPTION_CHARS, MAX_LINES, MINE, StoreChoice
+from capdemo.my_captions import BUNDLE, StoreChoice
 from capdemo.pipeline import Captioner
 from capdemo.ui.controls import SettingControl, method_controls, options_from_values, with_parameters
 from capdemo.ui.events import AppConfig, CaptionDemo
+from capdemo.ui.panels import MyCaptionsPanel, my_captions_panel
+from capdemo.ui.style import CANDIDATE_WIDTHS, CSS, NEIGHBOUR_WIDTHS
 from capdemo.ui.views import CaptionView
 
 log = logging.getLogger(__name__)
@@ -34,50 +35,6 @@ PLOT_CONCURRENCY_ID = "plots"  # the Embedding tab's own group: a long UMAP neve
 MAX_UPLOAD_SIZE = "50mb"  # per file, enforced by Gradio before the upload reaches the app
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
-# Column widths as shares of the table's width, so the score columns fit whatever the caption length (the caption
-# column, last, wraps at words).
-CANDIDATE_WIDTHS = ["8%", "17%", "19%", "19%", "37%"]  # #, CLIP score, chosen, sample, caption
-NEIGHBOUR_WIDTHS = ["8%", "19%", "18%", "55%"]  # #, cosine, store, neighbour caption
-CSS = """
-.capdemo-caption textarea { font-size: 1.1rem !important; font-weight: 600; }
-/* Tables: headers break only between words ("CLIP score"), captions wrap at words, never mid-word. */
-.capdemo-table th, .capdemo-table th span { word-break: keep-all !important; overflow-wrap: normal !important;
-  hyphens: none !important; }
-.capdemo-table [role=gridcell], .capdemo-table [role=gridcell] span { word-break: normal !important;
-  overflow-wrap: normal !important; white-space: nowrap !important; }
-.capdemo-table [role=gridcell]:last-child, .capdemo-table [role=gridcell]:last-child span {
-  white-space: normal !important; overflow-wrap: break-word !important; }
-/* Small inputs (the shapes world is 32 px) fill their box with crisp pixels instead of sitting tiny in it. */
-#image-input img, .capdemo-heatmap img { image-rendering: pixelated; }
-#image-input img { width: 100% !important; height: 100% !important; object-fit: contain; }
-/* Plots: the figures are transparent; their text follows the page's theme. */
-.dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
-.capdemo-notice p { margin: 0.2rem 0; }
-/* Nothing empty on the page: a table without rows, an image output without an image are not drawn. */
-/* (td: the table's hidden sizing copy of its rows, drawn even while the table is hidden; the visible rows are
-   virtual and only drawn once it shows) */
-.capdemo-table:not(:has(td)), .capdemo-heatmap:not(:has(img)) { display: none !important; }
-.capdemo-table th, .capdemo-table [role=gridcell] { padding: 6px !important; }
-.capdemo-table th, .capdemo-table th * { font-size: 12px !important; }
-.capdemo-table th .cell-wrap { padding: 0 !important; }
-@media (max-width: 640px) {
-  .capdemo-intro { display: none; }
-  .capdemo-header h1 { font-size: 1.25rem !important; }
-  #image-input { max-height: 210px; }
-  .capdemo-queue { display: none; }
-  /* Every tab in view: Gradio folds the tabs that do not fit into a "..." menu, measuring them in a hidden copy
-     of the row; shrunk there, they all count as fitting, and the real row wraps onto a second line instead. */
-  .tab-container.visually-hidden button { padding: 0 !important; font-size: 1px !important; min-width: 0 !important; }
-  .tab-wrapper { height: auto !important; padding-bottom: 0 !important; }
-  .tab-container[role=tablist] { flex-wrap: wrap !important; height: auto !important; row-gap: 2px; }
-  .tab-container[role=tablist] button { padding: 4px 10px !important; }
-  .overflow-menu { display: none !important; }
-  .capdemo-table th, .capdemo-table [role=gridcell] { padding: 3px !important; }
-  .capdemo-table [role=grid], .capdemo-table [role=grid] * { font-size: 12px !important; }
-}
-"""
-
-
 def on_gpu(fn: Any) -> Any:
     """``spaces.GPU(fn)`` on a Hugging Face ZeroGPU Space (where ``spaces`` is installed), else ``fn`` itself."""
     try:
@@ -307,46 +264,9 @@ def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[Sett
         with gr.Accordion(f"{method.label} settings (preset to the bundle's)", open=False):
             with gr.Row():
                 controls += method_controls(method)
-    own = _my_captions_panel(captioner)
+    own = my_captions_panel(captioner)
     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
     return chosen, controls, button, CaptionOutputs(captioner), own
-
-
-def _my_captions_panel(captioner: Captioner) -> MyCaptionsPanel | None:
-    """Bring your own captions, for bundles with a retrieving method (None when none retrieves)."""
-    retrieving = [m.label for m in captioner.methods.values() if m.retrieval_encoder() is not None]
-    if not retrieving:
-        return None
-    with gr.Accordion(f"Bring your own captions ({', '.join(retrieving)} retrieval)", open=False,
-                      elem_id="my-captions"):
-        gr.Markdown(f"Paste captions, one per line (or a JSON list of strings), or upload a `.txt`/`.json` file: up "
-                    f"to {MAX_LINES:,} captions, {MAX_BYTES // 2**20} MB, {MAX_CAPTION_CHARS} characters each. They "
-                    "are embedded with the bundle's retrieval encoder into a store that only this browser session "
-                    "sees, and can be downloaded as a datastore folder for `--datastore` or "
-                    "`python -m training index --corpus captions.txt`.")
-        panel = MyCaptionsPanel(
-            text=gr.Textbox(label="Your captions", lines=4, elem_id="my-captions-text",
-                            placeholder="a red circle above a blue square\na yellow triangle on the left"),
-            file=gr.File(label="...or a file", file_types=[".txt", ".json"], elem_id="my-captions-file"),
-            button=gr.Button("Embed my captions", elem_id="my-captions-button"),
-            status=gr.Markdown(elem_id="my-captions-status", elem_classes=["capdemo-notice"]),
-            download=gr.DownloadButton("Download my captions as a datastore (zip)", elem_id="my-captions-download"),
-            retrieve_from=gr.Radio([("the bundle's store", BUNDLE), ("my captions", MINE), ("both", BOTH)],
-                                   value=BUNDLE, label="Retrieve neighbours from", elem_id="retrieve-from"),
-        )
-    return panel
-
-
-@dataclass
-class MyCaptionsPanel:
-    """The Bring-your-own-captions components."""
-
-    text: Any
-    file: Any
-    button: Any
-    status: Any
-    download: Any
-    retrieve_from: Any
 
 
 def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
