@@ -279,3 +279,25 @@ def test_an_example_shows_its_captions_on_click(page, tmp_path):
     expect(page.locator("#maccap-caption textarea")).not_to_have_value("")
     expect(page.locator("#maccap-candidates")).to_be_visible()
     shot(page, tmp_path, "example")
+
+
+def test_batch_shows_every_method_and_the_error_column(page, shapes_png, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files([str(shapes_png),
+                                                                   str(corrupt_png(tmp_path / "broken.png"))])
+    page.locator("#batch-button").click()
+    table = page.locator("#batch-table [role=grid]")
+    expect(table).to_have_attribute("aria-rowcount", "3")  # header + two images
+    width = page.viewport_size["width"]
+    headers = [h for h in page.locator("#batch-table th").all_inner_texts() if h.strip()]
+    assert "tomcap caption" in headers and "error" in headers
+    for header in ("tomcap caption", "tomcap clip_score", "error"):
+        cell = page.locator(f"#batch-table th[title='{header}']").first
+        cell.scroll_into_view_if_needed()
+        box = cell.bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width + 0.5, f"{header}: {box} outside 0..{width}"
+    assert table.evaluate("g => g.scrollWidth <= g.clientWidth + 1"), "the batch table scrolls sideways"
+    expect(page.locator("#batch-table")).to_contain_text("truncated or corrupt")
+    shot(page, tmp_path, "batch")

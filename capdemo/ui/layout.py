@@ -308,8 +308,8 @@ def _embedding_tab() -> tuple[list, list, Any, Any]:
 
 def batch_widths(methods: Sequence[str]) -> list[str]:
     """Column shares of the Batch table (image, per method caption and score, error): everything in view."""
-    caption, score = 60 / len(methods), 20 / len(methods)
-    return ["10%", *[f"{w:.1f}%" for _ in methods for w in (caption, score)], "10%"]
+    caption, score = 52 / len(methods), 18 / len(methods)
+    return ["10%", *[f"{w:.1f}%" for _ in methods for w in (caption, score)], "20%"]
 
 
 def _batch_tab(config: AppConfig, captioner: Captioner) -> tuple[list, list, Any]:
@@ -317,7 +317,8 @@ def _batch_tab(config: AppConfig, captioner: Captioner) -> tuple[list, list, Any
                     elem_id="batch-files")
     button = gr.Button("Caption all (bundle settings)", variant="primary", elem_id="batch-button")
     table = gr.Dataframe(label="Captions", interactive=False, wrap=True, elem_id="batch-table",
-                         column_widths=batch_widths(list(captioner.methods)), elem_classes=["capdemo-table"])
+                         column_widths=batch_widths(list(captioner.methods)),
+                         elem_classes=["capdemo-table", "capdemo-wrap-all"])
     with gr.Row():
         csv_file = gr.DownloadButton("Download CSV")
         json_file = gr.DownloadButton("Download JSON")

@@ -15,7 +15,8 @@ CSS = """
   hyphens: none !important; }
 .capdemo-table [role=gridcell], .capdemo-table [role=gridcell] span { word-break: normal !important;
   overflow-wrap: normal !important; white-space: nowrap !important; }
-.capdemo-table [role=gridcell]:last-child, .capdemo-table [role=gridcell]:last-child span {
+.capdemo-table [role=gridcell]:last-child, .capdemo-table [role=gridcell]:last-child span,
+.capdemo-wrap-all [role=gridcell], .capdemo-wrap-all [role=gridcell] span {
   white-space: normal !important; overflow-wrap: break-word !important; }
 /* Small inputs (the shapes world is 32 px) fill their box with crisp pixels instead of sitting tiny in it. */
 #image-input img, .capdemo-heatmap img { image-rendering: pixelated; }
