@@ -206,7 +206,7 @@ KIND_STYLES: dict[str, TraceStyle] = {
 FALLBACK_STYLE = TraceStyle("#10b981", "x", 8)
 # Candidates of the second, third, ... method (by the order the methods ran) in their own colours.
 METHOD_CANDIDATE_COLORS = ("#7c3aed", "#2563eb", "#059669", "#db2777")
-FIGURE_HEIGHT = 520  # explicit: autosized plotly figures can render blank or tiny inside hidden tabs
+FIGURE_HEIGHT = 620  # explicit: autosized plotly figures can render blank or tiny inside hidden tabs
 # One template for light and dark pages: transparent backgrounds (the page's own colour shows through), grey grid
 # lines at half opacity that read on either, and text in the page's text colour (the app's CSS sets it for the
 # dark theme, where Gradio puts the ``dark`` class on the page).
@@ -259,7 +259,9 @@ def embedding_figure(groups: Sequence[PointGroup], *, method: str = "pca", seed:
         )
     figure.update_layout(
         height=FIGURE_HEIGHT, template=THEME_TEMPLATE, margin={"l": 40, "r": 20, "t": 50, "b": 40},
-        title=f"Embedding space ({method.upper()})", legend={"itemsizing": "constant"},
+        title=f"Embedding space ({method.upper()})",
+        # under the plot, not beside it: a side legend leaves a phone's plot a narrow strip
+        legend={"itemsizing": "constant", "orientation": "h", "yanchor": "top", "y": -0.15, "xanchor": "left", "x": 0},
         xaxis_title=projection.axis_titles[0], yaxis_title=projection.axis_titles[1],
     )
     return figure

@@ -1,26 +1,30 @@
 """The app in a real browser: Debian's Chromium driven by playwright, as a visitor would use it.
 
-Uploads an image, captions it, sees the captions, the candidates table, the
-heatmap and the embedding plot; uploads a corrupt file and sees the error. Each
-step leaves a screenshot in ``test-artifacts/``. CI installs ``chromium``
-(``.ci/run``); elsewhere the test is skipped when ``/usr/bin/chromium`` is missing.
+Every check runs at a desktop (1400x1000) and a phone (390x844) viewport on the shipped bundle (the tiny test
+bundle before it exists): the score columns of both candidate tables inside the viewport, a K at the slider's
+maximum and a question at the length limit answering, an error in one method leaving the other's result, a new
+upload clearing the old results, the heatmap's top-row labels uncovered, a photo flagged as outside the bundle's
+domain, every tab reachable on a phone, an example showing its captions on click. Each step leaves a screenshot in
+the test's tmp_path. CI installs ``chromium`` (``.ci/run``); without it and outside CI the tests are skipped.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from capdemo import figures, ui
-from capdemo.bundle import Bundle
-from tests.app_server import ARTIFACTS, corrupt_png, running_app, served_bundle, shapes_image
+from capdemo import ui
+from tests.app_server import coco_photo, corrupt_png, running_app, served_bundle, shapes_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-TIMEOUT_MS = 60_000  # generous: CI machines are small and shared
+TIMEOUT_MS = 90_000  # generous: CI machines are small and shared
+VIEWPORTS = {"desktop": {"width": 1400, "height": 1000}, "phone": {"width": 390, "height": 844}}
+SCORE_HEADERS = ("CLIP score", "chosen")
 
 pytestmark = [
     pytest.mark.browser,
@@ -42,67 +46,258 @@ def url(bundle):
 
 
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=TIMEOUT_MS)
-    ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.script_errors = []
-        page.on("pageerror", lambda error: page.script_errors.append(str(error)))
-        page.goto(url, wait_until="load")
-        page.locator("#caption-button").wait_for()
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            yield page
+            yield launched
         finally:
-            browser.close()
+            launched.close()
+
+
+@pytest.fixture(params=list(VIEWPORTS))
+def page(request, browser, url):
+    """A fresh page (its own Gradio session) at each viewport."""
+    page = browser.new_page(viewport=VIEWPORTS[request.param])
+    page.set_default_timeout(TIMEOUT_MS)
+    page.viewport_name = request.param
+    page.script_errors = []
+    page.on("pageerror", lambda error: page.script_errors.append(str(error)))
+    page.goto(url, wait_until="load")
+    page.locator("#caption-button").wait_for()
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def shapes_png(tmp_path_factory) -> Path:
+    return shapes_image(tmp_path_factory.mktemp("images") / "shapes.png")
 
 
 def upload(page, path: Path) -> None:
     page.locator("#image-input input[type=file]").set_input_files(str(path))
+    page.locator("#image-input img").first.wait_for()
 
 
-def test_caption_candidates_heatmap_and_plot_render(page, bundle, tmp_path):
+def caption_now(page) -> None:
+    """Click Caption and wait until every method's caption box is filled."""
     from playwright.sync_api import expect
 
-    samples = Bundle.load(bundle).component("maccap")["samples"]  # the Samples slider starts at the bundle's S
-    upload(page, shapes_image(tmp_path / "shapes.png"))
-    expect(page.locator("#image-input img").first).to_be_visible()
     page.locator("#caption-button").click()
+    for box in page.locator(".capdemo-caption textarea").all()[:2]:
+        expect(box).not_to_have_value("")
 
-    expect(page.locator("#tomcap-caption textarea")).not_to_have_value("")
-    candidates = page.locator("#maccap-candidates [role=grid]")
-    expect(candidates).to_have_attribute("aria-rowcount", str(samples + 1))  # header + one row per sample
-    expect(candidates.locator('[data-testid="cell-0-2"]')).to_have_text("✓")  # the chosen candidate is marked
-    best = candidates.locator('[data-testid="cell-0-3"]').inner_text().strip()
-    assert page.locator("#maccap-caption textarea").input_value() == best
-    heatmap = page.locator("#heatmap img")
-    expect(heatmap).to_be_visible()
-    assert heatmap.evaluate("img => img.complete && img.naturalWidth") == figures.DISPLAY_SIDE
-    page.screenshot(path=str(ARTIFACTS / "browser-caption.png"), full_page=True)
 
-    page.get_by_role("tab", name="Embedding space").click()
-    page.locator("#embedding-button").click()
-    traces = page.locator("#embedding-plot .js-plotly-plot .scatterlayer .trace")
-    expect(traces.first).to_be_attached()
-    assert traces.count() >= 3  # image, patches, captions, ...: one trace per kind
-    expect(page.locator("#embedding-plot .js-plotly-plot")).to_be_visible()
-    expect(page.locator("#gap-histogram .js-plotly-plot")).to_be_visible()
-    page.screenshot(path=str(ARTIFACTS / "browser-embedding.png"), full_page=True)
+def shot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{page.viewport_name}-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def set_slider(page, elem_id: str, value: float) -> None:
+    """Type ``value`` into a slider's number box and wait until the slider itself shows it."""
+    from playwright.sync_api import expect
+
+    number = page.locator(f"#{elem_id} input[type=number]")
+    number.scroll_into_view_if_needed()
+    number.fill(str(value))
+    number.press("Enter")
+    number.blur()
+    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value))
+
+
+def header_box(page, table_id: str, header: str) -> dict:
+    cell = page.locator(f"#{table_id} th[title='{header}']").first
+    cell.scroll_into_view_if_needed()
+    return cell.evaluate("""th => { const r = th.getBoundingClientRect(); const span = th.querySelector('span');
+        return {left: r.left, right: r.right, clipped: span.scrollWidth > span.clientWidth + 1,
+                lines: Math.round(span.getBoundingClientRect().height / parseFloat(getComputedStyle(span).lineHeight))};
+    }""")
+
+
+def test_score_columns_are_inside_the_viewport_and_headers_never_break_mid_word(page, shapes_png, tmp_path):
+    upload(page, shapes_png)
+    caption_now(page)
+    width = page.viewport_size["width"]
+    for table in ("maccap-candidates", "tomcap-candidates"):
+        for header in SCORE_HEADERS:
+            box = header_box(page, table, header)
+            assert 0 <= box["left"] and box["right"] <= width, f"{table} {header}: {box} outside 0..{width}"
+            assert not box["clipped"], f"{table} {header} is cut off: {box}"
+            assert box["lines"] <= len(header.split()), f"{table} {header} breaks inside a word: {box}"
+        grid = page.locator(f"#{table} [role=grid]")
+        assert grid.evaluate("g => g.scrollWidth <= g.clientWidth + 1"), f"{table} scrolls sideways"
+        score = page.locator(f"#{table} [data-testid='cell-0-1'] span")  # the best candidate's CLIP score
+        assert score.evaluate("s => s.getClientRects().length") == 1, f"{table}: a score breaks over lines"
+        assert score.evaluate("""s => s.getBoundingClientRect().right <=
+            s.closest('[role=gridcell]').getBoundingClientRect().right + 0.5"""), f"{table}: a score is cut off"
+        box = score.bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width, f"{table}: the score is outside the viewport"
+    shot(page, tmp_path, "caption")
     assert page.script_errors == []
 
 
-def test_a_corrupt_upload_shows_a_clear_error(page, tmp_path):
+def test_k_at_the_slider_maximum_and_a_question_at_the_length_limit_both_answer(page, shapes_png, tmp_path):
     from playwright.sync_api import expect
 
-    page.get_by_role("tab", name="Caption").click()
-    upload(page, corrupt_png(tmp_path / "broken.png"))
+    upload(page, shapes_png)
+    page.get_by_text("TOMCap settings").click()
+    k_max = int(page.locator("#tomcap-k input[type=number]").get_attribute("max"))
+    set_slider(page, "tomcap-k", k_max)
+    caption_now(page)
+    assert not page.locator("#tomcap-caption textarea").input_value().startswith("⚠")
+    expect(page.locator("#tomcap-neighbours [role=grid]")).to_have_attribute("aria-rowcount", str(k_max + 1))
+    shot(page, tmp_path, "k-max")
+
+    page.get_by_role("tab", name="Ask (VQA)").click()
+    question = page.locator("#question textarea")
+    limit = int(question.get_attribute("maxlength"))
+    question.fill(("what colour is the circle on the left of the square " * 20)[:limit])
+    page.locator("#ask-button").click()
+    answer = page.locator("#answer textarea")
+    expect(answer).not_to_have_value("")
+    assert not answer.input_value().startswith("⚠"), answer.input_value()
+    shot(page, tmp_path, "question-limit")
+
+
+def test_an_error_in_one_method_leaves_the_others_result_and_a_one_line_message(page, shapes_png, tmp_path):
+    from playwright.sync_api import expect
+
+    upload(page, shapes_png)
+    page.get_by_text("Bring your own captions").click()
+    page.locator("#retrieve-from").get_by_text("my captions").click()  # none added yet: TOMCap cannot retrieve
     page.locator("#caption-button").click()
-    message = page.get_by_text("broken.png: truncated or corrupt image data")
-    expect(message.first).to_be_visible()
+    tomcap = page.locator("#tomcap-caption textarea")
+    expect(tomcap).to_have_value("⚠ TOMCap: no captions of yours yet: add some under 'Bring your own captions' first")
+    expect(page.locator("#maccap-caption textarea")).not_to_have_value("")
+    assert not page.locator("#maccap-caption textarea").input_value().startswith("⚠")
+    expect(page.locator("#maccap-candidates")).to_be_visible()  # MacCap's result stays whole
+    expect(page.locator("#tomcap-candidates")).to_be_hidden()
+    assert page.locator(".toast-body").count() == 0  # no pop-up, no red badges: the message sits in place
+    shot(page, tmp_path, "one-method-error")
+
+    page.locator("#my-captions-text textarea").fill("a giraffe standing in tall grass\ntwo zebras at a river")
+    page.locator("#my-captions-button").click()
+    expect(page.locator("#my-captions-status")).to_contain_text("2 captions of yours embedded")
+    page.get_by_text("TOMCap settings").click()
+    set_slider(page, "tomcap-k", 2)
+    page.locator("#caption-button").click()
+    expect(page.locator("#tomcap-caption textarea")).not_to_have_value(re.compile("^(⚠.*)?$"))
+    expect(page.locator("#tomcap-neighbours")).to_contain_text("mine")
+    assert "bundle" not in page.locator("#tomcap-neighbours [role=grid]").inner_text()
+    shot(page, tmp_path, "my-captions")
+
+
+def test_a_new_upload_clears_the_old_results(page, shapes_png, tmp_path):
+    from playwright.sync_api import expect
+
+    upload(page, shapes_png)
+    caption_now(page)
+    expect(page.locator("#heatmap img")).to_be_visible()
+    upload(page, corrupt_png(tmp_path / "broken.png"))
+    for method in ("maccap", "tomcap"):
+        expect(page.locator(f"#{method}-caption textarea")).to_have_value("")
+        expect(page.locator(f"#{method}-candidates")).to_be_hidden()
+    expect(page.locator("#heatmap")).to_be_hidden()
+    expect(page.locator("#timings")).to_be_hidden()
+    page.locator("#caption-button").click()
+    for method in ("maccap", "tomcap"):  # the bad upload: one line where each caption goes
+        expect(page.locator(f"#{method}-caption textarea")).to_have_value(
+            re.compile(r"^⚠ broken\.png: truncated or corrupt image data[^\n]*$"))
     assert "Traceback" not in page.content()
-    page.wait_for_timeout(500)  # let the error pop-up finish fading in before the screenshot
-    page.screenshot(path=str(ARTIFACTS / "browser-error.png"), full_page=True)
+    shot(page, tmp_path, "new-upload")
+
+
+def test_the_heatmap_top_row_labels_are_not_covered(page, shapes_png, tmp_path):
+    upload(page, shapes_png)
+    caption_now(page)
+    image = page.locator("#heatmap img")
+    image.scroll_into_view_if_needed()
+    box = image.bounding_box()
+    covered = image.evaluate("""(img) => { const r = img.getBoundingClientRect(); const hits = [];
+        for (let i = 1; i < 20; i++) { const x = r.left + r.width * i / 20, y = r.top + 6;
+            if (document.elementFromPoint(x, y) !== img) hits.push(Math.round(x)); }
+        return hits; }""")
+    assert covered == [], f"something lies over the heatmap's top row at x = {covered}"
+    assert box["width"] >= 300  # shown large (the 56 px input is enlarged), not as a thumbnail
+    shot(page, tmp_path, "heatmap")
+
+
+def test_a_photo_is_flagged_outside_the_domain_and_a_shapes_image_is_not(page, bundle, shapes_png, tmp_path):
+    from playwright.sync_api import expect
+
+    from capdemo.domain import Domain
+    from capdemo.bundle import Bundle
+
+    photo = coco_photo()
+    if photo is None or Domain.from_manifest(Bundle.load(bundle).manifest) is None:
+        pytest.skip("needs a COCO photo and a bundle that records its domain")
+    expect(page.locator(".capdemo-header").first).to_contain_text("Domain:")
+    upload(page, shapes_png)
+    caption_now(page)
+    assert page.locator("#caption-notice").inner_text().strip() == ""
+    upload(page, photo)
+    caption_now(page)
+    expect(page.locator("#caption-notice")).to_contain_text("outside the bundle's domain")
+    shot(page, tmp_path, "domain-warning")
+
+
+def test_every_tab_is_reachable_and_the_plot_is_not_squeezed(page, shapes_png, tmp_path):
+    from playwright.sync_api import expect
+
+    tabs = page.get_by_role("tab")
+    names = [tab.inner_text().strip() for tab in tabs.all()]
+    assert names == ["Caption", "Ask (VQA)", "Embedding space", "Batch", "About"]  # none folded behind "..."
+    for tab in tabs.all():
+        expect(tab).to_be_visible()
+        assert tab.bounding_box()["y"] < page.viewport_size["height"], "a tab starts below the first screen"
+    upload(page, shapes_png)
+    page.get_by_role("tab", name="Embedding space").click()
+    page.locator("#embedding-button").click()
+    plot = page.locator("#embedding-plot .js-plotly-plot")
+    expect(plot).to_be_visible()
+    box = plot.bounding_box()
+    assert box["height"] >= 300 and box["width"] >= 0.7 * min(page.viewport_size["width"], 800), box
+    area = page.locator("#embedding-plot .nsewdrag").first.bounding_box()  # the plotting area itself
+    assert area["width"] >= 0.6 * box["width"] and area["height"] >= 200, (area, box)  # not squeezed by a legend
+    shot(page, tmp_path, "embedding")
+    page.get_by_role("tab", name="About").click()
+    about = page.locator("#about-text")
+    expect(about).to_contain_text("sha256")
+    assert about.locator("table").count() >= 2 and "/weights/" not in about.inner_text()
+    shot(page, tmp_path, "about")
+
+
+def test_an_example_shows_its_captions_on_click(page, tmp_path):
+    from playwright.sync_api import expect
+
+    assert page.locator("#maccap-candidates").is_hidden() and page.locator("#heatmap").is_hidden()  # no clutter
+    page.locator(".gallery-item, button.gallery-item, [data-testid='examples'] button").first.click()
+    expect(page.locator("#maccap-caption textarea")).not_to_have_value("")
+    expect(page.locator("#maccap-candidates")).to_be_visible()
+    shot(page, tmp_path, "example")
+
+
+def test_batch_shows_every_method_and_the_error_column(page, shapes_png, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files([str(shapes_png),
+                                                                   str(corrupt_png(tmp_path / "broken.png"))])
+    page.locator("#batch-button").click()
+    table = page.locator("#batch-table [role=grid]")
+    expect(table).to_have_attribute("aria-rowcount", "3")  # header + two images
+    width = page.viewport_size["width"]
+    headers = [h for h in page.locator("#batch-table th").all_inner_texts() if h.strip()]
+    assert "tomcap caption" in headers and "error" in headers
+    for header in ("tomcap caption", "tomcap clip_score", "error"):
+        cell = page.locator(f"#batch-table th[title='{header}']").first
+        cell.scroll_into_view_if_needed()
+        box = cell.bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width + 0.5, f"{header}: {box} outside 0..{width}"
+    assert table.evaluate("g => g.scrollWidth <= g.clientWidth + 1"), "the batch table scrolls sideways"
+    expect(page.locator("#batch-table")).to_contain_text("truncated or corrupt")
+    shot(page, tmp_path, "batch")

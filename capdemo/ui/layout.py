@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
 
 import gradio as gr
 import numpy as np
-import pandas as pd
 from gradio.data_classes import FileData
 
 from capdemo import analysis
-from capdemo.my_captions import BOTH, BUNDLE, MAX_BYTES, MAX_CAPTION_CHARS, MAX_LINES, MINE, StoreChoice
+from capdemo.my_captions import BUNDLE, StoreChoice
 from capdemo.pipeline import Captioner
 from capdemo.ui.controls import SettingControl, method_controls, options_from_values, with_parameters
 from capdemo.ui.events import AppConfig, CaptionDemo
+from capdemo.ui.panels import MyCaptionsPanel, my_captions_panel
+from capdemo.ui.style import CANDIDATE_WIDTHS, CSS, NEIGHBOUR_WIDTHS
 from capdemo.ui.views import CaptionView
 
 log = logging.getLogger(__name__)
@@ -34,46 +35,6 @@ PLOT_CONCURRENCY_ID = "plots"  # the Embedding tab's own group: a long UMAP neve
 MAX_UPLOAD_SIZE = "50mb"  # per file, enforced by Gradio before the upload reaches the app
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
-# Column widths as shares of the table's width, so the score columns fit whatever the caption length (the caption
-# column, last, wraps at words).
-CANDIDATE_WIDTHS = ["8%", "17%", "19%", "19%", "37%"]  # #, CLIP score, chosen, sample, caption
-NEIGHBOUR_WIDTHS = ["8%", "19%", "18%", "55%"]  # #, cosine, store, neighbour caption
-CSS = """
-.capdemo-caption textarea { font-size: 1.1rem !important; font-weight: 600; }
-/* Tables: headers break only between words ("CLIP score"), captions wrap at words, never mid-word. */
-.capdemo-table th, .capdemo-table th span { word-break: keep-all !important; overflow-wrap: normal !important;
-  hyphens: none !important; }
-.capdemo-table td, .capdemo-table td span { word-break: normal !important; overflow-wrap: normal !important;
-  white-space: nowrap !important; }
-.capdemo-table td:last-child, .capdemo-table td:last-child span { white-space: normal !important;
-  overflow-wrap: break-word !important; }
-/* Small inputs (the shapes world is 32 px) fill their box with crisp pixels instead of sitting tiny in it. */
-#image-input img, .capdemo-heatmap img { image-rendering: pixelated; }
-#image-input img { width: 100% !important; height: 100% !important; object-fit: contain; }
-/* Plots: the figures are transparent; their text follows the page's theme. */
-.dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
-.capdemo-notice p { margin: 0.2rem 0; }
-.capdemo-table th, .capdemo-table td { padding: 6px !important; }
-.capdemo-table th, .capdemo-table th * { font-size: 12px !important; }
-.capdemo-table th .cell-wrap { padding: 0 !important; }
-@media (max-width: 640px) {
-  .capdemo-intro { display: none; }
-  .capdemo-header h1 { font-size: 1.25rem !important; }
-  #image-input { max-height: 210px; }
-  .capdemo-queue { display: none; }
-  /* Every tab in view: Gradio folds the tabs that do not fit into a "..." menu, measuring them in a hidden copy
-     of the row; shrunk there, they all count as fitting, and the real row wraps onto a second line instead. */
-  .tab-container.visually-hidden button { padding: 0 !important; font-size: 1px !important; min-width: 0 !important; }
-  .tab-wrapper { height: auto !important; padding-bottom: 0 !important; }
-  .tab-container[role=tablist] { flex-wrap: wrap !important; height: auto !important; row-gap: 2px; }
-  .tab-container[role=tablist] button { padding: 4px 10px !important; }
-  .overflow-menu { display: none !important; }
-  .capdemo-table th, .capdemo-table td { padding: 3px !important; }
-  .capdemo-table table, .capdemo-table table * { font-size: 12px !important; }
-}
-"""
-
-
 def on_gpu(fn: Any) -> Any:
     """``spaces.GPU(fn)`` on a Hugging Face ZeroGPU Space (where ``spaces`` is installed), else ``fn`` itself."""
     try:
@@ -123,36 +84,12 @@ def serve(demo: gr.Blocks, **launch_args: Any) -> Any:
     return demo.launch(theme=theme, css=CSS, show_error=False, max_file_size=MAX_UPLOAD_SIZE, **launch_args)
 
 
-def filled(value: Any) -> bool:
-    """Whether an output holds something to look at (a table with rows, an image, a figure)."""
-    if value is None:
-        return False
-    if isinstance(value, pd.DataFrame):
-        return not value.empty
-    if isinstance(value, dict) and "data" in value:  # a table as Gradio hands it over
-        return bool(value["data"]) and any(any(cell not in ("", None) for cell in row) for row in value["data"])
-    return True
-
-
-def reveal_when_filled(trigger: Any, components: Sequence[Any]) -> None:
-    """After ``trigger`` changes, show each of ``components`` that holds something and hide the empty ones.
-
-    The events themselves return plain values (so API clients get tables, not visibility updates); this
-    follow-up, private and unqueued, keeps empty tables and a blank heatmap off the page, whichever way the
-    values arrived (a click, a cached example, a new upload clearing them).
-    """
-    def reveal(*values: Any) -> list[Any]:
-        return [gr.update(visible=filled(value)) for value in values]
-
-    trigger.change(reveal, list(components), list(components), api_visibility="private", queue=False,
-                   show_progress="hidden")
-
-
 class CaptionOutputs:
     """The Caption tab's output components and how a :class:`CaptionView` fills them, in order.
 
-    Tables and the heatmap stay hidden until there is something in them; a new upload hides them again
-    (:meth:`cleared`), so no result of an earlier image is ever shown next to a new one.
+    A table without rows and an empty heatmap are not drawn (the CSS hides them), so nothing empty shows before a
+    run; a new upload empties every output (:meth:`cleared`), so no result of an earlier image is ever shown next
+    to a new one. Values stay plain (no visibility updates), so API clients get the tables themselves.
     """
 
     def __init__(self, captioner: Captioner):
@@ -168,20 +105,20 @@ class CaptionOutputs:
                                                      elem_classes=["capdemo-caption"], buttons=["copy"])
                     self.candidates[name] = gr.Dataframe(
                         label=f"{method.label} candidates (best first)", interactive=False, wrap=True,
-                        visible=False, column_widths=CANDIDATE_WIDTHS, elem_id=f"{name}-candidates",
+                        column_widths=CANDIDATE_WIDTHS, elem_id=f"{name}-candidates",
                         elem_classes=["capdemo-table"])
                     if method.datastore is not None:
                         self.neighbours[name] = gr.Dataframe(
                             label=f"{method.label}: retrieved neighbour captions", interactive=False, wrap=True,
-                            visible=False, column_widths=NEIGHBOUR_WIDTHS, elem_id=f"{name}-neighbours",
+                            column_widths=NEIGHBOUR_WIDTHS, elem_id=f"{name}-neighbours",
                             elem_classes=["capdemo-table"])
         with gr.Row(equal_height=False):
             with gr.Column(min_width=300):
                 self.heatmap = gr.Image(label="CLS attention; the picked patches outlined by rank", type="pil",
-                                        show_label=False, buttons=[], interactive=False, visible=False,
+                                        show_label=False, buttons=[], interactive=False,
                                         elem_id="heatmap", elem_classes=["capdemo-heatmap"])
             with gr.Column(min_width=300):
-                self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False, visible=False,
+                self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False,
                                             elem_id="timings", elem_classes=["capdemo-table"])
         with gr.Accordion("Everything as JSON", open=False):
             self.details = gr.JSON(label="Caption details")
@@ -201,15 +138,11 @@ class CaptionOutputs:
         return [*per_method, view.heatmap, view.timings, view.notice, view.details]
 
     def cleared(self) -> list[Any]:
-        """Every output emptied (a new image was picked); :meth:`hideable` ones then hide."""
+        """Every output emptied (a new image was picked)."""
         per_method = []
         for name in self.methods:
             per_method += [""] + [None] * (1 + (name in self.neighbours))
         return [*per_method, None, None, "", None]
-
-    def hideable(self) -> list[Any]:
-        """The tables and the heatmap: shown only when they hold something."""
-        return [*self.candidates.values(), *self.neighbours.values(), self.heatmap, self.timings]
 
 
 def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, photos: Sequence[Path] = (),
@@ -315,11 +248,6 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
         clear_targets = [*caption_outputs.components(), *vqa_outputs, *embedding_outputs, embedding_note, state]
         for trigger in (picture.upload, picture.clear):
             trigger(cleared, None, clear_targets, api_visibility="private", queue=False)
-        reveal_when_filled(caption_outputs.details, caption_outputs.hideable())
-        reveal_when_filled(vqa_outputs[0], vqa_outputs[1:2])  # the answer -> its top-answers table
-        reveal_when_filled(embedding_outputs[0], embedding_outputs[2:])  # the plot -> the gap table
-        if panel is not None:
-            reveal_when_filled(panel.status, [panel.download])
         demo.load(app.about, None, [about_text, about_details], api_name="about")
 
     demo.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)
@@ -336,46 +264,9 @@ def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[Sett
         with gr.Accordion(f"{method.label} settings (preset to the bundle's)", open=False):
             with gr.Row():
                 controls += method_controls(method)
-    own = _my_captions_panel(captioner)
+    own = my_captions_panel(captioner)
     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
     return chosen, controls, button, CaptionOutputs(captioner), own
-
-
-def _my_captions_panel(captioner: Captioner) -> MyCaptionsPanel | None:
-    """Bring your own captions, for bundles with a retrieving method (None when none retrieves)."""
-    retrieving = [m.label for m in captioner.methods.values() if m.retrieval_encoder() is not None]
-    if not retrieving:
-        return None
-    with gr.Accordion(f"Bring your own captions ({', '.join(retrieving)} retrieval)", open=False,
-                      elem_id="my-captions"):
-        gr.Markdown(f"Paste captions, one per line (or a JSON list of strings), or upload a `.txt`/`.json` file: up "
-                    f"to {MAX_LINES:,} captions, {MAX_BYTES // 2**20} MB, {MAX_CAPTION_CHARS} characters each. They "
-                    "are embedded with the bundle's retrieval encoder into a store that only this browser session "
-                    "sees, and can be downloaded as a datastore folder for `--datastore` or "
-                    "`python -m training index --corpus captions.txt`.")
-        panel = MyCaptionsPanel(
-            text=gr.Textbox(label="Your captions", lines=4, elem_id="my-captions-text",
-                            placeholder="a red circle above a blue square\na yellow triangle on the left"),
-            file=gr.File(label="...or a file", file_types=[".txt", ".json"], elem_id="my-captions-file"),
-            button=gr.Button("Embed my captions", elem_id="my-captions-button"),
-            status=gr.Markdown(elem_id="my-captions-status", elem_classes=["capdemo-notice"]),
-            download=gr.DownloadButton("Download as datastore (zip)", visible=False, elem_id="my-captions-download"),
-            retrieve_from=gr.Radio([("the bundle's store", BUNDLE), ("my captions", MINE), ("both", BOTH)],
-                                   value=BUNDLE, label="Retrieve neighbours from", elem_id="retrieve-from"),
-        )
-    return panel
-
-
-@dataclass
-class MyCaptionsPanel:
-    """The Bring-your-own-captions components."""
-
-    text: Any
-    file: Any
-    button: Any
-    status: Any
-    download: Any
-    retrieve_from: Any
 
 
 def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
@@ -388,7 +279,7 @@ def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
     button = gr.Button("Ask", variant="primary", elem_id="ask-button")
     answer = gr.Textbox(label="Answer", elem_classes=["capdemo-caption"], elem_id="answer")
     with gr.Row(equal_height=False):
-        top = gr.Dataframe(label="Top candidate answers", interactive=False, visible=False, elem_id="top-answers",
+        top = gr.Dataframe(label="Top candidate answers", interactive=False, elem_id="top-answers",
                            elem_classes=["capdemo-table"])
         with gr.Column():
             generated = gr.Textbox(label="The language model's free-form answer")
@@ -411,14 +302,14 @@ def _embedding_tab() -> tuple[list, list, Any, Any]:
     with gr.Row(equal_height=False):
         histogram = gr.Plot(label="Per-dimension gap (MacCap Fig. 1)", elem_id="gap-histogram", min_width=300)
         table = gr.Dataframe(label="Gap numbers (MacCap Table 1, TOMCap std ratios)", interactive=False,
-                             visible=False, elem_id="gap-table", elem_classes=["capdemo-table"], min_width=300)
+                             elem_id="gap-table", elem_classes=["capdemo-table"], min_width=300)
     return [projection], [figure, histogram, table], button, note
 
 
 def batch_widths(methods: Sequence[str]) -> list[str]:
     """Column shares of the Batch table (image, per method caption and score, error): everything in view."""
-    caption, score = 60 / len(methods), 20 / len(methods)
-    return ["10%", *[f"{w:.1f}%" for _ in methods for w in (caption, score)], "10%"]
+    caption, score = 52 / len(methods), 18 / len(methods)
+    return ["10%", *[f"{w:.1f}%" for _ in methods for w in (caption, score)], "20%"]
 
 
 def _batch_tab(config: AppConfig, captioner: Captioner) -> tuple[list, list, Any]:
@@ -426,7 +317,8 @@ def _batch_tab(config: AppConfig, captioner: Captioner) -> tuple[list, list, Any
                     elem_id="batch-files")
     button = gr.Button("Caption all (bundle settings)", variant="primary", elem_id="batch-button")
     table = gr.Dataframe(label="Captions", interactive=False, wrap=True, elem_id="batch-table",
-                         column_widths=batch_widths(list(captioner.methods)), elem_classes=["capdemo-table"])
+                         column_widths=batch_widths(list(captioner.methods)),
+                         elem_classes=["capdemo-table", "capdemo-wrap-all"])
     with gr.Row():
         csv_file = gr.DownloadButton("Download CSV")
         json_file = gr.DownloadButton("Download JSON")
@@ -443,6 +335,7 @@ def build_app(
     return create_blocks(captioner, config=config, photos=photos)
 
 
+WARM_UP_NICENESS = 10  # the warm-up thread's niceness: captions keep the CPU while it compiles
 _umap_warmed = threading.Event()  # set once UMAP's numba code is compiled in this process
 _umap_started = threading.Lock()
 
@@ -452,6 +345,10 @@ def warm_up_umap() -> threading.Event:
     UMAP does not wait 10-30 s for it (nor hold a queue slot meanwhile). Returns the event set when done."""
     if _umap_started.acquire(blocking=False):
         def compile_umap() -> None:
+            try:  # a background job: let the request threads have the CPU first (Linux: per-thread niceness)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_UP_NICENESS)
+            except (AttributeError, OSError):
+                pass
             try:
                 analysis.umap_project(np.random.default_rng(0).normal(size=(2 * analysis.UMAP_MIN_POINTS + 8, 8)))
             except Exception:  # UMAP stays usable: its first real request compiles instead

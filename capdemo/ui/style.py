@@ -1,0 +1,52 @@
+"""How the page looks: the app's CSS (tables, images, plots, the phone layout) and the tables' column shares.
+
+Kept apart from the layout so the rules that make scores visible at any width, hide empty outputs and keep every
+tab in view on a phone are read in one place.
+"""
+
+# Column widths as shares of the table's width, so the score columns fit whatever the caption length (the caption
+# column, last, wraps at words).
+CANDIDATE_WIDTHS = ["8%", "17%", "19%", "19%", "37%"]  # #, CLIP score, chosen, sample, caption
+NEIGHBOUR_WIDTHS = ["8%", "19%", "18%", "55%"]  # #, cosine, store, neighbour caption
+CSS = """
+.capdemo-caption textarea { font-size: 1.1rem !important; font-weight: 600; }
+/* Tables: headers break only between words ("CLIP score"), captions wrap at words, never mid-word. */
+.capdemo-table th, .capdemo-table th span { word-break: keep-all !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+.capdemo-table [role=gridcell], .capdemo-table [role=gridcell] span { word-break: normal !important;
+  overflow-wrap: normal !important; white-space: nowrap !important; }
+.capdemo-table [role=gridcell]:last-child, .capdemo-table [role=gridcell]:last-child span,
+.capdemo-wrap-all [role=gridcell], .capdemo-wrap-all [role=gridcell] span {
+  white-space: normal !important; overflow-wrap: break-word !important; }
+/* Small inputs (the shapes world is 32 px) fill their box with crisp pixels instead of sitting tiny in it. */
+#image-input img, .capdemo-heatmap img { image-rendering: pixelated; }
+#image-input img { width: 100% !important; height: 100% !important; object-fit: contain; }
+/* Plots: the figures are transparent; their text follows the page's theme. */
+.dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
+.capdemo-notice p { margin: 0.2rem 0; }
+/* Nothing empty on the page: a table without rows, an image output without an image are not drawn. */
+/* (td: the table's hidden sizing copy of its rows, drawn even while the table is hidden; the visible rows are
+   virtual and only drawn once it shows) */
+.capdemo-table:not(:has(td)), .capdemo-heatmap:not(:has(img)) { display: none !important; }
+.capdemo-table th, .capdemo-table [role=gridcell] { padding: 6px !important; }
+.capdemo-table th, .capdemo-table th * { font-size: 12px !important; }
+.capdemo-table th .cell-wrap { padding: 0 !important; }
+@media (max-width: 640px) {
+  .capdemo-intro { display: none; }
+  .capdemo-header h1 { font-size: 1.25rem !important; }
+  #image-input { max-height: 210px; }
+  .capdemo-queue { display: none; }
+  /* Every tab in view: Gradio folds the tabs that do not fit into a "..." menu, measuring them in a hidden copy
+     of the row; shrunk there, they all count as fitting, and the real row wraps onto a second line instead. */
+  .tab-container.visually-hidden button { padding: 0 !important; font-size: 1px !important; min-width: 0 !important; }
+  .tab-wrapper { height: auto !important; padding-bottom: 0 !important; }
+  .tab-container[role=tablist] { flex-wrap: wrap !important; height: auto !important; row-gap: 2px; }
+  .tab-container[role=tablist] button { padding: 4px 10px !important; }
+  .overflow-menu { display: none !important; }
+  .capdemo-table th, .capdemo-table [role=gridcell] { padding: 3px !important; }
+  .capdemo-table [role=grid], .capdemo-table [role=grid] * { font-size: 12px !important; }
+}
+"""
+
+
+__all__ = ["CANDIDATE_WIDTHS", "CSS", "NEIGHBOUR_WIDTHS"]
