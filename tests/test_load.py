@@ -52,9 +52,9 @@ def test_sixteen_concurrent_users_get_their_own_results(tiny_bundle_dir, user_im
 
 
 def test_captions_do_not_wait_behind_the_first_umap():
-    """One client's first UMAP (compiling on the request path: no warm-up here) while 4 others caption: the
-    captions finish during the UMAP, not after it. Bounds are generous (shared CI machines); the measured numbers
-    are in benchmarks/README.md (python -m benchmarks.umap_load)."""
+    """One client's first UMAP (compiling on the request path, unless an app built earlier in this process warmed
+    it up) while 4 others caption: the captions finish during the UMAP, not after it. Bounds are generous (shared CI
+    machines); the measured numbers are in benchmarks/README.md (python -m benchmarks.umap_load)."""
     from benchmarks.umap_load import measure
     from tests.app_server import SHAPES_BUNDLE
 

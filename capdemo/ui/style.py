@@ -45,6 +45,9 @@ CSS = """
   .overflow-menu { display: none !important; }
   .capdemo-table th, .capdemo-table [role=gridcell] { padding: 3px !important; }
   .capdemo-table [role=grid], .capdemo-table [role=grid] * { font-size: 12px !important; }
+  /* the Batch table's many columns: laid out 640 px wide and scrolled sideways, rather than squeezed */
+  .capdemo-wrap-all .table-wrap { overflow-x: auto !important; }
+  .capdemo-wrap-all .table-wrap > * { min-width: 640px; }
 }
 """
 
