@@ -91,6 +91,12 @@ def caption_now(page) -> None:
         expect(box).not_to_have_value("")
 
 
+def scroll_to(page, selector: str) -> None:
+    """Bring an output into view as a visitor scrolling down would: Gradio's images load lazily, so one far below
+    the fold (the heatmap on a phone, under three methods' tables) has no size until it is near the viewport."""
+    page.locator(selector).evaluate("element => element.scrollIntoView({block: 'center'})")
+
+
 def shot(page, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{page.viewport_name}-{name}.png"
     page.screenshot(path=str(path), full_page=True)
@@ -191,11 +197,28 @@ def test_an_error_in_one_method_leaves_the_others_result_and_a_one_line_message(
     shot(page, tmp_path, "my-captions")
 
 
+def test_the_ask_tab_answers_the_readmes_question_about_the_first_example(page, bundle, tmp_path):
+    """README: "how many objects are there?" on the shipped bundle's first example (one small square) answers 1."""
+    import json
+
+    from playwright.sync_api import expect
+
+    listed = json.loads((Path(bundle) / "examples" / "scenes.json").read_text())
+    assert listed[0]["file"].endswith("-single.png")  # the shipped bundle's first example shows one object
+    upload(page, Path(bundle) / listed[0]["file"])
+    page.get_by_role("tab", name="Ask (VQA)").click()
+    page.locator("#question textarea").fill("how many objects are there?")
+    page.locator("#ask-button").click()
+    expect(page.locator("#answer textarea")).to_have_value("1")
+    shot(page, tmp_path, "ask")
+
+
 def test_a_new_upload_clears_the_old_results(page, shapes_png, tmp_path):
     from playwright.sync_api import expect
 
     upload(page, shapes_png)
     caption_now(page)
+    scroll_to(page, "#heatmap")
     expect(page.locator("#heatmap img")).to_be_visible()
     upload(page, corrupt_png(tmp_path / "broken.png"))
     for method in ("maccap", "tomcap"):
@@ -214,6 +237,7 @@ def test_a_new_upload_clears_the_old_results(page, shapes_png, tmp_path):
 def test_the_heatmap_top_row_labels_are_not_covered(page, shapes_png, tmp_path):
     upload(page, shapes_png)
     caption_now(page)
+    scroll_to(page, "#heatmap")
     image = page.locator("#heatmap img")
     image.scroll_into_view_if_needed()
     box = image.bounding_box()

@@ -275,7 +275,7 @@ def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
         gr.Markdown("This bundle cannot answer questions (it has no answer list or no method with an LM); "
                     "Ask will say so.")
     question = gr.Textbox(label=f"Question (up to {limit} characters: what the answering LM has room for)",
-                          placeholder="e.g. What colour is the circle?", max_length=limit or None, elem_id="question")
+                          placeholder="e.g. how many objects are there?", max_length=limit or None, elem_id="question")
     button = gr.Button("Ask", variant="primary", elem_id="ask-button")
     answer = gr.Textbox(label="Answer", elem_classes=["capdemo-caption"], elem_id="answer")
     with gr.Row(equal_height=False):
