@@ -30,7 +30,7 @@ from capdemo.features import ImageFeatures
 from capdemo.images import load_image
 from capdemo.methods.base import CaptionMethod, Encoded, LoadContext, MethodOptions, Towers
 from capdemo.inputs import MAX_QUESTION_CHARS, clean_question
-from capdemo.precision import DEFAULT_PRECISION, PrecisionReport, apply_precision, check_precision
+from capdemo.precision import DEFAULT_PRECISION, PrecisionReport, apply_precision, bf16_is_native, check_precision
 from capdemo.result import Result
 from capdemo.timing import StageTimer
 
@@ -309,8 +309,6 @@ def serving_precision(bundle: Bundle, device: str, requested: str | None = None)
     """The precision to serve ``bundle`` at: ``requested`` when given; else the bundle's recommendation
     (written from a measured quality check) on a CPU, except bf16 on a CPU without bf16 instructions (emulated,
     slower than fp32); else fp32 (int8 is CPU-only)."""
-    from capdemo.precision import bf16_is_native
-
     if requested is not None:
         return check_precision(requested)
     recommended = bundle.manifest.get(SERVING_KEY, {}).get("precision")
