@@ -295,6 +295,27 @@ def test_every_tab_is_reachable_and_the_plot_is_not_squeezed(page, shapes_png, t
     shot(page, tmp_path, "about")
 
 
+def test_in_dark_mode_the_plots_show_the_page_through_and_their_text_is_light(page, url, shapes_png, tmp_path):
+    """Issue #16: plots follow the theme (white plots on a dark page were the complaint)."""
+    from playwright.sync_api import expect
+
+    page.goto(url + "?__theme=dark", wait_until="load")
+    page.locator("#caption-button").wait_for()
+    upload(page, shapes_png)
+    page.get_by_role("tab", name="Embedding space").click()
+    page.locator("#embedding-button").click()
+    plot = page.locator("#embedding-plot .js-plotly-plot")
+    expect(plot).to_be_visible()
+    assert page.evaluate("document.body.classList.contains('dark')")
+    backgrounds = plot.evaluate("""p => [...p.querySelectorAll('.main-svg')].map(
+        svg => getComputedStyle(svg).backgroundColor)""")
+    assert backgrounds and set(backgrounds) == {"rgba(0, 0, 0, 0)"}, backgrounds  # the dark page shows through
+    title = plot.locator(".main-svg text.gtitle").first
+    red, green, blue = map(int, re.findall(r"\d+", title.evaluate("t => getComputedStyle(t).fill"))[:3])
+    assert min(red, green, blue) >= 180, (red, green, blue)  # light text on the dark page
+    shot(page, tmp_path, "dark-embedding")
+
+
 def test_an_example_shows_its_captions_on_click(page, tmp_path):
     from playwright.sync_api import expect
 
