@@ -8,7 +8,10 @@ of them from a single forward pass of one of two kinds of tower:
 
 * open_clip's own ViT, pooled by its CLS token: the tower is switched to return
   its tokens, and a hook on the last block's ``nn.MultiheadAttention`` asks it for
-  per-head weights; the CLS row of those weights is the pooling attention.
+  per-head weights; the CLS row of those weights is the pooling attention. A ViT
+  that keeps its CLS token but pools by averaging the patch tokens (open_clip's
+  ``pool_type="avg"``, e.g. the shapes world's tiny CLIP) is read the same way:
+  the CLS row still says which patches the CLS token attends to.
 * a timm ViT pooled by a MAP head (``AttentionPoolLatent``, e.g. open_clip's
   SigLIP2 configs): hooks keep the trunk's final-norm tokens, the last block's
   self-attention and the MAP latent query's attention over the tokens (the
@@ -295,10 +298,13 @@ class ClipEncoder(nn.Module):
 
 
 def _last_block_attention(visual: nn.Module) -> nn.MultiheadAttention | None:
-    """The last block's attention module, for CLS-token ViTs built by open_clip; None otherwise."""
+    """The last block's attention module, for open_clip ViTs with a CLS token pooled by it or by the patch mean;
+    None otherwise."""
     from open_clip.transformer import VisionTransformer
 
-    if not isinstance(visual, VisionTransformer) or visual.pool_type != "tok" or visual.attn_pool is not None:
+    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+        return None
+    if visual.pool_type not in ("tok", "avg"):  # "none": no pooling to explain
         return None
     attn = visual.transformer.resblocks[-1].attn
     return attn if isinstance(attn, nn.MultiheadAttention) else None

@@ -189,3 +189,18 @@ def test_mismatched_pairs_carry_another_scenes_caption_at_the_configured_rate():
     assert [scene for scene, _ in again] == [scene for scene, _ in wrong]  # seeded
     with pytest.raises(ConfigError, match="mismatched"):
         TinyClipConfig(mismatched=1.0)
+
+
+def test_an_average_pooled_clip_embeds_images_as_the_mean_of_its_projected_patch_tokens(untrained):
+    from PIL import Image
+
+    pooled_by_mean = build_encoder(TinyClipConfig.smoke().replace(vision_pool="avg"))[0]
+    image = Image.new("RGB", (WORLD.image_size, WORLD.image_size), (200, 40, 40))
+    for encoder, is_mean in ((pooled_by_mean, True), (untrained, False)):
+        features = encoder.encode_images(encoder.preprocess([image]))
+        patches = features.token_embeds[:, 1:]  # (1, 49, D) projected patch tokens
+        mean_of_patches = F.normalize(patches.mean(dim=1), dim=-1)  # (1, D)
+        assert torch.allclose(features.image_embeds, mean_of_patches, atol=1e-5) is is_mean
+    assert "pool_type" not in TinyClipConfig().open_clip_config()["vision_cfg"]  # "tok": shipped configs unchanged
+    with pytest.raises(ConfigError, match="vision_pool"):
+        TinyClipConfig(vision_pool="max")

@@ -9,14 +9,16 @@ same freshly generated held-out scenes:
 * the noise scale: mean+std correction with the training noise (cross-attention input and retrieval query)
   at 0, 0.25, 0.5 (the default), 1, 2 and 4 x sigma_I per dimension -- the sweep behind the default;
 * retrieval: TOMCap trained and run without retrieved captions (mean+std with noise);
+* MacCap's text reconstruction training (its Table 5): a single or N_cr noisy copies of the text embedding, each
+  with and without the region noise;
 * multiple sampling and subregions: MacCap at S = 1, with the CLS token instead of subregion aggregation, and at
   S = 20 with CLIP rerank (inference only, on the built bundle).
 
-It reuses a finished build's stage outputs (``--work-dir`` of ``python -m
-training shapes``: CLIP, LM, datastore, gap statistics), trains each variant
-with the build's own ``python -m training tomcap`` command, and keeps every
-variant's bundle and scores under ``<work-dir>/ablation`` so an interrupted run
-continues where it stopped.
+Every row also reports its text-to-text ceiling (the decoder fed clean text embeddings), so a row that loses on
+images can be told apart from a weaker decoder. It reuses a finished build's stage outputs (``--work-dir`` of
+``python -m training shapes``: CLIP, LM, datastore, gap statistics), trains each variant with the build's own
+``python -m training tomcap`` or ``maccap`` command, and keeps every variant's bundle and scores under
+``<work-dir>/ablation`` so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import numpy as np
 
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.fileio import atomic_output
+from capdemo.methods.maccap.model import MacCapConfig
 from capdemo.methods.tomcap.model import TOMCapConfig
-from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, chosen_recipe, log, run_command,
-                                   tomcap_command)
+from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, chosen_recipe, log, maccap_command,
+                                   run_command, tomcap_command)
 from training.shapes.evaluate import evaluate_bundle
 
 
@@ -47,34 +50,50 @@ class Variant:
     name: str
     group: str
     description: str
-    tomcap_flags: tuple[str, ...] = ()  # extra ``python -m training tomcap`` flags (trained variants)
-    maccap: tuple[tuple[str, object], ...] = ()  # MacCap inference settings (inference-only variants)
+    method: str = "tomcap"  # the method the row trains (or, for an inference-only row, runs)
+    flags: tuple[str, ...] = ()  # extra ``python -m training <method>`` flags (trained variants)
+    settings: tuple[tuple[str, object], ...] = ()  # inference settings on the built bundle (inference-only variants)
 
     @property
     def trained(self) -> bool:
-        return not self.maccap
+        return not self.settings
+
+
+# How a trained row's method is trained: its build command and the config whose defaults its flags change
+TRAINED_METHODS = {"tomcap": (tomcap_command, TOMCapConfig), "maccap": (maccap_command, MacCapConfig)}
 
 
 NO_NOISE = ("--input-noise-scale", "0", "--query-noise-scale", "0", "--noise-variance", "0")
 VARIANTS = (
-    Variant("gap-none", "gap", "no gap handling", ("--gap-correction", "none", *NO_NOISE)),
+    Variant("gap-none", "gap", "no gap handling", flags=("--gap-correction", "none", *NO_NOISE)),
     Variant("gap-noise", "gap", "CapDec's noise only (variance 0.016, re-normalised)",
-            ("--gap-correction", "none", *NO_NOISE[:-1], "0.016")),
-    Variant("gap-mean", "gap", "mean-only correction", ("--gap-correction", "mean", *NO_NOISE)),
-    Variant("gap-mean-std", "gap", "mean+std correction", ("--gap-correction", "mean_std", *NO_NOISE)),
+            flags=("--gap-correction", "none", *NO_NOISE[:-1], "0.016")),
+    Variant("gap-mean", "gap", "mean-only correction", flags=("--gap-correction", "mean", *NO_NOISE)),
+    Variant("gap-mean-std", "gap", "mean+std correction", flags=("--gap-correction", "mean_std", *NO_NOISE)),
     Variant("gap-mean-std-noise", "gap", "mean+std correction + noise 0.5 x sigma_I (default)",
-            ("--gap-correction", "mean_std")),
+            flags=("--gap-correction", "mean_std")),
     *(Variant(f"noise-scale-{scale}", "noise", f"mean+std correction + noise {scale} x sigma_I",
-              ("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
+              flags=("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
       for scale in ("0.25", "1", "2", "4")),  # with gap-mean-std (0) and the default (0.5): the noise-scale sweep
+    *(Variant(f"tomcap-k{k}", "neighbours", f"TOMCap with K = {k} retrieved captions", flags=("--k", k))
+      for k in ("1", "2", "8")),  # with the default (K = 4): the paper's K sweep
     Variant("no-retrieval", "retrieval", "TOMCap without retrieval",
-            ("--gap-correction", "mean_std", "--no-retrieval")),
-    Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", maccap=(("samples", 1),)),
+            flags=("--gap-correction", "mean_std", "--no-retrieval")),
+    Variant("maccap-single-no-noise", "text training", "MacCap single token w/o noise", method="maccap",
+            flags=("--text-copies", "1", "--noise-variance", "0")),
+    Variant("maccap-single-noise", "text training", "MacCap single token w/ noise", method="maccap",
+            flags=("--text-copies", "1")),
+    Variant("maccap-multi-no-noise", "text training", "MacCap multiple token w/o noise", method="maccap",
+            flags=("--noise-variance", "0")),
+    Variant("maccap-multi-noise", "text training", "MacCap multiple token w/ noise (default)", method="maccap"),
+    Variant("maccap-s1", "sampling", "MacCap S = 1 (one clean sample, no rerank)", method="maccap",
+            settings=(("samples", 1),)),
     Variant("maccap-cls", "region", "MacCap with the CLS token instead of subregion aggregation, S = 20",
-            maccap=(("region_mode", "cls"),)),
-    Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", maccap=(("samples", 20),)),
+            method="maccap", settings=(("region_mode", "cls"),)),
+    Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", method="maccap",
+            settings=(("samples", 20),)),
 )
-REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate")
+REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate", "text_to_text_scene_accuracy")
 
 
 def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: Path, steps: int | None, n: int,
@@ -85,31 +104,32 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     its flags and TOMCap's defaults; an inference row: the scored weights' manifest and its settings), so a rerun
     with other inputs, or after a default changed, never reuses a bundle or a score.
     """
-    if variant.trained:  # what the row trains: the recipe, its steps, its flags and TOMCap's defaults under them
-        tomcap_steps = recipe.tomcap_steps if steps is None else steps
-        source: dict[str, Any] = {"recipe": recipe.to_dict(), "steps": tomcap_steps, "flags": variant.tomcap_flags,
-                                  "defaults": TOMCapConfig().to_dict()}
+    if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
+        command, method_config = TRAINED_METHODS[variant.method]
+        method_steps = recipe.steps_of(variant.method) if steps is None else steps
+        source: dict[str, Any] = {"recipe": recipe.to_dict(), "method": variant.method, "steps": method_steps,
+                                  "flags": variant.flags, "defaults": method_config().to_dict()}
     else:
-        source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.maccap}
+        source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.settings}
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
-    folder = work / "ablation" / variant.name / (f"steps-{tomcap_steps}-{key}" if variant.trained else key)
+    folder = work / "ablation" / variant.name / (f"steps-{method_steps}-{key}" if variant.trained else key)
     scores_file = folder / f"scores-n{n}-seed{seed}.json"
     if scores_file.is_file():
         return json.loads(scores_file.read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    scored = weights
     if variant.trained:
-        bundle = folder / "bundle"
-        if not (bundle / "bundle.json").is_file():
+        scored = folder / "bundle"
+        if not (scored / "bundle.json").is_file():
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
-                run_command(tomcap_command(recipe, work, out=bundle, run_dir=folder / "run", steps=steps,
-                                           extra=variant.tomcap_flags))
-        report = evaluate_bundle(str(bundle), n=n, seed=seed, methods=["tomcap"], ceiling=False,
-                                 world_config=recipe.world)["tomcap"]  # its bundle has no recipe
-    else:
-        report = evaluate_bundle(str(weights), n=n, seed=seed, methods=["maccap"],
-                                 settings={"maccap": dict(variant.maccap)}, ceiling=False,
-                                 world_config=recipe.world)["maccap"]
-    row = {"group": variant.group, "description": variant.description, **{k: report[k] for k in REPORTED}}
+                run_command(command(recipe, work, out=scored, run_dir=folder / "run", steps=steps,
+                                    extra=variant.flags))
+    report = evaluate_bundle(str(scored), n=n, seed=seed, methods=[variant.method],
+                             settings={variant.method: dict(variant.settings)}, gap=False, vqa_scenes=0,
+                             examples=False, world_config=recipe.world)  # a trained row's bundle has no recipe
+    scores = {**report[variant.method],
+              "text_to_text_scene_accuracy": report["text_to_text"][variant.method]["scene_accuracy"]}
+    row = {"group": variant.group, "description": variant.description, **{k: scores[k] for k in REPORTED}}
     with atomic_output(scores_file) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
     log(f"{variant.name}: scene {row['scene_accuracy']:.3f} attributes {row['attribute_accuracy']:.3f}")
@@ -136,10 +156,12 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
         std = row.get(f"{metric}_std")
         return f"{row[metric]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
-    lines = ["| variant | seeds | scene acc. | attribute acc. | CIDEr | BLEU-4 |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | scene acc. | attribute acc. | CIDEr | BLEU-4 | text-to-text scene acc. |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows.values():
         lines.append(f"| {row['description']} | {len(row['seeds'])} | {cell(row, 'scene_accuracy', 3)} "
-                     f"| {cell(row, 'attribute_accuracy', 3)} | {cell(row, 'cider', 2)} | {cell(row, 'bleu4', 3)} |")
+                     f"| {cell(row, 'attribute_accuracy', 3)} | {cell(row, 'cider', 2)} | {cell(row, 'bleu4', 3)} "
+                     f"| {cell(row, 'text_to_text_scene_accuracy', 3)} |")
     return "\n".join(lines)
 
 
@@ -149,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="runs/shapes-build-v2",
                         help="a finished `python -m training shapes` work dir")
     parser.add_argument("--weights", default="weights/shapes", help="bundle for the inference-only (MacCap) rows")
-    parser.add_argument("--steps", type=int, default=None, help="TOMCap steps per trained variant (recipe default)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per trained variant (default: the recipe's steps of its method)")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes per row")
     parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
-                        help="TOMCap training seeds per trained row (mean ± std over them)")
+                        help="training seeds per trained row (mean ± std over them)")
     add_recipe_arguments(parser)  # the work dir's recipe: --world v1 for the shipped bundle's, --smoke for CI's
     parser.add_argument("--only", nargs="+", default=None, choices=[v.name for v in VARIANTS], help="run these rows")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
@@ -173,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             seed: run_variant(variant, recipe=recipe.replace(seed=seed), work=work, weights=Path(args.weights),
                               steps=args.steps, n=args.n, seed=args.seed) for seed in seeds})
     report = {"n": args.n, "seed": args.seed, "tomcap_steps": args.steps or recipe.tomcap_steps,
+              "maccap_steps": args.steps or recipe.maccap_steps,
               "train_seeds": args.train_seeds, "rows": rows}
     print(json.dumps(report) if args.json else markdown_table(rows))
     return 0

@@ -16,6 +16,9 @@ the app loads from the bundle. Two choices make it a faithful miniature of a rea
   image; ``near_misses`` puts one-attribute variants of each pair's scene into its batch as hard
   negatives. ``same_scene_positives`` (count same-scene pairs in a batch as matches) is a switch,
   off because it scored lower in a trial.
+* The world-v2 recipe pools the image by the mean of its patch tokens (``vision_pool="avg"``). MacCap reads the
+  projected patch tokens, and only what is pooled is trained to meet the text: a 3-layer ViT pooled by its CLS
+  token leaves them unaligned (real CLIP's, after 12 layers, carry the CLS token's semantics).
 
 Training runs through the shared loop (:mod:`training.loop`); every caption is a fresh paraphrase
 of its scene each time it is drawn. Images are used at the size they are drawn, so the training
@@ -77,6 +80,10 @@ class TinyClipConfig(Config):
     vision_width: int = 96  # ViT hidden width
     vision_layers: int = 3  # ViT blocks
     vision_head_width: int = 32  # width per attention head (heads = vision_width / vision_head_width)
+    # How the ViT pools its tokens into the image embedding: "tok" = the CLS token (OpenAI's CLIP), "avg" = the mean
+    # of the patch tokens (open_clip's pool_type). Only what is pooled is trained to meet the text: with "tok" a
+    # tiny ViT's projected patch tokens never are, so no subregion can be closer to a caption than the image.
+    vision_pool: str = "tok"
     context_length: int = 20  # text tokens incl. start and end; the world's longest caption needs 15
     # open_clip's standard BPE tokenizer (49408 tokens) is kept so the encoder loads like any other;
     # its vocab_size x text_width token embedding is most of the file, so the text tower stays narrow.
@@ -114,6 +121,8 @@ class TinyClipConfig(Config):
         if self.train.batch_size % self.family_size or self.pairs % self.family_size:
             raise ConfigError(f"TinyClipConfig: pairs {self.pairs} and train.batch_size {self.train.batch_size} "
                               f"must be multiples of 1 + near_misses = {self.family_size}")
+        if self.vision_pool not in ("tok", "avg"):
+            raise ConfigError(f"TinyClipConfig.vision_pool must be 'tok' or 'avg', got {self.vision_pool!r}")
         if not 0 <= self.mismatched < 1:
             raise ConfigError(f"TinyClipConfig.mismatched must be a fraction in [0, 1), got {self.mismatched}")
         if not self.logit_scale > 0 or self.pairs < self.train.batch_size or self.threads < 1:
@@ -138,7 +147,9 @@ class TinyClipConfig(Config):
             "embed_dim": self.embed_dim,
             "init_logit_scale": math.log(self.logit_scale),
             "vision_cfg": {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
-                           "layers": self.vision_layers, "head_width": self.vision_head_width},
+                           "layers": self.vision_layers, "head_width": self.vision_head_width,
+                           # "tok" is open_clip's default: left out, so the shipped bundle's encoder config is unchanged
+                           **({"pool_type": self.vision_pool} if self.vision_pool != "tok" else {})},
             "text_cfg": {"context_length": self.context_length, "vocab_size": self.vocab_size,
                          "width": self.text_width, "heads": self.text_heads, "layers": self.text_layers},
         }
