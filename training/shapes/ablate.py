@@ -9,6 +9,7 @@ same freshly generated held-out scenes:
 * the noise scale: mean+std correction with the training noise (cross-attention input and retrieval query)
   at 0, 0.25, 0.5 (the default), 1, 2 and 4 x sigma_I per dimension -- the sweep behind the default;
 * retrieval: TOMCap trained and run without retrieved captions (mean+std with noise);
+* neighbours: TOMCap with K = 1, 2 and 8 retrieved captions (4, the paper's best, is the default row);
 * MacCap's text reconstruction training (its Table 5): a single or N_cr noisy copies of the text embedding, each
   with and without the region noise;
 * multiple sampling and subregions: MacCap at S = 1, with the CLS token instead of subregion aggregation, and at
@@ -101,7 +102,7 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     """Train (if needed) and score one variant; scores are cached next to its bundle.
 
     Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe, its steps,
-    its flags and TOMCap's defaults; an inference row: the scored weights' manifest and its settings), so a rerun
+    its flags and its method's defaults; an inference row: the scored weights' manifest and its settings), so a rerun
     with other inputs, or after a default changed, never reuses a bundle or a score.
     """
     if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
