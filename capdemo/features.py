@@ -23,6 +23,10 @@ class ImageFeatures:
       its attention over the T tokens is ``pool_attention`` and the tower's pooled
       output is ``pooled_embeds``; num_prefix_tokens is the trunk's own count (0
       for SigLIP2: no CLS, every token is a patch).
+    * ViT pooled by the patch mean (open_clip ``pool_type="avg"``): the global embedding
+      is the mean of the patch tokens, so ``pool_attention`` is the mean of the patch
+      rows of ``attention`` (the CLS token's row feeds no output), and token 0 and
+      ``pooled_embeds`` are both the pooled output.
 
     Consumers read the pooling attention as :attr:`cls_attention` and the global
     token as :attr:`global_embeds`, which cover both cases.
@@ -33,7 +37,7 @@ class ImageFeatures:
     attention: torch.Tensor  # (B, H, T, T) last block's self-attention probabilities per head (rows sum to 1)
     grid_size: tuple[int, int]  # (rows, cols) of the patch grid
     num_prefix_tokens: int = 1
-    # (B, H_p, T) attention of a pooling query that is not one of the tokens (a MAP head's latent), per head;
+    # (B, H_p, T) attention of a pooling query that is not one of the tokens (a MAP head's latent, or the patch mean),
     # None: the CLS token (token 0) is the pooling query. Rows sum to 1.
     pool_attention: torch.Tensor | None = None
     # (B, D) the tower's pooled output before normalisation, when it is not token 0 (MAP); None: token 0.
@@ -41,7 +45,8 @@ class ImageFeatures:
 
     def __post_init__(self) -> None:
         if (self.pool_attention is None) != (self.pooled_embeds is None):
-            raise ValueError("ImageFeatures: pool_attention and pooled_embeds come together (a MAP-pooled tower)")
+            raise ValueError("ImageFeatures: pool_attention and pooled_embeds come together (a tower whose pooling "
+                             "query is not the CLS token)")
         if self.pool_attention is None and self.num_prefix_tokens < 1:
             raise ValueError("ImageFeatures: without a CLS token (num_prefix_tokens == 0) the pooling attention "
                              "and pooled embedding must be given (pool_attention, pooled_embeds)")
@@ -54,7 +59,8 @@ class ImageFeatures:
     def cls_attention(self) -> torch.Tensor:
         """The pooling query's attention over all T tokens, per head: (B, H, T).
 
-        The CLS token's row of the last block's attention, or a MAP head's latent query attention.
+        The CLS token's row of the last block's attention, a MAP head's latent query attention, or the mean of
+        the patch rows for a tower pooled by the patch mean.
         """
         return self.pool_attention if self.pool_attention is not None else self.attention[:, :, 0, :]
 

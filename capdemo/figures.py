@@ -98,7 +98,7 @@ def attention_overlay(
 
     Args:
         image: the input image, any size; it is redrawn with its longest side ``side``.
-        attention: (rows, cols) non-negative attention per patch (e.g. the head-averaged CLS attention of the
+        attention: (rows, cols) non-negative attention per patch (e.g. the head-averaged pooling attention of the
             last block); min-max scaled for the veil, so only the relative pattern is shown (the legend gives
             the actual range).
         outlined: (row, col) of the picked patches, best first; patch ``i`` of the list is labelled ``i + 1``.
@@ -145,7 +145,7 @@ def _draw_legend(canvas: Image.Image, *, top: int, low: float, high: float) -> N
     font = ImageFont.load_default(size=12)
     margin, bar_height = 8, 12
     low_text, high_text = f"{low:.3f}", f"{high:.3f}"
-    label = "CLS attention per patch (veiled = ignored)"
+    label = "pooling attention per patch (veiled = ignored)"
     bar_left = margin + int(draw.textlength(low_text, font=font)) + 6
     bar_right = canvas.width - margin - int(draw.textlength(high_text, font=font)) - 6
     width = max(2, bar_right - bar_left)

@@ -201,6 +201,14 @@ def test_an_average_pooled_clip_embeds_images_as_the_mean_of_its_projected_patch
         patches = features.token_embeds[:, 1:]  # (1, 49, D) projected patch tokens
         mean_of_patches = F.normalize(patches.mean(dim=1), dim=-1)  # (1, D)
         assert torch.allclose(features.image_embeds, mean_of_patches, atol=1e-5) is is_mean
-    assert "pool_type" not in TinyClipConfig().open_clip_config()["vision_cfg"]  # "tok": shipped configs unchanged
+        # the patch saliency MacCap selects by is the pooling query's attention: the mean of the 49 patch rows when
+        # the tower pools by the patch mean, the CLS token's row otherwise
+        rows = features.attention  # (1, H, 50, 50)
+        pooling_row = rows[:, :, 1:, :].mean(dim=2) if is_mean else rows[:, :, 0, :]  # (1, H, 50)
+        assert torch.allclose(features.cls_attention, pooling_row, atol=1e-6)
+        assert torch.allclose(features.cls_attention.sum(dim=-1), torch.ones(1, rows.shape[1]), atol=1e-5)
+        assert not torch.allclose(rows[:, :, 1:, :].mean(dim=2), rows[:, :, 0, :], atol=1e-3)  # the two differ
+        assert torch.allclose(features.global_embeds, features.token_embeds[:, 0])
+    assert "pool_type" not in TinyClipConfig().open_clip_config()["vision_cfg"]  # "tok": world v1's config unchanged
     with pytest.raises(ConfigError, match="vision_pool"):
         TinyClipConfig(vision_pool="max")

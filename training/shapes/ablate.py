@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
                         help="training seeds per trained row (mean ± std over them)")
-    add_recipe_arguments(parser)  # the work dir's recipe: --world v1 for the shipped bundle's, --smoke for CI's
+    add_recipe_arguments(parser)  # the work dir's recipe: the shipped bundle's by default, --world v1, --smoke for CI's
     parser.add_argument("--only", nargs="+", default=None, choices=[v.name for v in VARIANTS], help="run these rows")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
     args = parser.parse_args(argv)

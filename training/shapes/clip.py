@@ -148,7 +148,7 @@ class TinyClipConfig(Config):
             "init_logit_scale": math.log(self.logit_scale),
             "vision_cfg": {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
                            "layers": self.vision_layers, "head_width": self.vision_head_width,
-                           # "tok" is open_clip's default: left out, so the shipped bundle's encoder config is unchanged
+                           # "tok" is open_clip's default: left out, so world v1's encoder config is unchanged
                            **({"pool_type": self.vision_pool} if self.vision_pool != "tok" else {})},
             "text_cfg": {"context_length": self.context_length, "vocab_size": self.vocab_size,
                          "width": self.text_width, "heads": self.text_heads, "layers": self.text_layers},
