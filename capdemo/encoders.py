@@ -234,7 +234,8 @@ class ClipEncoder(nn.Module):
             return self._encode_images_cls(pixels)
 
     def _encode_images_cls(self, pixels: torch.Tensor) -> ImageFeatures:
-        """:meth:`encode_images` for an open_clip ViT whose CLS token pools: hooks on one pass."""
+        """:meth:`encode_images` for an open_clip ViT pooled by its CLS token or by the patch mean: hooks on one
+        pass."""
         if self._last_attn is None:
             raise NotImplementedError(
                 f"{self.name}: patch tokens and the pooling attention need an open_clip ViT with a CLS token "

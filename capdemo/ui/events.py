@@ -95,7 +95,8 @@ def user_facing(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 
 def attention_grid(encoded: Encoded, index: int = 0) -> np.ndarray:
-    """Head-averaged last-block CLS attention over the patch grid of image ``index``: (rows, cols)."""
+    """Head-averaged last-block pooling attention (the CLS token's, or the patch mean's) over the patch grid of
+    image ``index``: (rows, cols)."""
     features = encoded.features
     over_patches = features.cls_attention_mean[index, features.num_prefix_tokens :]  # (N_p,)
     return over_patches.float().cpu().numpy().reshape(features.grid_size)

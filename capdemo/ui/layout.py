@@ -114,7 +114,7 @@ class CaptionOutputs:
                             elem_classes=["capdemo-table"])
         with gr.Row(equal_height=False):
             with gr.Column(min_width=300):
-                self.heatmap = gr.Image(label="CLS attention; the picked patches outlined by rank", type="pil",
+                self.heatmap = gr.Image(label="Pooling attention; the picked patches outlined by rank", type="pil",
                                         show_label=False, buttons=[], interactive=False,
                                         elem_id="heatmap", elem_classes=["capdemo-heatmap"])
             with gr.Column(min_width=300):
