@@ -252,21 +252,22 @@ class ClipEncoder(nn.Module):
             visual.output_tokens = False
             for handle in handles:
                 handle.remove()
+        pooled = pooled.float()  # (B, D)
         patches = tokens @ visual.proj if visual.proj is not None else tokens  # (B, N_p, D)
-        token_embeds = torch.cat([pooled.unsqueeze(1), patches], dim=1).float()  # (B, 1 + N_p, D)
+        token_embeds = torch.cat([pooled.unsqueeze(1), patches.float()], dim=1)  # (B, 1 + N_p, D)
         attention = captured["weights"].float()  # (B, H, T, T)
         # Pooled by the patch mean, the global embedding is the mean of the patch tokens, so the attention that
         # formed it is the mean of their attention rows; the CLS token's own row feeds nothing the tower outputs
         by_mean = visual.pool_type == "avg"
         pool_attention = attention[:, :, 1:, :].mean(dim=2) if by_mean else None  # (B, H, T)
         return ImageFeatures(
-            image_embeds=F.normalize(pooled.float(), dim=-1),
+            image_embeds=F.normalize(pooled, dim=-1),
             token_embeds=token_embeds,
             attention=attention,
             grid_size=self.grid_size,
             num_prefix_tokens=1,
             pool_attention=pool_attention,
-            pooled_embeds=pooled.float() if by_mean else None,  # token 0 as well: the pooled output
+            pooled_embeds=pooled if by_mean else None,  # token 0 as well: the pooled output
         )
 
     def _encode_images_map(self, pixels: torch.Tensor) -> ImageFeatures:
