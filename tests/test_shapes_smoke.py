@@ -134,10 +134,11 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
 
     work = smoke_bundle.parent / "work"
     argv = ["--smoke", "--work-dir", str(work), "--weights", str(smoke_bundle), "--only", "gap-none", "maccap-s1",
-            "maccap-single-no-noise", "--steps", "10", "--n", "20", "--json"]
+            "maccap-single-no-noise", "capdec-no-noise", "--steps", "10", "--n", "20", "--json"]
     assert ablate.main(argv) == 0
     first = json.loads(capsys.readouterr().out)
-    assert set(first["rows"]) == {"gap-none", "maccap-s1", "maccap-single-no-noise"} and first["n"] == 20
+    assert set(first["rows"]) == {"gap-none", "maccap-s1", "maccap-single-no-noise", "capdec-no-noise"}
+    assert first["n"] == 20 and first["capdec_steps"] == 10
     for row in first["rows"].values():
         assert 0.0 <= row["scene_accuracy"] <= row["attribute_accuracy"] <= 1.0
         assert 0.0 <= row["text_to_text_scene_accuracy"] <= 1.0
@@ -149,6 +150,8 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
     (maccap_dir,) = (work / "ablation" / "maccap-single-no-noise").glob("steps-10-*")  # a trained MacCap row
     maccap = Bundle.load(maccap_dir / "bundle").component("maccap")
     assert (maccap["text_copies"], maccap["noise_variance"]) == (1, 0.0)
+    (capdec_dir,) = (work / "ablation" / "capdec-no-noise").glob("steps-10-*")  # a trained CapDec row
+    assert Bundle.load(capdec_dir / "bundle").component("capdec")["noise_variance"] == 0.0
     trained = (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns
     assert ablate.main(argv) == 0  # a second run reads the stored scores: no training, same numbers
     assert json.loads(capsys.readouterr().out) == first

@@ -18,11 +18,12 @@ import gradio as gr
 import numpy as np
 from gradio.data_classes import FileData
 
-from capdemo import analysis
+from capdemo import __version__, analysis
 from capdemo.my_captions import BUNDLE, StoreChoice
 from capdemo.pipeline import Captioner
 from capdemo.ui.controls import SettingControl, method_controls, options_from_values, with_parameters
 from capdemo.ui.events import AppConfig, CaptionDemo
+from capdemo.ui.examples_cache import claim_examples_cache, source_key
 from capdemo.ui.panels import MyCaptionsPanel, my_captions_panel
 from capdemo.ui.style import CANDIDATE_WIDTHS, CSS, NEIGHBOUR_WIDTHS
 from capdemo.ui.views import CaptionView
@@ -217,9 +218,11 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
 
         with left:
             if examples:
-                gr.Examples(examples=examples, inputs=[picture], outputs=caption_outputs.components(),
-                            fn=example_caption, cache_examples=cache_examples, cache_mode="lazy",
-                            label="Examples (click one: its captions show at once)", examples_per_page=12)
+                shown = gr.Examples(examples=examples, inputs=[picture], outputs=caption_outputs.components(),
+                                    fn=example_caption, cache_examples=cache_examples, cache_mode="lazy",
+                                    label="Examples (click one: its captions show at once)", examples_per_page=12)
+                if cache_examples:  # outputs cached by another bundle or capdemo version are dropped
+                    claim_examples_cache(Path(shown.cached_folder), source_key(captioner.info(), __version__))
             gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} captioning at once, at most "
                         f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
                         "try again shortly.</small>", elem_classes=["capdemo-queue"])

@@ -14,7 +14,9 @@ same freshly generated held-out scenes:
 * MacCap's text reconstruction training (its Table 5): a single or N_cr noisy copies of the text embedding, each
   with and without the region noise;
 * multiple sampling and subregions: MacCap at S = 1, with the CLS token instead of subregion aggregation, and at
-  S = 20 with CLIP rerank (inference only, on the built bundle).
+  S = 20 with CLIP rerank (inference only, on the built bundle);
+* CapDec's noise injection (its paper's central claim): CapDec trained on clean text embeddings against the
+  recipe's noise variance.
 
 Every row also reports its text-to-text ceiling (the decoder fed clean text embeddings), so a row that loses on
 images can be told apart from a weaker decoder. It reuses a finished build's stage outputs (``--work-dir`` of
@@ -40,8 +42,9 @@ from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.fileio import atomic_output
 from capdemo.methods.maccap.model import MacCapConfig
 from capdemo.methods.tomcap.model import TOMCapConfig
-from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, chosen_recipe, log, maccap_command,
-                                   run_command, tomcap_command)
+from capdemo.methods.capdec.model import CapDecConfig
+from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, capdec_command, chosen_recipe, log,
+                                   maccap_command, run_command, tomcap_command)
 from training.shapes.evaluate import evaluate_bundle
 
 
@@ -62,7 +65,8 @@ class Variant:
 
 
 # How a trained row's method is trained: its build command and the config whose defaults its flags change
-TRAINED_METHODS = {"tomcap": (tomcap_command, TOMCapConfig), "maccap": (maccap_command, MacCapConfig)}
+TRAINED_METHODS = {"tomcap": (tomcap_command, TOMCapConfig), "maccap": (maccap_command, MacCapConfig),
+                   "capdec": (capdec_command, CapDecConfig)}
 
 
 NO_NOISE = ("--input-noise-scale", "0", "--query-noise-scale", "0", "--noise-variance", "0")
@@ -96,6 +100,9 @@ VARIANTS = (
             method="maccap", settings=(("region_mode", "cls"),)),
     Variant("maccap-s20", "sampling", "MacCap S = 20 + CLIP rerank (default)", method="maccap",
             settings=(("samples", 20),)),
+    Variant("capdec-no-noise", "capdec", "CapDec w/o noise (clean text embeddings)", method="capdec",
+            flags=("--noise-variance", "0")),
+    Variant("capdec-noise", "capdec", "CapDec w/ noise (default)", method="capdec"),
 )
 REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate", "text_to_text_scene_accuracy")
 
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             seed: run_variant(variant, recipe=recipe.replace(seed=seed), work=work, weights=Path(args.weights),
                               steps=args.steps, n=args.n, seed=args.seed) for seed in seeds})
     report = {"n": args.n, "seed": args.seed, "tomcap_steps": args.steps or recipe.tomcap_steps,
-              "maccap_steps": args.steps or recipe.maccap_steps,
+              "maccap_steps": args.steps or recipe.maccap_steps, "capdec_steps": args.steps or recipe.capdec_steps,
               "train_seeds": args.train_seeds, "rows": rows}
     print(json.dumps(report) if args.json else markdown_table(rows))
     return 0
