@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from capdemo.fileio import sort_safetensors_metadata
 from capdemo.weights import UnsafeWeightsError, WeightSource, check_not_pickle, resolve
 
 BUNDLE_FORMAT = "capdemo-bundle"
@@ -115,7 +116,9 @@ class BundleWriter:
 
     def add_tensors(self, relpath: str, tensors: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.path(relpath)), metadata)
+        target = self.path(relpath)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target), metadata)
+        sort_safetensors_metadata(target)
 
     def add_json(self, relpath: str, obj: Any) -> None:
         self.path(relpath).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")

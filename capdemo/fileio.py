@@ -1,8 +1,11 @@
-"""Writing files so that a killed writer never leaves a truncated one behind."""
+"""Writing files so that a killed writer never leaves a truncated one behind, and the same content gives the same
+bytes."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,3 +46,24 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header in place with its metadata keys sorted.
+
+    safetensors writes the metadata from a hash map, so the same tensors and metadata come out in a different byte
+    order from one process to the next; a sorted header makes a rebuilt bundle byte-identical to the shipped one.
+    The header keeps its length (same characters, same padding), so the tensor data is not touched.
+    """
+    with open(path, "r+b") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # cannot happen for a header safetensors wrote; never corrupt the file
+            raise ValueError(f"{path}: sorted safetensors header is longer than the original")
+        file.seek(8)
+        file.write(text.ljust(length, b" "))

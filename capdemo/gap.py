@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from capdemo.fileio import atomic_output
+from capdemo.fileio import atomic_output, sort_safetensors_metadata
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -135,6 +135,7 @@ class GapStats:
             metadata["encoder_name"] = self.encoder_name
         with atomic_output(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
+            sort_safetensors_metadata(tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> GapStats:

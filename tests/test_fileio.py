@@ -40,3 +40,34 @@ def test_a_durable_write_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
         tmp.write_text("b")
     assert synced == [False, True]  # the temp file before the rename, then the folder
     assert (tmp_path / "durable.txt").read_text() == "b"
+
+
+def test_a_safetensors_header_gets_its_metadata_sorted_without_touching_the_tensors(tmp_path):
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from capdemo.fileio import sort_safetensors_metadata
+
+    path = tmp_path / "stats.safetensors"
+    tensors = {"mu": torch.arange(4.0), "sigma": torch.ones(3)}
+    metadata = {"n_text": "2518", "n_image": "2000", "format": "capdemo.gapstats/1", "encoder_name": "tiny"}
+    save_file(tensors, str(path), metadata=metadata)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header["__metadata__"] = dict(reversed(sorted(metadata.items())))  # the order a hash map may have written
+    scrambled = json.dumps(header, separators=(",", ":")).encode().ljust(length, b" ")
+    path.write_bytes(raw[:8] + scrambled + raw[8 + length:])
+    sort_safetensors_metadata(path)
+    fixed = path.read_bytes()
+    assert len(fixed) == len(raw) and fixed[8 + length:] == raw[8 + length:]  # same size, same tensor bytes
+    assert list(json.loads(fixed[8:8 + length])["__metadata__"]) == sorted(metadata)
+    with safe_open(str(path), "pt") as file:
+        assert file.metadata() == metadata
+    assert all(torch.equal(load_file(str(path))[name], tensor) for name, tensor in tensors.items())
+    before = path.read_bytes()
+    sort_safetensors_metadata(path)  # already sorted: unchanged
+    assert path.read_bytes() == before
