@@ -304,6 +304,17 @@ def test_without_retrieval_the_memory_is_the_image_alone(lm_dir, tiny_encoder, p
     assert model.memory(torch.randn(2, EMBED_DIM), None).shape == (2, 1, N_EMBD)
 
 
+def test_without_retrieval_the_text_to_text_ceiling_decodes_the_text_embedding_alone(lm_dir, tiny_encoder):
+    model = build_model(lm_dir, use_retrieval=False, gap_correction="none", max_new_tokens=6)
+    method = TOMCapMethod(model, tiny_encoder, datastore=None, gap_stats=None, retriever=None)
+    texts = list(TINY_CORPUS[:3])
+    embeds = tiny_encoder.encode_text(texts)  # (3, D)
+    with torch.inference_mode():  # as the evaluation calls it
+        decoded = method.text_to_text(texts, embeds)  # no store to search: before, this crashed on datastore.search
+    as_images = [r.caption for r in caption(model, tiny_encoder, None, embeds.float())]
+    assert decoded == as_images  # the same decoder, memory and rerank as an image with that embedding
+
+
 def test_bad_retrieval_setups_are_one_line_errors(model, tiny_encoder, datastore, pixels):
     store, _ = datastore
     with pytest.raises(DatastoreError, match=r"k=9 neighbours asked for, but the datastore holds only 8 captions"):

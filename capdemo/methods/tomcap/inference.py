@@ -277,17 +277,19 @@ class TOMCapMethod(CaptionMethod):
         if mode is not GapCorrection.NONE:
             inputs = self.gap_stats.correct(inputs, mode)
         hit_ids = np.zeros((len(texts), 0), dtype=np.int64)
-        if config.hits_for_training:
+        if config.use_retrieval and config.hits_for_training:
             hit_ids = self.datastore.search(inputs, config.hits_for_training, exclude_texts=list(texts),
                                             dedupe=True).ids  # (N, H)
-        store_embeds, store_rows = store_caption_embeddings(hit_ids, self.datastore, texts, text_embeds,
-                                                            self.encoder.encode_text)
-        _, columns = config.split_hits(range(hit_ids.shape[1]))
+        columns = config.split_hits(range(hit_ids.shape[1]))[1] if config.use_retrieval else []  # prompt hits
+        if columns:
+            store_embeds, store_rows = store_caption_embeddings(hit_ids, self.datastore, texts, text_embeds,
+                                                                self.encoder.encode_text)
         defaults, groups = self.default_options(), []
         for start in range(0, len(texts), TEXT_TO_TEXT_BATCH):
             rows = range(start, min(start + TEXT_TO_TEXT_BATCH, len(texts)))
-            neighbour_embeds = torch.stack([store_embeds[torch.as_tensor(store_rows[i][columns])] for i in rows])
-            memory = self.model.memory(inputs[start : rows.stop], neighbour_embeds.float())  # (b, 1 + K, n_embd)
+            neighbour_embeds = (torch.stack([store_embeds[torch.as_tensor(store_rows[i][columns])] for i in rows])
+                                .float() if columns else None)  # (b, K, D)
+            memory = self.model.memory(inputs[start : rows.stop], neighbour_embeds)  # (b, 1 + K, n_embd)
             prompts = [self.model.tokens.prompt_ids([self.datastore.captions[int(hit_ids[i][c])] for c in columns])
                        for i in rows]
             beams = self.model.generate(prompts, memory, beams=defaults.beams, max_new_tokens=defaults.max_new_tokens)
