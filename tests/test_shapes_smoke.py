@@ -182,3 +182,20 @@ def test_the_build_records_the_bundles_domain_for_the_apps_warning(smoke_bundle)
     for scores in domain["clip_score"].values():
         assert scores["n"] == 20 and -1 <= scores["p05"] <= scores["median"] <= 1
     assert domain["clip_score"]["best"]["median"] >= max(s["median"] for s in domain["clip_score"].values()) - 1e-6
+
+
+def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
+    """Every row of weights/shapes/ablation.json is in the README's world-v2 table with the numbers it holds."""
+    import json
+    from pathlib import Path
+
+    from training.shapes.ablate import VARIANTS, markdown_table
+
+    root = Path(__file__).resolve().parents[1]
+    ablation = json.loads((root / "weights" / "shapes" / "ablation.json").read_text())
+    assert list(ablation["rows"]) == [v.name for v in VARIANTS]  # every row the ablation knows was run
+    trained = {v.name for v in VARIANTS if v.trained}
+    assert all(len(row["seeds"]) == 3 for name, row in ablation["rows"].items() if name in trained)
+    readme = (root / "README.md").read_text()
+    v2 = readme[readme.index("### Ablations"):readme.index("#### World v1's ablation")]
+    assert all(line in v2 for line in markdown_table(ablation["rows"]).splitlines())
