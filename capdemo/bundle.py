@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from capdemo.fileio import sort_safetensors_metadata
+from capdemo.fileio import save_safetensors
 from capdemo.weights import UnsafeWeightsError, WeightSource, check_not_pickle, resolve
 
 BUNDLE_FORMAT = "capdemo-bundle"
@@ -116,9 +116,7 @@ class BundleWriter:
 
     def add_tensors(self, relpath: str, tensors: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> None:
-        target = self.path(relpath)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(target), metadata)
-        sort_safetensors_metadata(target)
+        save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, self.path(relpath), metadata)
 
     def add_json(self, relpath: str, obj: Any) -> None:
         self.path(relpath).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 
 TEMP_SUFFIX = ".tmp"  # every temp file written here is hidden and ends so: ``.<name>.<pid>-<random>.tmp``
 
@@ -46,6 +49,15 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the header's metadata keys sorted, so the same tensors and metadata
+    always give the same bytes: safetensors writes metadata from a hash map, in an order that changes from one
+    process to the next, and a rebuilt bundle should be byte-identical to the shipped one."""
+    save_file(tensors, str(path), metadata=metadata)
+    sort_safetensors_metadata(path)
 
 
 def sort_safetensors_metadata(path: str | Path) -> None:

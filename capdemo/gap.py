@@ -30,9 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from capdemo.fileio import atomic_output, sort_safetensors_metadata
+from capdemo.fileio import atomic_output, save_safetensors
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -134,8 +133,7 @@ class GapStats:
         if self.encoder_name:
             metadata["encoder_name"] = self.encoder_name
         with atomic_output(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-            sort_safetensors_metadata(tmp)
+            save_safetensors(tensors, tmp, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> GapStats:

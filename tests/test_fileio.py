@@ -71,3 +71,18 @@ def test_a_safetensors_header_gets_its_metadata_sorted_without_touching_the_tens
     before = path.read_bytes()
     sort_safetensors_metadata(path)  # already sorted: unchanged
     assert path.read_bytes() == before
+
+
+def test_save_safetensors_writes_the_metadata_sorted(tmp_path):
+    import json
+    import struct
+
+    import torch
+
+    from capdemo.fileio import save_safetensors
+
+    metadata = {f"key{i}": str(i) for i in (5, 3, 8, 1, 7, 2, 6, 4)}  # a hash map's order is one of 8! here
+    save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors", metadata)
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    assert list(json.loads(raw[8:8 + length])["__metadata__"]) == sorted(metadata)

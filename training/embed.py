@@ -44,10 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from capdemo.fileio import atomic_output
+from capdemo.fileio import atomic_output, save_safetensors
 from training.distributed import launch_rank, resolve_device
 
 CACHE_WAIT_S = 3600  # how long a rank waits, without any progress, for the shards or manifest of another rank
@@ -260,7 +259,7 @@ def embed_corpus(
                 bar.update(len(batch))
             rows = torch.cat(parts).to(STORED_DTYPE)  # (shard rows, D)
             with atomic_output(out_dir / shard["file"]) as tmp:
-                save_file({SHARD_TENSOR: rows}, str(tmp), metadata=_shard_metadata(shard_identity))
+                save_safetensors({SHARD_TENSOR: rows}, tmp, _shard_metadata(shard_identity))
             shapes[number] = tuple(rows.shape)
     if rank != 0:
         return None

@@ -50,14 +50,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from capdemo.config import Config, differing_keys
-from capdemo.fileio import atomic_output
+from capdemo.fileio import atomic_output, save_safetensors
 from training.checkpoints import (
     CHECKPOINT_FORMAT,
     Checkpoint,
@@ -508,7 +507,7 @@ class Trainer:
         }
         metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)}
         with atomic_output(path, durable=True) as temp:
-            save_file(tensors, temp, metadata=metadata)
+            save_safetensors(tensors, temp, metadata)
         for old in checkpoint_paths(self.checkpoint_dir)[: -self.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path

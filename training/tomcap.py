@@ -32,14 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.encoders import ClipEncoder, EncoderConfig, load_encoder, parse_encoder_spec
 from capdemo.gap import GapCorrection, GapStats, gap_noise
-from capdemo.fileio import atomic_output
+from capdemo.fileio import atomic_output, save_safetensors
 from capdemo.retrieval import CaptionDatastore, DatastoreError
 from capdemo.lm import IGNORE_INDEX
 from capdemo.methods.tomcap.inference import add_to_bundle, store_caption_embeddings
@@ -107,7 +106,7 @@ def retrieve_for_training(
         raise ValueError(f"some captions got fewer than {hits} neighbours from the datastore (IVF lists too few?)")
     if cache_file is not None:
         with atomic_output(cache_file) as tmp:
-            save_file({"ids": torch.from_numpy(ids)}, str(tmp), metadata={"format": RETRIEVAL_FORMAT, "key": key})
+            save_safetensors({"ids": torch.from_numpy(ids)}, tmp, {"format": RETRIEVAL_FORMAT, "key": key})
     return ids
 
 

@@ -40,9 +40,9 @@ import numpy as np
 
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.fileio import atomic_output
+from capdemo.methods.capdec.model import CapDecConfig
 from capdemo.methods.maccap.model import MacCapConfig
 from capdemo.methods.tomcap.model import TOMCapConfig
-from capdemo.methods.capdec.model import CapDecConfig
 from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, capdec_command, chosen_recipe, log,
                                    maccap_command, run_command, tomcap_command)
 from training.shapes.evaluate import evaluate_bundle
