@@ -15,6 +15,20 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def examples_cache_outside_checkout(tmp_path_factory):
+    """Pages the tests build stamp Gradio's examples cache folders (capdemo/ui/examples_cache.py); keep them in a
+    temp folder instead of the checkout's .gradio/. Gradio reads the variable each time, and app subprocesses
+    inherit it."""
+    previous = os.environ.get("GRADIO_EXAMPLES_CACHE")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(tmp_path_factory.mktemp("gradio-examples-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("GRADIO_EXAMPLES_CACHE")
+    else:
+        os.environ["GRADIO_EXAMPLES_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """A randomly initialised tiny CLIP (32 px, patch 8 -> 4x4 grid, 32-d joint space)."""

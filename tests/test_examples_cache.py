@@ -53,3 +53,13 @@ def test_the_page_stamps_its_examples_cache_with_its_bundle(tiny_bundle_dir, tmp
     ui.create_blocks(captioner)
     (stamp,) = (tmp_path / "cache").glob(f"*/{STAMP}")
     assert json.loads(stamp.read_text())["key"] == source_key(captioner.info(), __version__)
+
+
+def test_the_test_session_keeps_gradios_examples_cache_out_of_the_checkout():
+    from pathlib import Path
+
+    import gradio.utils
+
+    checkout = Path(__file__).resolve().parents[1]
+    cache = gradio.utils.get_cache_folder().resolve()
+    assert not cache.is_relative_to(checkout), f"tests would write example outputs into {cache}"
