@@ -354,8 +354,11 @@ def parse_encoder_spec(text: str) -> EncoderConfig:
     """The ``--encoder`` argument of every command, in one of three forms.
 
     - a bundle folder (``weights/shapes``): the encoder that bundle serves, weights located inside it;
-    - a JSON file holding an :class:`EncoderConfig`;
+    - a JSON file holding an :class:`EncoderConfig`, or a folder holding one as ``encoder.json`` (what
+      ``python -m training shapes`` writes for its CLIP stage);
     - ``MODEL[/PRETRAINED]``: ``ViT-B-32/openai``, ``ViT-B-32/hf-hub:org/repo@rev``, ``ViT-B-32/./w.safetensors``.
+
+    Any other existing folder is an error that says so, rather than a model name that then fails to load.
     """
     from capdemo.bundle import MANIFEST, Bundle
 
@@ -364,6 +367,11 @@ def parse_encoder_spec(text: str) -> EncoderConfig:
         bundle = Bundle.load(path)
         config = EncoderConfig.from_dict(bundle.component(ENCODER_COMPONENT))
         return config.replace(pretrained=bundle.locate(config.pretrained))
+    if (path / ENCODER_CONFIG_FILE).is_file():
+        path = path / ENCODER_CONFIG_FILE
+    elif path.is_dir():
+        raise ValueError(f"encoder {text}: a folder, but neither a bundle ({MANIFEST}) nor an encoder folder "
+                         f"({ENCODER_CONFIG_FILE})")
     if path.suffix == ".json" and path.is_file():
         return EncoderConfig.load_json(path)
     name, _, pretrained = text.partition("/")
@@ -371,6 +379,7 @@ def parse_encoder_spec(text: str) -> EncoderConfig:
 
 
 ENCODER_COMPONENT = "encoder"
+ENCODER_CONFIG_FILE = "encoder.json"  # an EncoderConfig saved in a folder (the shapes build's CLIP stage)
 BUNDLED_WEIGHTS = f"{ENCODER_COMPONENT}/{OPEN_CLIP_WEIGHTS_FILE}"
 
 

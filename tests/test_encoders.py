@@ -251,6 +251,10 @@ def test_encoder_spec_forms(tmp_path, tiny_bundle_dir):
     config_file = tmp_path / "encoder.json"
     tiny_encoder_config().save_json(config_file)
     assert parse_encoder_spec(str(config_file)) == tiny_encoder_config()
+    assert parse_encoder_spec(str(tmp_path)) == tiny_encoder_config()  # a folder holding encoder.json
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a bundle"):  # not read as model name "" + pretrained path
+        parse_encoder_spec(str(tmp_path / "empty"))
     from_bundle = parse_encoder_spec(str(tiny_bundle_dir))
     assert from_bundle.model_name == "capdemo-tiny-test"
     assert from_bundle.pretrained == str(tiny_bundle_dir / "encoder" / "open_clip_model.safetensors")

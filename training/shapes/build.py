@@ -38,6 +38,7 @@ import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter
+from capdemo.encoders import ENCODER_CONFIG_FILE
 from capdemo.vqa import VQA_COMPONENT
 from capdemo.config import Config
 from capdemo.fileio import atomic_output
@@ -153,7 +154,7 @@ class StageOutputs:
 
     @property
     def encoder(self) -> Path:
-        return self.work / "clip" / "encoder.json"  # EncoderConfig JSON; the weights sit beside it
+        return self.work / "clip" / ENCODER_CONFIG_FILE  # EncoderConfig JSON; the weights sit beside it
 
     @property
     def lm(self) -> Path:
