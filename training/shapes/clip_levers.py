@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                           parse_settings(args.train_settings, "--train-set"), out_dir=str(Path(args.run_dir)))
     _, _, metrics = train_clip(config, world=recipe.world)
     report = {"config": config.to_dict(), "summary": summary(metrics), "metrics": metrics}
-    print(json.dumps(report, indent=1) if args.json else json.dumps(report["summary"]), file=sys.stdout)
+    print(json.dumps(report, indent=1) if args.json else json.dumps(report["summary"]))
     return 0
 
 
