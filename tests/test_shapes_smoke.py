@@ -199,3 +199,23 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     readme = (root / "README.md").read_text()
     v2 = readme[readme.index("### Ablations"):readme.index("#### World v1's ablation")]
     assert all(line in v2 for line in markdown_table(ablation["rows"]).splitlines())
+
+
+def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_eval_does(reproduction, report,
+                                                                                        tmp_path, capsys):
+    """``python -m training shapes-lm``: the changed settings reach pretraining, and its reference row (the build's
+    own LM on the true captions) is shapes-eval's ``frozen_lm_true_captions`` on the same scenes."""
+    import json
+
+    from training.__main__ import main
+
+    work = reproduction[0] / "work"
+    argv = ["shapes-lm", "--smoke", "--work-dir", str(work), "--recipe-set", "lm_steps=4", "--set", "answer_weight=2",
+            "--n", str(N_TEST), "--seed", str(TEST_SEED), "--run-dir", str(tmp_path / "run"), "--threads", "1", "--json"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 4 and printed["lm"]["answer_weight"] == 2 and printed["lm_steps"] == 4
+    assert printed["true_captions"]["n"] == printed["build_lm_true_captions"]["n"] == report["vqa"]["n"]
+    assert printed["build_lm_true_captions"]["accuracy"] == report["vqa"]["frozen_lm_true_captions"]["accuracy"]
+    assert main(["shapes-lm", "--smoke", "--work-dir", str(work), "--recipe-set", "maccap_steps=3"]) == 1
+    assert "--recipe-set takes lm_steps" in capsys.readouterr().err

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "shapes-eval": ("training.shapes.evaluate", "score a bundle on freshly generated held-out shapes scenes"),
     "shapes-domain": ("training.shapes.domain", "record a shapes bundle's domain (summary, in-domain CLIP scores)"),
     "shapes-clip": ("training.shapes.clip_levers", "train the shapes CLIP alone with changed settings; its gap"),
+    "shapes-lm": ("training.shapes.lm_levers", "pretrain the shapes LM alone with changed settings; its VQA"),
     "shapes-ablate": ("training.shapes.ablate", "gap handling, retrieval and sampling ablations in the shapes world"),
     "push": ("training.push", "publish a verified bundle with its generated model card on the Hugging Face Hub"),
 }

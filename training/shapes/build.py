@@ -257,18 +257,24 @@ def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path
     out = StageOutputs(work).lm
     if (out / "config.json").is_file():
         return out
+    lm, tokenizer, result = pretrain_shapes_lm(recipe, corpus, run_dir=work / "lm-run")
+    log(f"LM: loss {result.history[-1]['loss']:.3f} after {result.step} steps")
+    save_causal_lm(lm, tokenizer, out)
+    return out
+
+
+def pretrain_shapes_lm(recipe: ShapesRecipe, corpus: Path, *, run_dir: Path):
+    """Pretrain the recipe's LM on ``corpus`` (one caption per line) plus the recipe's question-answer and
+    TOMCap-prompt texts, training in a fresh ``run_dir``; returns ``(lm, tokenizer, TrainResult)``."""
     captions = [line for line in corpus.read_text().splitlines() if line]
     scenes = world.generate_scenes(recipe.qa_texts, seed=qa_seed(recipe.world), config=recipe.world)
     rng = np.random.default_rng(recipe.seed)
     qa = qa_texts(scenes, rng, colours=recipe.world.colours, shapes=recipe.world.shapes, per_text=recipe.qa_per_text)
     prompts = prompt_texts(captions, recipe.prompt_texts, rng)
-    train_config = TrainConfig(out_dir=str(work / "lm-run"), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps,
+    train_config = TrainConfig(out_dir=str(run_dir), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps,
                                lr=3e-3, warmup_steps=max(1, recipe.lm_steps // 10), checkpoint_every=0, log_every=50)
     shutil.rmtree(train_config.out_dir, ignore_errors=True)
-    lm, tokenizer, result = pretrain_lm([*captions, *prompts], recipe.lm, train_config, aligned_texts=qa)
-    log(f"LM: loss {result.history[-1]['loss']:.3f} after {result.step} steps")
-    save_causal_lm(lm, tokenizer, out)
-    return out
+    return pretrain_lm([*captions, *prompts], recipe.lm, train_config, aligned_texts=qa)
 
 
 def prompt_texts(captions: list[str], count: int, rng: np.random.Generator) -> list[str]:
