@@ -189,7 +189,7 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     import json
     from pathlib import Path
 
-    from training.shapes.ablate import VARIANTS, markdown_table
+    from training.shapes.ablate import VARIANTS, full_length_lines, markdown_table
 
     root = Path(__file__).resolve().parents[1]
     ablation = json.loads((root / "weights" / "shapes" / "ablation.json").read_text())
@@ -199,6 +199,9 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     readme = (root / "README.md").read_text()
     v2 = readme[readme.index("### Ablations"):readme.index("#### World v1's ablation")]
     assert all(line in v2 for line in markdown_table(ablation["rows"]).splitlines())
+    full_length = ablation["full_length"]  # rows retrained at the build's own length, three seeds each
+    assert full_length["rows"] and all(len(row["seeds"]) == 3 for row in full_length["rows"].values())
+    assert all(line in v2 for line in full_length_lines(full_length))
 
 
 def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_eval_does(reproduction, report,
@@ -211,7 +214,8 @@ def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_e
 
     work = reproduction[0] / "work"
     argv = ["shapes-lm", "--smoke", "--work-dir", str(work), "--recipe-set", "lm_steps=4", "--set", "answer_weight=2",
-            "--n", str(N_TEST), "--seed", str(TEST_SEED), "--run-dir", str(tmp_path / "run"), "--threads", "1", "--json"]
+            "--n", str(N_TEST), "--seed", str(TEST_SEED), "--run-dir", str(tmp_path / "run"), "--threads", "1",
+            "--json"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 4 and printed["lm"]["answer_weight"] == 2 and printed["lm_steps"] == 4

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from capdemo import methods as registry
 from capdemo.bundle import MANIFEST, sha256_of
 from capdemo.fileio import atomic_output
 from capdemo.methods.capdec.model import CapDecConfig
@@ -161,8 +162,9 @@ def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
-    """The ablation as a Markdown table, one line per variant (mean ± std where several seeds ran)."""
+def markdown_table(rows: dict[str, dict[str, Any]], *, suffix: str = "") -> str:
+    """The ablation as a Markdown table, one line per variant (mean ± std where several seeds ran); ``suffix``
+    follows each description (e.g. the training length of rows run at another one)."""
     def cell(row: dict[str, Any], metric: str, digits: int) -> str:
         std = row.get(f"{metric}_std")
         return f"{row[metric]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
@@ -170,10 +172,24 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| variant | seeds | scene acc. | attribute acc. | CIDEr | BLEU-4 | text-to-text scene acc. |",
              "|---|---|---|---|---|---|---|"]
     for row in rows.values():
-        lines.append(f"| {row['description']} | {len(row['seeds'])} | {cell(row, 'scene_accuracy', 3)} "
+        lines.append(f"| {row['description']}{suffix} | {len(row['seeds'])} | {cell(row, 'scene_accuracy', 3)} "
                      f"| {cell(row, 'attribute_accuracy', 3)} | {cell(row, 'cider', 2)} | {cell(row, 'bleu4', 3)} "
                      f"| {cell(row, 'text_to_text_scene_accuracy', 3)} |")
     return "\n".join(lines)
+
+
+def full_length_lines(full_length: dict[str, Any]) -> list[str]:
+    """Table lines of the rows retrained at the build's own length (``ablation.json``'s ``full_length``: the rows,
+    and ``<method>_steps`` for each method they train), each description naming its method and length."""
+    by_name = {variant.name: variant for variant in VARIANTS}
+    lines = []
+    for method in TRAINED_METHODS:
+        rows = {name: row for name, row in full_length["rows"].items() if by_name[name].method == method}
+        if rows:
+            steps, label = full_length[f"{method}_steps"], registry.get(method).label
+            table = markdown_table(rows, suffix=f", **{steps} steps** ({label}'s length in the build)")
+            lines += table.splitlines()[2:]  # without the header
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
