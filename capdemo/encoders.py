@@ -354,11 +354,9 @@ def parse_encoder_spec(text: str) -> EncoderConfig:
     """The ``--encoder`` argument of every command, in one of three forms.
 
     - a bundle folder (``weights/shapes``): the encoder that bundle serves, weights located inside it;
-    - a JSON file holding an :class:`EncoderConfig`, or a folder holding one as ``encoder.json`` (what
-      ``python -m training shapes`` writes for its CLIP stage);
+    - a JSON file holding an :class:`EncoderConfig`, or a folder holding one as ``encoder.json`` (any other
+      folder is an error, not a model name that then fails to load);
     - ``MODEL[/PRETRAINED]``: ``ViT-B-32/openai``, ``ViT-B-32/hf-hub:org/repo@rev``, ``ViT-B-32/./w.safetensors``.
-
-    Any other existing folder is an error that says so, rather than a model name that then fails to load.
     """
     from capdemo.bundle import MANIFEST, Bundle
 
