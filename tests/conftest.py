@@ -20,13 +20,9 @@ def examples_cache_outside_checkout(tmp_path_factory):
     """Pages the tests build stamp Gradio's examples cache folders (capdemo/ui/examples_cache.py); keep them in a
     temp folder instead of the checkout's .gradio/. Gradio reads the variable each time, and app subprocesses
     inherit it."""
-    previous = os.environ.get("GRADIO_EXAMPLES_CACHE")
-    os.environ["GRADIO_EXAMPLES_CACHE"] = str(tmp_path_factory.mktemp("gradio-examples-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("GRADIO_EXAMPLES_CACHE")
-    else:
-        os.environ["GRADIO_EXAMPLES_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("gradio-examples-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

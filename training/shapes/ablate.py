@@ -209,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
-    missing = StageOutputs(work).missing()
-    if missing:
-        print(f"error: {work} is not a finished shapes build (missing {', '.join(missing)}); "
-              "run python -m training shapes --work-dir first", file=sys.stderr)
+    try:
+        StageOutputs(work).require_finished()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     recipe = chosen_recipe(args)
     chosen = [v for v in VARIANTS if args.only is None or v.name in args.only]

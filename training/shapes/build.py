@@ -177,6 +177,13 @@ class StageOutputs:
         done = [self.corpus, self.encoder, self.lm / "config.json", self.datastore / "datastore.json", self.gap_stats]
         return [str(path.relative_to(self.work)) for path in done if not path.is_file()]
 
+    def require_finished(self) -> None:
+        """Raise a one-line ValueError naming what is missing when the build has not finished."""
+        missing = self.missing()
+        if missing:
+            raise ValueError(f"{self.work} is not a finished shapes build (missing {', '.join(missing)}); "
+                             "run python -m training shapes --work-dir first")
+
 
 def examples_seed(config: world.WorldConfig) -> int:
     """The world seed the shipped examples come from (never a training seed; shapes-eval refuses it)."""

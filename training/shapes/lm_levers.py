@@ -46,17 +46,19 @@ def changed_recipe(recipe: ShapesRecipe, lm_settings: dict[str, Any], recipe_set
     return recipe.replace(lm=lm, **recipe_settings)
 
 
-def true_caption_vqa(lm: Any, tokenizer: Any, *, work: Path, config: world.WorldConfig, n: int, seed: int
-                     ) -> dict[str, Any]:
-    """:func:`vqa_accuracy` of ``lm`` answering every question about ``n`` held-out scenes (world seed ``seed``)
-    from their true captions, matched to the build's answer list by the build's CLIP."""
+def true_caption_vqa(lms: dict[str, tuple[Any, Any]], *, work: Path, config: world.WorldConfig, n: int, seed: int
+                     ) -> dict[str, dict[str, Any]]:
+    """:func:`vqa_accuracy` of each ``(lm, tokenizer)`` in ``lms`` answering every question about ``n`` held-out
+    scenes (world seed ``seed``) from their true captions, matched to the build's answer list by the build's CLIP
+    (loaded once for all of them)."""
     stages = StageOutputs(work)
     encoder = load_encoder(EncoderConfig.load_json(stages.encoder))
     answers = AnswerList.from_openvqa(stages.answers)
     scenes = world.generate_scenes(n, seed=seed, config=config)
     asked = question_set(scenes, seed=seed, colours=config.colours, shapes=config.shapes)
-    return vqa_accuracy([captions(scene)[0] for scene in scenes], asked, lm=lm, tokenizer=tokenizer,
-                        encoder=encoder, answers=answers)
+    truth = [captions(scene)[0] for scene in scenes]
+    return {name: vqa_accuracy(truth, asked, lm=lm, tokenizer=tokenizer, encoder=encoder, answers=answers)
+            for name, (lm, tokenizer) in lms.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,18 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the whole report, with example answers")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
-    missing = StageOutputs(work).missing()
-    if missing:
-        raise ValueError(f"{work} is not a finished shapes build (missing {', '.join(missing)}); "
-                         "run python -m training shapes --work-dir first")
+    StageOutputs(work).require_finished()
     recipe = changed_recipe(chosen_recipe(args), parse_settings(args.settings, "--set"),
                             parse_settings(args.recipe_settings, "--recipe-set"))
     torch.set_num_threads(args.threads)
     lm, tokenizer, result = pretrain_shapes_lm(recipe, StageOutputs(work).corpus, run_dir=Path(args.run_dir))
-    common = {"work": work, "config": recipe.world, "n": args.n, "seed": args.seed}
-    changed = true_caption_vqa(lm, tokenizer, **common)
-    build_lm, build_tokenizer = load_causal_lm(StageOutputs(work).lm)
-    built = true_caption_vqa(build_lm, build_tokenizer, **common)
+    scored = true_caption_vqa({"changed": (lm, tokenizer), "build": load_causal_lm(StageOutputs(work).lm)},
+                              work=work, config=recipe.world, n=args.n, seed=args.seed)
+    changed, built = scored["changed"], scored["build"]
     report = {"lm": recipe.lm.to_dict(), **{name: getattr(recipe, name) for name in RECIPE_FIELDS},
               "steps": result.step, "final_loss": result.history[-1]["loss"] if result.history else None,
               "true_captions": changed, "build_lm_true_captions": built}
