@@ -104,6 +104,10 @@ def test_report_has_the_keys_others_rely_on(report):
     vqa = report["vqa"]
     assert {"accuracy", "n", "by_type", "frozen_lm", "caption_trained_lm"} <= set(vqa)
     assert vqa["accuracy"] == vqa["frozen_lm"]["accuracy"] and set(vqa["by_type"]) == set(QUESTION_TYPES)
+    for row in (vqa["frozen_lm"], vqa["caption_trained_lm"], vqa["frozen_lm_true_captions"]):
+        by_kind = row["by_scene_kind"]  # the same questions, split by their scene's kind
+        assert set(by_kind) <= {"single", "pair", "group"} and sum(k["n"] for k in by_kind.values()) == row["n"]
+        assert sum(k["accuracy"] * k["n"] for k in by_kind.values()) == pytest.approx(row["accuracy"] * row["n"])
     shipped = report["examples"]  # the app's default method's count, and every method's under by_method
     assert shipped["method"] == "maccap" and shipped["n"] == 3 and 0 <= shipped["correct"] <= 3
     assert set(shipped["by_method"]) == {"maccap", "tomcap", "capdec"}

@@ -199,6 +199,30 @@ def test_vqa_accuracy_counts_by_type_with_a_scripted_lm(monkeypatch):
         vqa_accuracy(["one caption"], asked, lm=None, tokenizer=None, encoder=tiny_encoder(), answers=None)
 
 
+def test_vqa_accuracy_by_scene_kind_splits_the_questions_by_their_scene(monkeypatch):
+    """Pair scenes apart: a scripted LM answering "red" is right on the pair's colour question about its red
+    circle, and on nothing about a group of blue squares."""
+    from capdemo.testing import tiny_encoder
+    from training.shapes import vqa_eval
+
+    monkeypatch.setattr(vqa_eval, "generate_answers", lambda lm, tokenizer, prompts, beams=1: ["red"] * len(prompts))
+    scenes = [RED_CIRCLE_LEFT_OF_BLUE_SQUARE, Scene("group", "blue", "square", count=2)]
+    asked = question_set(scenes, seed=0, colours=WORLD.colours, shapes=WORLD.shapes)
+    report = vqa_accuracy([captions(s)[0] for s in scenes], asked, lm=None, tokenizer=None, encoder=tiny_encoder(),
+                          answers=AnswerList(list(ANSWERS)), scene_kinds=[s.kind for s in scenes])
+    pair, group = report["by_scene_kind"]["pair"], report["by_scene_kind"]["group"]
+    assert (pair["n"], group["n"]) == (len(asked[0]), len(asked[1]))
+    colour = [q for q in asked[0] if q.kind == "colour"]
+    assert [q.answer for q in colour] == ["red", "blue"]
+    assert pair["by_type"]["colour"] == 0.5 and pair["accuracy"] == pytest.approx(1 / len(asked[0]))
+    assert group["accuracy"] == 0.0
+    assert "by_scene_kind" not in vqa_accuracy([captions(s)[0] for s in scenes], asked, lm=None, tokenizer=None,
+                                               encoder=tiny_encoder(), answers=AnswerList(list(ANSWERS)))
+    with pytest.raises(ValueError, match="1 scene kinds for 2 question lists"):
+        vqa_accuracy([captions(s)[0] for s in scenes], asked, lm=None, tokenizer=None, encoder=tiny_encoder(),
+                     answers=AnswerList(list(ANSWERS)), scene_kinds=["pair"])
+
+
 # The LM's pretraining rows
 
 

@@ -114,7 +114,8 @@ def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], 
         return None
     asked = question_set(scenes, seed=seed, colours=config.colours, shapes=config.shapes)
     truth = [captions(scene)[0] for scene in scenes]
-    common = {"encoder": captioner.encoder, "answers": captioner.answers}
+    common = {"encoder": captioner.encoder, "answers": captioner.answers,
+              "scene_kinds": [scene.kind for scene in scenes]}
     own = method.answer_lm()
     report: dict[str, Any] = {"scenes": len(scenes), "answers": len(captioner.answers), "method": method.name}
     report["caption_trained_lm"] = vqa_accuracy(predicted, asked, lm=own.lm, tokenizer=own.tokenizer, **common)
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in rows.items():
             by_type = "  ".join(f"{kind} {value:.3f}" for kind, value in row["by_type"].items())
             print(f"vqa     {name}: {row['accuracy']:.3f} ({row['n']} questions; {by_type})")
+            for kind, of_kind in row.get("by_scene_kind", {}).items():
+                of_types = "  ".join(f"{question} {value:.3f}" for question, value in of_kind["by_type"].items())
+                print(f"vqa       {kind} scenes: {of_kind['accuracy']:.3f} ({of_kind['n']}; {of_types})")
     for method, shipped in report.get("examples", {}).get("by_method", {}).items():
         print(f"examples {method}: {shipped['correct']} / {shipped['n']} scenes exact")
     return 0

@@ -57,7 +57,9 @@ def true_caption_vqa(lms: dict[str, tuple[Any, Any]], *, work: Path, config: wor
     scenes = world.generate_scenes(n, seed=seed, config=config)
     asked = question_set(scenes, seed=seed, colours=config.colours, shapes=config.shapes)
     truth = [captions(scene)[0] for scene in scenes]
-    return {name: vqa_accuracy(truth, asked, lm=lm, tokenizer=tokenizer, encoder=encoder, answers=answers)
+    kinds = [scene.kind for scene in scenes]
+    return {name: vqa_accuracy(truth, asked, lm=lm, tokenizer=tokenizer, encoder=encoder, answers=answers,
+                               scene_kinds=kinds)
             for name, (lm, tokenizer) in lms.items()}
 
 
@@ -91,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
               "true_captions": changed, "build_lm_true_captions": built}
     if not args.json:
         report = {"accuracy": changed["accuracy"], "by_type": changed["by_type"], "n": changed["n"],
-                  "build_lm_accuracy": built["accuracy"], "build_lm_by_type": built["by_type"], "steps": result.step}
+                  "pair_scenes_by_type": changed["by_scene_kind"].get("pair", {}).get("by_type"),
+                  "build_lm_accuracy": built["accuracy"], "build_lm_by_type": built["by_type"],
+                  "build_lm_pair_scenes_by_type": built["by_scene_kind"].get("pair", {}).get("by_type"),
+                  "steps": result.step}
     print(json.dumps(report, indent=1 if args.json else None))
     return 0
 

@@ -66,26 +66,43 @@ def question_set(scenes: Sequence[Scene], *, seed: int, colours: tuple[str, ...]
 
 
 def vqa_accuracy(captions: Sequence[str], asked: Sequence[Sequence[Question]], *, lm: Any, tokenizer: Any,
-                 encoder: ClipEncoder, answers: AnswerList, beams: int = 1, examples: int = 5) -> dict[str, Any]:
+                 encoder: ClipEncoder, answers: AnswerList, beams: int = 1, examples: int = 5,
+                 scene_kinds: Sequence[str] | None = None) -> dict[str, Any]:
     """Accuracy overall and by question type of answering ``asked[i]`` from ``captions[i]``.
 
-    Returns ``{"accuracy", "n" (questions), "by_type": {type: accuracy}, "examples": [...]}``.
+    Returns ``{"accuracy", "n" (questions), "by_type": {type: accuracy}, "examples": [...]}``, and with
+    ``scene_kinds`` (the kind of each caption's scene) also ``"by_scene_kind": {kind: {"accuracy", "n",
+    "by_type"}}``: whether the LM binds an attribute to its object shows only in scenes with two objects.
     """
     if len(captions) != len(asked):
         raise ValueError(f"{len(captions)} captions for {len(asked)} question lists")
-    flat = [(caption, q) for caption, qs in zip(captions, asked) for q in qs]
+    if scene_kinds is not None and len(scene_kinds) != len(asked):
+        raise ValueError(f"{len(scene_kinds)} scene kinds for {len(asked)} question lists")
+    kinds = scene_kinds if scene_kinds is not None else [None] * len(asked)
+    flat = [(caption, q, kind) for caption, qs, kind in zip(captions, asked, kinds) for q in qs]
     if not flat:
         raise ValueError("no questions to answer")
-    generated = generate_answers(lm, tokenizer, [prompt(c, q.text) for c, q in flat], beams=beams)
+    generated = generate_answers(lm, tokenizer, [prompt(c, q.text) for c, q, _ in flat], beams=beams)
     chosen = match_answers(generated, answers, encoder)
-    correct, total = Counter(), Counter()
-    for (_, question), answer in zip(flat, chosen):
-        total[question.kind] += 1
-        correct[question.kind] += answer == question.answer
-    return {
-        "accuracy": sum(correct.values()) / len(flat),
-        "n": len(flat),
-        "by_type": {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]},
+    scored = [(q, answer == q.answer) for (_, q, _), answer in zip(flat, chosen)]
+    report = {
+        **_accuracy_by_type(scored),
         "examples": [{"prompt": prompt(c, q.text), "generated": g, "answer": a, "truth": q.answer}
-                     for (c, q), g, a in list(zip(flat, generated, chosen))[:examples]],
+                     for (c, q, _), g, a in list(zip(flat, generated, chosen))[:examples]],
     }
+    if scene_kinds is not None:
+        report["by_scene_kind"] = {
+            kind: _accuracy_by_type([row for row, (_, _, of) in zip(scored, flat) if of == kind])
+            for kind in dict.fromkeys(scene_kinds)
+        }
+    return report
+
+
+def _accuracy_by_type(scored: Sequence[tuple[Question, bool]]) -> dict[str, Any]:
+    """``{"accuracy", "n", "by_type"}`` of questions scored right (True) or wrong."""
+    correct, total = Counter(), Counter()
+    for question, right in scored:
+        total[question.kind] += 1
+        correct[question.kind] += right
+    return {"accuracy": sum(correct.values()) / len(scored), "n": len(scored),
+            "by_type": {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]}}
