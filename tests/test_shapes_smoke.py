@@ -218,12 +218,17 @@ def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_e
 
     work = reproduction[0] / "work"
     argv = ["shapes-lm", "--smoke", "--work-dir", str(work), "--recipe-set", "lm_steps=4", "--set", "answer_weight=2",
-            "--n", str(N_TEST), "--seed", str(TEST_SEED), "--run-dir", str(tmp_path / "run"), "--threads", "1",
-            "--json"]
+            "--train-set", "lr=0.001", "--train-set", "log_every=1", "--n", str(N_TEST), "--seed", str(TEST_SEED),
+            "--run-dir", str(tmp_path / "run"), "--threads", "1", "--json"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 4 and printed["lm"]["answer_weight"] == 2 and printed["lm_steps"] == 4
+    assert printed["training"]["lr"] == 0.001 and printed["training"]["warmup_steps"] == 1  # 10 % of 4 steps, >= 1
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["train"]
+    assert len(history) == 4 and max(row["lr"] for row in history) == pytest.approx(0.001)  # the lr that trained
     assert printed["true_captions"]["n"] == printed["build_lm_true_captions"]["n"] == report["vqa"]["n"]
     assert printed["build_lm_true_captions"]["accuracy"] == report["vqa"]["frozen_lm_true_captions"]["accuracy"]
     assert main(["shapes-lm", "--smoke", "--work-dir", str(work), "--recipe-set", "maccap_steps=3"]) == 1
     assert "--recipe-set takes lm_steps" in capsys.readouterr().err
+    assert main(["shapes-lm", "--smoke", "--work-dir", str(work), "--train-set", "learning_rate=0.1"]) == 1
+    assert "learning_rate" in capsys.readouterr().err

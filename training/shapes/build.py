@@ -270,16 +270,22 @@ def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path
     return out
 
 
-def pretrain_shapes_lm(recipe: ShapesRecipe, corpus: Path, *, run_dir: Path):
+def lm_train_config(recipe: ShapesRecipe, run_dir: Path) -> TrainConfig:
+    """How the recipe's LM pretrains: batch 64, lr 3e-3, 10 % warmup, ``recipe.lm_steps`` steps in ``run_dir``."""
+    return TrainConfig(out_dir=str(run_dir), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps, lr=3e-3,
+                       warmup_steps=max(1, recipe.lm_steps // 10), checkpoint_every=0, log_every=50)
+
+
+def pretrain_shapes_lm(recipe: ShapesRecipe, corpus: Path, *, run_dir: Path, train_config: TrainConfig | None = None):
     """Pretrain the recipe's LM on ``corpus`` (one caption per line) plus the recipe's question-answer and
-    TOMCap-prompt texts, training in a fresh ``run_dir``; returns ``(lm, tokenizer, TrainResult)``."""
+    TOMCap-prompt texts, training in a fresh ``run_dir`` (``train_config``: instead of :func:`lm_train_config`,
+    for the shapes-lm trials); returns ``(lm, tokenizer, TrainResult)``."""
     captions = [line for line in corpus.read_text().splitlines() if line]
     scenes = world.generate_scenes(recipe.qa_texts, seed=qa_seed(recipe.world), config=recipe.world)
     rng = np.random.default_rng(recipe.seed)
     qa = qa_texts(scenes, rng, colours=recipe.world.colours, shapes=recipe.world.shapes, per_text=recipe.qa_per_text)
     prompts = prompt_texts(captions, recipe.prompt_texts, rng)
-    train_config = TrainConfig(out_dir=str(run_dir), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps,
-                               lr=3e-3, warmup_steps=max(1, recipe.lm_steps // 10), checkpoint_every=0, log_every=50)
+    train_config = (train_config or lm_train_config(recipe, run_dir)).replace(out_dir=str(run_dir))
     shutil.rmtree(train_config.out_dir, ignore_errors=True)
     return pretrain_lm([*captions, *prompts], recipe.lm, train_config, aligned_texts=qa)
 

@@ -3,9 +3,11 @@
 VQA in the shapes world is only as good as the frozen LM's reading of a caption (the paper's §4.4 pipeline:
 caption, LM answer, nearest candidate answer). This pretrains the recipe's LM on a finished build's corpus with
 ``--set field=value`` changes to :class:`training.shapes.lm.TinyLMConfig` (``--recipe-set`` for the recipe's
-``lm_steps``, ``qa_texts``, ``qa_per_text`` and ``prompt_texts``) and scores it on the true captions of ``--n``
-held-out scenes (the text-only ceiling ``shapes-eval`` reports as ``frozen_lm_true_captions``), next to the
-build's own LM on the same questions. It writes no bundle.
+``lm_steps``, ``qa_texts``, ``qa_per_text`` and ``prompt_texts``; ``--train-set`` for the optimiser's
+:class:`training.loop.TrainConfig`) and scores it on the true captions of ``--n`` held-out scenes (the text-only
+ceiling ``shapes-eval`` reports as ``frozen_lm_true_captions``), next to the build's own LM on the same
+questions, overall and on pair scenes, where an LM that does not bind attributes to objects shows. It writes no
+bundle.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from capdemo.encoders import EncoderConfig, load_encoder
 from capdemo.lm import load_causal_lm
 from capdemo.vqa import AnswerList
 from training.shapes import world
-from training.shapes.build import ShapesRecipe, StageOutputs, add_recipe_arguments, chosen_recipe, pretrain_shapes_lm
+from training.loop import TrainConfig
+from training.shapes.build import (
+    ShapesRecipe, StageOutputs, add_recipe_arguments, chosen_recipe, lm_train_config, pretrain_shapes_lm,
+)
 from training.shapes.clip_levers import parse_settings
 from training.shapes.language import captions
 from training.shapes.lm import TinyLMConfig
@@ -44,6 +49,12 @@ def changed_recipe(recipe: ShapesRecipe, lm_settings: dict[str, Any], recipe_set
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"shapes-lm: --recipe-set {name} must be a positive integer, got {value!r}")
     return recipe.replace(lm=lm, **recipe_settings)
+
+
+def changed_training(base: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
+    """``base`` with ``--train-set`` changes (lr, weight_decay, batch_size, ...); an unknown field or a bad value is
+    a :class:`ConfigError` naming it."""
+    return TrainConfig.from_dict({**base.to_dict(), **settings}, where="shapes-lm --train-set")
 
 
 def true_caption_vqa(lms: dict[str, tuple[Any, Any]], *, work: Path, config: world.WorldConfig, n: int, seed: int
@@ -72,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"change a TinyLMConfig field ({', '.join(f.name for f in fields(TinyLMConfig))})")
     parser.add_argument("--recipe-set", dest="recipe_settings", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"change the recipe's LM pretraining ({', '.join(RECIPE_FIELDS)})")
+    parser.add_argument("--train-set", dest="train_settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a TrainConfig field of the LM's pretraining, e.g. --train-set lr=0.001")
     parser.add_argument("--n", type=int, default=200, help="held-out scenes whose questions are asked")
     parser.add_argument("--seed", type=int, default=1234, help="world seed of the held-out scenes")
     parser.add_argument("--run-dir", default="runs/shapes-lm", help="the pretraining run (emptied first)")
@@ -83,12 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     StageOutputs(work).require_finished()
     recipe = changed_recipe(chosen_recipe(args), parse_settings(args.settings, "--set"),
                             parse_settings(args.recipe_settings, "--recipe-set"))
+    training = changed_training(lm_train_config(recipe, Path(args.run_dir)),
+                                parse_settings(args.train_settings, "--train-set"))
     torch.set_num_threads(args.threads)
-    lm, tokenizer, result = pretrain_shapes_lm(recipe, StageOutputs(work).corpus, run_dir=Path(args.run_dir))
+    lm, tokenizer, result = pretrain_shapes_lm(recipe, StageOutputs(work).corpus, run_dir=Path(args.run_dir),
+                                               train_config=training)
     scored = true_caption_vqa({"changed": (lm, tokenizer), "build": load_causal_lm(StageOutputs(work).lm)},
                               work=work, config=recipe.world, n=args.n, seed=args.seed)
     changed, built = scored["changed"], scored["build"]
     report = {"lm": recipe.lm.to_dict(), **{name: getattr(recipe, name) for name in RECIPE_FIELDS},
+              "training": {key: value for key, value in training.to_dict().items() if key != "out_dir"},
               "steps": result.step, "final_loss": result.history[-1]["loss"] if result.history else None,
               "true_captions": changed, "build_lm_true_captions": built}
     if not args.json:
