@@ -96,6 +96,7 @@ class ShapesRecipe(Config):
     # suddenly: held-out answer-token accuracy was 0.51 after 500 steps, 0.70 after 1000, 0.86 after 2000 and 0.85
     # after 3000 (world v1 shipped with 200, which never reached it)
     lm_steps: int = 3000
+    lm_lr: float = 1e-3  # LM pretraining peak lr (world v1 and the first v2 bundle: 3e-3; see answer_weight)
     maccap_steps: int = 1500  # MacCap text-only training steps
     maccap_args: tuple[str, ...] = (
         "--train-lm", "--memory-layernorm", "--n-query", "8", "--n-cr", "10", "--width", "64", "--heads", "4",
@@ -122,7 +123,7 @@ class ShapesRecipe(Config):
         """World v1's recipe (the bundle shipped before world v2): its world, its CLIP and its 200 LM steps;
         everything else as in ``full``."""
         return cls(world=world.WorldConfig(**WORLD_V1), clip=_shapes_clip(SHAPES_CLIP_V1, SHAPES_CLIP_V1_TRAIN),
-                   lm_steps=200)
+                   lm=TinyLMConfig(answer_weight=5.0), lm_steps=200, lm_lr=3e-3)
 
     @classmethod
     def smoke(cls) -> ShapesRecipe:
@@ -271,9 +272,10 @@ def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path
 
 
 def lm_train_config(recipe: ShapesRecipe, run_dir: Path) -> TrainConfig:
-    """How the recipe's LM pretrains: batch 64, lr 3e-3, 10 % warmup, ``recipe.lm_steps`` steps in ``run_dir``."""
-    return TrainConfig(out_dir=str(run_dir), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps, lr=3e-3,
-                       warmup_steps=max(1, recipe.lm_steps // 10), checkpoint_every=0, log_every=50)
+    """How the recipe's LM pretrains: batch 64, ``recipe.lm_lr``, 10 % warmup, ``recipe.lm_steps`` steps in
+    ``run_dir``."""
+    return TrainConfig(out_dir=str(run_dir), seed=recipe.seed, batch_size=64, max_steps=recipe.lm_steps,
+                       lr=recipe.lm_lr, warmup_steps=max(1, recipe.lm_steps // 10), checkpoint_every=0, log_every=50)
 
 
 def pretrain_shapes_lm(recipe: ShapesRecipe, corpus: Path, *, run_dir: Path, train_config: TrainConfig | None = None):
