@@ -39,7 +39,7 @@ class Question:
 
     kind: str  # one of QUESTION_TYPES
     text: str  # lower case, ends with "?"
-    answer: str  # one of answer_list(...)'s
+    answer: str  # one of the world's answer_list
 
 
 def answer_list(*, colours: tuple[str, ...], shapes: tuple[str, ...], max_count: int) -> tuple[str, ...]:
