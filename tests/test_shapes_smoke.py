@@ -12,12 +12,14 @@ import pytest
 
 from capdemo.pipeline import Captioner
 from training.shapes import world
+from training.shapes.build import ShapesRecipe
 from training.shapes.evaluate import evaluate_bundle, score
 from training.shapes.language import captions
-from training.shapes.questions import ANSWERS, QUESTION_TYPES
+from training.shapes.questions import QUESTION_TYPES, answer_list
 
 TEST_SEED = 1234
 N_TEST = 120
+SMOKE_WORLD = ShapesRecipe.smoke().world
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,8 @@ def test_bundle_is_complete_and_serves(smoke_bundle):
     captioner = Captioner.from_bundle(smoke_bundle, device="cpu")
     assert captioner.method_names == ("maccap", "tomcap", "capdec")
     assert captioner.info()["world"] == "shapes" and len(captioner.examples()) == 3
-    assert captioner.answers is not None and captioner.answers.answers == list(ANSWERS)  # the world's own list
+    assert captioner.answers is not None and captioner.answers.answers == list(answer_list(  # the world's own list
+        colours=SMOKE_WORLD.colours, shapes=SMOKE_WORLD.shapes, max_count=SMOKE_WORLD.max_count))
     vqa = captioner.bundle.component("vqa")
     assert vqa["lm"] == "bundle:vqa/lm"  # the frozen, untouched LM answers (paper), not MacCap's trained one
     frozen = captioner.bundle.directory("vqa/lm")
@@ -206,6 +209,10 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     full_length = ablation["full_length"]  # rows retrained at the build's own length, three seeds each
     assert full_length["rows"] and all(len(row["seeds"]) == 3 for row in full_length["rows"].values())
     assert all(line in v2 for line in full_length_lines(full_length))
+    tomcap = ablation["tomcap_full_length"]  # TOMCap's rows at its 2400 steps (two seeds: the README says so)
+    assert set(tomcap["rows"]) == {"gap-none", "noise-scale-4"} and tomcap["tomcap_steps"] == 2400
+    assert all(len(row["seeds"]) >= 2 for row in tomcap["rows"].values())
+    assert all(line in v2 for line in full_length_lines(tomcap))
 
 
 def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_eval_does(reproduction, report,

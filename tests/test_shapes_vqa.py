@@ -14,11 +14,12 @@ from capdemo.features import ImageFeatures
 from capdemo.vqa import VQA_PROMPT, AnswerList
 from training.shapes.language import COUNT_WORDS, Scene
 from training.shapes.metrics import gap_metrics, recall_at_1, subregion_closer
-from training.shapes.questions import ANSWERS, QUESTION_TYPES, WHERE, qa_texts, questions
+from training.shapes.questions import QUESTION_TYPES, WHERE, answer_list, qa_texts, questions
 from training.shapes.vqa_eval import match_answers, question_set, vqa_accuracy
 from training.shapes.world import WorldConfig, all_scenes, captions
 
 WORLD = WorldConfig()
+ANSWERS = answer_list(colours=WORLD.colours, shapes=WORLD.shapes, max_count=WORLD.max_count)
 RED_CIRCLE_LEFT_OF_BLUE_SQUARE = Scene("pair", "red", "circle", relation="left of", colour2="blue",
                                        shape2="square", count=2)
 
@@ -71,7 +72,7 @@ def oracle(scene: Scene, text: str) -> str:
 def test_every_question_about_every_scene_has_the_answer_the_scene_implies():
     rng = np.random.default_rng(0)
     kinds_asked = {kind: set() for kind in ("single", "pair", "group")}
-    answers = Counter()
+    answers, answered = Counter(), set()
     for scene in all_scenes(WORLD) * 2:
         for question in questions(scene, rng, colours=WORLD.colours, shapes=WORLD.shapes):
             assert question.kind in QUESTION_TYPES and question.answer in ANSWERS
@@ -79,9 +80,11 @@ def test_every_question_about_every_scene_has_the_answer_the_scene_implies():
             assert question.answer == oracle(scene, question.text), (scene, question)
             kinds_asked[scene.kind].add(question.kind)
             answers[question.answer] += question.kind == "yes/no"
+            answered.add(question.answer)
     assert kinds_asked["single"] == kinds_asked["pair"] == set(QUESTION_TYPES)
     assert kinds_asked["group"] == set(QUESTION_TYPES) - {"position"}  # identical objects have no one place
     assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6  # yes/no questions are not all "yes"
+    assert answered == set(ANSWERS)  # the answer list is exactly what the world's questions can answer
 
 
 def test_questions_on_a_hand_made_scene():
@@ -102,6 +105,8 @@ def test_questions_on_a_hand_made_scene():
 def test_answer_list_is_the_worlds_own_and_pretraining_text_uses_the_vqa_prompt():
     assert len(ANSWERS) == len(set(ANSWERS)) < 40  # the world's answers, not VQAv2's 3,128
     assert {"red", "circle", "4", "left", "middle", "yes", "no"} <= set(ANSWERS)
+    assert not {"cross", "small", "5"} & set(ANSWERS)  # a shape never drawn, a size, a count no scene has
+    assert "4" not in answer_list(colours=WORLD.colours, shapes=WORLD.shapes, max_count=3)  # world v1's groups
     scenes = [RED_CIRCLE_LEFT_OF_BLUE_SQUARE] * 50
     texts = qa_texts(scenes, np.random.default_rng(0), colours=WORLD.colours, shapes=WORLD.shapes)
     pattern = re.compile(re.escape(VQA_PROMPT).replace(r"\{caption\}", "(.+)").replace(r"\{question\}", "(.+)")

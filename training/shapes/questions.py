@@ -13,7 +13,7 @@ world supports is both taught and scored:
 - yes/no: "is there a green triangle?", "is the circle large?", "is the red circle left of the blue square?",
   "are there three squares?" -> "yes" / "no", about as often each
 
-Answers are short VQAv2-style strings (digits for counts), all in :data:`ANSWERS`, the answer list a
+Answers are short VQAv2-style strings (digits for counts), all in :func:`answer_list`, the answer list a
 shapes bundle ships (real bundles ship VQAv2's 3,128).
 """
 
@@ -24,13 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from capdemo.vqa import VQA_PROMPT
-from training.shapes.language import COLOURS, COUNT_WORDS, SHAPES, SIZES, Scene, captions
+from training.shapes.language import COUNT_WORDS, SIZES, Scene, captions
 
 QUESTION_TYPES = ("colour", "shape", "count", "position", "yes/no")
 WHERE = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "centre": "middle"}
 COUNT_ANSWERS = {n: str(n) for n in range(1, max(COUNT_WORDS) + 1)}  # VQAv2 writes counts as digits
-# The shapes world's answer list: every answer a question here can have.
-ANSWERS = (*COLOURS, *SHAPES, *COUNT_ANSWERS.values(), *dict.fromkeys(WHERE.values()), *SIZES, "yes", "no")
 _COLOUR_WORDS = ("colour", "color")  # both spellings occur in questions (the README asks "what colour")
 _SIDES = {"left of": ("left", "right"), "above": ("top", "bottom")}  # where a pair's first and second objects are
 
@@ -41,7 +39,14 @@ class Question:
 
     kind: str  # one of QUESTION_TYPES
     text: str  # lower case, ends with "?"
-    answer: str  # one of ANSWERS
+    answer: str  # one of the world's answer_list
+
+
+def answer_list(*, colours: tuple[str, ...], shapes: tuple[str, ...], max_count: int) -> tuple[str, ...]:
+    """Every answer a question about a world with these colours, shapes and largest group can have: the
+    answer list its bundle ships (a word the world never draws, such as an unused shape, is not an answer)."""
+    counts = (COUNT_ANSWERS[n] for n in range(1, max_count + 1))
+    return (*colours, *shapes, *counts, *dict.fromkeys(WHERE.values()), "yes", "no")
 
 
 def _plural(shape: str) -> str:
