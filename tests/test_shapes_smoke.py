@@ -201,6 +201,7 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     root = Path(__file__).resolve().parents[1]
     ablation = json.loads((root / "weights" / "shapes" / "ablation.json").read_text())
     assert list(ablation["rows"]) == [v.name for v in VARIANTS]  # every row the ablation knows was run
+    assert [row["description"] for row in ablation["rows"].values()] == [v.description for v in VARIANTS]
     trained = {v.name for v in VARIANTS if v.trained}
     assert all(len(row["seeds"]) == 3 for name, row in ablation["rows"].items() if name in trained)
     readme = (root / "README.md").read_text()

@@ -44,8 +44,8 @@ from capdemo.fileio import atomic_output
 from capdemo.methods.capdec.model import CapDecConfig
 from capdemo.methods.maccap.model import MacCapConfig
 from capdemo.methods.tomcap.model import TOMCapConfig
-from training.shapes.build import (ShapesRecipe, StageOutputs, add_recipe_arguments, capdec_command, chosen_recipe, log,
-                                   maccap_command, run_command, tomcap_command)
+from training.shapes.build import (TOMCAP_NOISE_SCALE, ShapesRecipe, StageOutputs, add_recipe_arguments,
+                                   capdec_command, chosen_recipe, log, maccap_command, run_command, tomcap_command)
 from training.shapes.evaluate import evaluate_bundle
 
 
@@ -79,9 +79,10 @@ VARIANTS = (
     Variant("gap-mean-std", "gap", "mean+std correction", flags=("--gap-correction", "mean_std", *NO_NOISE)),
     Variant("gap-mean-std-noise", "gap", "mean+std correction + noise 0.5 x sigma_I (the paper's)",
             flags=("--gap-correction", "mean_std", "--input-noise-scale", "0.5", "--query-noise-scale", "0.5")),
-    *(Variant(f"noise-scale-{scale}", "noise", f"mean+std correction + noise {scale} x sigma_I{note}",
+    *(Variant(f"noise-scale-{scale}", "noise", f"mean+std correction + noise {scale} x sigma_I"
+              + (" (the shapes recipe's)" if scale == TOMCAP_NOISE_SCALE else ""),
               flags=("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
-      for scale, note in (("0.25", ""), ("1", ""), ("2", ""), ("4", " (the shapes recipe's)"))),
+      for scale in ("0.25", "1", "2", "4")),
     # with gap-mean-std (0) and the paper's 0.5: the noise-scale sweep
     # with the default (K = 4): the paper's K sweep, its 8 replaced by 6, since the shapes LM's 160 positions hold
     # at most 7 of the store's longest captions (TOMCapMethod.limits refuses more)
@@ -127,8 +128,8 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
     folder = work / "ablation" / variant.name / (f"steps-{method_steps}-{key}" if variant.trained else key)
     scores_file = folder / f"scores-n{n}-seed{seed}.json"
-    if scores_file.is_file():
-        return json.loads(scores_file.read_text())
+    if scores_file.is_file():  # the scores are the cache's; what the row is called is the code's, as it is now
+        return {**json.loads(scores_file.read_text()), "group": variant.group, "description": variant.description}
     folder.mkdir(parents=True, exist_ok=True)
     scored = weights
     if variant.trained:
