@@ -104,6 +104,8 @@ def test_report_has_the_keys_others_rely_on(report):
     assert report["gap"]["n"] == 1000
     for method in ("maccap", "tomcap"):
         assert {"scene_accuracy", "attribute_accuracy", "cider"} <= set(report[method])
+        assert report[method]["scene_accuracy"] <= report[method]["candidate_scene_accuracy"] <= 1
+        assert 0 <= report[method]["clip_prefers_wrong"] <= 1
     vqa = report["vqa"]
     assert {"accuracy", "n", "by_type", "frozen_lm", "caption_trained_lm"} <= set(vqa)
     assert vqa["accuracy"] == vqa["frozen_lm"]["accuracy"] and set(vqa["by_type"]) == set(QUESTION_TYPES)
@@ -115,6 +117,35 @@ def test_report_has_the_keys_others_rely_on(report):
     assert shipped["method"] == "maccap" and shipped["n"] == 3 and 0 <= shipped["correct"] <= 3
     assert set(shipped["by_method"]) == {"maccap", "tomcap", "capdec"}
     assert shipped["by_method"]["maccap"] == {"correct": shipped["correct"], "n": 3}
+
+
+def test_candidate_report_counts_the_true_scene_among_candidates_and_what_the_clip_prefers():
+    """Four images, a hand-made CLIP: one captioned right; one wrongly, its truth among the candidates and the
+    CLIP preferring the wrong caption; one wrongly, the truth nowhere and the CLIP preferring the truth; one
+    wrongly, the truth nowhere and the CLIP preferring the wrong caption."""
+    import types
+
+    import torch
+
+    from capdemo.result import Candidate
+    from training.shapes.evaluate import candidate_report
+
+    scenes = list(dict.fromkeys(world.generate_scenes(40, seed=TEST_SEED, config=SMOKE_WORLD)))[:5]
+    truth = [captions(scene)[0] for scene in scenes]
+    cosines = {truth[3]: (1.0, 0.0), truth[4]: (1.0, 0.0), truth[0]: (0.0, 1.0)}  # with every image; the rest 0.6
+
+    def encode_text(texts):
+        return torch.tensor([cosines.get(text, (0.6, 0.8)) for text in texts])
+
+    def result(caption, *candidates):
+        return types.SimpleNamespace(caption=caption, candidates=[Candidate(text, 0.0) for text in candidates])
+
+    captioner = types.SimpleNamespace(encoder=types.SimpleNamespace(encode_text=encode_text))
+    results = [result(truth[0], truth[0]), result(truth[3], truth[3], truth[1]), result(truth[0], truth[0]),
+               result(truth[4], truth[4])]
+    images = torch.tensor([[2.0, 0.0]] * 4)  # (4, D), unnormalised as the encoder returns them
+    report = candidate_report(captioner, results, [scenes[0], scenes[1], scenes[2], scenes[1]], images)
+    assert report == {"candidate_scene_accuracy": 0.5, "clip_prefers_wrong": pytest.approx(2 / 3)}
 
 
 def test_trained_smoke_models_beat_untrained_thresholds(report, smoke_bundle):
@@ -189,6 +220,40 @@ def test_the_build_records_the_bundles_domain_for_the_apps_warning(smoke_bundle)
     for scores in domain["clip_score"].values():
         assert scores["n"] == 20 and -1 <= scores["p05"] <= scores["median"] <= 1
     assert domain["clip_score"]["best"]["median"] >= max(s["median"] for s in domain["clip_score"].values()) - 1e-6
+
+
+def test_stage_times_keep_a_complete_stages_recorded_time_and_replace_a_rerun_ones(tmp_path):
+    import json
+
+    from training.shapes.build import StageTimes
+
+    timed = StageTimes(tmp_path)
+    with timed("lm", complete=True):  # nothing recorded yet: the time is recorded whatever it is
+        pass
+    (tmp_path / "timings.json").write_text(json.dumps({"lm": {"wall_s": 99.0, "cpu_s": 98.0}}))
+    timed = StageTimes(tmp_path)
+    with timed("lm", complete=True):
+        pass
+    assert json.loads((tmp_path / "timings.json").read_text())["lm"] == {"wall_s": 99.0, "cpu_s": 98.0}
+    with timed("lm", complete=False):  # it ran again, however quickly
+        pass
+    assert json.loads((tmp_path / "timings.json").read_text())["lm"] == {"wall_s": 0.0, "cpu_s": 0.0}
+
+
+def test_a_resumed_build_keeps_each_trained_stages_time_and_reproduces_its_weights(smoke_bundle, tmp_path):
+    import json
+
+    from capdemo.bundle import Bundle
+    from training.shapes.build import build
+
+    work = smoke_bundle.parent / "work"
+    first = json.loads((work / "timings.json").read_text())
+    again = build(ShapesRecipe.smoke(), tmp_path / "again", work)  # every stage's output is there already
+    seconds = Bundle.load(again).manifest["training"]["stage_seconds"]
+    for stage in ("world data", "clip", "lm", "datastore + gap statistics", "maccap", "tomcap", "capdec"):
+        assert seconds[stage] == first[stage], stage  # the time it took to train, not to re-export
+    for weights in ("maccap/adaptor.safetensors", "tomcap/trainable.safetensors"):
+        assert (again / weights).read_bytes() == (smoke_bundle / weights).read_bytes()
 
 
 def test_the_readmes_ablation_table_is_the_shipped_ablation_json():

@@ -42,6 +42,7 @@ from capdemo.encoders import ENCODER_CONFIG_FILE
 from capdemo.vqa import VQA_COMPONENT
 from capdemo.config import Config
 from capdemo.fileio import atomic_output
+from training.checkpoints import checkpoint_path
 from training.loop import TrainConfig
 from training.shapes.clip import TinyClipConfig
 from training.shapes.domain import record_domain
@@ -358,21 +359,28 @@ def capdec_command(recipe: ShapesRecipe, work: Path, *, out: Path, run_dir: Path
 
 class StageTimes:
     """Wall and CPU seconds per build stage, kept in ``<work>/timings.json`` so a resumed build reports every
-    stage (a stage found complete keeps the time it took when it ran)."""
+    stage: a stage whose output was complete before it ran keeps the time it took when it did the work."""
 
     def __init__(self, work: Path):
         self.file = work / "timings.json"
         self.seconds: dict[str, dict[str, float]] = json.loads(self.file.read_text()) if self.file.is_file() else {}
 
     @contextlib.contextmanager
-    def __call__(self, stage: str):
+    def __call__(self, stage: str, *, complete: bool):
+        """Time ``stage``; ``complete``: its output was already there, so it only re-reads or re-exports."""
         wall, cpu = time.perf_counter(), time.process_time()
         yield
-        spent = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-        if spent["wall_s"] >= 1 or stage not in self.seconds:  # a skipped stage keeps its recorded time
-            self.seconds[stage] = spent
-            with atomic_output(self.file) as tmp:
-                tmp.write_text(json.dumps(self.seconds, indent=1))
+        if complete and stage in self.seconds:
+            return
+        self.seconds[stage] = {"wall_s": round(time.perf_counter() - wall, 1),
+                               "cpu_s": round(time.process_time() - cpu, 1)}
+        with atomic_output(self.file) as tmp:
+            tmp.write_text(json.dumps(self.seconds, indent=1))
+
+
+def trained(run_dir: Path, steps: int) -> bool:
+    """Whether a training command's run dir holds its final checkpoint (so ``--resume`` only re-exports)."""
+    return checkpoint_path(run_dir / "checkpoints", steps).is_file()
 
 
 def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python -m training shapes") -> Path:
@@ -380,30 +388,31 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     timed = StageTimes(work)
-    with timed("world data"):
+    stages = StageOutputs(work)
+    with timed("world data", complete=(work / "examples" / "done").is_file()):
         data = write_world_data(recipe, work)
-    with timed("clip"):
+    with timed("clip", complete=stages.encoder.is_file()):
         encoder = str(train_encoder(recipe, work))
-    with timed("lm"):
+    with timed("lm", complete=(stages.lm / "config.json").is_file()):
         lm = str(train_language_model(recipe, work, data["corpus"]))
     corpus = str(data["corpus"])
-    stages = StageOutputs(work)
     datastore, gap_stats = stages.datastore, stages.gap_stats
-    with timed("datastore + gap statistics"):
-        if not (datastore / "datastore.json").is_file():
+    indexed, measured = (datastore / "datastore.json").is_file(), gap_stats.is_file()
+    with timed("datastore + gap statistics", complete=indexed and measured):
+        if not indexed:
             run_command(["index", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--out", str(datastore),
                          "--kind", "flat"])
-        if not gap_stats.is_file():
+        if not measured:
             run_command(["gapstats", "--images", str(data["unpaired"]), "--corpus", corpus, "--dedupe",
                          "--encoder", encoder, "--out", str(gap_stats)])
     staging = work / "bundle"
     shutil.rmtree(staging, ignore_errors=True)
-    with timed("maccap"):
-        run_command(maccap_command(recipe, work, out=staging, run_dir=work / "maccap-run"))
-    with timed("tomcap"):
-        run_command(tomcap_command(recipe, work, out=staging, run_dir=work / "tomcap-run"))
-    with timed("capdec"):
-        run_command(capdec_command(recipe, work, out=staging, run_dir=work / "capdec-run"))
+    method_commands = {"maccap": (maccap_command, recipe.maccap_steps), "tomcap": (tomcap_command, recipe.tomcap_steps),
+                       "capdec": (capdec_command, recipe.capdec_steps)}
+    for method, (command_of, steps) in method_commands.items():
+        run_dir = work / f"{method}-run"
+        with timed(method, complete=trained(run_dir, steps)):
+            run_command(command_of(recipe, work, out=staging, run_dir=run_dir))
     answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
@@ -420,7 +429,7 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     writer.add_directory(VQA_LM, lm)
     writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM})
     writer.finish()
-    with timed("domain"):
+    with timed("domain", complete=False):
         record_domain(staging, n=recipe.domain_images)
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(staging), str(out))

@@ -72,13 +72,33 @@ def in_batches(images: list) -> list[list]:
     return [images[i: i + CAPTION_BATCH] for i in range(0, len(images), CAPTION_BATCH)]
 
 
-def caption_all(captioner: Captioner, batches: list, method: str, settings: dict[str, Any]) -> tuple[list[str], float]:
-    """Captions of every image in ``batches`` (lists of images, or Encoded batches), and seconds per image."""
-    start, predictions = time.perf_counter(), []
+def caption_all(captioner: Captioner, batches: list, method: str, settings: dict[str, Any]) -> tuple[list, float]:
+    """Results of every image in ``batches`` (lists of images, or Encoded batches), and seconds per image."""
+    start, results = time.perf_counter(), []
     options = captioner.options(method, **settings)
     for batch in batches:
-        predictions += [result.caption for result in captioner.caption(batch, method, options)]
-    return predictions, (time.perf_counter() - start) / max(1, len(predictions))
+        results += captioner.caption(batch, method, options)
+    return results, (time.perf_counter() - start) / max(1, len(results))
+
+
+def candidate_report(captioner: Captioner, results: list, scenes: list[Scene], image_embeds: torch.Tensor
+                     ) -> dict[str, float]:
+    """Where a method's wrong captions come from, given each image's CLIP embedding ``image_embeds`` (N, D).
+
+    ``candidate_scene_accuracy``: the scenes some candidate (sample or beam) describes exactly, what a perfect
+    reranker would caption. ``clip_prefers_wrong``: of the scenes captioned wrongly, the fraction where the CLIP
+    scores the wrong caption above every true caption of the scene, so that reranking by CLIP cannot fix them.
+    """
+    proposed = sum(any(parse_caption(text) == scene for text in [r.caption, *(c.text for c in r.candidates)])
+                   for r, scene in zip(results, scenes))
+    wrong = [i for i, (r, scene) in enumerate(zip(results, scenes)) if parse_caption(r.caption) != scene]
+    prefers = 0
+    for i in wrong:
+        texts = captioner.encoder.encode_text([results[i].caption, *references(scenes[i])])  # (1 + R, D)
+        cosines = torch.nn.functional.normalize(image_embeds[i].float(), dim=-1) @ texts.float().T  # (1 + R,)
+        prefers += bool(cosines[0] > cosines[1:].max())
+    return {"candidate_scene_accuracy": proposed / max(1, len(scenes)),
+            "clip_prefers_wrong": prefers / len(wrong) if wrong else 0.0}
 
 
 def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[str] | None:
@@ -172,15 +192,17 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
     started = time.perf_counter()
     encoded = [captioner.encode(batch) for batch in in_batches(images[:n])]  # one vision-tower pass, every method
     report["encode_seconds_per_image"] = (time.perf_counter() - started) / max(1, n)
+    image_embeds = torch.cat([batch.features.global_embeds for batch in encoded]) if encoded else None  # (n, D)
     if gap:
         extra = [captioner.encode(batch) for batch in in_batches(images[n:GAP_PAIRS])]
         features = ImageFeatures.cat([batch.features for batch in encoded + extra]).select(slice(0, GAP_PAIRS))
         report["gap"] = gap_report(captioner, pairs[:GAP_PAIRS], features)
     predictions_of: dict[str, list[str]] = {}
     for method in methods:
-        predictions, seconds = caption_all(captioner, encoded, method, settings.get(method, {}))
-        predictions_of[method] = predictions
+        results, seconds = caption_all(captioner, encoded, method, settings.get(method, {}))
+        predictions = predictions_of[method] = [result.caption for result in results]
         report[method] = {**score(predictions, scenes), "seconds_per_image": seconds,
+                          **candidate_report(captioner, results, scenes, image_embeds),
                           "examples": [{"prediction": p, "reference": captions(s)[0]}
                                        for p, s in list(zip(predictions, scenes))[:5]]}
     if ceiling:
