@@ -304,7 +304,8 @@ def quality(settings: common.Settings, plan: Plan) -> dict[str, Any]:
             batches = [captioner.encode(batch) for batch in in_batches(images)]  # this precision's CLIP
             encode_s = (time.perf_counter() - started) / len(images)
             for method in methods:
-                texts, seconds = caption_all(captioner, batches, method, {})
+                results, seconds = caption_all(captioner, batches, method, {})
+                texts = [result.caption for result in results]
                 predictions[method][precision] = texts
                 result = score(texts, scenes)
                 scores[method][precision] = {

@@ -143,7 +143,7 @@ def test_candidate_report_counts_the_true_scene_among_candidates_and_what_the_cl
     captioner = types.SimpleNamespace(encoder=types.SimpleNamespace(encode_text=encode_text))
     results = [result(truth[0], truth[0]), result(truth[3], truth[3], truth[1]), result(truth[0], truth[0]),
                result(truth[4], truth[4])]
-    images = torch.tensor([[2.0, 0.0]] * 4)  # (4, D), unnormalised as the encoder returns them
+    images = torch.tensor([[1.0, 0.0]] * 4)  # (4, D)
     report = candidate_report(captioner, results, [scenes[0], scenes[1], scenes[2], scenes[1]], images)
     assert report == {"candidate_scene_accuracy": 0.5, "clip_prefers_wrong": pytest.approx(2 / 3)}
 
@@ -230,6 +230,7 @@ def test_stage_times_keep_a_complete_stages_recorded_time_and_replace_a_rerun_on
     timed = StageTimes(tmp_path)
     with timed("lm", complete=True):  # nothing recorded yet: the time is recorded whatever it is
         pass
+    assert set(json.loads((tmp_path / "timings.json").read_text())["lm"]) == {"wall_s", "cpu_s"}
     (tmp_path / "timings.json").write_text(json.dumps({"lm": {"wall_s": 99.0, "cpu_s": 98.0}}))
     timed = StageTimes(tmp_path)
     with timed("lm", complete=True):
@@ -244,6 +245,8 @@ def test_a_resumed_build_keeps_each_trained_stages_time_and_reproduces_its_weigh
     import json
 
     from capdemo.bundle import Bundle
+    from capdemo.methods.maccap.model import ADAPTOR_WEIGHTS
+    from capdemo.methods.tomcap.model import TRAINABLE_WEIGHTS
     from training.shapes.build import build
 
     work = smoke_bundle.parent / "work"
@@ -252,7 +255,7 @@ def test_a_resumed_build_keeps_each_trained_stages_time_and_reproduces_its_weigh
     seconds = Bundle.load(again).manifest["training"]["stage_seconds"]
     for stage in ("world data", "clip", "lm", "datastore + gap statistics", "maccap", "tomcap", "capdec"):
         assert seconds[stage] == first[stage], stage  # the time it took to train, not to re-export
-    for weights in ("maccap/adaptor.safetensors", "tomcap/trainable.safetensors"):
+    for weights in (ADAPTOR_WEIGHTS, TRAINABLE_WEIGHTS):
         assert (again / weights).read_bytes() == (smoke_bundle / weights).read_bytes()
 
 

@@ -407,11 +407,9 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
                          "--encoder", encoder, "--out", str(gap_stats)])
     staging = work / "bundle"
     shutil.rmtree(staging, ignore_errors=True)
-    method_commands = {"maccap": (maccap_command, recipe.maccap_steps), "tomcap": (tomcap_command, recipe.tomcap_steps),
-                       "capdec": (capdec_command, recipe.capdec_steps)}
-    for method, (command_of, steps) in method_commands.items():
+    for method, command_of in {"maccap": maccap_command, "tomcap": tomcap_command, "capdec": capdec_command}.items():
         run_dir = work / f"{method}-run"
-        with timed(method, complete=trained(run_dir, steps)):
+        with timed(method, complete=trained(run_dir, recipe.steps_of(method))):
             run_command(command_of(recipe, work, out=staging, run_dir=run_dir))
     answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
     writer = BundleWriter.extending(

@@ -81,7 +81,7 @@ def caption_all(captioner: Captioner, batches: list, method: str, settings: dict
     return results, (time.perf_counter() - start) / max(1, len(results))
 
 
-def candidate_report(captioner: Captioner, results: list, scenes: list[Scene], image_embeds: torch.Tensor
+def candidate_report(captioner: Captioner, results: list, scenes: list[Scene], image_embeds: torch.Tensor | None
                      ) -> dict[str, float]:
     """Where a method's wrong captions come from, given each image's CLIP embedding ``image_embeds`` (N, D).
 
@@ -90,7 +90,7 @@ def candidate_report(captioner: Captioner, results: list, scenes: list[Scene], i
     scores the wrong caption above every true caption of the scene, so that reranking by CLIP cannot fix them.
     """
     proposed = sum(any(parse_caption(text) == scene for text in [r.caption, *(c.text for c in r.candidates)])
-                   for r, scene in zip(results, scenes))
+                   for r, scene in zip(results, scenes, strict=True))
     wrong = [i for i, (r, scene) in enumerate(zip(results, scenes)) if parse_caption(r.caption) != scene]
     prefers = 0
     for i in wrong:
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in (m for m in registry.names() if m in report):
         row = report[method]
         print(f"{method:7s} scene {row['scene_accuracy']:.3f}  attributes {row['attribute_accuracy']:.3f}  "
-              f"CIDEr {row['cider']:.2f}  BLEU-4 {row['bleu4']:.3f}")
+              f"CIDEr {row['cider']:.2f}  BLEU-4 {row['bleu4']:.3f}  some candidate exact "
+              f"{row['candidate_scene_accuracy']:.3f}  CLIP prefers the wrong caption {row['clip_prefers_wrong']:.3f}")
     for method, row in report.get("text_to_text", {}).items():
         print(f"{method:7s} text-to-text scene {row['scene_accuracy']:.3f}")
     if "gap" in report:
