@@ -171,6 +171,10 @@ class StageOutputs:
         return self.work / "lm"
 
     @property
+    def lm_done(self) -> Path:
+        return self.lm / "config.json"
+
+    @property
     def answers(self) -> Path:
         return self.work / "answers.json"  # the world's VQA answer list, openvqa format
 
@@ -179,12 +183,20 @@ class StageOutputs:
         return self.work / "datastore"
 
     @property
+    def datastore_done(self) -> Path:
+        return self.datastore / "datastore.json"
+
+    @property
+    def examples_done(self) -> Path:
+        return self.work / "examples" / "done"  # the world data's last output
+
+    @property
     def gap_stats(self) -> Path:
         return self.work / "gap_stats.safetensors"
 
     def missing(self) -> list[str]:
         """The stage outputs not (completely) written yet, as paths relative to the work dir."""
-        done = [self.corpus, self.encoder, self.lm / "config.json", self.datastore / "datastore.json", self.gap_stats]
+        done = [self.corpus, self.encoder, self.lm_done, self.datastore_done, self.gap_stats]
         return [str(path.relative_to(self.work)) for path in done if not path.is_file()]
 
     def require_finished(self) -> None:
@@ -206,8 +218,9 @@ def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
     The examples follow :func:`training.shapes.world.example_pairs` (scene kinds in rotation from a held-out
     seed), a rule fixed before training; ``examples/scenes.json`` lists each file with its canonical caption.
     """
-    paths = {"corpus": StageOutputs(work).corpus, "unpaired": work / "unpaired", "examples": work / "examples",
-             "answers": StageOutputs(work).answers}
+    stages = StageOutputs(work)
+    paths = {"corpus": stages.corpus, "unpaired": work / "unpaired", "examples": work / "examples",
+             "answers": stages.answers}
     config = recipe.world
     if not paths["corpus"].is_file():
         captions = world.generate_captions(recipe.corpus_captions, seed=config.text_seed, config=config)
@@ -225,7 +238,7 @@ def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
             image.save(unpaired / f"unpaired-{i:05d}.png")
         (unpaired / "done").write_text("")
     examples = paths["examples"]
-    if not (examples / "done").is_file():
+    if not stages.examples_done.is_file():
         examples.mkdir(parents=True, exist_ok=True)
         listed = []
         for i, (scene, image, _) in enumerate(world.example_pairs(recipe.examples, seed=examples_seed(config),
@@ -233,7 +246,7 @@ def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
             image.save(examples / f"example-{i}-{scene.kind}.png")
             listed.append({"file": f"examples/example-{i}-{scene.kind}.png", "caption": world.captions(scene)[0]})
         (examples / "scenes.json").write_text(json.dumps(listed, indent=1) + "\n")
-        (examples / "done").write_text("")
+        stages.examples_done.write_text("")
     return paths
 
 
@@ -272,13 +285,13 @@ def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path
     """
     from capdemo.lm import save_causal_lm
 
-    out = StageOutputs(work).lm
-    if (out / "config.json").is_file():
-        return out
+    stages = StageOutputs(work)
+    if stages.lm_done.is_file():
+        return stages.lm
     lm, tokenizer, result = pretrain_shapes_lm(recipe, corpus, run_dir=work / "lm-run")
     log(f"LM: loss {result.history[-1]['loss']:.3f} after {result.step} steps")
-    save_causal_lm(lm, tokenizer, out)
-    return out
+    save_causal_lm(lm, tokenizer, stages.lm)
+    return stages.lm
 
 
 def lm_train_config(recipe: ShapesRecipe, run_dir: Path) -> TrainConfig:
@@ -389,15 +402,15 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     torch.manual_seed(recipe.seed)
     timed = StageTimes(work)
     stages = StageOutputs(work)
-    with timed("world data", complete=(work / "examples" / "done").is_file()):
+    with timed("world data", complete=stages.examples_done.is_file()):
         data = write_world_data(recipe, work)
     with timed("clip", complete=stages.encoder.is_file()):
         encoder = str(train_encoder(recipe, work))
-    with timed("lm", complete=(stages.lm / "config.json").is_file()):
+    with timed("lm", complete=stages.lm_done.is_file()):
         lm = str(train_language_model(recipe, work, data["corpus"]))
     corpus = str(data["corpus"])
     datastore, gap_stats = stages.datastore, stages.gap_stats
-    indexed, measured = (datastore / "datastore.json").is_file(), gap_stats.is_file()
+    indexed, measured = stages.datastore_done.is_file(), gap_stats.is_file()
     with timed("datastore + gap statistics", complete=indexed and measured):
         if not indexed:
             run_command(["index", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--out", str(datastore),

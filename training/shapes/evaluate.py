@@ -36,6 +36,7 @@ from capdemo import methods as registry
 from capdemo.features import ImageFeatures
 from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 from capdemo.pipeline import Captioner
+from capdemo.result import Result
 from training.evaluate import score_captions
 from training.shapes import world
 from training.shapes.build import EXAMPLES_FILE, examples_seed, qa_seed
@@ -72,7 +73,8 @@ def in_batches(images: list) -> list[list]:
     return [images[i: i + CAPTION_BATCH] for i in range(0, len(images), CAPTION_BATCH)]
 
 
-def caption_all(captioner: Captioner, batches: list, method: str, settings: dict[str, Any]) -> tuple[list, float]:
+def caption_all(captioner: Captioner, batches: list, method: str, settings: dict[str, Any]
+                ) -> tuple[list[Result], float]:
     """Results of every image in ``batches`` (lists of images, or Encoded batches), and seconds per image."""
     start, results = time.perf_counter(), []
     options = captioner.options(method, **settings)
@@ -81,7 +83,7 @@ def caption_all(captioner: Captioner, batches: list, method: str, settings: dict
     return results, (time.perf_counter() - start) / max(1, len(results))
 
 
-def candidate_report(captioner: Captioner, results: list, scenes: list[Scene], image_embeds: torch.Tensor | None
+def candidate_report(captioner: Captioner, results: list[Result], scenes: list[Scene], image_embeds: torch.Tensor | None
                      ) -> dict[str, float]:
     """Where a method's wrong captions come from, given each image's CLIP embedding ``image_embeds`` (N, D).
 
@@ -89,9 +91,10 @@ def candidate_report(captioner: Captioner, results: list, scenes: list[Scene], i
     reranker would caption. ``clip_prefers_wrong``: of the scenes captioned wrongly, the fraction where the CLIP
     scores the wrong caption above every true caption of the scene, so that reranking by CLIP cannot fix them.
     """
-    proposed = sum(any(parse_caption(text) == scene for text in [r.caption, *(c.text for c in r.candidates)])
-                   for r, scene in zip(results, scenes, strict=True))
-    wrong = [i for i, (r, scene) in enumerate(zip(results, scenes)) if parse_caption(r.caption) != scene]
+    right = [parse_caption(r.caption) == scene for r, scene in zip(results, scenes, strict=True)]
+    proposed = sum(ok or any(parse_caption(c.text) == scene for c in r.candidates)
+                   for ok, r, scene in zip(right, results, scenes))
+    wrong = [i for i, ok in enumerate(right) if not ok]
     prefers = 0
     for i in wrong:
         texts = captioner.encoder.encode_text([results[i].caption, *references(scenes[i])])  # (1 + R, D)
