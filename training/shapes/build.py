@@ -49,6 +49,7 @@ from training.shapes.domain import record_domain
 from training.shapes import world
 from training.shapes.lm import TinyLMConfig, pretrain_lm
 from training.shapes.questions import answer_list, qa_texts
+from training.shapes.stage_pool import StagePool
 
 VQA_LM = "vqa/lm"  # bundle folder: the untouched pretrained LM that answers questions (MacCap's VQA LM is frozen)
 EXAMPLES_FILE = "examples/scenes.json"  # bundle file: each shipped example's image file and canonical caption
@@ -172,7 +173,7 @@ class StageOutputs:
 
     @property
     def lm_done(self) -> Path:
-        return self.lm / "config.json"
+        return self.work / "lm.done"  # written once the LM and its tokenizer are saved (outside lm/, which ships)
 
     @property
     def answers(self) -> Path:
@@ -291,6 +292,7 @@ def train_language_model(recipe: ShapesRecipe, work: Path, corpus: Path) -> Path
     lm, tokenizer, result = pretrain_shapes_lm(recipe, corpus, run_dir=work / "lm-run")
     log(f"LM: loss {result.history[-1]['loss']:.3f} after {result.step} steps")
     save_causal_lm(lm, tokenizer, stages.lm)
+    stages.lm_done.write_text("")
     return stages.lm
 
 
@@ -380,13 +382,18 @@ class StageTimes:
 
     @contextlib.contextmanager
     def __call__(self, stage: str, *, complete: bool):
-        """Time ``stage``; ``complete``: its output was already there, so it only re-reads or re-exports."""
+        """Time ``stage`` in this process; ``complete``: its output was already there, so it only re-reads or
+        re-exports."""
         wall, cpu = time.perf_counter(), time.process_time()
         yield
+        self.record(stage, {"wall_s": round(time.perf_counter() - wall, 1),
+                            "cpu_s": round(time.process_time() - cpu, 1)}, complete=complete)
+
+    def record(self, stage: str, seconds: dict[str, float], *, complete: bool) -> None:
+        """Keep ``seconds`` as ``stage``'s time, unless the stage was ``complete`` before and has a time already."""
         if complete and stage in self.seconds:
             return
-        self.seconds[stage] = {"wall_s": round(time.perf_counter() - wall, 1),
-                               "cpu_s": round(time.process_time() - cpu, 1)}
+        self.seconds[stage] = seconds
         with atomic_output(self.file) as tmp:
             tmp.write_text(json.dumps(self.seconds, indent=1))
 
@@ -396,7 +403,25 @@ def trained(run_dir: Path, steps: int) -> bool:
     return checkpoint_path(run_dir / "checkpoints", steps).is_file()
 
 
-def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python -m training shapes") -> Path:
+def index_and_measure(work: Path, unpaired: Path) -> None:
+    """The caption datastore and the modality-gap statistics, each unless already there (they need the CLIP)."""
+    stages = StageOutputs(work)
+    corpus, encoder = str(stages.corpus), str(stages.encoder)
+    if not stages.datastore_done.is_file():
+        run_command(["index", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--out", str(stages.datastore),
+                     "--kind", "flat"])
+    if not stages.gap_stats.is_file():
+        run_command(["gapstats", "--images", str(unpaired), "--corpus", corpus, "--dedupe", "--encoder", encoder,
+                     "--out", str(stages.gap_stats)])
+
+
+METHOD_COMMANDS = {"maccap": maccap_command, "tomcap": tomcap_command, "capdec": capdec_command}  # bundle order
+
+
+def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python -m training shapes",
+          jobs: int = 1) -> Path:
+    """Run every stage not done yet in ``work``, then write the bundle to ``out``; with ``jobs`` > 1, stages that
+    need nothing of each other run side by side (:mod:`training.shapes.stage_pool`: the same weights, sooner)."""
     start = time.time()
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
@@ -404,26 +429,27 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     stages = StageOutputs(work)
     with timed("world data", complete=stages.examples_done.is_file()):
         data = write_world_data(recipe, work)
-    with timed("clip", complete=stages.encoder.is_file()):
-        encoder = str(train_encoder(recipe, work))
-    with timed("lm", complete=stages.lm_done.is_file()):
-        lm = str(train_language_model(recipe, work, data["corpus"]))
-    corpus = str(data["corpus"])
-    datastore, gap_stats = stages.datastore, stages.gap_stats
-    indexed, measured = stages.datastore_done.is_file(), gap_stats.is_file()
-    with timed("datastore + gap statistics", complete=indexed and measured):
-        if not indexed:
-            run_command(["index", "--corpus", corpus, "--dedupe", "--encoder", encoder, "--out", str(datastore),
-                         "--kind", "flat"])
-        if not measured:
-            run_command(["gapstats", "--images", str(data["unpaired"]), "--corpus", corpus, "--dedupe",
-                         "--encoder", encoder, "--out", str(gap_stats)])
+    complete = {"clip": stages.encoder.is_file(), "lm": stages.lm_done.is_file(),
+                "datastore + gap statistics": stages.datastore_done.is_file() and stages.gap_stats.is_file(),
+                **{method: trained(work / f"{method}-run", recipe.steps_of(method)) for method in METHOD_COMMANDS}}
+    with StagePool(jobs) as pool:
+        runs = {"clip": pool.submit(train_encoder, recipe, work),  # the CLIP and the LM need nothing of each other
+                "lm": pool.submit(train_language_model, recipe, work, data["corpus"])}
+        timed.record("clip", runs["clip"].result().seconds, complete=complete["clip"])
+        runs["datastore + gap statistics"] = pool.submit(index_and_measure, work, data["unpaired"])
+        for stage in ("lm", "datastore + gap statistics"):
+            timed.record(stage, runs[stage].result().seconds, complete=complete[stage])
+        # each method trains into a bundle of its own (TOMCap, the longest, first); the shipped one is assembled below
+        untrained = [method for method in ("tomcap", "maccap", "capdec") if not complete[method]]
+        runs.update({method: pool.submit(run_command, METHOD_COMMANDS[method](
+            recipe, work, out=work / "trained" / method, run_dir=work / f"{method}-run")) for method in untrained})
+        for method in untrained:
+            timed.record(method, runs[method].result().seconds, complete=False)
     staging = work / "bundle"
     shutil.rmtree(staging, ignore_errors=True)
-    for method, command_of in {"maccap": maccap_command, "tomcap": tomcap_command, "capdec": capdec_command}.items():
-        run_dir = work / f"{method}-run"
-        with timed(method, complete=trained(run_dir, recipe.steps_of(method))):
-            run_command(command_of(recipe, work, out=staging, run_dir=run_dir))
+    for method, command_of in METHOD_COMMANDS.items():
+        with timed(method, complete=True):  # its run dir holds the final checkpoint: --resume only exports it
+            run_command(command_of(recipe, work, out=staging, run_dir=work / f"{method}-run"))
     answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
@@ -431,13 +457,13 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
                     "synthetic captions",
         training={"recipe": recipe.to_dict(), "command": command,
                   "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()),
-                  "stage_seconds": timed.seconds, "build_seconds": round(time.time() - start)},
+                  "stage_seconds": timed.seconds, "jobs": jobs, "build_seconds": round(time.time() - start)},
     )
     for image in sorted(data["examples"].glob("*.png")):
         writer.add_file(f"examples/{image.name}", image)
     writer.add_file(EXAMPLES_FILE, data["examples"] / "scenes.json")
     # VQA follows the paper: the LM that answers is the frozen, untouched one (MacCap's was trained for captions)
-    writer.add_directory(VQA_LM, lm)
+    writer.add_directory(VQA_LM, stages.lm)
     writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM})
     writer.finish()
     with timed("domain", complete=False):
@@ -475,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads for every stage (the shipped weights were built with 2; float sums, "
                              "and so the weights' last bits, depend on it)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="stages run side by side in this many worker processes, each with --threads threads "
+                             "(1: one after another, in process); the weights are the same either way")
     parser.add_argument("--maccap-steps", type=int, default=None, help="override the recipe's MacCap steps")
     parser.add_argument("--tomcap-steps", type=int, default=None, help="override the recipe's TOMCap steps")
     parser.add_argument("--capdec-steps", type=int, default=None, help="override the recipe's CapDec steps")
@@ -488,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m training shapes" + (" --world v1" if args.world == "v1" else "")
-    build(recipe, Path(args.out), work, command=command)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    build(recipe, Path(args.out), work, command=command, jobs=args.jobs)
     return 0
 
 
