@@ -65,6 +65,7 @@ BENCHMARKS = (
     Benchmark("app_latency", in_quick=True, common_cli=True),
     Benchmark("serving_precision", in_quick=True, common_cli=True, cpu_only=True),
     Benchmark("datastore", in_quick=False, common_cli=False),
+    Benchmark("shapes_build", in_quick=False, common_cli=True, cpu_only=True),  # minutes even at its quick size
 )
 BY_NAME = {benchmark.name: benchmark for benchmark in BENCHMARKS}
 

@@ -82,7 +82,7 @@ def measure(captioners: dict[str, Captioner], images: list, settings: common.Set
             caption_all(captioner, in_batches(images), method, {})
             common.synchronize(settings.device)
             seconds = time.perf_counter() - started
-        out[method] = {"images": len(images), "seconds": round(seconds, 3),
+        out[method] = {"images": len(images), "seconds": round(seconds, 5),
                        "images_per_s": round(len(images) / seconds, 3),
                        "s_per_image": round(seconds / len(images), 4), "memory": memory.to_dict()}
     return out

@@ -58,11 +58,18 @@ def load_causal_lm(
     return model.to(device).eval(), tokenizer
 
 
+LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")  # what from_pretrained records in a tokenizer's config
+
+
 def save_causal_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     """Write model (safetensors) and tokenizer into ``out_dir`` in the form :func:`load_causal_lm` reads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    # how this tokenizer was loaded (a local folder; HF_HUB_OFFLINE), not what it is: kept, the saved files would
+    # depend on the loader's environment
+    for key in LOAD_TIME_TOKENIZER_KEYS:
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

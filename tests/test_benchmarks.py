@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, maccap_latency, serving_precision, throughput, tomcap_latency, training_throughput
+from benchmarks import (common, maccap_latency, serving_precision, shapes_build, throughput, tomcap_latency,
+                        training_throughput)
 from benchmarks import run as runner
 from benchmarks.models import fix_generation_length, maccap_stack, random_pixels, synthetic_tokenizer
 from capdemo.lm import generate_from_embeds
@@ -218,6 +219,18 @@ def test_training_benchmark_compares_cached_and_on_the_fly_embeddings():
         assert entry["cached_speedup"] == pytest.approx(
             entry["cached"]["captions_per_s"] / entry["on_the_fly"]["captions_per_s"], rel=0.01)
     assert result["cache_build_s"] > 0 and result["corpus_captions"] == 8 * 3
+
+
+def test_build_benchmark_times_both_schedules_of_one_recipe_and_compares_their_bytes():
+    result = shapes_build.run(tiny=True)
+    serial, side_by_side = result["one_after_another"], result["side_by_side"]
+    assert (serial["jobs"], side_by_side["jobs"]) == (1, 2)
+    assert result["speedup"] == pytest.approx(serial["wall_s"] / side_by_side["wall_s"], rel=0.01)
+    assert set(side_by_side["stage_wall_s"]) >= {"clip", "lm", "maccap", "tomcap", "capdec"}
+    assert result["same_bytes"] is True and result["files_compared"] >= 30  # weights, tokenizers, examples, stores
+    assert result["steps"]["lm"] == 10 and result["steps"]["clip_pairs"] == 1000  # a quarter of the smoke recipe's
+    with pytest.raises(common.BenchmarkError, match="cuda|CUDA"):  # the recipe trains on the CPU only
+        shapes_build.run(tiny=True, device="cuda")
 
 
 def test_precision_benchmark_times_every_precision_and_scores_its_quality():

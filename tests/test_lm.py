@@ -86,3 +86,18 @@ def test_a_language_model_without_safetensors_is_refused_by_name(tmp_path, tiny_
         load_causal_lm(folder)
     message = str(info.value)
     assert "\n" not in message and "no *.safetensors" in message and "refs/pr/N" in message
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_a_loaded_and_saved_again_language_model_has_the_same_files(tmp_path, tiny_tokenizer, monkeypatch, offline):
+    """Loading records how (a local folder, HF_HUB_OFFLINE) in the tokenizer's config; saving leaves that out, so a
+    bundle's LM folder does not depend on the environment of the build that wrote it."""
+    from capdemo.lm import load_causal_lm, save_causal_lm
+
+    first = save_causal_lm(tiny_gpt2(tiny_tokenizer), tiny_tokenizer, tmp_path / "first")
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    model, tokenizer = load_causal_lm(first)
+    again = save_causal_lm(model, tokenizer, tmp_path / "again")
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in first.iterdir())
+    for path in first.iterdir():
+        assert (again / path.name).read_bytes() == path.read_bytes(), path.name

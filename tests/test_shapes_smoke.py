@@ -259,6 +259,55 @@ def test_a_resumed_build_keeps_each_trained_stages_time_and_reproduces_its_weigh
         assert (again / weights).read_bytes() == (smoke_bundle / weights).read_bytes()
 
 
+def test_stages_side_by_side_make_the_same_bundle_as_one_after_another(smoke_bundle, tmp_path):
+    """The reproduction built with the CLI's default two jobs; one job, in process, gives every file the same bytes
+    (the run records name their own run dirs, and the manifest its own timings)."""
+    from capdemo.bundle import Bundle
+    from training.shapes.build import build
+
+    assert Bundle.load(smoke_bundle).manifest["training"]["jobs"] == 2
+    serial = build(ShapesRecipe.smoke(), tmp_path / "serial", tmp_path / "work", jobs=1)
+    assert Bundle.load(serial).manifest["training"]["jobs"] == 1
+
+    def files(bundle):
+        return {path.relative_to(bundle).as_posix(): path.read_bytes() for path in bundle.rglob("*")
+                if path.is_file() and path.name not in ("training.json", "bundle.json")}
+
+    side_by_side, one_by_one = files(smoke_bundle), files(serial)
+    assert any(name.endswith(".safetensors") for name in side_by_side) and set(side_by_side) == set(one_by_one)
+    assert [name for name in side_by_side if side_by_side[name] != one_by_one[name]] == []
+
+
+def test_a_half_saved_lm_is_not_a_finished_stage(tmp_path):
+    """save_pretrained writes lm/config.json before the weights: the LM stage is done only at its own marker."""
+    from training.shapes.build import StageOutputs
+
+    stages = StageOutputs(tmp_path)
+    stages.lm.mkdir()
+    (stages.lm / "config.json").write_text("{}")
+    assert "lm.done" in stages.missing() and not stages.lm_done.is_relative_to(stages.lm)  # lm/ ships as vqa/lm
+
+
+def test_a_stage_pool_worker_keeps_the_builds_threads_and_reports_a_stages_error(tmp_path):
+    import os
+
+    import torch
+
+    from training.shapes.stage_pool import StagePool, timed_call
+
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        StagePool(0)
+    with StagePool(2) as pool:
+        threads = pool.submit(torch.get_num_threads).result()
+        worker = pool.submit(os.getpid).result()
+        failed = pool.submit(int, "not a number")
+        with pytest.raises(ValueError, match="not a number"):
+            failed.result()
+    assert threads.value == torch.get_num_threads() and worker.value != os.getpid()
+    run = timed_call(sum, [1, 2, 3])
+    assert run.value == 6 and set(run.seconds) == {"wall_s", "cpu_s"}
+
+
 def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     """Every row of weights/shapes/ablation.json is in the README's world-v2 table with the numbers it holds."""
     import json

@@ -331,11 +331,13 @@ def prompt_texts(captions: list[str], count: int, rng: np.random.Generator) -> l
 
 
 def run_command(argv: list[str]) -> None:
-    """One ``python -m training`` command, in process, exactly as a user would run it."""
+    """One ``python -m training`` command, in process, exactly as a user would run it; what it prints goes to
+    stderr with the build's log (a worker's stdout is the build's too, and the build prints no report)."""
     from training.__main__ import main
 
     log("python -m training " + " ".join(argv))
-    status = main(argv)
+    with contextlib.redirect_stdout(sys.stderr):
+        status = main(argv)
     if status:
         raise SystemExit(f"training command failed with status {status}: {' '.join(argv)}")
 
