@@ -17,7 +17,8 @@ index | gapstats | maccap | tomcap``), only on shapes captions and tiny models:
 7. the bundle's domain (``python -m training shapes-domain``): the app's summary line and the in-domain CLIP-score
    range it warns against.
 
-Stages cache their outputs in ``--work-dir``, so a killed build continues where it stopped.
+Stages cache their outputs in ``--work-dir``, so a killed build continues where it stopped; stages that need
+nothing of each other run side by side (``--jobs``, :mod:`training.shapes.stage_pool`), with the same bytes.
 ``--smoke`` shrinks everything so the whole recipe runs in about a minute (CI).
 """
 
