@@ -19,7 +19,6 @@ from benchmarks import common
 
 NAME = "shapes_build"
 FRACTION = {"full": 0.1, "quick": 0.03}  # of the shipped recipe's training; tiny runs the smoke recipe shorter
-RUN_RECORDS = ("training.json", "bundle.json")  # files that name their own run dirs and timings
 
 
 def recipe_for(settings: common.Settings):
@@ -37,16 +36,9 @@ def recipe_for(settings: common.Settings):
     return recipe.replace(clip=clip.replace(pairs=pairs), **steps)
 
 
-def weight_files(bundle: Path) -> dict[str, bytes]:
-    """Every file of a bundle but its run records, by path."""
-    return {path.relative_to(bundle).as_posix(): path.read_bytes() for path in sorted(bundle.rglob("*"))
-            if path.is_file() and path.name not in RUN_RECORDS}
-
-
 def run(*, quick: bool = False, tiny: bool = False, device: str = "cpu", dtype: str = "fp32") -> dict[str, Any]:
-    import json
-
-    from training.shapes.build import build
+    from capdemo.bundle import Bundle
+    from training.shapes.build import build, built_files
 
     started = time.perf_counter()
     settings = common.Settings(quick=quick, tiny=tiny, device=device, dtype=dtype)
@@ -60,10 +52,10 @@ def run(*, quick: bool = False, tiny: bool = False, device: str = "cpu", dtype: 
             begin = time.perf_counter()
             bundle = build(recipe, Path(scratch) / name / "bundle", Path(scratch) / name / "work", jobs=jobs)
             seconds = time.perf_counter() - begin
-            stages = json.loads((bundle / "bundle.json").read_text())["training"]["stage_seconds"]
+            stages = Bundle.load(bundle).manifest["training"]["stage_seconds"]
             builds[name] = {"jobs": jobs, "wall_s": round(seconds, 1),
                             "stage_wall_s": {stage: times["wall_s"] for stage, times in stages.items()}}
-            files[name] = weight_files(bundle)
+            files[name] = built_files(bundle)
     serial, parallel = files["one_after_another"], files["side_by_side"]
     figures = {
         "recipe": "smoke" if tiny else f"shipped, {FRACTION[settings.mode]:g} of its training",

@@ -28,7 +28,6 @@ images can be told apart from a weaker decoder. It reuses a finished build's sta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import sys
@@ -134,10 +133,8 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     scored = weights
     if variant.trained:
         scored = folder / "bundle"
-        if not (scored / "bundle.json").is_file():
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
-                run_command(command(recipe, work, out=scored, run_dir=folder / "run", steps=steps,
-                                    extra=variant.flags))
+        if not (scored / "bundle.json").is_file():  # run_command prints to stderr: stdout carries only the report
+            run_command(command(recipe, work, out=scored, run_dir=folder / "run", steps=steps, extra=variant.flags))
     report = evaluate_bundle(str(scored), n=n, seed=seed, methods=[variant.method],
                              settings={variant.method: dict(variant.settings)}, gap=False, vqa_scenes=0,
                              examples=False, world_config=recipe.world)  # a trained row's bundle has no recipe

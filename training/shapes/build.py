@@ -50,7 +50,7 @@ from training.shapes.domain import record_domain
 from training.shapes import world
 from training.shapes.lm import TinyLMConfig, pretrain_lm
 from training.shapes.questions import answer_list, qa_texts
-from training.shapes.stage_pool import StagePool
+from training.shapes.stage_pool import StagePool, clocks, seconds_since
 
 VQA_LM = "vqa/lm"  # bundle folder: the untouched pretrained LM that answers questions (MacCap's VQA LM is frozen)
 EXAMPLES_FILE = "examples/scenes.json"  # bundle file: each shipped example's image file and canonical caption
@@ -387,10 +387,9 @@ class StageTimes:
     def __call__(self, stage: str, *, complete: bool):
         """Time ``stage`` in this process; ``complete``: its output was already there, so it only re-reads or
         re-exports."""
-        wall, cpu = time.perf_counter(), time.process_time()
+        start = clocks()
         yield
-        self.record(stage, {"wall_s": round(time.perf_counter() - wall, 1),
-                            "cpu_s": round(time.process_time() - cpu, 1)}, complete=complete)
+        self.record(stage, seconds_since(start), complete=complete)
 
     def record(self, stage: str, seconds: dict[str, float], *, complete: bool) -> None:
         """Keep ``seconds`` as ``stage``'s time, unless the stage was ``complete`` before and has a time already."""
@@ -399,6 +398,15 @@ class StageTimes:
         self.seconds[stage] = seconds
         with atomic_output(self.file) as tmp:
             tmp.write_text(json.dumps(self.seconds, indent=1))
+
+
+RUN_RECORDS = ("training.json", "bundle.json")  # bundle files that name their own run dirs and timings
+
+
+def built_files(bundle: Path) -> dict[str, bytes]:
+    """Every file of a built bundle but its run records, by path: what two builds of one recipe must share."""
+    return {path.relative_to(bundle).as_posix(): path.read_bytes() for path in sorted(bundle.rglob("*"))
+            if path.is_file() and path.name not in RUN_RECORDS}
 
 
 def trained(run_dir: Path, steps: int) -> bool:

@@ -32,12 +32,22 @@ class StageRun:
     seconds: dict[str, float]
 
 
+def clocks() -> tuple[float, float]:
+    """This process's wall and CPU clocks now, for :func:`seconds_since`."""
+    return time.perf_counter(), time.process_time()
+
+
+def seconds_since(start: tuple[float, float]) -> dict[str, float]:
+    """Wall and process CPU seconds since ``start`` (:func:`clocks`); CPU time counts every thread of the process."""
+    wall, cpu = start
+    return {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+
+
 def timed_call(function: Callable[..., Any], *args: Any) -> StageRun:
-    """``function(*args)`` with its wall and process CPU seconds (CPU time counts every thread of the process)."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    """``function(*args)`` with the seconds it took."""
+    start = clocks()
     value = function(*args)
-    return StageRun(value, {"wall_s": round(time.perf_counter() - wall, 1),
-                            "cpu_s": round(time.process_time() - cpu, 1)})
+    return StageRun(value, seconds_since(start))
 
 
 def _start_worker(threads: int) -> None:
