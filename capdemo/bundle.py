@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from capdemo.fileio import save_safetensors
+from capdemo.fileio import atomic_output, save_safetensors
 from capdemo.weights import UnsafeWeightsError, WeightSource, check_not_pickle, resolve
 
 BUNDLE_FORMAT = "capdemo-bundle"
@@ -39,6 +39,7 @@ IN_BUNDLE_PREFIX = "bundle:"  # a spec in a component config that names a path i
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 _HASH_CHUNK = 1 << 20
+_HASHED_KEYS = ("format", "format_version", "components", "files")  # the manifest fields that describe its files
 
 
 class BundleError(ValueError):
@@ -83,8 +84,7 @@ class BundleWriter:
         out_dir = Path(out_dir)
         recover_interrupted_write(out_dir)  # before looking: a killed writer may have set the bundle aside
         existing = Bundle.load(out_dir) if (out_dir / MANIFEST).is_file() else None
-        base_info = {k: v for k, v in (existing.manifest if existing else {}).items()
-                     if k not in ("format", "format_version", "components", "files")}
+        base_info = {k: v for k, v in (existing.manifest if existing else {}).items() if k not in _HASHED_KEYS}
         base_info.setdefault("name", out_dir.name)
         writer = cls(out_dir, **{**base_info, **info})
         if existing is not None:
@@ -154,6 +154,19 @@ class BundleWriter:
     def abort(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
         _in_use.discard(self._staging.resolve())
+
+
+def update_info(bundle_dir: str | Path, **info: Any) -> None:
+    """Set top-level manifest fields of the finished bundle at ``bundle_dir`` in place (what a build measures once
+    the bundle exists: its domain, its timings). Those fields are not hashed, so its files still verify; the
+    ones that are (components, files) are refused."""
+    hashed = sorted(set(info) & set(_HASHED_KEYS))
+    if hashed:
+        raise BundleError(f"update_info cannot change {', '.join(hashed)}: they describe the bundle's files")
+    path = Path(bundle_dir) / MANIFEST
+    manifest = {**json.loads(path.read_text()), **info}
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 # What a writer leaves beside a bundle if it dies: .NAME.staging-HOST-PID-* and, mid-swap, .NAME.old-HOST-PID.

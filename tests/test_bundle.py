@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from capdemo.bundle import MANIFEST, Bundle, BundleError, BundleWriter
+from capdemo.bundle import MANIFEST, Bundle, BundleError, BundleWriter, update_info
 from capdemo.config import Config, ConfigError
 from capdemo.encoders import EncoderConfig, add_encoder_to_bundle, encoder_from_bundle
 from capdemo.testing import tiny_encoder, tiny_encoder_config
@@ -133,6 +133,18 @@ def test_config_round_trip_and_unknown_keys():
         _Outer.from_dict({"inner": {"depth": 2}})
     encoder = tiny_encoder_config()
     assert EncoderConfig.from_dict(json.loads(json.dumps(encoder.to_dict()))) == encoder
+
+
+def test_update_info_sets_unhashed_fields_and_refuses_hashed_ones(bundle_dir):
+    path, _ = bundle_dir
+    before = Bundle.load(path).manifest
+    update_info(path, training={"build_seconds": 7}, domain={"summary": "s"})
+    after = Bundle.load(path).manifest  # verifies: no listed file changed
+    assert after["training"] == {"build_seconds": 7} and after["domain"] == {"summary": "s"}
+    assert after["files"] == before["files"] and after["components"] == before["components"]
+    with pytest.raises(BundleError, match="cannot change files"):
+        update_info(path, files={})
+    assert Bundle.load(path).manifest == after
 
 
 def test_extending_keeps_other_components(bundle_dir):

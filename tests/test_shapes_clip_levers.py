@@ -44,3 +44,16 @@ def test_the_command_trains_with_the_changed_settings_and_reports_the_gap(tmp_pa
     assert -1.0 <= report["paired_cosine"] <= 1.0 and 0.5 <= report["probe_accuracy"] <= 1.0
     assert main(["shapes-clip", "--smoke", "--set", "embed_dims=8"]) == 1  # one-line error, no traceback
     assert "unknown field(s) embed_dims" in capsys.readouterr().err
+
+
+def test_untrained_measures_the_initialisation_which_retrieves_nothing_and_has_a_wider_gap(tmp_path, capsys):
+    from training.__main__ import main
+
+    assert main(["shapes-clip", "--smoke", "--set", "threads=1", "--untrained", "--run-dir", str(tmp_path)]) == 0
+    untrained = json.loads(capsys.readouterr().out)
+    assert untrained["steps"] == 0 and not any(tmp_path.iterdir())  # nothing trained, nothing written
+    assert untrained["i2t"] < 0.05  # chance among 1,000 held-out pairs, with repeated scenes: a random CLIP
+    assert main(["shapes-clip", "--smoke", "--set", "threads=1", "--run-dir", str(tmp_path / "run")]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["i2t"] > untrained["i2t"] + 0.05  # the smoke CLIP: 0.09 against 0.002 on 2026-12-03
+    assert untrained["mean_distance"] > trained["mean_distance"]  # training narrows the gap it starts from

@@ -255,6 +255,8 @@ def test_a_resumed_build_keeps_each_trained_stages_time_and_reproduces_its_weigh
     seconds = Bundle.load(again).manifest["training"]["stage_seconds"]
     for stage in ("world data", "clip", "lm", "datastore + gap statistics", "maccap", "tomcap", "capdec"):
         assert seconds[stage] == first[stage], stage  # the time it took to train, not to re-export
+    assert Bundle.load(smoke_bundle).manifest["training"]["stage_seconds"]["domain"] == first["domain"]
+    assert seconds["domain"]["wall_s"] > 0  # measured after the bundle was written, and in its manifest all the same
     for weights in (ADAPTOR_WEIGHTS, TRAINABLE_WEIGHTS):
         assert (again / weights).read_bytes() == (smoke_bundle / weights).read_bytes()
 
@@ -353,3 +355,29 @@ def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_e
     assert "--recipe-set takes lm_steps" in capsys.readouterr().err
     assert main(["shapes-lm", "--smoke", "--work-dir", str(work), "--train-set", "learning_rate=0.1"]) == 1
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_a_training_seed_reseeds_every_stage_and_leaves_the_world_alone(monkeypatch, tmp_path):
+    from training.shapes import build as build_module
+
+    shipped, other = ShapesRecipe.full(), ShapesRecipe.full().with_training_seed(3)
+    assert (shipped.seed, shipped.clip.init_seed, shipped.clip.train.seed) == (0, 0, 0)  # the shipped bundle's
+    assert (other.seed, other.clip.init_seed, other.clip.train.seed) == (3, 3, 3)
+    assert other.world == shipped.world  # the same images, corpus and examples
+    assert other.replace(seed=0, clip=shipped.clip) == shipped  # and nothing else changed
+    built = {}
+    monkeypatch.setattr(build_module, "build", lambda recipe, out, work, **_: built.setdefault("recipe", recipe))
+    assert build_module.main(["--smoke", "--seed", "3", "--work-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    assert built["recipe"].seed == 3 and built["recipe"].clip.init_seed == 3 and built["recipe"].clip.train.seed == 3
+
+
+def test_a_work_dir_is_resumed_only_with_the_recipe_that_made_it(tmp_path):
+    from training.shapes.build import claim_work_dir
+
+    recipe = ShapesRecipe.smoke()
+    claim_work_dir(recipe, tmp_path)
+    claim_work_dir(ShapesRecipe.smoke(), tmp_path)  # the same recipe again: a resume
+    with pytest.raises(ValueError, match=r"another recipe \(clip, seed differ\)"):
+        claim_work_dir(recipe.with_training_seed(1), tmp_path)  # would mix seed 0's CLIP with seed 1's methods
+    with pytest.raises(ValueError, match=r"another recipe \(tomcap_steps differ\)"):
+        claim_work_dir(recipe.replace(tomcap_steps=recipe.tomcap_steps + 1), tmp_path)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
-from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter
+from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter, update_info
 from capdemo.encoders import ENCODER_CONFIG_FILE
 from capdemo.vqa import VQA_COMPONENT
 from capdemo.config import Config
@@ -127,6 +127,12 @@ class ShapesRecipe(Config):
     def full(cls) -> ShapesRecipe:
         return cls()
 
+    def with_training_seed(self, seed: int) -> ShapesRecipe:
+        """This recipe trained from ``seed``: the CLIP's initialisation and batch order, the LM's and its
+        question-answer text, and every method's training. The world's images, corpus and examples stay the
+        recipe's, so another seed is another draw of the same recipe (0 made the shipped bundle)."""
+        return self.replace(seed=seed, clip=self.clip.replace(init_seed=seed, train=self.clip.train.replace(seed=seed)))
+
     @classmethod
     def world_v1(cls) -> ShapesRecipe:
         """World v1's recipe (the bundle shipped before world v2): its world, its CLIP and its 200 LM steps;
@@ -189,6 +195,10 @@ class StageOutputs:
         return self.datastore / "datastore.json"
 
     @property
+    def recipe(self) -> Path:
+        return self.work / "recipe.json"  # the recipe the stage outputs were made with
+
+    @property
     def examples_done(self) -> Path:
         return self.work / "examples" / "done"  # the world data's last output
 
@@ -207,6 +217,22 @@ class StageOutputs:
         if missing:
             raise ValueError(f"{self.work} is not a finished shapes build (missing {', '.join(missing)}); "
                              "run python -m training shapes --work-dir first")
+
+
+def claim_work_dir(recipe: ShapesRecipe, work: Path) -> None:
+    """Record ``recipe`` as the one ``work``'s stage outputs are made with, or, if the work dir holds another
+    recipe's, raise a one-line ValueError naming what differs: resuming would mix two recipes' stages."""
+    stages = StageOutputs(work)
+    now = json.loads(json.dumps(recipe.to_dict()))
+    if not stages.recipe.is_file():
+        with atomic_output(stages.recipe) as tmp:
+            tmp.write_text(json.dumps(now, indent=1))
+        return
+    before = json.loads(stages.recipe.read_text())
+    changed = sorted(key for key in {*before, *now} if before.get(key) != now.get(key))
+    if changed:
+        raise ValueError(f"{work} holds the stages of another recipe ({', '.join(changed)} differ): resume it with "
+                         "the same settings, or start again with --fresh or another --work-dir")
 
 
 def examples_seed(config: world.WorldConfig) -> int:
@@ -435,6 +461,7 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     need nothing of each other run side by side (:mod:`training.shapes.stage_pool`: the same weights, sooner)."""
     start = time.time()
     work.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(recipe, work)
     torch.manual_seed(recipe.seed)
     timed = StageTimes(work)
     stages = StageOutputs(work)
@@ -462,13 +489,14 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
         with timed(method, complete=True):  # its run dir holds the final checkpoint: --resume only exports it
             run_command(command_of(recipe, work, out=staging, run_dir=work / f"{method}-run"))
     answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
+    training = {"recipe": recipe.to_dict(), "command": command,
+                "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()),
+                "stage_seconds": timed.seconds, "jobs": jobs, "build_seconds": round(time.time() - start)}
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
         description="The shapes world: a tiny CLIP and LM, and MacCap, TOMCap and CapDec trained text-only on "
                     "synthetic captions",
-        training={"recipe": recipe.to_dict(), "command": command,
-                  "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()),
-                  "stage_seconds": timed.seconds, "jobs": jobs, "build_seconds": round(time.time() - start)},
+        training=training,
     )
     for image in sorted(data["examples"].glob("*.png")):
         writer.add_file(f"examples/{image.name}", image)
@@ -478,7 +506,9 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM})
     writer.finish()
     with timed("domain", complete=False):
-        record_domain(staging, n=recipe.domain_images)
+        record_domain(staging, n=recipe.domain_images)  # it reads the recipe's world from the finished manifest
+    update_info(staging, training={**training, "stage_seconds": timed.seconds,
+                                   "build_seconds": round(time.time() - start)})
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(staging), str(out))
     log(f"bundle written to {out} in {time.time() - start:.0f} s")
@@ -506,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="weights/shapes", help="bundle folder to write")
     parser.add_argument("--work-dir", default=None,
-                        help="stage outputs (default: runs/shapes-build-v2, -build-v1 or -smoke)")
+                        help="stage outputs (default: runs/shapes-build-v2, -build-v1 or -smoke, with -seedN for "
+                             "--seed N); a work dir is for one recipe, and resuming it with another is an error")
     add_recipe_arguments(parser)
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first instead of resuming")
     parser.add_argument("--threads", type=int, default=2,
@@ -515,16 +546,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2,
                         help="stages run side by side in this many worker processes, each with --threads threads "
                              "(1: one after another, in process); the weights are the same either way")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of every stage (the world's data stay the recipe's): 0 made the shipped "
+                             "bundle, another seed is another draw of the same recipe")
     parser.add_argument("--maccap-steps", type=int, default=None, help="override the recipe's MacCap steps")
     parser.add_argument("--tomcap-steps", type=int, default=None, help="override the recipe's TOMCap steps")
     parser.add_argument("--capdec-steps", type=int, default=None, help="override the recipe's CapDec steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = chosen_recipe(args)
+    recipe = chosen_recipe(args).with_training_seed(args.seed)
     steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps, "capdec_steps": args.capdec_steps}
     recipe = recipe.replace(**{name: value for name, value in steps.items() if value is not None})
     recipe = recipe.replace(clip=recipe.clip.replace(threads=args.threads))
-    work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build-' + args.world}")
+    seeded = f"-seed{args.seed}" if args.seed else ""
+    work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build-' + args.world}{seeded}")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m training shapes" + (" --world v1" if args.world == "v1" else "")

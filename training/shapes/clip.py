@@ -28,7 +28,6 @@ pixels are ``encoder.preprocess`` exactly, computed from uint8 tensors without P
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from capdemo.config import Config, ConfigError
 from capdemo.encoders import ClipEncoder, EncoderConfig
 from capdemo.gap import gap_report
 from training.loop import TrainConfig, TrainResult, TrainTask, train
+from training.shapes.stage_pool import clocks, seconds_since
 from training.shapes.world import (
     COUNT_WORDS,
     PAIR_RELATIONS,
@@ -408,17 +408,19 @@ def train_clip(config: TinyClipConfig, *, world: WorldConfig, resume: bool = Fal
     torch.set_num_threads(config.threads)
     try:
         encoder, encoder_config = build_encoder(config)
-        clock = _Clock()
+        start = clocks()
         dataset = ClipPairs(generate_training_pairs(config, world=world), encoder.tokenizer,
                             family_size=config.family_size)
-        timings = {"data": clock.lap()}
+        timings = {"data": seconds_since(start)}
+        start = clocks()
         result = _fit(encoder, dataset, config, resume=resume)
-        timings["train"] = clock.lap()
+        timings["train"] = seconds_since(start)
         metrics: dict[str, Any] = {"timings": timings, "steps": result.step,
                                    "final_loss": result.history[-1]["loss"] if result.history else None}
         if evaluate:
+            start = clocks()
             metrics["eval"] = evaluate_clip(encoder, world=world)
-            timings["eval"] = clock.lap()
+            timings["eval"] = seconds_since(start)
     finally:
         torch.set_num_threads(threads)
     return encoder, encoder_config, metrics
@@ -446,15 +448,3 @@ def _fit(encoder: ClipEncoder, dataset: ClipPairs, config: TinyClipConfig, *, re
                     tensor.copy_(tensor.half())
     return result
 
-
-class _Clock:
-    """Wall and process CPU seconds since the previous lap (CPU time is robust to a shared machine)."""
-
-    def __init__(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-
-    def lap(self) -> dict[str, float]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        lap = {"wall_s": round(wall - self._wall, 1), "cpu_s": round(cpu - self._cpu, 1)}
-        self._wall, self._cpu = wall, cpu
-        return lap

@@ -4,8 +4,9 @@ The modality gap is what the shapes world exists to show, and it answers to a ha
 width, the batch, the logit scale, mismatched pairs, the pooling; :class:`training.shapes.clip.TinyClipConfig`).
 This trains the recipe's CLIP with ``--set field=value`` changes (``--train-set`` for the optimiser and schedule)
 and prints :func:`training.shapes.clip.evaluate_clip` on held-out pairs: the gap, paired and unpaired cosine,
-the modality means' norms, image-to-text R@1 among 1,000 and zero-shot accuracy. It writes no bundle; the
-README's table of CLIP trials comes from it.
+the modality means' norms, image-to-text R@1 among 1,000 and zero-shot accuracy. ``--untrained`` measures the
+same CLIP at its seeded random initialisation instead: the gap it starts from, before training narrows it. It
+writes no bundle; the README's table of CLIP trials comes from it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from capdemo.config import ConfigError
 from training.shapes.build import add_recipe_arguments, chosen_recipe
-from training.shapes.clip import TinyClipConfig, train_clip
+from training.shapes.clip import TinyClipConfig, build_encoder, evaluate_clip, train_clip
 
 SUMMARY = ("i2t", "zero_shot")  # the evaluation's headline retrieval numbers, next to the gap's
 GAP_SUMMARY = ("mean_distance", "paired_cosine", "unpaired_cosine", "image_mean_norm", "text_mean_norm",
@@ -65,12 +66,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="change a TrainConfig field of the CLIP's training, e.g. --train-set batch_size=64")
     parser.add_argument("--run-dir", default="runs/shapes-clip", help="checkpoints and training curves")
     add_recipe_arguments(parser)
+    parser.add_argument("--untrained", action="store_true",
+                        help="measure the CLIP as initialised, without training it (the gap before training)")
     parser.add_argument("--json", action="store_true", help="print the whole evaluation and config as JSON")
     args = parser.parse_args(argv)
     recipe = chosen_recipe(args)
     config = changed_clip(recipe.clip, parse_settings(args.settings, "--set"),
                           parse_settings(args.train_settings, "--train-set"), out_dir=str(Path(args.run_dir)))
-    _, _, metrics = train_clip(config, world=recipe.world)
+    if args.untrained:
+        encoder, _ = build_encoder(config)
+        metrics = {"eval": evaluate_clip(encoder, world=recipe.world), "steps": 0,
+                   "timings": {"train": {"wall_s": 0.0, "cpu_s": 0.0}}}
+    else:
+        _, _, metrics = train_clip(config, world=recipe.world)
     report = {"config": config.to_dict(), "summary": summary(metrics), "metrics": metrics}
     print(json.dumps(report, indent=1) if args.json else json.dumps(report["summary"]))
     return 0

@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from capdemo.bundle import update_info
 from capdemo.domain import DOMAIN_KEY, measure_domain
-from capdemo.fileio import atomic_output
 
 SHAPES_SUMMARY = ("This bundle knows the shapes world: synthetic coloured circles, squares and triangles on small "
                   "images. Photos are outside it, and its captions of them are not meaningful.")
@@ -28,11 +28,7 @@ def record_domain(bundle: str | Path, *, n: int = 100, summary: str = SHAPES_SUM
     captioner = Captioner.from_bundle(bundle, device="cpu", precision="fp32")
     world = WorldConfig.from_dict(captioner.bundle.manifest["training"]["recipe"]["world"])
     domain = measure_domain(captioner, generate_images(n, seed=world.test_seed, config=world), summary).to_dict()
-    path = Path(bundle) / "bundle.json"
-    manifest = json.loads(path.read_text())
-    manifest[DOMAIN_KEY] = domain
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    update_info(bundle, **{DOMAIN_KEY: domain})
     return domain
 
 
