@@ -357,7 +357,7 @@ def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_e
     assert "learning_rate" in capsys.readouterr().err
 
 
-def test_a_training_seed_reseeds_every_stage_and_leaves_the_world_alone(monkeypatch, tmp_path):
+def test_a_training_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_records(monkeypatch, tmp_path, capsys):
     from training.shapes import build as build_module
 
     shipped, other = ShapesRecipe.full(), ShapesRecipe.full().with_training_seed(3)
@@ -366,9 +366,16 @@ def test_a_training_seed_reseeds_every_stage_and_leaves_the_world_alone(monkeypa
     assert other.world == shipped.world  # the same images, corpus and examples
     assert other.replace(seed=0, clip=shipped.clip) == shipped  # and nothing else changed
     built = {}
-    monkeypatch.setattr(build_module, "build", lambda recipe, out, work, **_: built.setdefault("recipe", recipe))
-    assert build_module.main(["--smoke", "--seed", "3", "--work-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(build_module, "build", lambda recipe, out, work, **kw: built.update(recipe=recipe, **kw))
+    assert build_module.main(["--smoke", "--seed", "3", "--clip-set", "text_layers=4", "--work-dir", str(tmp_path),
+                              "--out", str(tmp_path)]) == 0
     assert built["recipe"].seed == 3 and built["recipe"].clip.init_seed == 3 and built["recipe"].clip.train.seed == 3
+    assert built["recipe"].clip == ShapesRecipe.smoke().with_training_seed(3).clip.replace(text_layers=4)
+    assert built["command"] == "python -m training shapes --seed 3 --clip-set text_layers=4"  # what the bundle records
+    from training.__main__ import main
+
+    assert main(["shapes", "--smoke", "--clip-set", "text_layer=4", "--out", str(tmp_path)]) == 1  # one line
+    assert "--clip-set: unknown field(s) text_layer" in capsys.readouterr().err
 
 
 def test_a_work_dir_is_resumed_only_with_the_recipe_that_made_it(tmp_path):

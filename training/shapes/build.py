@@ -549,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed of every stage (the world's data stay the recipe's): 0 made the shipped "
                              "bundle, another seed is another draw of the same recipe")
+    parser.add_argument("--clip-set", dest="clip_settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a TinyClipConfig field of the recipe's CLIP, as shapes-clip --set does (a trial "
+                             "recipe: every stage after the CLIP is rebuilt on it), e.g. --clip-set text_layers=4")
     parser.add_argument("--maccap-steps", type=int, default=None, help="override the recipe's MacCap steps")
     parser.add_argument("--tomcap-steps", type=int, default=None, help="override the recipe's TOMCap steps")
     parser.add_argument("--capdec-steps", type=int, default=None, help="override the recipe's CapDec steps")
@@ -558,11 +561,18 @@ def main(argv: list[str] | None = None) -> int:
     steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps, "capdec_steps": args.capdec_steps}
     recipe = recipe.replace(**{name: value for name, value in steps.items() if value is not None})
     recipe = recipe.replace(clip=recipe.clip.replace(threads=args.threads))
+    if args.clip_settings:
+        from training.shapes.clip_levers import changed_clip, parse_settings  # it imports this module
+
+        recipe = recipe.replace(clip=changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"), {},
+                                                  out_dir=recipe.clip.train.out_dir, where="--clip-set"))
     seeded = f"-seed{args.seed}" if args.seed else ""
     work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build-' + args.world}{seeded}")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
-    command = "python -m training shapes" + (" --world v1" if args.world == "v1" else "")
+    command = " ".join(["python -m training shapes", *(["--world v1"] if args.world == "v1" else []),
+                        *([f"--seed {args.seed}"] if args.seed else []),
+                        *(f"--clip-set {setting}" for setting in args.clip_settings)])
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     build(recipe, Path(args.out), work, command=command, jobs=args.jobs)

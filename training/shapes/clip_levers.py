@@ -41,13 +41,13 @@ def parse_settings(pairs: list[str], what: str) -> dict[str, Any]:
 
 
 def changed_clip(base: TinyClipConfig, settings: dict[str, Any], train_settings: dict[str, Any],
-                 *, out_dir: str) -> TinyClipConfig:
+                 *, out_dir: str, where: str = "shapes-clip") -> TinyClipConfig:
     """``base`` with ``settings`` and ``train_settings`` applied (validated as when a recipe is loaded: an unknown
     field or a bad value is a :class:`ConfigError`), training into ``out_dir``."""
     data = base.to_dict()
     data.update(settings)
     data["train"] = {**data["train"], **train_settings, "out_dir": out_dir}
-    return TinyClipConfig.from_dict(data, where="shapes-clip")
+    return TinyClipConfig.from_dict(data, where=where)
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
