@@ -357,7 +357,7 @@ def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_e
     assert "learning_rate" in capsys.readouterr().err
 
 
-def test_a_training_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_records(monkeypatch, tmp_path, capsys):
+def test_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_records(monkeypatch, tmp_path, capsys):
     from training.shapes import build as build_module
 
     shipped, other = ShapesRecipe.full(), ShapesRecipe.full().with_training_seed(3)
