@@ -489,9 +489,9 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
         with timed(method, complete=True):  # its run dir holds the final checkpoint: --resume only exports it
             run_command(command_of(recipe, work, out=staging, run_dir=work / f"{method}-run"))
     answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
+    # the recipe now, for the domain measurement below; its timings once that is done too
     training = {"recipe": recipe.to_dict(), "command": command,
-                "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()),
-                "stage_seconds": timed.seconds, "jobs": jobs, "build_seconds": round(time.time() - start)}
+                "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()), "jobs": jobs}
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
         description="The shapes world: a tiny CLIP and LM, and MacCap, TOMCap and CapDec trained text-only on "
