@@ -102,6 +102,9 @@ def test_report_has_the_keys_others_rely_on(report):
     assert set(report["gap"]) >= {"paired_cosine_mean", "modality_probe_accuracy", "mean_gap_norm",
                                   "subregion_closer_fraction", "i2t_r1"}
     assert report["gap"]["n"] == 1000
+    gap = report["gap"]  # where MacCap's N_cr patches land: on the objects at most as often as there are enough
+    assert 0 <= gap["selected_patches_on_objects"] <= gap["selection_on_objects_ceiling"] <= 1
+    assert 0 < gap["patches_on_objects"] < 1
     for method in ("maccap", "tomcap"):
         assert {"scene_accuracy", "attribute_accuracy", "cider"} <= set(report[method])
         assert report[method]["scene_accuracy"] <= report[method]["candidate_scene_accuracy"] <= 1

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from capdemo.features import ImageFeatures
 from capdemo.vqa import VQA_PROMPT, AnswerList
 from training.shapes.language import COUNT_WORDS, Scene
-from training.shapes.metrics import gap_metrics, recall_at_1, subregion_closer
+from training.shapes.metrics import gap_metrics, patches_on_objects, recall_at_1, selection_on_objects, subregion_closer
 from training.shapes.questions import QUESTION_TYPES, WHERE, answer_list, qa_texts, questions
 from training.shapes.vqa_eval import match_answers, question_set, vqa_accuracy
 from training.shapes.world import WorldConfig, all_scenes, captions
@@ -144,6 +144,31 @@ def test_subregion_closer_on_a_hand_made_case():
     both_close = torch.tensor([[1.0, 0.9], [1.0, 0.9]])  # cos with (1, 1)/sqrt2 beats cos with (1, 0)
     assert subregion_closer(features, both_close, 1).tolist() == [False, False]  # (0, 1) is not closer
     assert subregion_closer(features, both_close, 2).tolist() == [True, True]  # but the second region is
+
+
+def test_patches_on_objects_reads_coverage_per_patch_row_major():
+    coverage = torch.zeros(1, 4, 4)  # a 2x2 grid of 2x2-pixel patches
+    coverage[0, 0:2, 2:4] = 1.0  # patch 1 (top right): fully covered
+    coverage[0, 2, 0] = 1.0  # patch 2 (bottom left): a quarter covered, exactly the threshold
+    coverage[0, 3, 3] = 0.9  # patch 3 (bottom right): 0.225 of it, under
+    assert patches_on_objects(coverage, (2, 2)).tolist() == [[False, True, True, False]]
+    with pytest.raises(ValueError, match="4 px does not divide into a 3x3"):
+        patches_on_objects(coverage, (3, 3))
+
+
+def test_selection_on_objects_on_a_hand_made_case():
+    features = features_by_hand()  # N_cr = 2 picks tokens 2 and 3 = patches 1 and 2 in both images
+    coverage = torch.zeros(2, 4, 4)
+    coverage[0, 0:2, 2:4] = 1.0  # image 0: the object covers patch 1 only
+    coverage[1, 2:4, 0:2] = 1.0  # image 1: patch 2
+    coverage[1, 2:4, 2:4] = 1.0  # and patch 3
+    numbers = selection_on_objects(features, coverage, 2)
+    assert numbers["selected_patches_on_objects"] == pytest.approx(2 / 4)  # one of two picks on each image
+    assert numbers["patches_on_objects"] == pytest.approx(3 / 8)
+    assert numbers["selection_on_objects_ceiling"] == pytest.approx((1 / 2 + 2 / 2) / 2)  # image 0 has one
+    # a selected CLS token is never on an object: its row put first, N_cr = 1 picks it
+    features.attention[:, 0, 0] = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])
+    assert selection_on_objects(features, coverage, 1, include_cls=True)["selected_patches_on_objects"] == 0
 
 
 def test_gap_numbers_on_a_hand_made_case():

@@ -45,6 +45,11 @@ def colour_mask(image, colour: str) -> np.ndarray:
     return np.linalg.norm(pixels - PALETTE[colour], axis=-1) < COLOUR_TOLERANCE
 
 
+def objects_mask(image, scene: Scene) -> np.ndarray:
+    """(H, W) bool: pixels of any of the scene's object colours."""
+    return np.logical_or.reduce([colour_mask(image, colour) for colour in {scene.colour, scene.colour2} - {None}])
+
+
 def centroid(mask: np.ndarray) -> tuple[float, float]:
     """(x, y) of a mask's pixels, as fractions of the image side."""
     ys, xs = np.nonzero(mask)
@@ -308,6 +313,34 @@ def test_an_occluder_hides_part_of_one_object_and_never_most_of_it():
         fractions.append(after / before)
     assert 0.55 < min(fractions) and np.median(fractions) < 0.97  # part hidden, most of the object still shown
     assert max(fractions) <= 1.05
+
+
+def test_coverage_marks_the_captions_objects_in_the_very_image_render_draws():
+    occluded = WorldConfig(occlusion=1.0)  # clutter and an occluder on every image: neither is an object
+    for i, scene in enumerate(generate_scenes(40, seed=8, config=occluded)):
+        image, coverage = world.render_with_coverage(scene, np.random.default_rng(i), config=occluded)
+        assert image.tobytes() == render(scene, np.random.default_rng(i), config=occluded).tobytes()
+        assert coverage.shape == (56, 56) and coverage.dtype == np.float32
+        assert 0 <= coverage.min() and coverage.max() <= 1
+        # every fully covered pixel shows an object's palette colour (give or take the pixel noise), and nearly
+        # every pixel of an object's colour is covered: clutter and the occluder are dull, never palette colours
+        shown = objects_mask(image, scene)
+        assert shown[coverage == 1].mean() > 0.95
+        assert (coverage[shown] > 0).mean() > 0.95
+    # a large circle alone (diameter 0.4 of the side, +-10 %): its coverage sums to its area, pi d^2 / 4
+    config = WorldConfig(**CLEAN)
+    image, coverage = world.render_with_coverage(LARGE_RED_CIRCLE_LEFT, np.random.default_rng(0), config=config)
+    side = 56
+    assert np.pi / 4 * (0.36 * side) ** 2 < coverage.sum() < np.pi / 4 * (0.44 * side) ** 2
+    assert abs(coverage.sum() - colour_mask(image, "red").sum()) < 0.1 * coverage.sum()
+
+
+def test_generate_coverage_follows_generate_pairs():
+    config = WorldConfig()
+    pairs = generate_pairs(6, seed=5, config=config)
+    coverage = world.generate_coverage(6, seed=5, config=config)
+    for (scene, image, _), cover in zip(pairs, coverage):
+        assert objects_mask(image, scene)[cover == 1].mean() > 0.95
 
 
 def test_examples_rotate_scene_kinds_and_are_the_seeds_own_images():

@@ -11,7 +11,8 @@ TOMCap its training input, decoded with its default beams and selection).
 Besides the captions (JSON keys others rely on, issue 15):
 
 - ``world``: ``image_size`` and the CLIP's ``patch_grid`` [rows, cols];
-- ``gap``: the modality-gap numbers of :mod:`training.shapes.metrics` on 1,000 held-out pairs;
+- ``gap``: the modality-gap numbers of :mod:`training.shapes.metrics` on 1,000 held-out pairs, and where
+  MacCap's N_cr patches land on those images (``selected_patches_on_objects`` and its references);
 - ``vqa``: zero-shot VQA as the app answers (the VQA method's caption, LM answer, nearest answer in the
   bundle's list) on questions of every type: ``accuracy`` / ``n`` / ``by_type`` of the LM the app uses, and
   the same per LM: the frozen, untouched LM the bundle names for VQA (``frozen_lm``), the method's
@@ -41,7 +42,7 @@ from training.evaluate import score_captions
 from training.shapes import world
 from training.shapes.build import EXAMPLES_FILE, examples_seed, qa_seed
 from training.shapes.language import Scene, attribute_accuracy, captions, parse_caption, references, scene_accuracy
-from training.shapes.metrics import GAP_KEYS, gap_metrics
+from training.shapes.metrics import GAP_KEYS, gap_metrics, selection_on_objects
 from training.shapes.vqa_eval import question_set, vqa_accuracy
 
 CAPTION_BATCH = 50  # images per captioning call
@@ -114,16 +115,24 @@ def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[st
 GAP_PAIRS = 1000  # held-out pairs the gap numbers are measured on (i2t R@1 "among 1,000")
 
 
-def gap_report(captioner: Captioner, pairs: list, features: ImageFeatures) -> dict[str, Any]:
+def gap_report(captioner: Captioner, pairs: list, features: ImageFeatures,
+               coverage: list | None = None) -> dict[str, Any]:
     """:func:`training.shapes.metrics.gap_metrics` of held-out ``pairs`` (scene, image, caption) whose images'
-    ``features`` are given (in order), with MacCap's N_cr when the bundle has MacCap (else the paper's 10)."""
+    ``features`` are given (in order), with MacCap's N_cr when the bundle has MacCap (else the paper's 10); and,
+    given the images' object ``coverage`` (each (S, S)), where those N_cr patches lie
+    (:func:`training.shapes.metrics.selection_on_objects`)."""
     texts = [text for _, _, text in pairs]
     text_embeds = torch.cat([captioner.encoder.encode_text(texts[i: i + 256]) for i in range(0, len(texts), 256)])
     catalogue: dict[Scene, int] = {}
     scene_ids = [catalogue.setdefault(scene, len(catalogue)) for scene, _, _ in pairs]
     maccap = captioner.methods["maccap"].model.config if "maccap" in captioner.methods else None
-    return gap_metrics(features.to("cpu"), text_embeds.cpu(), scene_ids, n_cr=maccap.n_cr if maccap else 10,
-                       include_cls=maccap.include_cls_in_topk if maccap else False)
+    n_cr, include_cls = (maccap.n_cr, maccap.include_cls_in_topk) if maccap else (10, False)
+    features = features.to("cpu")
+    report = gap_metrics(features, text_embeds.cpu(), scene_ids, n_cr=n_cr, include_cls=include_cls)
+    if coverage is not None:
+        report.update(selection_on_objects(features, torch.stack([torch.from_numpy(c) for c in coverage]), n_cr,
+                                           include_cls=include_cls))
+    return report
 
 
 def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], *, seed: int,
@@ -199,7 +208,8 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
     if gap:
         extra = [captioner.encode(batch) for batch in in_batches(images[n:GAP_PAIRS])]
         features = ImageFeatures.cat([batch.features for batch in encoded + extra]).select(slice(0, GAP_PAIRS))
-        report["gap"] = gap_report(captioner, pairs[:GAP_PAIRS], features)
+        coverage = world.generate_coverage(GAP_PAIRS, seed=seed, config=config)  # the same images' object masks
+        report["gap"] = gap_report(captioner, pairs[:GAP_PAIRS], features, coverage)
     predictions_of: dict[str, list[str]] = {}
     for method in methods:
         results, seconds = caption_all(captioner, encoded, method, settings.get(method, {}))
@@ -284,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method:7s} text-to-text scene {row['scene_accuracy']:.3f}")
     if "gap" in report:
         print("gap     " + "  ".join(f"{key} {report['gap'][key]:.3f}" for key in GAP_KEYS))
+        if "selected_patches_on_objects" in report["gap"]:
+            gap = report["gap"]
+            print(f"patches MacCap's selection on objects {gap['selected_patches_on_objects']:.3f} (at most "
+                  f"{gap['selection_on_objects_ceiling']:.3f}; all patches {gap['patches_on_objects']:.3f})")
     if "vqa" in report:
         vqa = report["vqa"]
         rows = {name: vqa[name] for name in ("frozen_lm", "caption_trained_lm", "frozen_lm_true_captions")

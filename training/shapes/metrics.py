@@ -11,6 +11,9 @@ literature reports for OpenAI's ViT-B/32 on COCO:
   image's scene (paraphrases and repeated scenes are right answers);
 - ``subregion_closer_fraction``: MacCap's own statistic (paper Table 1: 33 % on COCO), the fraction of images
   for which at least one of the N_cr subregion features I_s is closer to the caption than the global feature.
+
+``selection_on_objects`` says where MacCap's N_cr patches land, which the app's heatmap shows: the fraction of
+them on the caption's objects, against the fraction of all patches that are (what a random pick would get).
 """
 
 from __future__ import annotations
@@ -48,6 +51,41 @@ def subregion_closer(features: ImageFeatures, caption_embeds: torch.Tensor, n_cr
     region_cosine = torch.einsum("bnd,bd->bn", subregions.float(), captions)  # (B, N_cr)
     global_cosine = (F.normalize(features.global_embeds.float(), dim=-1) * captions).sum(-1)  # (B,)
     return region_cosine.max(dim=1).values > global_cosine
+
+
+ON_OBJECT_COVER = 0.25  # a patch is "on an object" when the caption's objects cover at least this much of it
+
+
+def patches_on_objects(coverage: torch.Tensor, grid_size: tuple[int, int], *,
+                       min_cover: float = ON_OBJECT_COVER) -> torch.Tensor:
+    """(B, N_p) bool, row-major like the patch tokens: which patches of a grid the objects cover ``min_cover`` of.
+
+    ``coverage`` (B, S, S) is each pixel's object coverage in [0, 1] (:func:`training.shapes.world.
+    render_with_coverage`); S must be a multiple of the grid.
+    """
+    batch, side, _ = coverage.shape
+    rows, cols = grid_size
+    if side % rows or side % cols:
+        raise ValueError(f"an image of {side} px does not divide into a {rows}x{cols} patch grid")
+    cells = coverage.reshape(batch, rows, side // rows, cols, side // cols).mean(dim=(2, 4))  # (B, rows, cols)
+    return cells.reshape(batch, rows * cols) >= min_cover
+
+
+def selection_on_objects(features: ImageFeatures, coverage: torch.Tensor, n_cr: int, *,
+                         include_cls: bool = False) -> dict[str, float]:
+    """Where MacCap's ``n_cr`` selected tokens lie: ``selected_patches_on_objects``, the fraction of them that are
+    patches on an object (a selected CLS token is not); ``selection_on_objects_ceiling``, the most any selection
+    of ``n_cr`` could score (an image with fewer object patches than ``n_cr`` caps it); and
+    ``patches_on_objects``, the fraction of all patches on an object (a random selection's expected score).
+    ``coverage`` (B, S, S) as for :func:`patches_on_objects`."""
+    token_index, _ = select_patches(features, n_cr, include_cls=include_cls)  # (B, N_cr)
+    on_object = patches_on_objects(coverage, features.grid_size)  # (B, N_p)
+    patch_index = token_index - features.num_prefix_tokens  # (B, N_cr); negative for a prefix token
+    hit = on_object.gather(1, patch_index.clamp(min=0)) & (patch_index >= 0)  # (B, N_cr)
+    ceiling = on_object.sum(dim=1).clamp(max=n_cr) / n_cr  # (B,)
+    return {"selected_patches_on_objects": hit.float().mean().item(),
+            "selection_on_objects_ceiling": ceiling.mean().item(),
+            "patches_on_objects": on_object.float().mean().item()}
 
 
 def recall_at_1(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scene_ids: Sequence[int]) -> float:

@@ -170,8 +170,10 @@ def layout(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, float
     return [(scene.shape, scene.colour, float(x), float(y), _GROUP_DIAMETER * scale) for x, y in centres]
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int], x: float, y: float, r: float) -> None:
-    """Draw one filled shape of radius ``r`` (pixels) centred on (x, y); areas are roughly equal."""
+def _draw(draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int] | int, x: float, y: float,
+          r: float) -> None:
+    """Draw one filled shape of radius ``r`` (pixels) centred on (x, y) in ``rgb`` (a grey level on a mask); areas
+    are roughly equal."""
     if shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=rgb)
     elif shape == "square":
@@ -217,13 +219,28 @@ def render(scene: Scene, rng: np.random.Generator, *, config: WorldConfig | None
     Drawing order: background, clutter (behind everything), the scene's objects, then the occluder, if any,
     over the edge of one object.
     """
-    config = config or WorldConfig()
+    return _render(scene, rng, config or WorldConfig(), with_coverage=False)[0]
+
+
+def render_with_coverage(scene: Scene, rng: np.random.Generator, *,
+                         config: WorldConfig | None = None) -> tuple[Image.Image, np.ndarray]:
+    """:func:`render`'s image (the same bytes for the same ``rng``) and its object coverage: (S, S) float32, the
+    fraction of each pixel that shows one of the scene's objects (the caption's; clutter, background and the
+    occluder's cover are not objects). What a subregion that "is on the objects" has to look at."""
+    return _render(scene, rng, config or WorldConfig(), with_coverage=True)
+
+
+def _render(scene: Scene, rng: np.random.Generator, config: WorldConfig, *,
+            with_coverage: bool) -> tuple[Image.Image, np.ndarray | None]:
+    """The image, and when asked its object coverage drawn alongside on a mask; the mask draws no randomness."""
     size = config.image_size
     background = _background(rng, size, config.background)  # (S, S, 3) at the output size
     canvas = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8).repeat(_SUPERSAMPLE, 0)
                              .repeat(_SUPERSAMPLE, 1), mode="RGB")
     side = size * _SUPERSAMPLE
     draw = ImageDraw.Draw(canvas)
+    mask = Image.new("L", (side, side), 0) if with_coverage else None
+    mask_draw = ImageDraw.Draw(mask) if mask is not None else None
     n_clutter = int(rng.integers(config.clutter + 1)) if config.clutter else 0  # no draw when off: v1 images stay
     for _ in range(n_clutter):
         diameter = rng.uniform(*_CLUTTER_DIAMETER)
@@ -233,15 +250,23 @@ def render(scene: Scene, rng: np.random.Generator, *, config: WorldConfig | None
     objects = layout(scene, rng)
     for shape, colour, x, y, diameter in objects:
         _draw(draw, shape, PALETTE[colour], x * side, y * side, diameter * side / 2)
+        if mask_draw is not None:
+            _draw(mask_draw, shape, 255, x * side, y * side, diameter * side / 2)
     if config.occlusion and rng.random() < config.occlusion:  # likewise
         _, _, x, y, diameter = objects[rng.integers(len(objects))]
         angle = rng.uniform(0, 2 * math.pi)
         radius = rng.uniform(*_OCCLUDER_DIAMETER) * diameter / 2
         ox, oy = x + _OCCLUDER_OFFSET * diameter * math.cos(angle), y + _OCCLUDER_OFFSET * diameter * math.sin(angle)
-        _draw(draw, "circle", _dull_colour(rng), ox * side, oy * side, radius * side)
+        colour = _dull_colour(rng)
+        _draw(draw, "circle", colour, ox * side, oy * side, radius * side)
+        if mask_draw is not None:
+            _draw(mask_draw, "circle", 0, ox * side, oy * side, radius * side)
     pixels = np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.int16)  # (S, S, 3)
     pixels += rng.integers(-_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, pixels.shape, dtype=np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+    if mask is None:
+        return image, None
+    return image, np.asarray(mask.reduce(_SUPERSAMPLE), dtype=np.float32) / 255  # (S, S) in [0, 1]
 
 
 # Datasets
@@ -276,6 +301,13 @@ def generate_images(n: int, *, seed: int, config: WorldConfig) -> list[Image.Ima
     """The images of ``generate_pairs`` with the same seed, without their scenes or captions."""
     _, _, pixel_rng = _streams(seed)
     return [render(scene, pixel_rng, config=config)
+            for scene in generate_scenes(n, seed=seed, config=config)]
+
+
+def generate_coverage(n: int, *, seed: int, config: WorldConfig) -> list[np.ndarray]:
+    """The object coverage (:func:`render_with_coverage`) of each image of ``generate_pairs`` with the same seed."""
+    _, _, pixel_rng = _streams(seed)
+    return [render_with_coverage(scene, pixel_rng, config=config)[1]
             for scene in generate_scenes(n, seed=seed, config=config)]
 
 
