@@ -139,6 +139,8 @@ def test_training_beats_an_untrained_clip_by_far(trained, untrained):
     assert after["zero_shot"] > 0.02 and after["image_nn"] > 0.05
     assert after["zero_shot_attributes"]["overall"] > before["zero_shot_attributes"]["overall"] + 0.15
     assert metrics["final_loss"] < math.log(TinyClipConfig.smoke().train.batch_size) - 1.5
+    selection = after["selection"]  # where MacCap's 10 patches land: never more often than any 10 could
+    assert 0 <= selection["selected_patches_on_objects"] <= selection["selection_on_objects_ceiling"] <= 1
     assert not encoder.model.training and not any(p.requires_grad for p in encoder.model.parameters())
 
 
@@ -212,3 +214,18 @@ def test_an_average_pooled_clip_embeds_images_as_the_mean_of_its_projected_patch
     assert "pool_type" not in TinyClipConfig().open_clip_config()["vision_cfg"]  # "tok": world v1's config unchanged
     with pytest.raises(ConfigError, match="vision_pool"):
         TinyClipConfig(vision_pool="max")
+
+
+def test_a_fixed_position_embedding_stays_fixed_through_training(tmp_path):
+    learned, fixed = TinyClipConfig.smoke(), TinyClipConfig.smoke().replace(vision_pos_embed="sin_cos_2d")
+    assert "pos_embed_type" not in learned.open_clip_config()["vision_cfg"]  # the shipped encoders' configs unchanged
+    assert fixed.open_clip_config()["vision_cfg"]["pos_embed_type"] == "sin_cos_2d"
+    table = build_encoder(fixed)[0].model.visual.positional_embedding.detach().clone()  # (1 + 49, width)
+    assert table[1:, 0].unique().numel() > 1 and torch.equal(table[0], torch.zeros_like(table[0]))  # CLS: zeros
+    short = fixed.replace(pairs=512, train=fixed.train.replace(epochs=1, out_dir=str(tmp_path)))
+    encoder, _, _ = train_clip(short, world=WORLD, evaluate=False)
+    trained_table = encoder.model.visual.positional_embedding
+    assert torch.equal(trained_table, table.half().float())  # only the bundle's fp16 rounding touched it
+    assert not torch.equal(encoder.model.visual.conv1.weight, build_encoder(fixed)[0].model.visual.conv1.weight)
+    with pytest.raises(ConfigError, match="vision_pos_embed"):
+        TinyClipConfig(vision_pos_embed="rope")

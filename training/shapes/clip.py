@@ -41,7 +41,9 @@ from torch.utils.data import Dataset
 from capdemo.config import Config, ConfigError
 from capdemo.encoders import ClipEncoder, EncoderConfig
 from capdemo.gap import gap_report
+from capdemo.methods.maccap.model import MacCapConfig
 from training.loop import TrainConfig, TrainResult, TrainTask, train
+from training.shapes.metrics import selection_on_objects
 from training.shapes.stage_pool import clocks, seconds_since
 from training.shapes.world import (
     COUNT_WORDS,
@@ -54,6 +56,7 @@ from training.shapes.world import (
     all_scenes,
     attribute_accuracy,
     captions,
+    generate_coverage,
     generate_pairs,
     render,
     sample_scene,
@@ -84,6 +87,9 @@ class TinyClipConfig(Config):
     # of the patch tokens (open_clip's pool_type). Only what is pooled is trained to meet the text: with "tok" a
     # tiny ViT's projected patch tokens never are, so no subregion can be closer to a caption than the image.
     vision_pool: str = "tok"
+    # The ViT's position embedding: "learnable" (CLIP's) or "sin_cos_2d" (fixed; open_clip's pos_embed_type). Learned
+    # positions let fixed patches become attention sinks, which MacCap's top-N_cr then selects wherever the objects are.
+    vision_pos_embed: str = "learnable"
     context_length: int = 20  # text tokens incl. start and end; the world's longest caption needs 15
     # open_clip's standard BPE tokenizer (49408 tokens) is kept so the encoder loads like any other;
     # its vocab_size x text_width token embedding is most of the file, so the text tower stays narrow.
@@ -123,6 +129,9 @@ class TinyClipConfig(Config):
                               f"must be multiples of 1 + near_misses = {self.family_size}")
         if self.vision_pool not in ("tok", "avg"):
             raise ConfigError(f"TinyClipConfig.vision_pool must be 'tok' or 'avg', got {self.vision_pool!r}")
+        if self.vision_pos_embed not in ("learnable", "sin_cos_2d"):
+            raise ConfigError(f"TinyClipConfig.vision_pos_embed must be 'learnable' or 'sin_cos_2d', "
+                              f"got {self.vision_pos_embed!r}")
         if not 0 <= self.mismatched < 1:
             raise ConfigError(f"TinyClipConfig.mismatched must be a fraction in [0, 1), got {self.mismatched}")
         if not self.logit_scale > 0 or self.pairs < self.train.batch_size or self.threads < 1:
@@ -149,7 +158,10 @@ class TinyClipConfig(Config):
             "vision_cfg": {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
                            "layers": self.vision_layers, "head_width": self.vision_head_width,
                            # "tok" is open_clip's default: left out, so world v1's encoder config is unchanged
-                           **({"pool_type": self.vision_pool} if self.vision_pool != "tok" else {})},
+                           **({"pool_type": self.vision_pool} if self.vision_pool != "tok" else {}),
+                           # likewise: the shipped encoders' configs stay as they are
+                           **({"pos_embed_type": self.vision_pos_embed}
+                              if self.vision_pos_embed != "learnable" else {})},
             "text_cfg": {"context_length": self.context_length, "vocab_size": self.vocab_size,
                          "width": self.text_width, "heads": self.text_heads, "layers": self.text_layers},
         }
@@ -352,7 +364,9 @@ def evaluate_clip(encoder: ClipEncoder, *, world: WorldConfig, n: int = 1000, se
     - ``text_crowding``: fraction of scenes whose canonical caption has another scene's caption at
       cosine > 0.99;
     - ``gap``: :func:`capdemo.gap.gap_report` of the paired test embeddings (without the per-dimension
-      list), plus the norms of the two modality means.
+      list), plus the norms of the two modality means;
+    - ``selection``: where MacCap's selection of the paper's N_cr = 10 patches lands on the test images
+      (:func:`training.shapes.metrics.selection_on_objects`), for CLIP trials that change what the heatmap shows.
     """
     if n < 4:
         raise ValueError(f"evaluate_clip needs n >= 4 test pairs, got {n}")
@@ -363,6 +377,9 @@ def evaluate_clip(encoder: ClipEncoder, *, world: WorldConfig, n: int = 1000, se
     scenes = [scene for scene, _, _ in test]
     truth = _scene_ids(scenes, catalogue)  # (n,)
     images = embed_images(encoder, [image for _, image, _ in test])  # (n, D)
+    selection = _selection_on_objects(encoder, [image for _, image, _ in test],
+                                      generate_coverage(n, seed=world.test_seed if seed is None else seed,
+                                                        config=world))
     texts = embed_texts(encoder, [text for _, _, text in test])  # (n, D)
     canonical = embed_texts(encoder, [captions(scene)[0] for scene in catalogue])  # (S, D)
     reference_images = embed_images(encoder, [image for _, image, _ in reference])  # (R, D)
@@ -387,7 +404,23 @@ def evaluate_clip(encoder: ClipEncoder, *, world: WorldConfig, n: int = 1000, se
         "text_crowding": (caption_similarity.max(dim=1).values > 0.99).float().mean().item(),
         "gap": {**gap, "image_mean_norm": images.mean(dim=0).norm().item(),
                 "text_mean_norm": texts.mean(dim=0).norm().item()},
+        "selection": selection,
     }
+
+
+@torch.inference_mode()
+def _selection_on_objects(encoder: ClipEncoder, images: Sequence[Image.Image],
+                          coverage: Sequence[np.ndarray]) -> dict[str, float]:
+    """:func:`training.shapes.metrics.selection_on_objects` of MacCap's default N_cr (the paper's 10) on ``images``,
+    in chunks."""
+    n_cr = MacCapConfig().n_cr
+    chunks = []
+    for start in range(0, len(images), _ENCODE_CHUNK):
+        features = encoder.encode_images(encoder.preprocess(images[start: start + _ENCODE_CHUNK]))
+        cover = torch.stack([torch.from_numpy(c) for c in coverage[start: start + _ENCODE_CHUNK]])  # (B, S, S)
+        chunks.append((len(cover), selection_on_objects(features, cover, n_cr)))
+    total = sum(size for size, _ in chunks)
+    return {key: sum(size * numbers[key] for size, numbers in chunks) / total for key in chunks[0][1]}
 
 
 # Training
@@ -427,10 +460,12 @@ def train_clip(config: TinyClipConfig, *, world: WorldConfig, resume: bool = Fal
 
 
 def _fit(encoder: ClipEncoder, dataset: ClipPairs, config: TinyClipConfig, *, resume: bool) -> TrainResult:
-    """Train ``encoder.model`` in place (logit scale frozen), then freeze it again."""
+    """Train ``encoder.model`` in place (logit scale and a fixed position embedding frozen), then freeze it again."""
     model = encoder.model
     model.requires_grad_(True)
     model.logit_scale.requires_grad_(False)
+    if config.vision_pos_embed != "learnable":
+        model.visual.positional_embedding.requires_grad_(False)
 
     def loss_fn(bare_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return contrastive_loss(bare_model, batch, same_scene_positives=config.same_scene_positives)
