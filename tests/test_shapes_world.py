@@ -335,11 +335,13 @@ def test_coverage_marks_the_captions_objects_in_the_very_image_render_draws():
     assert abs(coverage.sum() - colour_mask(image, "red").sum()) < 0.1 * coverage.sum()
 
 
-def test_generate_coverage_follows_generate_pairs():
+def test_covered_pairs_are_generate_pairs_with_their_coverage():
     config = WorldConfig()
     pairs = generate_pairs(6, seed=5, config=config)
-    coverage = world.generate_coverage(6, seed=5, config=config)
-    for (scene, image, _), cover in zip(pairs, coverage):
+    covered = world.generate_covered_pairs(6, seed=5, config=config)
+    for (scene, image, caption), (covered_scene, covered_image, covered_caption, cover) in zip(pairs, covered):
+        assert (covered_scene, covered_caption) == (scene, caption)
+        assert covered_image.tobytes() == image.tobytes()
         assert objects_mask(image, scene)[cover == 1].mean() > 0.95
 
 

@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from capdemo.config import Config, ConfigError
-from capdemo.encoders import ClipEncoder, EncoderConfig
+from capdemo.encoders import ClipEncoder, EncoderConfig, ImageFeatures
 from capdemo.gap import gap_report
 from capdemo.methods.maccap.model import MacCapConfig
 from training.loop import TrainConfig, TrainResult, TrainTask, train
@@ -56,7 +56,7 @@ from training.shapes.world import (
     all_scenes,
     attribute_accuracy,
     captions,
-    generate_coverage,
+    generate_covered_pairs,
     generate_pairs,
     render,
     sample_scene,
@@ -371,15 +371,14 @@ def evaluate_clip(encoder: ClipEncoder, *, world: WorldConfig, n: int = 1000, se
     if n < 4:
         raise ValueError(f"evaluate_clip needs n >= 4 test pairs, got {n}")
     catalogue = {scene: index for index, scene in enumerate(all_scenes(world))}
-    test = generate_pairs(n, seed=world.test_seed if seed is None else seed, config=world)
+    covered = generate_covered_pairs(n, seed=world.test_seed if seed is None else seed, config=world)
+    test = [(scene, image, caption) for scene, image, caption, _ in covered]
     reference = generate_pairs(n_reference, seed=world.unpaired_seed if reference_seed is None else reference_seed,
                                config=world)
     scenes = [scene for scene, _, _ in test]
     truth = _scene_ids(scenes, catalogue)  # (n,)
     images = embed_images(encoder, [image for _, image, _ in test])  # (n, D)
-    selection = _selection_on_objects(encoder, [image for _, image, _ in test],
-                                      generate_coverage(n, seed=world.test_seed if seed is None else seed,
-                                                        config=world))
+    selection = _selection_on_objects(encoder, [image for _, image, _ in test], [cover for *_, cover in covered])
     texts = embed_texts(encoder, [text for _, _, text in test])  # (n, D)
     canonical = embed_texts(encoder, [captions(scene)[0] for scene in catalogue])  # (S, D)
     reference_images = embed_images(encoder, [image for _, image, _ in reference])  # (R, D)
@@ -411,16 +410,12 @@ def evaluate_clip(encoder: ClipEncoder, *, world: WorldConfig, n: int = 1000, se
 @torch.inference_mode()
 def _selection_on_objects(encoder: ClipEncoder, images: Sequence[Image.Image],
                           coverage: Sequence[np.ndarray]) -> dict[str, float]:
-    """:func:`training.shapes.metrics.selection_on_objects` of MacCap's default N_cr (the paper's 10) on ``images``,
-    in chunks."""
-    n_cr = MacCapConfig().n_cr
-    chunks = []
-    for start in range(0, len(images), _ENCODE_CHUNK):
-        features = encoder.encode_images(encoder.preprocess(images[start: start + _ENCODE_CHUNK]))
-        cover = torch.stack([torch.from_numpy(c) for c in coverage[start: start + _ENCODE_CHUNK]])  # (B, S, S)
-        chunks.append((len(cover), selection_on_objects(features, cover, n_cr)))
-    total = sum(size for size, _ in chunks)
-    return {key: sum(size * numbers[key] for size, numbers in chunks) / total for key in chunks[0][1]}
+    """:func:`training.shapes.metrics.selection_on_objects` of MacCap's default N_cr (the paper's 10) on ``images``
+    (encoded in chunks) with their object ``coverage``."""
+    features = ImageFeatures.cat([encoder.encode_images(encoder.preprocess(images[start: start + _ENCODE_CHUNK]))
+                                  for start in range(0, len(images), _ENCODE_CHUNK)])
+    cover = torch.stack([torch.from_numpy(c) for c in coverage])  # (n, S, S)
+    return selection_on_objects(features, cover, MacCapConfig().n_cr)
 
 
 # Training

@@ -196,7 +196,8 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
     if seed in used_seeds(config):
         raise ValueError(f"seed {seed} generated training data; pick a held-out seed "
                          f"(not {sorted(used_seeds(config))})")
-    pairs = world.generate_pairs(max(n, GAP_PAIRS if gap else 0), seed=seed, config=config)
+    drawn = world.generate_covered_pairs(max(n, GAP_PAIRS if gap else 0), seed=seed, config=config)
+    pairs = [(scene, image, caption) for scene, image, caption, _ in drawn]
     scenes, images = [scene for scene, _, _ in pairs[:n]], [image for _, image, _ in pairs]
     report: dict[str, Any] = {"n": n, "seed": seed, "bundle": captioner.bundle.name,
                               "world": {"image_size": config.image_size,
@@ -208,7 +209,7 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
     if gap:
         extra = [captioner.encode(batch) for batch in in_batches(images[n:GAP_PAIRS])]
         features = ImageFeatures.cat([batch.features for batch in encoded + extra]).select(slice(0, GAP_PAIRS))
-        coverage = world.generate_coverage(GAP_PAIRS, seed=seed, config=config)  # the same images' object masks
+        coverage = [cover for _, _, _, cover in drawn[:GAP_PAIRS]]  # the images' object masks
         report["gap"] = gap_report(captioner, pairs[:GAP_PAIRS], features, coverage)
     predictions_of: dict[str, list[str]] = {}
     for method in methods:

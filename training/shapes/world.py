@@ -257,8 +257,7 @@ def _render(scene: Scene, rng: np.random.Generator, config: WorldConfig, *,
         angle = rng.uniform(0, 2 * math.pi)
         radius = rng.uniform(*_OCCLUDER_DIAMETER) * diameter / 2
         ox, oy = x + _OCCLUDER_OFFSET * diameter * math.cos(angle), y + _OCCLUDER_OFFSET * diameter * math.sin(angle)
-        colour = _dull_colour(rng)
-        _draw(draw, "circle", colour, ox * side, oy * side, radius * side)
+        _draw(draw, "circle", _dull_colour(rng), ox * side, oy * side, radius * side)
         if mask_draw is not None:
             _draw(mask_draw, "circle", 0, ox * side, oy * side, radius * side)
     pixels = np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.int16)  # (S, S, 3)
@@ -304,11 +303,16 @@ def generate_images(n: int, *, seed: int, config: WorldConfig) -> list[Image.Ima
             for scene in generate_scenes(n, seed=seed, config=config)]
 
 
-def generate_coverage(n: int, *, seed: int, config: WorldConfig) -> list[np.ndarray]:
-    """The object coverage (:func:`render_with_coverage`) of each image of ``generate_pairs`` with the same seed."""
-    _, _, pixel_rng = _streams(seed)
-    return [render_with_coverage(scene, pixel_rng, config=config)[1]
-            for scene in generate_scenes(n, seed=seed, config=config)]
+def generate_covered_pairs(n: int, *, seed: int,
+                           config: WorldConfig) -> list[tuple[Scene, Image.Image, str, np.ndarray]]:
+    """The triples of ``generate_pairs`` with the same seed, each with its image's object coverage
+    (:func:`render_with_coverage`) as a fourth item."""
+    _, caption_rng, pixel_rng = _streams(seed)
+    covered = []
+    for scene in generate_scenes(n, seed=seed, config=config):
+        image, coverage = render_with_coverage(scene, pixel_rng, config=config)
+        covered.append((scene, image, sample_caption(scene, caption_rng), coverage))
+    return covered
 
 
 def example_pairs(count: int, *, seed: int, config: WorldConfig) -> list[tuple[Scene, Image.Image, str]]:
