@@ -381,6 +381,49 @@ def test_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_re
     assert "--clip-set: unknown field(s) text_layer" in capsys.readouterr().err
 
 
+def test_method_args_reach_the_training_commands_and_the_ablation_names_the_same_trial(monkeypatch, tmp_path,
+                                                                                       capsys):
+    """``--method-args`` appends to a method's recipe arguments (the last of a repeated flag wins in its command),
+    the bundle records it, shapes-ablate builds the same trial recipe from the same flags, and a misspelt flag
+    fails in one line before any stage runs."""
+    from training.shapes import ablate
+    from training.shapes import build as build_module
+    from training.shapes.build import maccap_command
+    from training.maccap import build_parser
+
+    built = {}
+    monkeypatch.setattr(build_module, "build", lambda recipe, out, work, **kw: built.update(recipe=recipe, **kw))
+    flags = ["--clip-set", "vision_pos_embed=sin_cos_2d", "--method-args", "maccap=--noise-variance 0.01"]
+    assert build_module.main(["--smoke", *flags, "--work-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    recipe = built["recipe"]
+    smoke = ShapesRecipe.smoke()
+    assert recipe.maccap_args == (*smoke.maccap_args, "--noise-variance", "0.01")
+    assert recipe.tomcap_args == smoke.tomcap_args and recipe.clip.vision_pos_embed == "sin_cos_2d"
+    assert built["command"] == ("python -m training shapes --clip-set vision_pos_embed=sin_cos_2d "
+                                "--method-args 'maccap=--noise-variance 0.01'")
+    command = maccap_command(recipe, tmp_path, out=tmp_path / "out", run_dir=tmp_path / "run")
+    assert build_parser().parse_args(command[1:]).noise_variance == 0.01  # what MacCap trains with
+    seen = {}
+
+    def run_variant(variant, *, recipe, **kw):  # what the ablation's rows would train on
+        seen["recipe"] = recipe
+        return {"group": variant.group, "description": variant.description, **{k: 0.5 for k in ablate.REPORTED}}
+
+    monkeypatch.setattr(ablate.StageOutputs, "require_finished", lambda self: None)
+    monkeypatch.setattr(ablate, "run_variant", run_variant)
+    assert ablate.main(["--smoke", *flags, "--work-dir", str(tmp_path), "--only", "maccap-s1", "--json"]) == 0
+    assert seen["recipe"] == ShapesRecipe.smoke().replace(clip=recipe.clip.replace(threads=smoke.clip.threads),
+                                                          maccap_args=recipe.maccap_args)
+    capsys.readouterr()
+    from training.__main__ import main
+
+    assert main(["shapes", "--smoke", "--method-args", "maccap=--noise-varience 0.01", "--out", str(tmp_path)]) == 1
+    assert "--method-args maccap: " in (err := capsys.readouterr().err) and "--noise-varience" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["shapes", "--smoke", "--method-args", "mapcap=--steps 3", "--out", str(tmp_path)]) == 1
+    assert "METHOD one of maccap, tomcap, capdec, got 'mapcap=--steps 3'" in capsys.readouterr().err
+
+
 def test_a_work_dir_is_resumed_only_with_the_recipe_that_made_it(tmp_path):
     from training.shapes.build import claim_work_dir
 

@@ -44,7 +44,8 @@ from capdemo.methods.capdec.model import CapDecConfig
 from capdemo.methods.maccap.model import MacCapConfig
 from capdemo.methods.tomcap.model import TOMCapConfig
 from training.shapes.build import (TOMCAP_NOISE_SCALE, ShapesRecipe, StageOutputs, add_recipe_arguments,
-                                   capdec_command, chosen_recipe, log, maccap_command, run_command, tomcap_command)
+                                   add_trial_arguments, capdec_command, chosen_recipe, log, maccap_command,
+                                   run_command, tomcap_command, trial_recipe)
 from training.shapes.evaluate import evaluate_bundle
 
 
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
                         help="training seeds per trained row (mean ± std over them)")
     add_recipe_arguments(parser)  # the work dir's recipe: the shipped bundle's by default, --world v1, --smoke for CI's
+    add_trial_arguments(parser)  # a trial build's changes, as its build named them
     parser.add_argument("--only", nargs="+", default=None, choices=[v.name for v in VARIANTS], help="run these rows")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
     args = parser.parse_args(argv)
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    recipe = chosen_recipe(args)
+    recipe = trial_recipe(chosen_recipe(args), args)
     chosen = [v for v in VARIANTS if args.only is None or v.name in args.only]
     rows = {}
     for variant in chosen:  # inference rows do not train: one run, whatever --train-seeds says

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import io
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -401,6 +404,9 @@ def capdec_command(recipe: ShapesRecipe, work: Path, *, out: Path, run_dir: Path
             "--device", "cpu", *recipe.capdec_args, *extra, "--resume"]
 
 
+TRAINING_COMMANDS = {"maccap": maccap_command, "tomcap": tomcap_command, "capdec": capdec_command}
+
+
 class StageTimes:
     """Wall and CPU seconds per build stage, kept in ``<work>/timings.json`` so a resumed build reports every
     stage: a stage whose output was complete before it ran keeps the time it took when it did the work."""
@@ -524,6 +530,48 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny sizes, the whole recipe in about a minute (CI): world v2 whatever --world says")
 
 
+def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--clip-set`` and ``--method-args``: a trial recipe, the chosen one with changes (a trial build's ablation
+    must name the same changes, or its rows train on another recipe)."""
+    parser.add_argument("--clip-set", dest="clip_settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a TinyClipConfig field of the recipe's CLIP, as shapes-clip --set does (a trial "
+                             "recipe: every stage after the CLIP is rebuilt on it), e.g. --clip-set text_layers=4")
+    parser.add_argument("--method-args", dest="method_args", action="append", default=[], metavar="METHOD=ARGS",
+                        help="append ARGS to the recipe's training arguments of METHOD (maccap, tomcap or capdec; "
+                             "the last of a repeated flag wins), e.g. --method-args maccap='--noise-variance 0.01'")
+
+
+def trial_recipe(recipe: ShapesRecipe, args: argparse.Namespace) -> ShapesRecipe:
+    """``recipe`` with ``add_trial_arguments``' changes; a one-line ValueError names a bad one."""
+    if args.clip_settings:
+        from training.shapes.clip_levers import changed_clip, parse_settings  # it imports this module
+
+        recipe = recipe.replace(clip=changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"), {},
+                                                  out_dir=recipe.clip.train.out_dir, where="--clip-set"))
+    for setting in args.method_args:
+        method, _, extra = setting.partition("=")
+        if method not in TRAINING_COMMANDS or not extra.strip():
+            raise ValueError(f"--method-args: expected METHOD=ARGS with METHOD one of {', '.join(TRAINING_COMMANDS)}, "
+                             f"got {setting!r}")
+        recipe = recipe.replace(**{f"{method}_args": (*getattr(recipe, f"{method}_args"), *shlex.split(extra))})
+        check_training_arguments(recipe, method)
+    return recipe
+
+
+def check_training_arguments(recipe: ShapesRecipe, method: str) -> None:
+    """Parse the recipe's training command of ``method`` as its subcommand would, before any stage runs, so that a
+    misspelt flag fails at once instead of after the CLIP and the LM have trained."""
+    command = TRAINING_COMMANDS[method](recipe, Path("work"), out=Path("out"), run_dir=Path("run"))
+    parser = importlib.import_module(f"training.{method}").build_parser()
+    refused = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refused):
+            parser.parse_args(command[1:])
+    except SystemExit:
+        said = refused.getvalue().strip().splitlines()
+        raise ValueError(f"--method-args {method}: {said[-1] if said else 'refused'}") from None
+
+
 def chosen_recipe(args: argparse.Namespace) -> ShapesRecipe:
     """The recipe ``add_recipe_arguments``' flags name."""
     if args.smoke:
@@ -549,9 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed of every stage (the world's data stay the recipe's): 0 made the shipped "
                              "bundle, another seed is another draw of the same recipe")
-    parser.add_argument("--clip-set", dest="clip_settings", action="append", default=[], metavar="FIELD=VALUE",
-                        help="change a TinyClipConfig field of the recipe's CLIP, as shapes-clip --set does (a trial "
-                             "recipe: every stage after the CLIP is rebuilt on it), e.g. --clip-set text_layers=4")
+    add_trial_arguments(parser)
     parser.add_argument("--maccap-steps", type=int, default=None, help="override the recipe's MacCap steps")
     parser.add_argument("--tomcap-steps", type=int, default=None, help="override the recipe's TOMCap steps")
     parser.add_argument("--capdec-steps", type=int, default=None, help="override the recipe's CapDec steps")
@@ -560,19 +606,15 @@ def main(argv: list[str] | None = None) -> int:
     recipe = chosen_recipe(args).with_training_seed(args.seed)
     steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps, "capdec_steps": args.capdec_steps}
     recipe = recipe.replace(**{name: value for name, value in steps.items() if value is not None})
-    recipe = recipe.replace(clip=recipe.clip.replace(threads=args.threads))
-    if args.clip_settings:
-        from training.shapes.clip_levers import changed_clip, parse_settings  # it imports this module
-
-        recipe = recipe.replace(clip=changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"), {},
-                                                  out_dir=recipe.clip.train.out_dir, where="--clip-set"))
+    recipe = trial_recipe(recipe.replace(clip=recipe.clip.replace(threads=args.threads)), args)
     seeded = f"-seed{args.seed}" if args.seed else ""
     work = Path(args.work_dir or f"runs/shapes-{'smoke' if args.smoke else 'build-' + args.world}{seeded}")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     command = " ".join(["python -m training shapes", *(["--world v1"] if args.world == "v1" else []),
                         *([f"--seed {args.seed}"] if args.seed else []),
-                        *(f"--clip-set {setting}" for setting in args.clip_settings)])
+                        *(f"--clip-set {setting}" for setting in args.clip_settings),
+                        *(f"--method-args {shlex.quote(setting)}" for setting in args.method_args)])
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     build(recipe, Path(args.out), work, command=command, jobs=args.jobs)
