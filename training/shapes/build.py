@@ -561,8 +561,10 @@ def trial_recipe(recipe: ShapesRecipe, args: argparse.Namespace) -> ShapesRecipe
 def check_training_arguments(recipe: ShapesRecipe, method: str) -> None:
     """Parse the recipe's training command of ``method`` as its subcommand would, before any stage runs, so that a
     misspelt flag fails at once instead of after the CLIP and the LM have trained."""
+    from training.__main__ import SUBCOMMANDS
+
     command = TRAINING_COMMANDS[method](recipe, Path("work"), out=Path("out"), run_dir=Path("run"))
-    parser = importlib.import_module(f"training.{method}").build_parser()
+    parser = importlib.import_module(SUBCOMMANDS[command[0]][0]).build_parser()  # the module `python -m training` runs
     refused = io.StringIO()
     try:
         with contextlib.redirect_stderr(refused):
