@@ -44,8 +44,8 @@ from capdemo.methods.capdec.model import CapDecConfig
 from capdemo.methods.maccap.model import MacCapConfig
 from capdemo.methods.tomcap.model import TOMCapConfig
 from training.shapes.build import (TOMCAP_NOISE_SCALE, ShapesRecipe, StageOutputs, add_recipe_arguments,
-                                   add_trial_arguments, capdec_command, chosen_recipe, log, maccap_command,
-                                   run_command, tomcap_command, trial_recipe)
+                                   TRAINING_COMMANDS, add_trial_arguments, chosen_recipe, log, run_command,
+                                   trial_recipe)
 from training.shapes.evaluate import evaluate_bundle
 
 
@@ -65,9 +65,8 @@ class Variant:
         return not self.settings
 
 
-# How a trained row's method is trained: its build command and the config whose defaults its flags change
-TRAINED_METHODS = {"tomcap": (tomcap_command, TOMCapConfig), "maccap": (maccap_command, MacCapConfig),
-                   "capdec": (capdec_command, CapDecConfig)}
+# The methods a row can train (each by build.TRAINING_COMMANDS), and the config whose defaults its flags change
+TRAINED_METHODS = {"tomcap": TOMCapConfig, "maccap": MacCapConfig, "capdec": CapDecConfig}
 
 
 NO_NOISE = ("--input-noise-scale", "0", "--query-noise-scale", "0", "--noise-variance", "0")
@@ -119,7 +118,7 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     with other inputs, or after a default changed, never reuses a bundle or a score.
     """
     if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
-        command, method_config = TRAINED_METHODS[variant.method]
+        command, method_config = TRAINING_COMMANDS[variant.method], TRAINED_METHODS[variant.method]
         method_steps = recipe.steps_of(variant.method) if steps is None else steps
         source: dict[str, Any] = {"recipe": recipe.to_dict(), "method": variant.method, "steps": method_steps,
                                   "flags": variant.flags, "defaults": method_config().to_dict()}
