@@ -38,8 +38,10 @@ def recipe_for(settings: common.Settings):
 
 def run(*, quick: bool = False, tiny: bool = False, device: str = "cpu", dtype: str = "fp32") -> dict[str, Any]:
     from capdemo.bundle import Bundle
+    from training.kernels import pin_cpu_kernels
     from training.shapes.build import build, built_files
 
+    pin_cpu_kernels()  # as `python -m training shapes` does, before the first tensor operation
     started = time.perf_counter()
     settings = common.Settings(quick=quick, tiny=tiny, device=device, dtype=dtype)
     if settings.device != "cpu":

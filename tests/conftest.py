@@ -12,6 +12,9 @@ import capdemo._torchvision_compat  # noqa: F401  (before open_clip/transformers
 import pytest
 import torch
 
+from training.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # the kernels `python -m training` pins, before any test runs a tensor operation
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

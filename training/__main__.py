@@ -11,6 +11,7 @@ import os
 import sys
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
+from training.kernels import pin_cpu_kernels
 
 SUBCOMMANDS = {
     "embed": ("training.embed", "cache CLIP text embeddings of a caption corpus (sharded, resumable)"),
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"error: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    pin_cpu_kernels()  # before any tensor operation: trained weights must not depend on the CPU
     module = importlib.import_module(SUBCOMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)

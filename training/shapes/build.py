@@ -47,6 +47,7 @@ from capdemo.vqa import VQA_COMPONENT
 from capdemo.config import Config
 from capdemo.fileio import atomic_output
 from training.checkpoints import checkpoint_path
+from training.kernels import kernels_in_force
 from training.loop import TrainConfig
 from training.shapes.clip import TinyClipConfig
 from training.shapes.domain import record_domain
@@ -497,7 +498,8 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
     # the recipe now, for the domain measurement below; its timings once that is done too
     training = {"recipe": recipe.to_dict(), "command": command,
-                "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()), "jobs": jobs}
+                "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()), "jobs": jobs,
+                "cpu_kernels": kernels_in_force()}
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
         description="The shapes world: a tiny CLIP and LM, and MacCap, TOMCap and CapDec trained text-only on "
