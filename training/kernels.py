@@ -17,6 +17,7 @@ its fastest code back, at the cost of bytes that depend on the CPU).
 from __future__ import annotations
 
 import os
+import platform
 
 PINNED_KERNELS = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN primitives (element-wise ops such as GELU)
@@ -27,7 +28,10 @@ PINNED_KERNELS = {
 
 
 def pin_cpu_kernels() -> None:
-    """Pin the CPU kernels (:data:`PINNED_KERNELS`) where the environment does not choose them."""
+    """On an x86-64 CPU, pin the CPU kernels (:data:`PINNED_KERNELS`) where the environment does not choose them;
+    other CPUs have no AVX2 code to pin to (ATen would warn about the value and ignore it)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
     for name, value in PINNED_KERNELS.items():
         os.environ.setdefault(name, value)
 

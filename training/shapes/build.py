@@ -47,7 +47,7 @@ from capdemo.vqa import VQA_COMPONENT
 from capdemo.config import Config
 from capdemo.fileio import atomic_output
 from training.checkpoints import checkpoint_path
-from training.kernels import kernels_in_force
+from training.kernels import kernels_in_force, pin_cpu_kernels
 from training.loop import TrainConfig
 from training.shapes.clip import TinyClipConfig
 from training.shapes.domain import record_domain
@@ -467,6 +467,7 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     """Run every stage not done yet in ``work``, then write the bundle to ``out``; with ``jobs`` > 1, stages that
     need nothing of each other run side by side (:mod:`training.shapes.stage_pool`: the same weights, sooner)."""
     start = time.time()
+    kernels = kernels_in_force()  # before the first stage: what every stage trains on
     work.mkdir(parents=True, exist_ok=True)
     claim_work_dir(recipe, work)
     torch.manual_seed(recipe.seed)
@@ -499,7 +500,7 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     # the recipe now, for the domain measurement below; its timings once that is done too
     training = {"recipe": recipe.to_dict(), "command": command,
                 "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()), "jobs": jobs,
-                "cpu_kernels": kernels_in_force()}
+                "cpu_kernels": kernels}
     writer = BundleWriter.extending(
         staging, name=out.name, world="shapes",
         description="The shapes world: a tiny CLIP and LM, and MacCap, TOMCap and CapDec trained text-only on "
@@ -606,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tomcap-steps", type=int, default=None, help="override the recipe's TOMCap steps")
     parser.add_argument("--capdec-steps", type=int, default=None, help="override the recipe's CapDec steps")
     args = parser.parse_args(argv)
+    pin_cpu_kernels()  # as `python -m training` does, for `python -m training.shapes.build`
     torch.set_num_threads(args.threads)
     recipe = chosen_recipe(args).with_training_seed(args.seed)
     steps = {"maccap_steps": args.maccap_steps, "tomcap_steps": args.tomcap_steps, "capdec_steps": args.capdec_steps}
