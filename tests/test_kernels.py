@@ -3,7 +3,6 @@ built it."""
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,13 @@ from pathlib import Path
 import pytest
 
 from capdemo.encoders import EncoderConfig
-from training.kernels import PINNED_KERNELS, pin_cpu_kernels
+from training.kernels import PINNED_KERNELS, pin_cpu_kernels, pins_apply
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "shapes"
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="the pinned kernels are x86-64's AVX2 code; other CPUs round differently")
+@pytest.mark.skipif(not pins_apply(), reason="the pinned kernels are x86-64's AVX2 code; other CPUs round differently")
 def test_the_shipped_clip_embeds_the_shipped_datastore_to_its_bytes(tmp_path):
     """The shapes build's index stage, rerun on the shipped CLIP: on an AVX-512 CPU without the pins, 6 % of the
     values differ in their last bits (README, "Bit for bit on another CPU too"). The command must pin the kernels
@@ -38,7 +36,7 @@ def test_the_shipped_clip_embeds_the_shipped_datastore_to_its_bytes(tmp_path):
     assert (tmp_path / "datastore" / "index.faiss").read_bytes() == (shipped / "index.faiss").read_bytes()
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="nothing is pinned off x86-64")
+@pytest.mark.skipif(not pins_apply(), reason="nothing is pinned off x86-64")
 def test_pinning_keeps_what_the_environment_chose(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)

@@ -1,7 +1,8 @@
 """``python -m training <subcommand> ...``: every training-side command behind one entry point.
 
 Each subcommand lives in its own module with a ``main(argv) -> int``; this file
-only maps names to modules, importing the chosen one lazily so ``--help`` is fast.
+maps names to modules, importing the chosen one lazily so ``--help`` is fast, and
+pins the CPU kernels first (:mod:`training.kernels`) so weights do not depend on the CPU.
 """
 
 from __future__ import annotations

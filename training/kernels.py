@@ -5,8 +5,9 @@ AVX-512, oneDNN's element-wise primitive, which runs the GELU of the tiny CLIP's
 code whose last bits differ from its AVX2 code, and training amplifies a last bit into another draw
 of every model: the shapes bundle built on an AMD EPYC with AVX-512 differed from the shipped one in
 every trained weight. With oneDNN pinned to AVX2 the same build on that CPU gives the shipped bytes
-(README, "Bit for bit on another CPU too"). ATen's vectorised kernels also choose by the CPU, and are
-pinned to the same code for the same reason.
+(README, "Bit for bit on another CPU too"). ATen's vectorised kernels also choose by the CPU; they are
+pinned to their AVX2 code as a precaution (the CPU that built the shipped bundle ran it), not shown to
+matter on their own.
 
 Each library reads its setting once, at its first use, so :func:`pin_cpu_kernels` must run before
 the first tensor operation of the process; worker processes inherit it through the environment.
@@ -27,10 +28,14 @@ PINNED_KERNELS = {
 # trained another MacCap (adaptor and LM), while MKL's own choice there gave the shipped bytes
 
 
+def pins_apply() -> bool:
+    """Whether this CPU has the pinned code: x86-64 only (elsewhere ATen would warn about the value and ignore it)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def pin_cpu_kernels() -> None:
-    """On an x86-64 CPU, pin the CPU kernels (:data:`PINNED_KERNELS`) where the environment does not choose them;
-    other CPUs have no AVX2 code to pin to (ATen would warn about the value and ignore it)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    """Where :func:`pins_apply`, pin the CPU kernels (:data:`PINNED_KERNELS`) the environment does not choose."""
+    if not pins_apply():
         return
     for name, value in PINNED_KERNELS.items():
         os.environ.setdefault(name, value)
