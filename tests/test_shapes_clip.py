@@ -27,6 +27,7 @@ from training.shapes.clip import (
     train_clip,
     uint8_pixels,
 )
+from training.shapes import world
 from training.shapes.language import COLOURS
 from training.shapes.world import PALETTE, WorldConfig, captions, generate_pairs, generate_scenes
 
@@ -102,11 +103,12 @@ def test_dataset_serves_families_with_every_paraphrase(untrained):
     assert batch["pixels"].shape == (8, 3, size, size) and batch["pixels"].dtype == torch.uint8
     assert batch["captions"].shape == (8, 3, config.context_length)
     for row, index in enumerate([8, 9, 10, 11, 28, 29, 30, 31]):  # families 2 and 7, each of 4 pairs
-        scene, image = pairs[index]
+        scene, image, detail = pairs[index]
+        assert detail == ""  # the recipe's captions say only the scene
         expected = untrained.tokenizer(captions(scene))
         assert torch.equal(batch["captions"][row, : batch["caption_count"][row]], expected)
         assert torch.equal(batch["pixels"][row], uint8_pixels([image])[0])
-    anchor, misses = pairs[8][0], [scene for scene, _ in pairs[9:12]]
+    anchor, misses = pairs[8][0], [scene for scene, _, _ in pairs[9:12]]
     assert all(miss != anchor for miss in misses)
 
 
@@ -184,13 +186,68 @@ def test_mismatched_pairs_carry_another_scenes_caption_at_the_configured_rate():
     clean = TinyClipConfig.smoke(batch_size=8).replace(near_misses=1, pairs=400)
     noisy = clean.replace(mismatched=0.25)
     right, wrong = generate_training_pairs(clean, world=WORLD), generate_training_pairs(noisy, world=WORLD)
-    assert [image.tobytes() for _, image in right] == [image.tobytes() for _, image in wrong]  # same images
-    flipped = sum(a != b for (a, _), (b, _) in zip(right, wrong)) / len(right)
+    assert [image.tobytes() for _, image, _ in right] == [image.tobytes() for _, image, _ in wrong]  # same images
+    flipped = sum(a != b for (a, _, _), (b, _, _) in zip(right, wrong)) / len(right)
     assert 0.15 < flipped < 0.3  # (a redrawn scene equals the true one about 1 time in 400)
     again = generate_training_pairs(noisy, world=WORLD)
-    assert [scene for scene, _ in again] == [scene for scene, _ in wrong]  # seeded
+    assert [scene for scene, _, _ in again] == [scene for scene, _, _ in wrong]  # seeded
     with pytest.raises(ConfigError, match="mismatched"):
         TinyClipConfig(mismatched=1.0)
+
+
+def test_detailed_captions_say_what_their_own_image_shows_at_the_configured_rate():
+    plain = TinyClipConfig.smoke(batch_size=8).replace(near_misses=1, pairs=400)
+    told = plain.replace(detail=0.5)
+    right, detailed = generate_training_pairs(plain, world=WORLD), generate_training_pairs(told, world=WORLD)
+    assert [(scene, image.tobytes()) for scene, image, _ in right] == [
+        (scene, image.tobytes()) for scene, image, _ in detailed]  # the same pairs, only the captions say more
+    assert {detail for _, _, detail in right} == {""}
+    # the image's own facts, redrawn the way the pairs were drawn: anchors from the world's stream, near misses
+    anchors = world.generate_pairs_with_unmentioned(200, seed=WORLD.train_seed, config=WORLD)
+    mentioned = said = 0
+    for (scene, image, _, unmentioned), (_, drawn, detail) in zip(anchors, detailed[::2]):
+        assert image.tobytes() == drawn.tobytes()
+        phrases = [phrase for phrase in detail.split(", ") if phrase]
+        assert all(phrase in unmentioned.phrases() for phrase in phrases)  # never says what the image lacks
+        mentioned += len(phrases)
+        said += len(unmentioned.phrases())
+    assert 0.4 < mentioned / said < 0.6
+    with pytest.raises(ConfigError, match="detail"):
+        TinyClipConfig(detail=1.5)
+
+
+def test_detail_misses_redraw_the_anchors_scene_inside_its_family():
+    config = TinyClipConfig.smoke(batch_size=8).replace(near_misses=2, detail_misses=1, detail=1.0, pairs=40,
+                                                        context_length=28)
+    pairs = generate_training_pairs(config, world=WORLD)
+    for start in range(0, len(pairs), config.family_size):
+        (anchor, anchor_image, _), *misses, (redrawn, redrawn_image, detail) = pairs[start : start + 4]
+        assert redrawn == anchor and redrawn_image.tobytes() != anchor_image.tobytes()
+        assert all(scene != anchor for scene, _, _ in misses)
+        assert detail.startswith(", on a ")  # at detail 1 every caption says its background's tone
+    with pytest.raises(ConfigError, match="detail_misses"):
+        TinyClipConfig.smoke(batch_size=8).replace(near_misses=3, detail_misses=1, pairs=40)  # families of 5
+
+
+def test_unmentioned_records_what_the_renderer_drew():
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    scene = world.Scene("group", "red", "circle", count=3)
+    for _ in range(40):
+        image, unmentioned = world.render_with_unmentioned(scene, rng_a, config=WORLD)
+        assert image.tobytes() == world.render(scene, rng_b, config=WORLD).tobytes()  # same draws
+        assert 0 <= unmentioned.clutter <= WORLD.clutter
+    facts = world.Unmentioned(dark=True, clutter=2, occluded=True)
+    assert facts.phrases() == ("on a dark background", "with two specks", "partly hidden")
+    assert world.Unmentioned(dark=False, clutter=0, occluded=False).phrases() == ("on a grey background",)
+    assert world.Unmentioned(dark=False, clutter=1, occluded=False).phrases()[1] == "with one speck"
+
+
+def test_a_caption_the_context_would_cut_is_refused(untrained):
+    scene = world.Scene("single", "red", "circle", size="large", position="left")
+    image = world.render(scene, np.random.default_rng(0), config=WORLD)
+    long_detail = ", on a dark background" * 6
+    with pytest.raises(ConfigError, match="context"):
+        ClipPairs([(scene, image, long_detail)], untrained.tokenizer)
 
 
 def test_an_average_pooled_clip_embeds_images_as_the_mean_of_its_projected_patch_tokens(untrained):

@@ -52,13 +52,15 @@ from training.shapes.world import (
     SIZES,
     Scene,
     SceneError,
+    Unmentioned,
     WorldConfig,
     all_scenes,
     attribute_accuracy,
     captions,
     generate_covered_pairs,
     generate_pairs,
-    render,
+    generate_pairs_with_unmentioned,
+    render_with_unmentioned,
     sample_scene,
 )
 
@@ -110,6 +112,15 @@ class TinyClipConfig(Config):
     # world (web alt-text is often wrong or about something else). Yaras et al. 2024 trace the modality gap to
     # such pairs: they keep the two modalities apart where perfectly matched pairs let training close the gap.
     mismatched: float = 0.0
+    # Alt-text detail: each training caption also says each thing its image shows that the world's captions leave
+    # out (the background's tone, the clutter, an occluder; world.Unmentioned) with this probability. A caption never
+    # says everything its image shows, but web captions taken together say most of it, so real CLIP's image
+    # embedding keeps what any one caption leaves out (Schrodi et al. 2024 trace the gap to this information
+    # imbalance). At 0 the CLIP learns to ignore what no caption ever mentions. Evaluation uses the plain captions.
+    detail: float = 0.0
+    # Detail misses: each generated pair also brings this many redraws of its own scene (another background, clutter
+    # and occluder) into its batch, so that what the detail says is what tells them apart. Counted in family_size.
+    detail_misses: int = 0
     round_to_fp16: bool = True  # round the trained weights to float16 values, so a bundle can store them in
     #                             half the bytes and load back bit-identical in float32
     init_seed: int = 0  # seed of the random initialisation
@@ -124,9 +135,12 @@ class TinyClipConfig(Config):
         if self.text_width % self.text_heads:
             raise ConfigError(f"TinyClipConfig: text_width {self.text_width} must be a multiple of text_heads "
                               f"{self.text_heads}")
+        if min(self.near_misses, self.detail_misses) < 0:
+            raise ConfigError(f"TinyClipConfig: near_misses and detail_misses must be >= 0, got {self.near_misses}, "
+                              f"{self.detail_misses}")
         if self.train.batch_size % self.family_size or self.pairs % self.family_size:
             raise ConfigError(f"TinyClipConfig: pairs {self.pairs} and train.batch_size {self.train.batch_size} "
-                              f"must be multiples of 1 + near_misses = {self.family_size}")
+                              f"must be multiples of 1 + near_misses + detail_misses = {self.family_size}")
         if self.vision_pool not in ("tok", "avg"):
             raise ConfigError(f"TinyClipConfig.vision_pool must be 'tok' or 'avg', got {self.vision_pool!r}")
         if self.vision_pos_embed not in ("learnable", "sin_cos_2d"):
@@ -134,6 +148,8 @@ class TinyClipConfig(Config):
                               f"got {self.vision_pos_embed!r}")
         if not 0 <= self.mismatched < 1:
             raise ConfigError(f"TinyClipConfig.mismatched must be a fraction in [0, 1), got {self.mismatched}")
+        if not 0 <= self.detail <= 1:
+            raise ConfigError(f"TinyClipConfig.detail must be a probability, got {self.detail}")
         if not self.logit_scale > 0 or self.pairs < self.train.batch_size or self.threads < 1:
             raise ConfigError(f"TinyClipConfig needs logit_scale > 0, pairs >= train.batch_size and threads >= 1, "
                               f"got {self.logit_scale}, {self.pairs} < {self.train.batch_size}, {self.threads}")
@@ -141,7 +157,7 @@ class TinyClipConfig(Config):
     @property
     def family_size(self) -> int:
         """Pairs that always share a batch: a generated pair and its near misses."""
-        return 1 + self.near_misses
+        return 1 + self.near_misses + self.detail_misses
 
     @classmethod
     def smoke(cls, **train_overrides: Any) -> TinyClipConfig:
@@ -245,40 +261,56 @@ def _valid_variants(scene: Scene, changes: list[dict[str, Any]]) -> list[Scene]:
     return variants
 
 
-def generate_training_pairs(config: TinyClipConfig, *, world: WorldConfig) -> list[tuple[Scene, Image.Image]]:
-    """``config.pairs`` (caption scene, image) pairs in families: a world pair (WorldConfig.train_seed) then its
-    near misses. A ``config.mismatched`` fraction of them pairs the image with another scene's captions."""
-    anchors = generate_pairs(config.pairs // config.family_size, seed=world.train_seed, config=world)
+def generate_training_pairs(config: TinyClipConfig, *, world: WorldConfig
+                            ) -> list[tuple[Scene, Image.Image, str]]:
+    """``config.pairs`` (caption scene, image, detail) triples in families: a world pair (WorldConfig.train_seed)
+    then its near misses. A ``config.mismatched`` fraction of them pairs the image with another scene's captions.
+    The detail is what the pair's captions add to the scene's (``config.detail``): "" or ", " and phrases."""
+    anchors = generate_pairs_with_unmentioned(config.pairs // config.family_size, seed=world.train_seed,
+                                              config=world)
     rng = np.random.default_rng([world.train_seed, config.near_misses])  # near misses: a stream of their own
-    pairs = []
-    for scene, image, _ in anchors:
-        pairs.append((scene, image))
+    pairs: list[tuple[Scene, Image.Image, Unmentioned]] = []
+    for scene, image, _, unmentioned in anchors:
+        pairs.append((scene, image, unmentioned))
         for _ in range(config.near_misses):
             variant = near_miss(scene, rng, world=world)
-            pairs.append((variant, render(variant, rng, config=world)))
+            pairs.append((variant, *render_with_unmentioned(variant, rng, config=world)))
+        for _ in range(config.detail_misses):
+            pairs.append((scene, *render_with_unmentioned(scene, rng, config=world)))
     if config.mismatched:
         wrong = np.random.default_rng([world.train_seed, 1 + config.near_misses])  # a stream of its own
         flips = wrong.random(len(pairs)) < config.mismatched
-        pairs = [(sample_scene(wrong, config=world) if flip else scene, image)
-                 for flip, (scene, image) in zip(flips, pairs)]
-    return pairs
+        pairs = [(sample_scene(wrong, config=world) if flip else scene, image, unmentioned)
+                 for flip, (scene, image, unmentioned) in zip(flips, pairs)]
+    if not config.detail:
+        return [(scene, image, "") for scene, image, _ in pairs]
+    told = np.random.default_rng([world.train_seed, 2 + config.near_misses])  # a stream of its own
+    return [(scene, image, "".join(f", {phrase}" for phrase in unmentioned.phrases() if told.random() < config.detail))
+            for scene, image, unmentioned in pairs]
 
 
 class ClipPairs(Dataset):
-    """Training pairs as uint8 pixels, the paraphrases of each pair's scene and scene ids, served in families.
+    """Training pairs as uint8 pixels, the paraphrases of each pair's caption and caption ids, served in families.
 
-    Item i is the ``family_size`` consecutive pairs from i * family_size on (a pair and its near misses),
-    so they always share a batch. The caption is drawn per step from the paraphrases (see the loss).
+    A caption is a scene and its detail (what the captions add to the scene's; "" for most): pairs that share both
+    share an id. Item i is the ``family_size`` consecutive pairs from i * family_size on (a pair and its near
+    misses), so they always share a batch. The caption is drawn per step from the paraphrases (see the loss).
     """
 
-    def __init__(self, pairs: Sequence[tuple[Scene, Image.Image]], tokenizer: Any, *, family_size: int = 1):
+    def __init__(self, pairs: Sequence[tuple[Scene, Image.Image, str]], tokenizer: Any, *, family_size: int = 1):
         if not pairs or len(pairs) % family_size:
             raise ValueError(f"need a non-empty multiple of family_size={family_size} pairs, got {len(pairs)}")
-        scene_ids: dict[Scene, int] = {}
-        self.scene = torch.tensor([scene_ids.setdefault(scene, len(scene_ids)) for scene, _ in pairs])  # (N,)
-        paraphrases = [captions(scene) for scene in scene_ids]  # per distinct scene, in id order
+        caption_ids: dict[tuple[Scene, str], int] = {}
+        self.scene = torch.tensor([caption_ids.setdefault((scene, detail), len(caption_ids))
+                                   for scene, _, detail in pairs])  # (N,)
+        paraphrases = [[text + detail for text in captions(scene)] for scene, detail in caption_ids]  # in id order
         most = max(map(len, paraphrases))
-        tokens = tokenizer([text for texts in paraphrases for text in texts])  # (sum of counts, L)
+        every = [text for texts in paraphrases for text in texts]
+        tokens = tokenizer(every)  # (sum of counts, L)
+        cut = tokenizer(every, context_length=tokens.shape[1] + 1)[:, -1] != 0  # (sum of counts,) one token longer
+        if bool(cut.any()):  # the tokenizer cuts what does not fit, silently
+            raise ConfigError(f"a training caption does not fit the CLIP's context of {tokens.shape[1]} tokens "
+                              f"(e.g. {every[int(cut.nonzero()[0])]!r}); raise TinyClipConfig.context_length")
         bank = torch.zeros(len(paraphrases), most, tokens.shape[1], dtype=tokens.dtype)  # (S, P, L)
         offset = 0
         for index, texts in enumerate(paraphrases):
@@ -286,7 +318,7 @@ class ClipPairs(Dataset):
             offset += len(texts)
         self.scene_captions = bank  # (S, P, L), rows past a scene's paraphrase count are zeros
         self.scene_caption_count = torch.tensor([len(texts) for texts in paraphrases])  # (S,)
-        self.pixels = uint8_pixels([image for _, image in pairs])  # (N, 3, H, W) uint8
+        self.pixels = uint8_pixels([image for _, image, _ in pairs])  # (N, 3, H, W) uint8
         self.family_size = family_size
 
     def __len__(self) -> int:

@@ -96,6 +96,12 @@ class WorldConfig(Config):
     clutter: int = 3  # up to this many small dull unmentioned shapes per image (uniform 0..clutter)
     occlusion: float = 0.3  # probability that a dull occluder hides part of one object
     max_count: int = 4  # largest group (groups hold 2..max_count objects; world v1: 3)
+    # Novel compositions: this fraction of the world's scenes of each kind (novel_scenes) is left out of every text
+    # the captioning side learns from, the caption corpus (so TOMCap's datastore) and the LM's question-answer text,
+    # as a COCO test image's scene is in no training caption. The CLIP still sees them, as a web-scale CLIP has seen
+    # most things. ``shapes-eval --novel`` scores these scenes alone. 0: the corpus describes every scene.
+    novel: float = 0.0
+    novel_seed: int = 5  # which scenes are novel (not a data seed: nothing is drawn from it but the choice)
     train_seed: int = 0  # image-caption pairs for training the tiny CLIP
     text_seed: int = 1  # text-only caption corpus (never rendered)
     unpaired_seed: int = 2  # unpaired images (image-side statistics of the modality gap)
@@ -117,6 +123,8 @@ class WorldConfig(Config):
             raise ConfigError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.clutter < 0 or not 0 <= self.occlusion <= 1:
             raise ConfigError(f"clutter must be >= 0 and occlusion a probability, got {self.clutter}, {self.occlusion}")
+        if not 0 <= self.novel < 1:
+            raise ConfigError(f"novel must be a fraction in [0, 1), got {self.novel}")
         if self.max_count not in COUNT_WORDS:
             raise ConfigError(f"max_count must be one of {tuple(COUNT_WORDS)}, got {self.max_count}")
 
@@ -190,12 +198,13 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, rgb: tuple[int, int, int] | int
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _background(rng: np.random.Generator, side: int, style: str) -> np.ndarray:
-    """(side, side, 3) float background: a dark tinted grey, or (textured) a gradient with faint stripes."""
+def _background(rng: np.random.Generator, side: int, style: str) -> tuple[np.ndarray, float]:
+    """(side, side, 3) float background: a dark tinted grey, or (textured) a gradient with faint stripes; and its
+    grey level."""
     grey = rng.uniform(*_BACKGROUND_GREY)
     near = grey + rng.uniform(-_BACKGROUND_TINT, _BACKGROUND_TINT, 3)  # (3,)
     if style == "plain":
-        return np.broadcast_to(near, (side, side, 3)).astype(np.float32)
+        return np.broadcast_to(near, (side, side, 3)).astype(np.float32), float(grey)
     far = near + rng.uniform(-_GRADIENT_SPREAD, _GRADIENT_SPREAD, 3)  # (3,)
     angle, stripe_angle, phase = rng.uniform(0, 2 * math.pi, 3)
     amplitude, cycles = rng.uniform(0, _STRIPE_AMPLITUDE), rng.uniform(*_STRIPE_CYCLES)
@@ -205,7 +214,7 @@ def _background(rng: np.random.Generator, side: int, style: str) -> np.ndarray:
     along = (along - along.min()) / max(float(np.ptp(along)), 1e-6)  # (side, side) in [0, 1]
     stripes = amplitude * np.sin(2 * math.pi * cycles * (x * math.cos(stripe_angle) + y * math.sin(stripe_angle))
                                  + phase)  # (side, side)
-    return (near + along[..., None] * (far - near) + stripes[..., None]).astype(np.float32)
+    return (near + along[..., None] * (far - near) + stripes[..., None]).astype(np.float32), float(grey)
 
 
 def _dull_colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -222,19 +231,45 @@ def render(scene: Scene, rng: np.random.Generator, *, config: WorldConfig | None
     return _render(scene, rng, config or WorldConfig(), with_coverage=False)[0]
 
 
+@dataclass(frozen=True)
+class Unmentioned:
+    """What an image shows and the world's captions leave out. Web alt-text sometimes says such things, so a CLIP
+    trained on it has to keep them in its image embedding (``TinyClipConfig.detail``)."""
+
+    dark: bool  # the background's grey level lies in the darker half of its range
+    clutter: int  # small dull shapes drawn
+    occluded: bool  # a dull occluder hides part of one object
+
+    def phrases(self) -> tuple[str, ...]:
+        """One phrase per thing the image has, in a fixed order: background, clutter, occluder."""
+        background = "on a dark background" if self.dark else "on a grey background"
+        clutter = () if not self.clutter else (
+            "with one speck" if self.clutter == 1 else f"with {COUNT_WORDS.get(self.clutter, 'many')} specks",)
+        return (background, *clutter, *(("partly hidden",) if self.occluded else ()))
+
+
+def render_with_unmentioned(scene: Scene, rng: np.random.Generator, *,
+                            config: WorldConfig | None = None) -> tuple[Image.Image, Unmentioned]:
+    """:func:`render`'s image (the same bytes for the same ``rng``) and what it shows that no caption says."""
+    image, _, unmentioned = _render(scene, rng, config or WorldConfig(), with_coverage=False)
+    return image, unmentioned
+
+
 def render_with_coverage(scene: Scene, rng: np.random.Generator, *,
                          config: WorldConfig | None = None) -> tuple[Image.Image, np.ndarray]:
     """:func:`render`'s image (the same bytes for the same ``rng``) and its object coverage: (S, S) float32, the
     fraction of each pixel that shows one of the scene's objects (the caption's; clutter, background and the
     occluder's cover are not objects). What a subregion that "is on the objects" has to look at."""
-    return _render(scene, rng, config or WorldConfig(), with_coverage=True)
+    image, coverage, _ = _render(scene, rng, config or WorldConfig(), with_coverage=True)
+    return image, coverage
 
 
 def _render(scene: Scene, rng: np.random.Generator, config: WorldConfig, *,
-            with_coverage: bool) -> tuple[Image.Image, np.ndarray | None]:
-    """The image, and when asked its object coverage drawn alongside on a mask; the mask draws no randomness."""
+            with_coverage: bool) -> tuple[Image.Image, np.ndarray | None, Unmentioned]:
+    """The image, when asked its object coverage drawn alongside on a mask, and what it shows that no caption says;
+    neither the mask nor the record draws randomness."""
     size = config.image_size
-    background = _background(rng, size, config.background)  # (S, S, 3) at the output size
+    background, grey = _background(rng, size, config.background)  # (S, S, 3) at the output size
     canvas = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8).repeat(_SUPERSAMPLE, 0)
                              .repeat(_SUPERSAMPLE, 1), mode="RGB")
     side = size * _SUPERSAMPLE
@@ -252,7 +287,8 @@ def _render(scene: Scene, rng: np.random.Generator, config: WorldConfig, *,
         _draw(draw, shape, PALETTE[colour], x * side, y * side, diameter * side / 2)
         if mask_draw is not None:
             _draw(mask_draw, shape, 255, x * side, y * side, diameter * side / 2)
-    if config.occlusion and rng.random() < config.occlusion:  # likewise
+    occluded = bool(config.occlusion and rng.random() < config.occlusion)  # likewise
+    if occluded:
         _, _, x, y, diameter = objects[rng.integers(len(objects))]
         angle = rng.uniform(0, 2 * math.pi)
         radius = rng.uniform(*_OCCLUDER_DIAMETER) * diameter / 2
@@ -263,9 +299,10 @@ def _render(scene: Scene, rng: np.random.Generator, config: WorldConfig, *,
     pixels = np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.int16)  # (S, S, 3)
     pixels += rng.integers(-_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, pixels.shape, dtype=np.int16)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+    unmentioned = Unmentioned(dark=grey < sum(_BACKGROUND_GREY) / 2, clutter=n_clutter, occluded=occluded)
     if mask is None:
-        return image, None
-    return image, np.asarray(mask.reduce(_SUPERSAMPLE), dtype=np.float32) / 255  # (S, S) in [0, 1]
+        return image, None, unmentioned
+    return image, np.asarray(mask.reduce(_SUPERSAMPLE), dtype=np.float32) / 255, unmentioned  # coverage (S, S)
 
 
 # Datasets
@@ -315,6 +352,18 @@ def generate_covered_pairs(n: int, *, seed: int,
     return covered
 
 
+def generate_pairs_with_unmentioned(n: int, *, seed: int,
+                                    config: WorldConfig) -> list[tuple[Scene, Image.Image, str, Unmentioned]]:
+    """The triples of ``generate_pairs`` with the same seed, each with what its image shows that no caption says
+    (:func:`render_with_unmentioned`) as a fourth item."""
+    _, caption_rng, pixel_rng = _streams(seed)
+    pairs = []
+    for scene in generate_scenes(n, seed=seed, config=config):
+        image, unmentioned = render_with_unmentioned(scene, pixel_rng, config=config)
+        pairs.append((scene, image, sample_caption(scene, caption_rng), unmentioned))
+    return pairs
+
+
 def example_pairs(count: int, *, seed: int, config: WorldConfig) -> list[tuple[Scene, Image.Image, str]]:
     """The app's example images, by a rule fixed before any training: slot i takes the next scene of kind
     ``KINDS[i % 3]`` from the scene stream of ``seed`` (single, pair, group, single, ...), skipping the others.
@@ -344,6 +393,18 @@ def all_scenes(config: WorldConfig) -> list[Scene]:
     return singles + pairs + groups
 
 
+def novel_scenes(config: WorldConfig) -> frozenset[Scene]:
+    """The scenes no training text describes (``config.novel`` of each kind, a fixed draw from
+    ``config.novel_seed``); every word they use still appears in the others."""
+    rng = np.random.default_rng(config.novel_seed)
+    chosen: list[Scene] = []
+    for kind in KINDS:
+        of_kind = [scene for scene in all_scenes(config) if scene.kind == kind]
+        count = round(config.novel * len(of_kind))
+        chosen += [of_kind[i] for i in sorted(rng.choice(len(of_kind), size=count, replace=False))]
+    return frozenset(chosen)
+
+
 def vocabulary(config: WorldConfig) -> list[str]:
     """Sorted words used by the captions of all scenes."""
     return sorted({word for scene in all_scenes(config) for text in captions(scene) for word in text.split()})
@@ -351,7 +412,8 @@ def vocabulary(config: WorldConfig) -> list[str]:
 
 __all__ = [  # the language's names are re-exported: this module is the world's one import
     "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COUNT_WORDS", "KINDS", "PAIR_RELATIONS", "PALETTE", "POSITION_PHRASES",
-    "SHAPES", "SIZES", "Scene", "SceneError", "WorldConfig", "all_scenes", "attribute_accuracy", "captions",
-    "example_pairs", "generate_captions", "generate_images", "generate_pairs", "generate_scenes", "layout",
-    "parse_caption", "references", "render", "sample_caption", "sample_scene", "scene_accuracy", "vocabulary",
+    "SHAPES", "SIZES", "Scene", "SceneError", "Unmentioned", "WorldConfig", "all_scenes", "attribute_accuracy",
+    "captions", "example_pairs", "generate_captions", "generate_images", "generate_pairs",
+    "generate_pairs_with_unmentioned", "generate_scenes", "layout", "novel_scenes", "parse_caption", "references", "render",
+    "render_with_unmentioned", "sample_caption", "sample_scene", "scene_accuracy", "vocabulary",
 ]
