@@ -110,7 +110,7 @@ REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rat
 
 
 def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: Path, steps: int | None, n: int,
-                seed: int) -> dict[str, Any]:
+                seed: int, novel: bool = False) -> dict[str, Any]:
     """Train (if needed) and score one variant; scores are cached next to its bundle.
 
     Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe, its steps,
@@ -126,7 +126,7 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
         source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.settings}
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
     folder = work / "ablation" / variant.name / (f"steps-{method_steps}-{key}" if variant.trained else key)
-    scores_file = folder / f"scores-n{n}-seed{seed}.json"
+    scores_file = folder / f"scores-n{n}-seed{seed}{'-novel' if novel else ''}.json"
     if scores_file.is_file():  # the scores are the cache's; what the row is called is the code's, as it is now
         return {**json.loads(scores_file.read_text()), "group": variant.group, "description": variant.description}
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,8 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
             run_command(command(recipe, work, out=scored, run_dir=folder / "run", steps=steps, extra=variant.flags))
     report = evaluate_bundle(str(scored), n=n, seed=seed, methods=[variant.method],
                              settings={variant.method: dict(variant.settings)}, gap=False, vqa_scenes=0,
-                             examples=False, world_config=recipe.world)  # a trained row's bundle has no recipe
+                             examples=False, world_config=recipe.world,  # a trained row's bundle has no recipe
+                             novel=novel)
     scores = {**report[variant.method],
               "text_to_text_scene_accuracy": report["text_to_text"][variant.method]["scene_accuracy"]}
     row = {"group": variant.group, "description": variant.description, **{k: scores[k] for k in REPORTED}}
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps per trained variant (default: the recipe's steps of its method)")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes per row")
     parser.add_argument("--seed", type=int, default=1234, help="world seed of the test scenes")
+    parser.add_argument("--novel", action="store_true",
+                        help="score only scenes no training text describes (a build with --world-set novel=F)")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0],
                         help="training seeds per trained row (mean ± std over them)")
     add_recipe_arguments(parser)  # the work dir's recipe: the shipped bundle's by default, --world v1, --smoke for CI's
@@ -221,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.train_seeds if variant.trained else [recipe.seed]
         rows[variant.name] = over_seeds({
             seed: run_variant(variant, recipe=recipe.replace(seed=seed), work=work, weights=Path(args.weights),
-                              steps=args.steps, n=args.n, seed=args.seed) for seed in seeds})
-    report = {"n": args.n, "seed": args.seed, "tomcap_steps": args.steps or recipe.tomcap_steps,
+                              steps=args.steps, n=args.n, seed=args.seed, novel=args.novel) for seed in seeds})
+    report = {"n": args.n, "seed": args.seed, **({"novel": True} if args.novel else {}), "tomcap_steps": args.steps or recipe.tomcap_steps,
               "maccap_steps": args.steps or recipe.maccap_steps, "capdec_steps": args.steps or recipe.capdec_steps,
               "train_seeds": args.train_seeds, "rows": rows}
     print(json.dumps(report) if args.json else markdown_table(rows))

@@ -256,6 +256,10 @@ def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
     config = recipe.world
     if not paths["corpus"].is_file():
         captions = world.generate_captions(recipe.corpus_captions, seed=config.text_seed, config=config)
+        if config.novel:  # the novel scenes' captions are left out
+            novel = world.novel_scenes(config)
+            scenes = world.generate_scenes(recipe.corpus_captions, seed=config.text_seed, config=config)
+            captions = [caption for caption, scene in zip(captions, scenes, strict=True) if scene not in novel]
         with atomic_output(paths["corpus"]) as tmp:
             tmp.write_text("\n".join(captions) + "\n")
     if not paths["answers"].is_file():  # the openvqa format `python -m training maccap --vqa-answers` reads
@@ -340,6 +344,9 @@ def pretrain_shapes_lm(recipe: ShapesRecipe, corpus: Path, *, run_dir: Path, tra
     for the shapes-lm trials); returns ``(lm, tokenizer, TrainResult)``."""
     captions = [line for line in corpus.read_text().splitlines() if line]
     scenes = world.generate_scenes(recipe.qa_texts, seed=qa_seed(recipe.world), config=recipe.world)
+    if recipe.world.novel:  # as in the corpus, the novel scenes are left out
+        novel = world.novel_scenes(recipe.world)
+        scenes = [scene for scene in scenes if scene not in novel]
     rng = np.random.default_rng(recipe.seed)
     qa = qa_texts(scenes, rng, colours=recipe.world.colours, shapes=recipe.world.shapes, per_text=recipe.qa_per_text)
     prompts = prompt_texts(captions, recipe.prompt_texts, rng)
@@ -534,8 +541,11 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--clip-set`` and ``--method-args``: a trial recipe, the chosen one with changes (a trial build's ablation
-    must name the same changes, or its rows train on another recipe)."""
+    """``--world-set``, ``--clip-set`` and ``--method-args``: a trial recipe, the chosen one with changes (a trial
+    build's ablation must name the same changes, or its rows train on another recipe)."""
+    parser.add_argument("--world-set", dest="world_settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a WorldConfig field of the recipe's world (a trial recipe), e.g. --world-set "
+                             "novel=0.2 to leave a fifth of the scenes out of every training text")
     parser.add_argument("--clip-set", dest="clip_settings", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a TinyClipConfig field of the recipe's CLIP, as shapes-clip --set does (a trial "
                              "recipe: every stage after the CLIP is rebuilt on it), e.g. --clip-set text_layers=4")
@@ -546,6 +556,12 @@ def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
 
 def trial_recipe(recipe: ShapesRecipe, args: argparse.Namespace) -> ShapesRecipe:
     """``recipe`` with ``add_trial_arguments``' changes; a one-line ValueError names a bad one."""
+    if args.world_settings:
+        from training.shapes.clip_levers import parse_settings  # it imports this module
+
+        changes = parse_settings(args.world_settings, "--world-set")
+        recipe = recipe.replace(world=world.WorldConfig.from_dict({**recipe.world.to_dict(), **changes},
+                                                                  where="--world-set"))
     if args.clip_settings:
         from training.shapes.clip_levers import changed_clip, parse_settings  # it imports this module
 
@@ -619,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     command = " ".join(["python -m training shapes", *(["--world v1"] if args.world == "v1" else []),
                         *([f"--seed {args.seed}"] if args.seed else []),
+                        *(f"--world-set {setting}" for setting in args.world_settings),
                         *(f"--clip-set {setting}" for setting in args.clip_settings),
                         *(f"--method-args {shlex.quote(setting)}" for setting in args.method_args)])
     if args.jobs < 1:

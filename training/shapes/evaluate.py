@@ -8,6 +8,9 @@ scene's caption decoded from its own CLIP text embedding, where no modality gap
 exists (each method's ``text_to_text``: MacCap one clean sample, greedy;
 TOMCap its training input, decoded with its default beams and selection).
 
+With ``--novel`` only the scenes no training text describes are drawn (a world built with ``--world-set
+novel=F``; :func:`training.shapes.world.novel_scenes`), and the report says ``"novel": true``.
+
 Besides the captions (JSON keys others rely on, issue 15):
 
 - ``world``: ``image_size`` and the CLIP's ``patch_grid`` [rows, cols];
@@ -177,13 +180,29 @@ def examples_report(captioner: Captioner, method: str, settings: dict[str, Any])
                          for e, p in zip(listed, predictions)]}
 
 
+def held_out_pairs(n: int, *, seed: int, config: world.WorldConfig, novel: bool = False) -> list[tuple]:
+    """``n`` (scene, image, caption, coverage) pairs of world seed ``seed``; with ``novel``, only pairs of the
+    scenes no training text describes (:func:`training.shapes.world.novel_scenes`), in the order drawn."""
+    if not novel:
+        return world.generate_covered_pairs(n, seed=seed, config=config)
+    chosen = world.novel_scenes(config)
+    if not chosen:
+        raise ValueError("--novel: this world leaves no scene out of its training text (WorldConfig.novel is 0)")
+    drawn = world.generate_covered_pairs(round(2 * n / config.novel) + 100, seed=seed, config=config)
+    kept = [pair for pair in drawn if pair[0] in chosen]
+    if len(kept) < n:
+        raise ValueError(f"--novel: drew {len(kept)} novel scenes, fewer than the {n} asked for")
+    return kept[:n]
+
+
 def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | None = None,
                     settings: dict[str, dict[str, Any]] | None = None, ceiling: bool = True,
                     world_config: world.WorldConfig | None = None, gap: bool = True,
-                    vqa_scenes: int | None = 200, examples: bool = True) -> dict[str, Any]:
+                    vqa_scenes: int | None = 200, examples: bool = True, novel: bool = False) -> dict[str, Any]:
     """Score ``methods`` (default: every method of the bundle) on ``n`` held-out scenes of its world
-    (``world_config``: the recipe's world, for bundles that do not record it), each with the bundle's
-    settings changed by ``settings[method]``; seconds per image exclude the one shared encoding pass.
+    (``world_config``: the recipe's world, for bundles that do not record it; ``novel``: only scenes no training
+    text describes), each with the bundle's settings changed by ``settings[method]``; seconds per image exclude
+    the one shared encoding pass.
 
     Also, each when asked and possible: the gap numbers on ``GAP_PAIRS`` held-out pairs of the same seed,
     VQA on the first ``vqa_scenes`` test scenes (the VQA method's captions), and the shipped examples' scene
@@ -196,10 +215,10 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
     if seed in used_seeds(config):
         raise ValueError(f"seed {seed} generated training data; pick a held-out seed "
                          f"(not {sorted(used_seeds(config))})")
-    drawn = world.generate_covered_pairs(max(n, GAP_PAIRS if gap else 0), seed=seed, config=config)
+    drawn = held_out_pairs(max(n, GAP_PAIRS if gap else 0), seed=seed, config=config, novel=novel)
     pairs = [(scene, image, caption) for scene, image, caption, _ in drawn]
     scenes, images = [scene for scene, _, _ in pairs[:n]], [image for _, image, _ in pairs]
-    report: dict[str, Any] = {"n": n, "seed": seed, "bundle": captioner.bundle.name,
+    report: dict[str, Any] = {"n": n, "seed": seed, **({"novel": True} if novel else {}), "bundle": captioner.bundle.name,
                               "world": {"image_size": config.image_size,
                                         "patch_grid": list(captioner.encoder.grid_size)}}
     started = time.perf_counter()
@@ -268,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gap", action="store_true", help="skip the modality-gap numbers")
     parser.add_argument("--vqa-scenes", type=int, default=200, help="test scenes asked questions (0: no VQA)")
     parser.add_argument("--no-examples", action="store_true", help="skip the shipped examples")
+    parser.add_argument("--novel", action="store_true",
+                        help="score only scenes no training text describes (a world built with --world-set novel=F)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--record", action="store_true",
                         help="add each method's scores to the bundle's evaluation.json (its model card shows them)")
@@ -277,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {method: settings_from_arguments(args, method, strict=False) for method in registry.names()}
         report = evaluate_bundle(args.weights, n=args.n, seed=args.seed, methods=args.methods, settings=settings,
                                  ceiling=not args.no_ceiling, gap=not args.no_gap, vqa_scenes=args.vqa_scenes,
-                                 examples=not args.no_examples)
+                                 examples=not args.no_examples, novel=args.novel)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
