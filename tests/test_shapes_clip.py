@@ -205,7 +205,7 @@ def test_detailed_captions_say_what_their_own_image_shows_at_the_configured_rate
     # the image's own facts, redrawn the way the pairs were drawn: anchors from the world's stream, near misses
     anchors = world.generate_pairs_with_unmentioned(200, seed=WORLD.train_seed, config=WORLD)
     mentioned = said = 0
-    for (scene, image, _, unmentioned), (_, drawn, detail) in zip(anchors, detailed[::2]):
+    for (_, image, _, unmentioned), (_, drawn, detail) in zip(anchors, detailed[::2]):
         assert image.tobytes() == drawn.tobytes()
         phrases = [phrase for phrase in detail.split(", ") if phrase]
         assert all(phrase in unmentioned.phrases() for phrase in phrases)  # never says what the image lacks

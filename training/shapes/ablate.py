@@ -224,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.train_seeds if variant.trained else [recipe.seed]
         rows[variant.name] = over_seeds({
             seed: run_variant(variant, recipe=recipe.replace(seed=seed), work=work, weights=Path(args.weights),
-                              steps=args.steps, n=args.n, seed=args.seed, novel=args.novel) for seed in seeds})
-    report = {"n": args.n, "seed": args.seed, **({"novel": True} if args.novel else {}), "tomcap_steps": args.steps or recipe.tomcap_steps,
+                              steps=args.steps, n=args.n, seed=args.seed, novel=args.novel)
+            for seed in seeds})
+    report = {"n": args.n, "seed": args.seed, **({"novel": True} if args.novel else {}),
+              "tomcap_steps": args.steps or recipe.tomcap_steps,
               "maccap_steps": args.steps or recipe.maccap_steps, "capdec_steps": args.steps or recipe.capdec_steps,
               "train_seeds": args.train_seeds, "rows": rows}
     print(json.dumps(report) if args.json else markdown_table(rows))

@@ -218,7 +218,8 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
     drawn = held_out_pairs(max(n, GAP_PAIRS if gap else 0), seed=seed, config=config, novel=novel)
     pairs = [(scene, image, caption) for scene, image, caption, _ in drawn]
     scenes, images = [scene for scene, _, _ in pairs[:n]], [image for _, image, _ in pairs]
-    report: dict[str, Any] = {"n": n, "seed": seed, **({"novel": True} if novel else {}), "bundle": captioner.bundle.name,
+    report: dict[str, Any] = {"n": n, "seed": seed, **({"novel": True} if novel else {}),
+                              "bundle": captioner.bundle.name,
                               "world": {"image_size": config.image_size,
                                         "patch_grid": list(captioner.encoder.grid_size)}}
     started = time.perf_counter()

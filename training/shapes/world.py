@@ -414,6 +414,6 @@ __all__ = [  # the language's names are re-exported: this module is the world's 
     "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COUNT_WORDS", "KINDS", "PAIR_RELATIONS", "PALETTE", "POSITION_PHRASES",
     "SHAPES", "SIZES", "Scene", "SceneError", "Unmentioned", "WorldConfig", "all_scenes", "attribute_accuracy",
     "captions", "example_pairs", "generate_captions", "generate_images", "generate_pairs",
-    "generate_pairs_with_unmentioned", "generate_scenes", "layout", "novel_scenes", "parse_caption", "references", "render",
-    "render_with_unmentioned", "sample_caption", "sample_scene", "scene_accuracy", "vocabulary",
+    "generate_pairs_with_unmentioned", "generate_scenes", "layout", "novel_scenes", "parse_caption", "references",
+    "render", "render_with_unmentioned", "sample_caption", "sample_scene", "scene_accuracy", "vocabulary",
 ]
