@@ -258,8 +258,7 @@ def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
         captions = world.generate_captions(recipe.corpus_captions, seed=config.text_seed, config=config)
         if config.novel:  # the novel scenes' captions are left out
             novel = world.novel_scenes(config)
-            scenes = world.generate_scenes(recipe.corpus_captions, seed=config.text_seed, config=config)
-            captions = [caption for caption, scene in zip(captions, scenes, strict=True) if scene not in novel]
+            captions = [caption for caption in captions if world.parse_caption(caption) not in novel]
         with atomic_output(paths["corpus"]) as tmp:
             tmp.write_text("\n".join(captions) + "\n")
     if not paths["answers"].is_file():  # the openvqa format `python -m training maccap --vqa-answers` reads

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -344,23 +346,25 @@ def generate_covered_pairs(n: int, *, seed: int,
                            config: WorldConfig) -> list[tuple[Scene, Image.Image, str, np.ndarray]]:
     """The triples of ``generate_pairs`` with the same seed, each with its image's object coverage
     (:func:`render_with_coverage`) as a fourth item."""
-    _, caption_rng, pixel_rng = _streams(seed)
-    covered = []
-    for scene in generate_scenes(n, seed=seed, config=config):
-        image, coverage = render_with_coverage(scene, pixel_rng, config=config)
-        covered.append((scene, image, sample_caption(scene, caption_rng), coverage))
-    return covered
+    return _pairs_with(render_with_coverage, n, seed=seed, config=config)
 
 
 def generate_pairs_with_unmentioned(n: int, *, seed: int,
                                     config: WorldConfig) -> list[tuple[Scene, Image.Image, str, Unmentioned]]:
     """The triples of ``generate_pairs`` with the same seed, each with what its image shows that no caption says
     (:func:`render_with_unmentioned`) as a fourth item."""
+    return _pairs_with(render_with_unmentioned, n, seed=seed, config=config)
+
+
+def _pairs_with(renderer: Callable[..., tuple[Image.Image, Any]], n: int, *, seed: int,
+                config: WorldConfig) -> list[tuple[Scene, Image.Image, str, Any]]:
+    """The triples of ``generate_pairs``, each image drawn by ``renderer`` (a ``render_with_*``: the same bytes as
+    :func:`render`) with what it returns beside the image as a fourth item."""
     _, caption_rng, pixel_rng = _streams(seed)
     pairs = []
     for scene in generate_scenes(n, seed=seed, config=config):
-        image, unmentioned = render_with_unmentioned(scene, pixel_rng, config=config)
-        pairs.append((scene, image, sample_caption(scene, caption_rng), unmentioned))
+        image, extra = renderer(scene, pixel_rng, config=config)
+        pairs.append((scene, image, sample_caption(scene, caption_rng), extra))
     return pairs
 
 
@@ -397,9 +401,10 @@ def novel_scenes(config: WorldConfig) -> frozenset[Scene]:
     """The scenes no training text describes (``config.novel`` of each kind, a fixed draw from
     ``config.novel_seed``); every word they use still appears in the others."""
     rng = np.random.default_rng(config.novel_seed)
+    every = all_scenes(config)
     chosen: list[Scene] = []
     for kind in KINDS:
-        of_kind = [scene for scene in all_scenes(config) if scene.kind == kind]
+        of_kind = [scene for scene in every if scene.kind == kind]
         count = round(config.novel * len(of_kind))
         chosen += [of_kind[i] for i in sorted(rng.choice(len(of_kind), size=count, replace=False))]
     return frozenset(chosen)
