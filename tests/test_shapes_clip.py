@@ -232,10 +232,17 @@ def test_detail_misses_redraw_the_anchors_scene_inside_its_family():
 def test_unmentioned_records_what_the_renderer_drew():
     rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
     scene = world.Scene("group", "red", "circle", count=3)
-    for _ in range(40):
+    drawn = []
+    for _ in range(200):
         image, unmentioned = world.render_with_unmentioned(scene, rng_a, config=WORLD)
         assert image.tobytes() == world.render(scene, rng_b, config=WORLD).tobytes()  # same draws
         assert 0 <= unmentioned.clutter <= WORLD.clutter
+        drawn.append(unmentioned)
+    assert 0.2 < sum(u.occluded for u in drawn) / len(drawn) < 0.4  # WORLD.occlusion is 0.3
+    assert 0.3 < sum(u.dark for u in drawn) / len(drawn) < 0.7  # the darker half of a uniform grey
+    assert {u.clutter for u in drawn} == set(range(WORLD.clutter + 1))
+    bare = WORLD.replace(clutter=0, occlusion=0.0)  # nothing unmentioned is drawn but the background
+    assert {world.render_with_unmentioned(scene, rng_a, config=bare)[1].phrases()[1:] for _ in range(20)} == {()}
     facts = world.Unmentioned(dark=True, clutter=2, occluded=True)
     assert facts.phrases() == ("on a dark background", "with two specks", "partly hidden")
     assert world.Unmentioned(dark=False, clutter=0, occluded=False).phrases() == ("on a grey background",)
