@@ -24,6 +24,7 @@ from training.shapes.clip import (
     generate_training_pairs,
     near_miss,
     normalise_pixels,
+    shifted,
     train_clip,
     uint8_pixels,
 )
@@ -128,6 +129,39 @@ def test_contrastive_loss_counts_pairs_of_one_scene_as_matches(untrained):
         plain = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
         torch.testing.assert_close(contrastive_loss(untrained.model, batch, same_scene_positives=True), by_hand)
         torch.testing.assert_close(contrastive_loss(untrained.model, batch, same_scene_positives=False), plain)
+
+
+def test_shifted_moves_each_image_by_its_own_offset_and_repeats_the_edge():
+    pixels = torch.arange(2 * 4 * 4, dtype=torch.float).reshape(2, 1, 4, 4)  # (B, C, H, W)
+    torch.manual_seed(3)
+    offsets = torch.randint(0, 3, (2, 2)).tolist()  # the draw shifted makes: (top, left) in [0, 2 * reach]
+    torch.manual_seed(3)
+    moved = shifted(pixels, 1)
+    assert moved.shape == pixels.shape
+    for image, out, (top, left) in zip(pixels, moved, offsets):
+        rows = [min(max(row + top - 1, 0), 3) for row in range(4)]  # an offset of 1 is no move
+        columns = [min(max(column + left - 1, 0), 3) for column in range(4)]
+        assert torch.equal(out, image[:, rows][:, :, columns])
+    assert torch.equal(shifted(pixels, 0), pixels)
+
+
+def test_image_views_add_an_image_to_image_infonce_of_the_configured_weight(untrained, monkeypatch):
+    pairs = generate_pairs(4, seed=1, config=WORLD)
+    tokens = untrained.tokenizer([text for _, _, text in pairs])  # (4, L)
+    batch = {"pixels": uint8_pixels([image for _, image, _ in pairs]), "captions": tokens[:, None],
+             "caption_count": torch.ones(4, dtype=torch.long), "scene": torch.arange(4)}
+    model = untrained.model
+    with torch.no_grad():
+        plain = contrastive_loss(model, batch, same_scene_positives=False)
+        assert torch.equal(contrastive_loss(model, batch, same_scene_positives=False, image_views=0.0), plain)
+        # with views that are the images themselves, the added term is InfoNCE over the images' own similarities
+        monkeypatch.setattr("training.shapes.clip.shifted", lambda pixels, reach: pixels)
+        images = F.normalize(model.encode_image(normalise_pixels(batch["pixels"], model)), dim=-1)  # (4, D)
+        term = F.cross_entropy(10.0 * images @ images.T, torch.arange(4))
+        torch.testing.assert_close(contrastive_loss(model, batch, same_scene_positives=False, image_views=0.5,
+                                                    image_views_scale=10.0), plain + 0.5 * term)
+    with pytest.raises(ConfigError, match="image_views"):
+        TinyClipConfig.smoke().replace(image_views=-1.0)
 
 
 def test_training_beats_an_untrained_clip_by_far(trained, untrained):

@@ -121,6 +121,12 @@ class TinyClipConfig(Config):
     # Detail misses: each generated pair also brings this many redraws of its own scene (another background, clutter
     # and occluder) into its batch, so that what the detail says is what tells them apart. Counted in family_size.
     detail_misses: int = 0
+    # Image views: an image-to-image InfoNCE term of this weight between each training image and a copy of it shifted
+    # by up to half a patch, against the batch's other images (SLIP, Mu et al. 2022). It makes the image embedding
+    # keep what tells one picture from another (background, clutter, the exact layout) whether or not a caption
+    # says it, as real CLIP's image embedding keeps what its caption leaves out. At 0 the loss is the recipe's.
+    image_views: float = 0.0
+    image_views_scale: float = 10.0  # that term's inverse temperature (SimCLR's 1 / 0.1)
     round_to_fp16: bool = True  # round the trained weights to float16 values, so a bundle can store them in
     #                             half the bytes and load back bit-identical in float32
     init_seed: int = 0  # seed of the random initialisation
@@ -150,6 +156,9 @@ class TinyClipConfig(Config):
             raise ConfigError(f"TinyClipConfig.mismatched must be a fraction in [0, 1), got {self.mismatched}")
         if not 0 <= self.detail <= 1:
             raise ConfigError(f"TinyClipConfig.detail must be a probability, got {self.detail}")
+        if self.image_views < 0 or not self.image_views_scale > 0:
+            raise ConfigError(f"TinyClipConfig needs image_views >= 0 and image_views_scale > 0, got "
+                              f"{self.image_views}, {self.image_views_scale}")
         if not self.logit_scale > 0 or self.pairs < self.train.batch_size or self.threads < 1:
             raise ConfigError(f"TinyClipConfig needs logit_scale > 0, pairs >= train.batch_size and threads >= 1, "
                               f"got {self.logit_scale}, {self.pairs} < {self.train.batch_size}, {self.threads}")
@@ -336,17 +345,19 @@ def collate_pairs(families: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return {key: torch.cat([family[key] for family in families]) for key in families[0]}
 
 
-def contrastive_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, same_scene_positives: bool
-                     ) -> torch.Tensor:
-    """Symmetric InfoNCE at the model's (fixed) logit scale, with a paraphrase drawn per pair.
+def contrastive_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, same_scene_positives: bool,
+                     image_views: float = 0.0, image_views_scale: float = 10.0) -> torch.Tensor:
+    """Symmetric InfoNCE at the model's (fixed) logit scale, with a paraphrase drawn per pair, plus ``image_views``
+    times an image-to-image InfoNCE between each image and a shifted view of it (TinyClipConfig.image_views).
 
-    The paraphrase comes from torch's generator, which the loop seeds per step, so runs repeat.
+    The paraphrase and the shifts come from torch's generator, which the loop seeds per step, so runs repeat.
     """
     batch_size = batch["scene"].shape[0]
     rows = torch.arange(batch_size)
     choice = (torch.rand(batch_size) * batch["caption_count"]).long()  # (B,) one paraphrase each
     tokens = batch["captions"][rows, choice]  # (B, L)
-    images = model.encode_image(normalise_pixels(batch["pixels"], model), normalize=True)  # (B, D)
+    pixels = normalise_pixels(batch["pixels"], model)  # (B, 3, H, W)
+    images = model.encode_image(pixels, normalize=True)  # (B, D)
     texts = model.encode_text(tokens, normalize=True)  # (B, D)
     logits = model.logit_scale.exp() * images @ texts.T  # (B, B) image i against text j
     if same_scene_positives:
@@ -355,7 +366,23 @@ def contrastive_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
     else:
         targets = torch.eye(batch_size)
     # targets is symmetric, so it also serves the text-to-image direction (the transposed logits)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    if image_views:
+        patch = model.visual.patch_size[0]
+        views = model.encode_image(shifted(pixels, patch // 2), normalize=True)  # (B, D)
+        view_logits = image_views_scale * images @ views.T  # (B, B) image i against the view of image j
+        loss = loss + image_views * (F.cross_entropy(view_logits, rows) + F.cross_entropy(view_logits.T, rows)) / 2
+    return loss
+
+
+def shifted(pixels: torch.Tensor, reach: int) -> torch.Tensor:
+    """(B, C, H, W) -> the same images, each moved by its own random offset of at most ``reach`` pixels along each
+    axis (torch's generator), the uncovered border filled by repeating the edge."""
+    height, width = pixels.shape[-2:]
+    padded = F.pad(pixels, (reach, reach, reach, reach), mode="replicate")  # (B, C, H + 2r, W + 2r)
+    offsets = torch.randint(0, 2 * reach + 1, (pixels.shape[0], 2)).tolist()  # (B, 2) top, left
+    return torch.stack([image[:, top : top + height, left : left + width]
+                        for image, (top, left) in zip(padded, offsets)])
 
 
 # Evaluation
@@ -495,7 +522,8 @@ def _fit(encoder: ClipEncoder, dataset: ClipPairs, config: TinyClipConfig, *, re
         model.visual.positional_embedding.requires_grad_(False)
 
     def loss_fn(bare_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return contrastive_loss(bare_model, batch, same_scene_positives=config.same_scene_positives)
+        return contrastive_loss(bare_model, batch, same_scene_positives=config.same_scene_positives,
+                                image_views=config.image_views, image_views_scale=config.image_views_scale)
 
     task = TrainTask(model=model, dataset=dataset, collate_fn=collate_pairs, loss_fn=loss_fn)
     families_per_batch = config.train.batch_size // config.family_size  # the loop's batches count dataset items
