@@ -1,7 +1,8 @@
 """``python -m training shapes-clip``: train the shapes world's CLIP alone, with changed settings, and report its gap.
 
 The modality gap is what the shapes world exists to show, and it answers to a handful of levers (the embedding
-width, the batch, the logit scale, mismatched pairs, the pooling; :class:`training.shapes.clip.TinyClipConfig`).
+width, the batch, the logit scale, mismatched pairs, the pooling, image views;
+:class:`training.shapes.clip.TinyClipConfig`).
 This trains the recipe's CLIP with ``--set field=value`` changes (``--train-set`` for the optimiser and schedule)
 and prints :func:`training.shapes.clip.evaluate_clip` on held-out pairs: the gap, paired and unpaired cosine,
 the modality means' norms, image-to-text R@1 among 1,000 and zero-shot accuracy. ``--untrained`` measures the
