@@ -346,7 +346,8 @@ def collate_pairs(families: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 
 
 def contrastive_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, same_scene_positives: bool,
-                     image_views: float = 0.0, image_views_scale: float = 10.0) -> torch.Tensor:
+                     image_views: float = 0.0, image_views_scale: float = TinyClipConfig.image_views_scale
+                     ) -> torch.Tensor:
     """Symmetric InfoNCE at the model's (fixed) logit scale, with a paraphrase drawn per pair, plus ``image_views``
     times an image-to-image InfoNCE between each image and a shifted view of it (TinyClipConfig.image_views).
 
@@ -366,13 +367,19 @@ def contrastive_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, 
     else:
         targets = torch.eye(batch_size)
     # targets is symmetric, so it also serves the text-to-image direction (the transposed logits)
-    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    loss = symmetric_cross_entropy(logits, targets)
     if image_views:
         patch = model.visual.patch_size[0]
         views = model.encode_image(shifted(pixels, patch // 2), normalize=True)  # (B, D)
         view_logits = image_views_scale * images @ views.T  # (B, B) image i against the view of image j
-        loss = loss + image_views * (F.cross_entropy(view_logits, rows) + F.cross_entropy(view_logits.T, rows)) / 2
+        loss = loss + image_views * symmetric_cross_entropy(view_logits, rows)
     return loss
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """InfoNCE in both directions of a (B, B) score matrix: the mean of the rows' and the columns' cross-entropy
+    against ``targets``, which serve both directions (class indices (B,), or a symmetric (B, B) distribution)."""
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 def shifted(pixels: torch.Tensor, reach: int) -> torch.Tensor:
