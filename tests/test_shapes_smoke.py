@@ -386,6 +386,25 @@ def test_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_re
     assert "--clip-set: unknown field(s) text_layer" in capsys.readouterr().err
 
 
+def test_clip_train_set_changes_only_the_named_field_of_the_clips_training(monkeypatch, tmp_path, capsys):
+    """``--clip-train-set epochs=6`` trains the recipe's CLIP longer and keeps every other training field (its lr,
+    batch, schedule) the recipe's; the bundle records the flag, and a misspelt field fails in one line."""
+    from training.shapes import build as build_module
+
+    built = {}
+    monkeypatch.setattr(build_module, "build", lambda recipe, out, work, **kw: built.update(recipe=recipe, **kw))
+    assert build_module.main(["--smoke", "--clip-set", "image_views=0.25", "--clip-train-set", "epochs=6",
+                              "--work-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    smoke = ShapesRecipe.smoke().clip
+    assert built["recipe"].clip == smoke.replace(image_views=0.25, train=smoke.train.replace(epochs=6))
+    assert smoke.train.epochs != 6 and smoke.train.lr == built["recipe"].clip.train.lr
+    assert built["command"] == "python -m training shapes --clip-set image_views=0.25 --clip-train-set epochs=6"
+    from training.__main__ import main
+
+    assert main(["shapes", "--smoke", "--clip-train-set", "epoch=6", "--out", str(tmp_path)]) == 1
+    assert "--clip-train-set: unknown field(s) epoch" in capsys.readouterr().err
+
+
 def test_method_args_reach_the_training_commands_and_the_ablation_names_the_same_trial(monkeypatch, tmp_path,
                                                                                        capsys):
     """``--method-args`` appends to a method's recipe arguments (the last of a repeated flag wins in its command),

@@ -548,6 +548,10 @@ def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-set", dest="clip_settings", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a TinyClipConfig field of the recipe's CLIP, as shapes-clip --set does (a trial "
                              "recipe: every stage after the CLIP is rebuilt on it), e.g. --clip-set text_layers=4")
+    parser.add_argument("--clip-train-set", dest="clip_train_settings", action="append", default=[],
+                        metavar="FIELD=VALUE",
+                        help="change a TrainConfig field of the recipe's CLIP training, as shapes-clip --train-set "
+                             "does (a trial recipe), e.g. --clip-train-set epochs=6")
     parser.add_argument("--method-args", dest="method_args", action="append", default=[], metavar="METHOD=ARGS",
                         help="append ARGS to the recipe's training arguments of METHOD (maccap, tomcap or capdec; "
                              "the last of a repeated flag wins), e.g. --method-args maccap='--noise-variance 0.01'")
@@ -561,11 +565,14 @@ def trial_recipe(recipe: ShapesRecipe, args: argparse.Namespace) -> ShapesRecipe
         changes = parse_settings(args.world_settings, "--world-set")
         recipe = recipe.replace(world=world.WorldConfig.from_dict({**recipe.world.to_dict(), **changes},
                                                                   where="--world-set"))
-    if args.clip_settings:
+    if args.clip_settings or args.clip_train_settings:
         from training.shapes.clip_levers import changed_clip, parse_settings  # it imports this module
 
-        recipe = recipe.replace(clip=changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"), {},
-                                                  out_dir=recipe.clip.train.out_dir, where="--clip-set"))
+        train_settings = parse_settings(args.clip_train_settings, "--clip-train-set")
+        TrainConfig.from_dict({**recipe.clip.train.to_dict(), **train_settings}, where="--clip-train-set")  # names it
+        clip = changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"), train_settings,
+                            out_dir=recipe.clip.train.out_dir, where="--clip-set")
+        recipe = recipe.replace(clip=clip)
     for setting in args.method_args:
         method, _, extra = setting.partition("=")
         if method not in TRAINING_COMMANDS or not extra.strip():
@@ -636,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                         *([f"--seed {args.seed}"] if args.seed else []),
                         *(f"--world-set {setting}" for setting in args.world_settings),
                         *(f"--clip-set {setting}" for setting in args.clip_settings),
+                        *(f"--clip-train-set {setting}" for setting in args.clip_train_settings),
                         *(f"--method-args {shlex.quote(setting)}" for setting in args.method_args)])
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
