@@ -189,7 +189,7 @@ def test_cli_trains_resumes_and_writes_a_bundle_that_captions(tmp_path, lm_dir_f
             "--encoder", str(encoder_json), "--lm", str(lm_dir_for_examples), "--out", str(out),
             "--run-dir", str(run_dir),
             "--k", "2", "--steps", "3", "--batch-size", "4", "--warmup", "1", "--checkpoint-every", "1",
-            "--eval-samples", "4", "--max-new-tokens", "5", "--device", "cpu"]
+            "--eval-samples", "4", "--max-new-tokens", "5", "--select-by", "clip", "--device", "cpu"]
     assert main(argv + ["--stop-after", "1"]) == 0
     assert not out.exists() and (run_dir / RETRIEVAL_CACHE).is_file()
     assert main(argv + ["--resume"]) == 0
@@ -200,11 +200,13 @@ def test_cli_trains_resumes_and_writes_a_bundle_that_captions(tmp_path, lm_dir_f
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "step-00000003.safetensors"
     component = bundle.component("tomcap")
     assert (component["k"], component["embed_dim"], component["datastore"]) == (2, EMBED_DIM, "bundle:tomcap/datastore")
+    assert component["select_by"] == "clip"  # the bundle's default pick, not TOMCapConfig's "beam"
     model, store = load_from_bundle(bundle), datastore_from_bundle(bundle)
     bundled_encoder = encoder_from_bundle(bundle)
     embeds = bundled_encoder.encode_image_embeds(torch.rand(2, 3, 32, 32))
     results = caption_images(model, bundled_encoder, store, embeds, embeds,
                              options_from_config(TOMCapOptions, model.config))
+    assert options_from_config(TOMCapOptions, model.config).select_by == "clip"
     assert len(results) == 2
     assert all(len(r.neighbours) == 2 and len(r.candidates) == model.config.beams for r in results)
 

@@ -43,7 +43,8 @@ from capdemo.retrieval import CaptionDatastore, DatastoreError
 from capdemo.lm import IGNORE_INDEX
 from capdemo.methods.tomcap.inference import add_to_bundle, store_caption_embeddings
 from capdemo.methods.tomcap.model import (
-    TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, build_prompt, load_gpt2_with_cross_attention,
+    SELECT_BY, TARGETS, TOMCAP_COMPONENT, PromptTokens, TOMCap, TOMCapConfig, build_prompt,
+    load_gpt2_with_cross_attention,
 )
 from training.cli import (
     OptimDefaults, add_optimisation, model_group, print_summary, read_command, training_parser, write_method_bundle,
@@ -475,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--retrieval", dest="use_retrieval", action=argparse.BooleanOptionalAction, default=None,
                        help="retrieved captions in prompt and memory (--no-retrieval: the ablation)")
     model.add_argument("--beams", type=int, default=None, help="beam width at inference (every beam is a candidate)")
+    model.add_argument("--select-by", choices=SELECT_BY, default=None,
+                       help="the bundle's pick among the beams: 'beam' (the paper) or 'clip' (capdemo's rerank)")
     model.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap")
     model.add_argument("--max-caption-tokens", type=int, default=None, help="target tokens per caption incl. EOS")
     add_optimisation(parser, DEFAULTS, eval_flag="--eval-samples",
