@@ -74,7 +74,7 @@ class Captioner:
                  precision_reports: dict[str, PrecisionReport] | None = None):
         self.bundle = bundle
         self.towers = towers
-        self.methods = methods  # registry name -> loaded method, in registry order
+        self.methods = methods  # registry name -> loaded method: the bundle's default first, then registry order
         self.answers = answers
         self.answer_lm = answer_lm  # capdemo.vqa.AnswerLM: the LM that answers questions (None: no VQA)
         self.precision = precision  # the arithmetic every model serves at (capdemo.precision)
@@ -89,7 +89,7 @@ class Captioner:
         """Load and verify the bundle at ``spec`` (folder or ``hf-hub:org/name@rev``) and every method it has,
         then convert every model to the serving ``precision`` (None: the bundle's recommendation on a CPU,
         else fp32; see :func:`serving_precision`)."""
-        from capdemo.vqa import VQA_COMPONENT, AnswerList
+        from capdemo.vqa import VQA_CAPTION_METHOD_KEY, VQA_COMPONENT, AnswerList
 
         device = device or default_device()
         bundle = Bundle.load(spec)
@@ -97,7 +97,10 @@ class Captioner:
         towers = Towers(encoder_from_bundle(bundle, device=device), device=device)
         context = LoadContext(bundle=bundle, towers=towers, device=device)
         loaded = {method.name: method.from_bundle(context) for method in registry.methods() if bundle.has(method.name)}
+        loaded = lead_with(bundle.manifest.get(DEFAULT_METHOD_KEY), loaded)
         answers = AnswerList.from_bundle(bundle) if bundle.has(VQA_COMPONENT) else None
+        if answers is not None:
+            check_caption_method(bundle.component(VQA_COMPONENT).get(VQA_CAPTION_METHOD_KEY), loaded)
         answer_lm = answering_lm(bundle, loaded.values(), device=device) if answers is not None else None
         served = {**{f"encoder:{e.name}": e for e in towers.encoders()},
                   **{f"{name}:{i}" if i else name: module
@@ -217,10 +220,15 @@ class Captioner:
 
     @property
     def vqa_method(self) -> CaptionMethod | None:
-        """The method whose captions answer questions (the first one that serves VQA), if the bundle has an
-        answer list."""
+        """The method whose captions answer questions, if the bundle has an answer list: the one its ``vqa``
+        component names, else the first with an LM of its own (MacCap, the paper's)."""
+        from capdemo.vqa import VQA_CAPTION_METHOD_KEY, VQA_COMPONENT
+
         if self.answers is None:
             return None
+        named = self.bundle.component(VQA_COMPONENT).get(VQA_CAPTION_METHOD_KEY)
+        if named is not None:
+            return self.methods[named]
         return next((m for m in self.methods.values() if m.answer_lm() is not None), None)
 
     def question_limit(self) -> int:
@@ -291,6 +299,27 @@ class Captioner:
         }
 
 
+DEFAULT_METHOD_KEY = "default_method"  # optional manifest entry: the method the app shows first (else MacCap)
+
+
+def lead_with(name: str | None, loaded: dict[str, CaptionMethod]) -> dict[str, CaptionMethod]:
+    """``loaded`` with the bundle's default method ``name`` first (the app's first panel and default choice);
+    a name the bundle does not hold is a one-line ValueError."""
+    if name is None:
+        return loaded
+    if name not in loaded:
+        raise ValueError(f"bundle.json: {DEFAULT_METHOD_KEY} {name!r} is not one of its methods "
+                         f"({', '.join(loaded)})")
+    return {name: loaded[name], **{other: method for other, method in loaded.items() if other != name}}
+
+
+def check_caption_method(name: str | None, loaded: dict[str, CaptionMethod]) -> None:
+    """A ``vqa`` component's caption method must be one the bundle holds (one-line ValueError)."""
+    if name is not None and name not in loaded:
+        raise ValueError(f"bundle.json: the vqa component's caption_method {name!r} is not one of its methods "
+                         f"({', '.join(loaded)})")
+
+
 def answering_lm(bundle: Bundle, methods, *, device: str):
     """The LM that answers questions: the frozen LM the bundle names for VQA (decoded with the VQA method's
     settings), else the VQA method's own LM; None when no method serves VQA."""
@@ -318,4 +347,4 @@ def serving_precision(bundle: Bundle, device: str, requested: str | None = None)
     return DEFAULT_PRECISION if recommended == "bf16" and not bf16_is_native(device) else recommended
 
 
-__all__ = ["Captioner", "Encoded", "default_device", "image_key", "serving_precision"]
+__all__ = ["DEFAULT_METHOD_KEY", "Captioner", "Encoded", "default_device", "image_key", "serving_precision"]

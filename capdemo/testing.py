@@ -7,6 +7,7 @@ and consistency. The models are untrained, so their captions are arbitrary token
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from capdemo.bundle import IN_BUNDLE_PREFIX, BundleWriter
+from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter
 from capdemo.encoders import ClipEncoder, EncoderConfig, add_encoder_to_bundle
 from capdemo.gap import GapStats
 from capdemo.lm import load_causal_lm, save_causal_lm
@@ -143,3 +144,17 @@ def build_tiny_bundle(out_dir: str | Path, *, seed: int = 0) -> Path:
         for i, image in enumerate(images):
             image.save(writer.path(f"examples/random-{i}.png"))
         return writer.finish()
+
+
+def lead_bundle(source: str | Path, out: Path, *, default_method: str, caption_method: str) -> Path:
+    """A copy of the bundle at ``source`` that names its default method and the method whose captions VQA reads."""
+    from capdemo.pipeline import DEFAULT_METHOD_KEY
+    from capdemo.vqa import VQA_CAPTION_METHOD_KEY, VQA_COMPONENT
+
+    shutil.copytree(source, out)
+    vqa = Bundle.load(out).component(VQA_COMPONENT)
+    writer = BundleWriter.extending(out, **{DEFAULT_METHOD_KEY: default_method})
+    writer.add_component(VQA_COMPONENT, {**vqa, VQA_CAPTION_METHOD_KEY: caption_method})
+    writer.finish()
+    return out
+

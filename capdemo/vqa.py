@@ -32,6 +32,8 @@ VQA_PROMPT = "{caption} Question: {question} Answer:"  # paper §4.4
 VQA_COMPONENT = "vqa"  # bundle component naming the answer files below
 ANSWERS_FILE = "vqa/answers.json"  # JSON list of candidate answers
 VQA_LM_KEY = "lm"  # optional field of the vqa component: the weight source of the frozen LM that answers
+VQA_CAPTION_METHOD_KEY = "caption_method"  # optional field of the vqa component: the method whose captions the LM
+# reads (default: the first method with an LM of its own, MacCap, as in the paper)
 MATCH_MODES = ("clip", "word")
 ANSWER_EMBEDS_FILE = "vqa/answer_embeds.safetensors"  # their CLIP text embeddings, "embeds" (N, D)
 ENCODE_BATCH = 512  # answers per CLIP text-encoder call when embedding the list

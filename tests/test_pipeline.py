@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from capdemo.pipeline import Captioner
-from capdemo.testing import TINY_MACCAP, TINY_TOMCAP, example_images
+from capdemo.testing import TINY_MACCAP, TINY_TOMCAP, example_images, lead_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,3 +232,20 @@ def test_encoding_more_images_than_the_cache_holds(captioner):
     alone = captioner.encoder.encode_images(captioner.encoder.preprocess([images[-1]])).image_embeds
     torch.testing.assert_close(encoded.features.image_embeds[count - 1], alone[0], atol=1e-5, rtol=1e-5)
     assert len(captioner._cache) == ENCODE_CACHE_SIZE
+
+
+def test_a_bundle_names_the_method_shown_first_and_the_one_whose_captions_answer(tiny_bundle_dir, tmp_path):
+    lead = Captioner.from_bundle(lead_bundle(Path(tiny_bundle_dir), tmp_path / "lead", default_method="tomcap",
+                                             caption_method="tomcap"), device="cpu")
+    assert lead.method_names == ("tomcap", "maccap", "capdec")  # the bundle's default first, then registry order
+    assert lead.vqa_method is lead.methods["tomcap"]
+    image = example_images()[0]
+    result = lead.answer(image, "what colour is it?")
+    assert result.caption == lead.caption([image], "tomcap")[0].caption  # TOMCap's caption, not MacCap's
+    assert lead.answer_lm.lm is not lead.methods["maccap"].model.lm  # still the frozen LM that answers
+    for default, caption in (("clipcap", "tomcap"), ("tomcap", "clipcap")):
+        bad = lead_bundle(Path(tiny_bundle_dir), tmp_path / f"bad-{default}", default_method=default,
+                          caption_method=caption)
+        with pytest.raises(ValueError, match="'clipcap' is not one of its methods") as raised:
+            Captioner.from_bundle(bad, device="cpu")
+        assert "\n" not in str(raised.value)

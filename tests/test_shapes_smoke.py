@@ -127,6 +127,19 @@ def test_report_has_the_keys_others_rely_on(report):
     assert shipped["by_method"]["maccap"] == {"correct": shipped["correct"], "n": 3}
 
 
+def test_a_lead_method_is_the_one_shapes_eval_asks_questions_through_and_counts_examples_of(smoke_bundle, tmp_path):
+    """A bundle whose lead is TOMCap (the recipe's ``lead_method``): VQA reads TOMCap's captions, the examples'
+    headline count is TOMCap's, and the caption-trained LM row is still MacCap's LM, reading the same captions."""
+    from capdemo.testing import lead_bundle
+
+    lead = lead_bundle(smoke_bundle, tmp_path / "lead", default_method="tomcap", caption_method="tomcap")
+    report = evaluate_bundle(str(lead), n=8, seed=TEST_SEED, methods=["maccap", "tomcap"], ceiling=False, gap=False,
+                             vqa_scenes=4)
+    assert report["vqa"]["method"] == "tomcap" and report["vqa"]["caption_trained_lm"]["of"] == "maccap"
+    assert report["examples"]["method"] == "tomcap"
+    assert report["examples"]["by_method"]["tomcap"] == {"correct": report["examples"]["correct"], "n": 3}
+
+
 def test_candidate_report_counts_the_true_scene_among_candidates_and_what_the_clip_prefers():
     """Four images, a hand-made CLIP: one captioned right; one wrongly, its truth among the candidates and the
     CLIP preferring the wrong caption; one wrongly, the truth nowhere and the CLIP preferring the truth; one
@@ -386,7 +399,7 @@ def test_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_re
     assert "--clip-set: unknown field(s) text_layer" in capsys.readouterr().err
 
 
-def test_clip_train_set_changes_only_the_named_field_of_the_clips_training(monkeypatch, tmp_path, capsys):
+def test_clip_train_set_and_lead_method_change_only_what_they_name(monkeypatch, tmp_path, capsys):
     """``--clip-train-set epochs=6`` trains the recipe's CLIP longer and keeps every other training field (its lr,
     batch, schedule) the recipe's; the bundle records the flag, and a misspelt field fails in one line."""
     from training.shapes import build as build_module
@@ -394,11 +407,13 @@ def test_clip_train_set_changes_only_the_named_field_of_the_clips_training(monke
     built = {}
     monkeypatch.setattr(build_module, "build", lambda recipe, out, work, **kw: built.update(recipe=recipe, **kw))
     assert build_module.main(["--smoke", "--clip-set", "image_views=0.25", "--clip-train-set", "epochs=6",
-                              "--work-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+                              "--lead-method", "tomcap", "--work-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
     smoke = ShapesRecipe.smoke().clip
     assert built["recipe"].clip == smoke.replace(image_views=0.25, train=smoke.train.replace(epochs=6))
     assert smoke.train.epochs != 6 and smoke.train.lr == built["recipe"].clip.train.lr
-    assert built["command"] == "python -m training shapes --clip-set image_views=0.25 --clip-train-set epochs=6"
+    assert built["recipe"].lead_method == "tomcap" and ShapesRecipe.full().lead_method is None  # shipped: MacCap
+    assert built["command"] == ("python -m training shapes --clip-set image_views=0.25 --clip-train-set epochs=6 "
+                                "--lead-method tomcap")
     from training.__main__ import main
 
     assert main(["shapes", "--smoke", "--clip-train-set", "epoch=6", "--out", str(tmp_path)]) == 1

@@ -43,7 +43,8 @@ import torch
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter, update_info
 from capdemo.encoders import ENCODER_CONFIG_FILE
-from capdemo.vqa import VQA_COMPONENT
+from capdemo.pipeline import DEFAULT_METHOD_KEY
+from capdemo.vqa import VQA_CAPTION_METHOD_KEY, VQA_COMPONENT
 from capdemo.config import Config
 from capdemo.fileio import atomic_output
 from training.checkpoints import checkpoint_path
@@ -121,7 +122,15 @@ class ShapesRecipe(Config):
     # CapDec's mapper scaled to the 128-wide shapes LM (the paper's: 40 prefix vectors, 8 layers, 8 heads)
     capdec_args: tuple[str, ...] = ("--prefix-length", "8", "--clip-length", "8", "--mapper-layers", "2",
                                     "--mapper-heads", "4", "--batch-size", "64", "--lr", "2e-3", "--warmup", "100")
+    # the method the app shows first and whose captions VQA reads (bundle.json's default_method and the vqa
+    # component's caption_method); None: MacCap, the paper's VQA captioner
+    lead_method: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lead_method is not None and self.lead_method not in METHOD_COMMANDS:
+            raise ValueError(f"ShapesRecipe.lead_method must be one of {', '.join(METHOD_COMMANDS)} or null, "
+                             f"got {self.lead_method!r}")
 
     def steps_of(self, method: str) -> int:
         """The recipe's training steps of ``method`` (one of the three it trains)."""
@@ -511,14 +520,15 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
         staging, name=out.name, world="shapes",
         description="The shapes world: a tiny CLIP and LM, and MacCap, TOMCap and CapDec trained text-only on "
                     "synthetic captions",
-        training=training,
+        training=training, **({DEFAULT_METHOD_KEY: recipe.lead_method} if recipe.lead_method else {}),
     )
     for image in sorted(data["examples"].glob("*.png")):
         writer.add_file(f"examples/{image.name}", image)
     writer.add_file(EXAMPLES_FILE, data["examples"] / "scenes.json")
     # VQA follows the paper: the LM that answers is the frozen, untouched one (MacCap's was trained for captions)
     writer.add_directory(VQA_LM, stages.lm)
-    writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM})
+    lead = {VQA_CAPTION_METHOD_KEY: recipe.lead_method} if recipe.lead_method else {}
+    writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM, **lead})
     writer.finish()
     with timed("domain", complete=False):
         record_domain(staging, n=recipe.domain_images)  # it reads the recipe's world from the finished manifest
@@ -552,6 +562,9 @@ def add_trial_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="FIELD=VALUE",
                         help="change a TrainConfig field of the recipe's CLIP training, as shapes-clip --train-set "
                              "does (a trial recipe), e.g. --clip-train-set epochs=6")
+    parser.add_argument("--lead-method", choices=tuple(METHOD_COMMANDS), default=None,
+                        help="the method the bundle's app shows first and whose captions VQA reads (the recipe's "
+                             "lead_method; the shipped recipe's: MacCap, the paper's VQA captioner)")
     parser.add_argument("--method-args", dest="method_args", action="append", default=[], metavar="METHOD=ARGS",
                         help="append ARGS to the recipe's training arguments of METHOD (maccap, tomcap or capdec; "
                              "the last of a repeated flag wins), e.g. --method-args maccap='--noise-variance 0.01'")
@@ -573,6 +586,8 @@ def trial_recipe(recipe: ShapesRecipe, args: argparse.Namespace) -> ShapesRecipe
         clip = changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"), train_settings,
                             out_dir=recipe.clip.train.out_dir, where="--clip-set")
         recipe = recipe.replace(clip=clip)
+    if args.lead_method is not None:
+        recipe = recipe.replace(lead_method=args.lead_method)
     for setting in args.method_args:
         method, _, extra = setting.partition("=")
         if method not in TRAINING_COMMANDS or not extra.strip():
@@ -644,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                         *(f"--world-set {setting}" for setting in args.world_settings),
                         *(f"--clip-set {setting}" for setting in args.clip_settings),
                         *(f"--clip-train-set {setting}" for setting in args.clip_train_settings),
+                        *([f"--lead-method {args.lead_method}"] if args.lead_method else []),
                         *(f"--method-args {shlex.quote(setting)}" for setting in args.method_args)])
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")

@@ -141,9 +141,9 @@ def gap_report(captioner: Captioner, pairs: list, features: ImageFeatures,
 def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], *, seed: int,
                config: world.WorldConfig) -> dict[str, Any] | None:
     """VQA accuracy with the VQA method's ``predicted`` captions of the held-out images: for the LM the app
-    answers with (the headline numbers), the frozen LM the bundle names and the method's caption-trained LM
-    (the paper's §5.4 claim), and the frozen LM reading the true captions (the text-only ceiling). None when
-    the bundle cannot answer."""
+    answers with (the headline numbers), the frozen LM the bundle names and the caption-trained LM of the first
+    method with an LM of its own (MacCap's: the paper's §5.4 claim; ``of`` names it), and the frozen LM reading
+    the true captions (the text-only ceiling). None when the bundle cannot answer."""
     method = captioner.vqa_method
     if method is None:
         return None
@@ -151,10 +151,14 @@ def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], 
     truth = [captions(scene)[0] for scene in scenes]
     common = {"encoder": captioner.encoder, "answers": captioner.answers,
               "scene_kinds": [scene.kind for scene in scenes]}
-    own = method.answer_lm()
+    # the LM a method trained for captions (MacCap's), reading the same captions: the paper's §5.4 claim
+    trained = next((m for m in captioner.methods.values() if m.answer_lm() is not None), None)
     report: dict[str, Any] = {"scenes": len(scenes), "answers": len(captioner.answers), "method": method.name}
-    report["caption_trained_lm"] = vqa_accuracy(predicted, asked, lm=own.lm, tokenizer=own.tokenizer, **common)
     served = captioner.answer_lm
+    own = trained.answer_lm() if trained is not None else served
+    report["caption_trained_lm"] = vqa_accuracy(predicted, asked, lm=own.lm, tokenizer=own.tokenizer, **common)
+    if trained is not None:
+        report["caption_trained_lm"]["of"] = trained.name
     if served.lm is not own.lm:
         report["frozen_lm"] = vqa_accuracy(predicted, asked, lm=served.lm, tokenizer=served.tokenizer, **common)
         report["frozen_lm_true_captions"] = vqa_accuracy(truth, asked, lm=served.lm, tokenizer=served.tokenizer,
