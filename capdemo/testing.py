@@ -157,4 +157,3 @@ def lead_bundle(source: str | Path, out: Path, *, default_method: str, caption_m
     writer.add_component(VQA_COMPONENT, {**vqa, VQA_CAPTION_METHOD_KEY: caption_method})
     writer.finish()
     return out
-

@@ -216,8 +216,8 @@ def test_training_benchmark_compares_cached_and_on_the_fly_embeddings():
         for variant in training_throughput.VARIANTS:
             assert entry[variant]["captions_per_s"] > 0 and entry[variant]["trainable_parameters"] > 0
             assert "rss_peak_mb" in entry[variant]["memory"]
-        assert entry["cached_speedup"] == pytest.approx(
-            entry["cached"]["captions_per_s"] / entry["on_the_fly"]["captions_per_s"], rel=0.01)
+        assert entry["cached_speedup"] == pytest.approx(  # the benchmark rounds it to 3 decimals
+            entry["cached"]["captions_per_s"] / entry["on_the_fly"]["captions_per_s"], rel=0.01, abs=5e-4)
     assert result["cache_build_s"] > 0 and result["corpus_captions"] == 8 * 3
 
 
