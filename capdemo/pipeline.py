@@ -100,7 +100,8 @@ class Captioner:
         loaded = lead_with(bundle.manifest.get(DEFAULT_METHOD_KEY), loaded)
         answers = AnswerList.from_bundle(bundle) if bundle.has(VQA_COMPONENT) else None
         if answers is not None:
-            check_caption_method(bundle.component(VQA_COMPONENT).get(VQA_CAPTION_METHOD_KEY), loaded)
+            check_method_named(bundle.component(VQA_COMPONENT).get(VQA_CAPTION_METHOD_KEY), loaded,
+                               where=f"the {VQA_COMPONENT} component's {VQA_CAPTION_METHOD_KEY}")
         answer_lm = answering_lm(bundle, loaded.values(), device=device) if answers is not None else None
         served = {**{f"encoder:{e.name}": e for e in towers.encoders()},
                   **{f"{name}:{i}" if i else name: module
@@ -227,9 +228,7 @@ class Captioner:
         if self.answers is None:
             return None
         named = self.bundle.component(VQA_COMPONENT).get(VQA_CAPTION_METHOD_KEY)
-        if named is not None:
-            return self.methods[named]
-        return next((m for m in self.methods.values() if m.answer_lm() is not None), None)
+        return self.methods[named] if named is not None else with_own_lm(self.methods.values())
 
     def question_limit(self) -> int:
         """The longest question (characters) that always fits the answering LM beside a caption of the VQA method's
@@ -303,21 +302,22 @@ DEFAULT_METHOD_KEY = "default_method"  # optional manifest entry: the method the
 
 
 def lead_with(name: str | None, loaded: dict[str, CaptionMethod]) -> dict[str, CaptionMethod]:
-    """``loaded`` with the bundle's default method ``name`` first (the app's first panel and default choice);
-    a name the bundle does not hold is a one-line ValueError."""
+    """``loaded`` with the bundle's default method ``name`` first (the app's first panel and default choice)."""
     if name is None:
         return loaded
-    if name not in loaded:
-        raise ValueError(f"bundle.json: {DEFAULT_METHOD_KEY} {name!r} is not one of its methods "
-                         f"({', '.join(loaded)})")
+    check_method_named(name, loaded, where=DEFAULT_METHOD_KEY)
     return {name: loaded[name], **{other: method for other, method in loaded.items() if other != name}}
 
 
-def check_caption_method(name: str | None, loaded: dict[str, CaptionMethod]) -> None:
-    """A ``vqa`` component's caption method must be one the bundle holds (one-line ValueError)."""
+def check_method_named(name: str | None, loaded: dict[str, CaptionMethod], *, where: str) -> None:
+    """A method that ``bundle.json`` names at ``where`` must be one the bundle holds (one-line ValueError)."""
     if name is not None and name not in loaded:
-        raise ValueError(f"bundle.json: the vqa component's caption_method {name!r} is not one of its methods "
-                         f"({', '.join(loaded)})")
+        raise ValueError(f"bundle.json: {where} {name!r} is not one of its methods ({', '.join(loaded)})")
+
+
+def with_own_lm(methods) -> CaptionMethod | None:
+    """The first of ``methods`` with an LM of its own that can answer (MacCap's, trained for captions), or None."""
+    return next((method for method in methods if method.answer_lm() is not None), None)
 
 
 def answering_lm(bundle: Bundle, methods, *, device: str):
@@ -325,9 +325,10 @@ def answering_lm(bundle: Bundle, methods, *, device: str):
     settings), else the VQA method's own LM; None when no method serves VQA."""
     from capdemo.vqa import AnswerLM
 
-    own = next((lm for lm in (m.answer_lm() for m in methods) if lm is not None), None)
-    if own is None:
+    method = with_own_lm(methods)
+    if method is None:
         return None
+    own = method.answer_lm()
     return AnswerLM.frozen_from_bundle(bundle, own, device=device) or own
 
 

@@ -39,7 +39,7 @@ import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo import methods as registry
 from capdemo.features import ImageFeatures
 from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
-from capdemo.pipeline import Captioner
+from capdemo.pipeline import Captioner, with_own_lm
 from capdemo.result import Result
 from training.evaluate import score_captions
 from training.shapes import world
@@ -152,7 +152,7 @@ def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], 
     common = {"encoder": captioner.encoder, "answers": captioner.answers,
               "scene_kinds": [scene.kind for scene in scenes]}
     # the LM a method trained for captions (MacCap's), reading the same captions: the paper's §5.4 claim
-    trained = next((m for m in captioner.methods.values() if m.answer_lm() is not None), None)
+    trained = with_own_lm(captioner.methods.values())
     report: dict[str, Any] = {"scenes": len(scenes), "answers": len(captioner.answers), "method": method.name}
     served = captioner.answer_lm
     own = trained.answer_lm() if trained is not None else served
