@@ -411,7 +411,8 @@ def test_clip_train_set_and_lead_method_change_only_what_they_name(monkeypatch, 
     smoke = ShapesRecipe.smoke().clip
     assert built["recipe"].clip == smoke.replace(image_views=0.25, train=smoke.train.replace(epochs=6))
     assert smoke.train.epochs != 6 and smoke.train.lr == built["recipe"].clip.train.lr
-    assert built["recipe"].lead_method == "tomcap" and ShapesRecipe.full().lead_method is None  # shipped: MacCap
+    assert built["recipe"].lead_method == "tomcap" == ShapesRecipe.full().lead_method  # world v2's lead
+    assert ShapesRecipe.world_v1().lead_method is None  # world v1 shipped MacCap first
     assert built["command"] == ("python -m training shapes --clip-set image_views=0.25 --clip-train-set epochs=6 "
                                 "--lead-method tomcap")
     from training.__main__ import main

@@ -120,7 +120,8 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
         command, method_config = TRAINING_COMMANDS[variant.method], TRAINED_METHODS[variant.method]
         method_steps = recipe.steps_of(variant.method) if steps is None else steps
-        source: dict[str, Any] = {"recipe": recipe.to_dict(), "method": variant.method, "steps": method_steps,
+        trains = recipe.replace(lead_method=None)  # the lead orders a bundle's methods; it trains nothing
+        source: dict[str, Any] = {"recipe": trains.to_dict(), "method": variant.method, "steps": method_steps,
                                   "flags": variant.flags, "defaults": method_config().to_dict()}
     else:
         source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.settings}
