@@ -20,8 +20,8 @@ def test_settings_parse_as_json_values_and_reach_the_config():
 
 
 @pytest.mark.parametrize("settings, train_settings, message", [
-    (["embed_dims=512"], [], "unknown field"),
-    ([], ["batchsize=64"], "unknown field"),
+    (["embed_dims=512"], [], r"shapes-clip --set: unknown field\(s\) embed_dims"),
+    ([], ["batchsize=64"], r"shapes-clip --train-set: unknown field\(s\) batchsize"),  # the flag that named it
     (["mismatched=1.5"], [], "mismatched must be a fraction"),
 ])
 def test_a_bad_setting_is_a_one_line_error_naming_it(settings, train_settings, message):

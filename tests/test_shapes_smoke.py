@@ -80,7 +80,9 @@ def test_constant_caption_baseline():
 
 def test_bundle_is_complete_and_serves(smoke_bundle):
     captioner = Captioner.from_bundle(smoke_bundle, device="cpu")
-    assert captioner.method_names == ("maccap", "tomcap", "capdec")
+    assert captioner.method_names == ("tomcap", "maccap", "capdec")  # the recipe's lead first, then the rest
+    assert captioner.bundle.manifest["default_method"] == "tomcap"  # the build wrote the recipe's lead_method
+    assert captioner.bundle.component("vqa")["caption_method"] == "tomcap"
     assert captioner.info()["world"] == "shapes" and len(captioner.examples()) == 3
     kernels = captioner.bundle.manifest["training"]["cpu_kernels"]  # what the build ran on (pinned by conftest)
     assert {name: kernels[name] for name in PINNED_KERNELS} == {name: os.environ.get(name) for name in PINNED_KERNELS}
@@ -121,23 +123,24 @@ def test_report_has_the_keys_others_rely_on(report):
         by_kind = row["by_scene_kind"]  # the same questions, split by their scene's kind
         assert set(by_kind) <= {"single", "pair", "group"} and sum(k["n"] for k in by_kind.values()) == row["n"]
         assert sum(k["accuracy"] * k["n"] for k in by_kind.values()) == pytest.approx(row["accuracy"] * row["n"])
-    shipped = report["examples"]  # the app's default method's count, and every method's under by_method
-    assert shipped["method"] == "maccap" and shipped["n"] == 3 and 0 <= shipped["correct"] <= 3
+    shipped = report["examples"]  # the app's default method's count (the recipe's lead), every method's by_method
+    assert shipped["method"] == "tomcap" and shipped["n"] == 3 and 0 <= shipped["correct"] <= 3
     assert set(shipped["by_method"]) == {"maccap", "tomcap", "capdec"}
-    assert shipped["by_method"]["maccap"] == {"correct": shipped["correct"], "n": 3}
+    assert shipped["by_method"]["tomcap"] == {"correct": shipped["correct"], "n": 3}
+    assert vqa["method"] == "tomcap" and vqa["caption_trained_lm"]["of"] == "maccap"  # MacCap's LM: its own
 
 
 def test_a_lead_method_is_the_one_shapes_eval_asks_questions_through_and_counts_examples_of(smoke_bundle, tmp_path):
-    """A bundle whose lead is TOMCap (the recipe's ``lead_method``): VQA reads TOMCap's captions, the examples'
-    headline count is TOMCap's, and the caption-trained LM row is still MacCap's LM, reading the same captions."""
+    """The same bundle with MacCap in the lead (the paper's VQA captioner, world v1's lead): VQA reads MacCap's
+    captions, the examples' headline count is MacCap's, and the caption-trained LM row is still MacCap's LM."""
     from capdemo.testing import lead_bundle
 
-    lead = lead_bundle(smoke_bundle, tmp_path / "lead", default_method="tomcap", caption_method="tomcap")
+    lead = lead_bundle(smoke_bundle, tmp_path / "lead", default_method="maccap", caption_method="maccap")
     report = evaluate_bundle(str(lead), n=8, seed=TEST_SEED, methods=["maccap", "tomcap"], ceiling=False, gap=False,
                              vqa_scenes=4)
-    assert report["vqa"]["method"] == "tomcap" and report["vqa"]["caption_trained_lm"]["of"] == "maccap"
-    assert report["examples"]["method"] == "tomcap"
-    assert report["examples"]["by_method"]["tomcap"] == {"correct": report["examples"]["correct"], "n": 3}
+    assert report["vqa"]["method"] == "maccap" and report["vqa"]["caption_trained_lm"]["of"] == "maccap"
+    assert report["examples"]["method"] == "maccap"
+    assert report["examples"]["by_method"]["maccap"] == {"correct": report["examples"]["correct"], "n": 3}
 
 
 def test_candidate_report_counts_the_true_scene_among_candidates_and_what_the_clip_prefers():

@@ -587,10 +587,9 @@ def trial_recipe(recipe: ShapesRecipe, args: argparse.Namespace) -> ShapesRecipe
     if args.clip_settings or args.clip_train_settings:
         from training.shapes.clip_levers import changed_clip, parse_settings  # it imports this module
 
-        train_settings = parse_settings(args.clip_train_settings, "--clip-train-set")
-        TrainConfig.from_dict({**recipe.clip.train.to_dict(), **train_settings}, where="--clip-train-set")  # names it
-        clip = changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"), train_settings,
-                            out_dir=recipe.clip.train.out_dir, where="--clip-set")
+        clip = changed_clip(recipe.clip, parse_settings(args.clip_settings, "--clip-set"),
+                            parse_settings(args.clip_train_settings, "--clip-train-set"),
+                            out_dir=recipe.clip.train.out_dir, where="--clip-set", train_where="--clip-train-set")
         recipe = recipe.replace(clip=clip)
     if args.lead_method is not None:
         recipe = recipe.replace(lead_method=args.lead_method)

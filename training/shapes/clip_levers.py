@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from capdemo.config import ConfigError
+from training.loop import TrainConfig
 from training.shapes.build import add_recipe_arguments, chosen_recipe
 from training.shapes.clip import TinyClipConfig, build_encoder, evaluate_clip, train_clip
 
@@ -41,13 +42,14 @@ def parse_settings(pairs: list[str], what: str) -> dict[str, Any]:
     return settings
 
 
-def changed_clip(base: TinyClipConfig, settings: dict[str, Any], train_settings: dict[str, Any],
-                 *, out_dir: str, where: str = "shapes-clip") -> TinyClipConfig:
+def changed_clip(base: TinyClipConfig, settings: dict[str, Any], train_settings: dict[str, Any], *, out_dir: str,
+                 where: str = "shapes-clip --set", train_where: str = "shapes-clip --train-set") -> TinyClipConfig:
     """``base`` with ``settings`` and ``train_settings`` applied (validated as when a recipe is loaded: an unknown
-    field or a bad value is a :class:`ConfigError`), training into ``out_dir``."""
-    data = base.to_dict()
-    data.update(settings)
-    data["train"] = {**data["train"], **train_settings, "out_dir": out_dir}
+    field or a bad value is a :class:`ConfigError` naming ``where``, or ``train_where`` for the training fields),
+    training into ``out_dir``."""
+    data = {**base.to_dict(), **settings}
+    data["train"] = TrainConfig.from_dict({**data["train"], **train_settings, "out_dir": out_dir},
+                                          where=train_where).to_dict()
     return TinyClipConfig.from_dict(data, where=where)
 
 
