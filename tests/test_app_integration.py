@@ -21,22 +21,33 @@ from gradio_client.utils import QueueError, Status
 from PIL import Image
 
 from capdemo import figures, ui
-from capdemo.pipeline import Captioner
+from capdemo import methods as registry
+from capdemo.bundle import Bundle
+from capdemo.pipeline import DEFAULT_METHOD_KEY, Captioner
 from tests.app_server import ROOT, coco_photo, corrupt_png, running_app, served_bundle, shapes_image
 
 SETTINGS = dict(maccap_samples=6, maccap_beams=2, maccap_noise_variance=0.016, maccap_n_cr=3,
                 maccap_max_new_tokens=12, maccap_seed=0, tomcap_k=3, tomcap_beams=3, tomcap_max_new_tokens=10)
 BOTH = ["maccap", "tomcap"]
-# /caption's outputs: per method in the bundle's order its caption and candidates (and neighbours for a method
-# with a datastore), then the heatmap, the timings, the image's notice line and every result as JSON
-OUTPUTS = ("maccap_caption", "maccap_table", "tomcap_caption", "tomcap_table", "neighbours", "capdec_caption",
-           "capdec_table", "heatmap", "timings", "notice", "details")
+
+
+def output_names(bundle: Path) -> tuple[str, ...]:
+    """/caption's outputs: per method in the bundle's order (its ``default_method`` first) its caption and candidates
+    (and neighbours for TOMCap, the method with a datastore), then the heatmap, the timings, the image's notice line
+    and every result as JSON."""
+    manifest = Bundle.load(bundle, verify=False).manifest
+    order = [method.name for method in registry.methods() if method.name in manifest["components"]]
+    lead = manifest.get(DEFAULT_METHOD_KEY)
+    order = [lead, *(name for name in order if name != lead)] if lead else order
+    per_method = {name: (f"{name}_caption", f"{name}_table", *(("neighbours",) if name == "tomcap" else ()))
+                  for name in order}
+    return (*(output for name in order for output in per_method[name]), "heatmap", "timings", "notice", "details")
 
 
 def caption(client: Client, path: Path, methods: list[str], **settings) -> dict:
     outputs = client.predict(image=handle_file(str(path)), methods=methods, api_name="/caption",
                              **{**SETTINGS, **settings})
-    return dict(zip(OUTPUTS, outputs, strict=True))
+    return dict(zip(client.output_names, outputs, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +62,16 @@ def url(bundle):
         yield address
 
 
+def connect(url: str, bundle: Path) -> Client:
+    """A visitor's client of the app at ``url``, serving ``bundle``; caption() names its outputs by that bundle."""
+    client = Client(url, verbose=False)
+    client.output_names = output_names(bundle)
+    return client
+
+
 @pytest.fixture(scope="module")
-def client(url):
-    return Client(url, verbose=False)
+def client(url, bundle):
+    return connect(url, bundle)
 
 
 @pytest.fixture(scope="module")
@@ -264,11 +282,11 @@ def test_a_question_at_the_length_limit_answers(client, images, bundle):
     assert too_long == f"⚠ question is {limit + 1} characters long; the limit is {limit}"
 
 
-def test_my_captions_change_my_neighbours_and_never_another_sessions(url, images):
+def test_my_captions_change_my_neighbours_and_never_another_sessions(url, bundle, images):
     """Two visitors: A adds captions of its own; A's TOMCap retrieves them, B's never sees them."""
     mine = ["a giraffe standing in tall grass", "two zebras drinking at a river", "an elephant under a tree",
             "a lion asleep on a rock", "a flock of birds over the sea"]
-    visitor_a, visitor_b = Client(url, verbose=False), Client(url, verbose=False)
+    visitor_a, visitor_b = connect(url, bundle), connect(url, bundle)
     status, archive = visitor_a.predict("\n".join(mine), None, api_name="/datastore")
     assert status.startswith("5 captions of yours embedded") and archive.endswith(".zip")
     image = handle_file(str(images["shapes"]))
