@@ -23,7 +23,7 @@ from PIL import Image
 from capdemo import figures, ui
 from capdemo import methods as registry
 from capdemo.bundle import Bundle
-from capdemo.pipeline import DEFAULT_METHOD_KEY, Captioner
+from capdemo.pipeline import DEFAULT_METHOD_KEY, Captioner, lead_with
 from tests.app_server import ROOT, coco_photo, corrupt_png, running_app, served_bundle, shapes_image
 
 SETTINGS = dict(maccap_samples=6, maccap_beams=2, maccap_noise_variance=0.016, maccap_n_cr=3,
@@ -36,9 +36,8 @@ def output_names(bundle: Path) -> tuple[str, ...]:
     (and neighbours for TOMCap, the method with a datastore), then the heatmap, the timings, the image's notice line
     and every result as JSON."""
     manifest = Bundle.load(bundle, verify=False).manifest
-    order = [method.name for method in registry.methods() if method.name in manifest["components"]]
-    lead = manifest.get(DEFAULT_METHOD_KEY)
-    order = [lead, *(name for name in order if name != lead)] if lead else order
+    held = {method.name: method for method in registry.methods() if method.name in manifest["components"]}
+    order = list(lead_with(manifest.get(DEFAULT_METHOD_KEY), held))  # the order Captioner.from_bundle serves
     per_method = {name: (f"{name}_caption", f"{name}_table", *(("neighbours",) if name == "tomcap" else ()))
                   for name in order}
     return (*(output for name in order for output in per_method[name]), "heatmap", "timings", "notice", "details")
