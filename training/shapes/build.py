@@ -62,13 +62,15 @@ EXAMPLES_FILE = "examples/scenes.json"  # bundle file: each shipped example's im
 # The tiny CLIP (TinyClipConfig): 56 px images, 8 px patches (ViT-B/32's 7x7 grid), a 256-d joint space, in-batch
 # negatives plus 3 near misses per pair, 50k pairs x 6 epochs at batch 128. The logit scale is fixed at 300, not
 # CLIP's 100: measured on held-out pairs, 100 let training close the gap to 0.44 (paired cosine 0.70) by the time
-# retrieval was half-way useful, 200 kept 0.55 at i2t 0.92, 300 keeps 0.57 at i2t 0.88 (trials in the README).
+# retrieval was half-way useful, 200 kept 0.55 at i2t 0.92, 300 keeps 0.57 at i2t 0.88 (trials in
+# docs/shapes-world-history.md).
 # The ViT pools by the mean of its patch tokens (vision_pool "avg"): pooled by its CLS token, a 3-layer ViT's patch
 # tokens never meet the text, no subregion was ever closer to a caption than the image (real CLIP: 33 %) and MacCap's
 # subregion aggregation captioned 0.05 of scenes; averaged, 23 % of images have a closer subregion and it scored 0.63.
 # Image views (0.25 of an image-to-image InfoNCE at inverse temperature 200) ask the image tower for what a caption
 # would not predict, which keeps the gap open (0.58 -> 0.86, paired cosine 0.76 -> 0.45 at 4 epochs); 6 epochs
-# instead of 4 buy back retrieval and captions (gap 0.81, cosine 0.52, i2t 0.95; README, "Longer CLIP training").
+# instead of 4 buy back retrieval and captions (gap 0.81, cosine 0.52, i2t 0.95; docs/shapes-world-history.md,
+# "Longer CLIP training").
 SHAPES_CLIP = dict(image_size=56, patch_size=8, embed_dim=256, vision_width=96, vision_layers=3, vision_pool="avg",
                    logit_scale=300.0, pairs=50_000, same_scene_positives=False, image_views=0.25,
                    image_views_scale=200.0)
@@ -550,7 +552,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """``--world`` and ``--smoke``: which recipe (the build and the ablation must name the same one)."""
     parser.add_argument("--world", choices=("v2", "v1"), default="v2",
                         help="v2 (the shipped bundle's): 56 px scenes with clutter and occlusion, a 7x7 patch grid; "
-                             "v1: the 32 px world shipped before it (see the README's shapes section)")
+                             "v1: the 32 px world shipped before it (see docs/shapes-world-history.md)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, the whole recipe in about a minute (CI): world v2 whatever --world says")
 

@@ -7,7 +7,7 @@ This trains the recipe's CLIP with ``--set field=value`` changes (``--train-set`
 and prints :func:`training.shapes.clip.evaluate_clip` on held-out pairs: the gap, paired and unpaired cosine,
 the modality means' norms, image-to-text R@1 among 1,000 and zero-shot accuracy. ``--untrained`` measures the
 same CLIP at its seeded random initialisation instead: the gap it starts from, before training narrows it. It
-writes no bundle; the README's table of CLIP trials comes from it.
+writes no bundle; the CLIP trial tables of docs/shapes-world-history.md come from it.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def changed_clip(base: TinyClipConfig, settings: dict[str, Any], train_settings:
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numbers the README's trial table shows, from :func:`train_clip`'s metrics."""
+    """The numbers the CLIP trial tables of docs/shapes-world-history.md show, from :func:`train_clip`'s metrics."""
     evaluation = metrics["eval"]
     return {**{key: evaluation[key] for key in SUMMARY}, **{key: evaluation["gap"][key] for key in GAP_SUMMARY},
             "steps": metrics["steps"], "train_wall_s": metrics["timings"]["train"]["wall_s"]}

@@ -109,7 +109,7 @@ class TOMCapConfig(Config):
     target_in_prompt: bool = False  # target "nearest": True puts it in the prompt as c1 (see the class docstring)
     gap_correction: str = "mean_std"  # onto image statistics: "mean_std" (paper), "mean" (CapDec's offset), "none"
     # training noise on the corrected cross-attention input: std = input_noise_scale x sigma_I per dimension
-    # (the value: a sweep in the shapes world, README "TOMCap's gap noise")
+    # (the value: a sweep in the shapes world, docs/shapes-world-history.md, "TOMCap's gap noise")
     input_noise_scale: float = 0.5
     # the same for the training retrieval queries (image-like queries; 0: the clean corrected embedding)
     query_noise_scale: float = 0.5
