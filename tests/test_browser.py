@@ -3,9 +3,10 @@
 Every check runs at a desktop (1400x1000) and a phone (390x844) viewport on the shipped bundle (the tiny test
 bundle before it exists): the score columns of both candidate tables inside the viewport, a K at the slider's
 maximum and a question at the length limit answering, an error in one method leaving the other's result, a new
-upload clearing the old results, the heatmap's top-row labels uncovered, a photo flagged as outside the bundle's
-domain, every tab reachable on a phone, an example showing its captions on click. Each step leaves a screenshot in
-the test's tmp_path. CI installs ``chromium`` (``.ci/run``); without it and outside CI the tests are skipped.
+upload clearing the old results, the uploaded picture and the heatmap's top-row labels uncovered, a photo flagged
+as outside the bundle's domain, every tab reachable on a phone, an example showing its captions on click. Each step
+leaves a screenshot in the test's tmp_path. CI installs ``chromium`` (``.ci/run``); without it and outside CI the
+tests are skipped.
 """
 
 from __future__ import annotations
@@ -248,6 +249,27 @@ def test_the_heatmap_top_row_labels_are_not_covered(page, shapes_png, tmp_path):
     assert covered == [], f"something lies over the heatmap's top row at x = {covered}"
     assert box["width"] >= 300  # shown large (the 56 px input is enlarged), not as a thumbnail
     shot(page, tmp_path, "heatmap")
+
+
+def test_the_whole_picture_shows_in_the_image_input(page, shapes_png, tmp_path):
+    """No label or button lies over the uploaded picture: the input's floating label once hid its top fifth, and
+    with it two of the three triangles of the third example."""
+    upload(page, shapes_png)
+    image = page.locator("#image-input img").first
+    image.scroll_into_view_if_needed()
+    shown = image.evaluate("""(img) => { const r = img.getBoundingClientRect(), fit = getComputedStyle(img).objectFit;
+        let scale = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+        if (fit === 'scale-down') scale = Math.min(scale, 1);
+        const w = img.naturalWidth * scale, h = img.naturalHeight * scale;  // the picture drawn inside the box
+        const left = r.left + (r.width - w) / 2, top = r.top + (r.height - h) / 2, covered = [];
+        for (let i = 0; i <= 10; i++) for (let j = 0; j <= 10; j++) {
+            const x = left + 2 + (w - 4) * i / 10, y = top + 2 + (h - 4) * j / 10;
+            if (document.elementFromPoint(x, y) !== img) covered.push([Math.round(x - left), Math.round(y - top)]);
+        }
+        return {covered, w, h}; }""")
+    assert shown["covered"] == [], f"something lies over the picture at {shown['covered']} (x, y from its corner)"
+    assert min(shown["w"], shown["h"]) >= 150  # shown large, not as a thumbnail
+    shot(page, tmp_path, "image-input")
 
 
 def test_a_photo_is_flagged_outside_the_domain_and_a_shapes_image_is_not(page, bundle, shapes_png, tmp_path):

@@ -112,6 +112,10 @@ def test_report_has_the_keys_others_rely_on(report):
     gap = report["gap"]  # where MacCap's N_cr patches land: on the objects at most as often as there are enough
     assert 0 <= gap["selected_patches_on_objects"] <= gap["selection_on_objects_ceiling"] <= 1
     assert 0 < gap["patches_on_objects"] < 1
+    # TOMCap's correction: uncorrected, the nearest caption by distance is the nearest by cosine (unit vectors)
+    assert set(gap["tomcap_correction"]) == {"none", "mean", "mean_std"}
+    assert gap["tomcap_correction"]["none"]["nearest_caption_same_scene"] == pytest.approx(gap["i2t_r1"])
+    assert gap["tomcap_correction"]["none"]["paired_cosine"] == pytest.approx(gap["paired_cosine_mean"], abs=1e-6)
     for method in ("maccap", "tomcap"):
         assert {"scene_accuracy", "attribute_accuracy", "cider"} <= set(report[method])
         assert report[method]["scene_accuracy"] <= report[method]["candidate_scene_accuracy"] <= 1

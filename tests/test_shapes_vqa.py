@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from capdemo.features import ImageFeatures
 from capdemo.vqa import VQA_PROMPT, AnswerList
 from training.shapes.language import COUNT_WORDS, Scene
-from training.shapes.metrics import gap_metrics, patches_on_objects, recall_at_1, selection_on_objects, subregion_closer
+from training.shapes.metrics import (correction_geometry, gap_metrics, patches_on_objects, recall_at_1,
+                                     selection_on_objects, subregion_closer)
 from training.shapes.questions import QUESTION_TYPES, WHERE, answer_list, qa_texts, questions
 from training.shapes.vqa_eval import match_answers, question_set, vqa_accuracy
 from training.shapes.world import WorldConfig, all_scenes, captions
@@ -307,3 +309,28 @@ def test_the_shipped_frozen_lm_reads_answers_back_from_true_captions():
     chance = {"colour": 1 / len(WORLD.colours), "shape": 1 / len(WORLD.shapes), "count": 1 / WORLD.max_count,
               "position": 1 / len(WHERE), "yes/no": 1 / 2}  # a uniform guess among each type's answers
     assert all(right[kind] / total[kind] > chance[kind] + 0.1 for kind in total), (dict(right), dict(total))
+
+
+def test_correction_geometry_on_a_hand_made_case():
+    """Two pairs in 2-d, statistics that shrink dimension 1 to a quarter for mean+std (means zero, so the mean-only
+    correction moves nothing): each image's nearest caption is its own before the correction; after it, image 1's
+    nearest by distance is caption 0, though by cosine it would still be its own."""
+    from capdemo.gap import GapStats
+
+    images = F.normalize(torch.tensor([[-1.0, 2.0], [0.0, -1.0]]), dim=-1)
+    texts = F.normalize(torch.tensor([[-1.0, 3.0], [2.0, 3.0]]), dim=-1)
+    zeros = torch.zeros(2)
+    stats = GapStats(mu_image=zeros, sigma_image=torch.tensor([1.0, 0.25]), mu_text=zeros,
+                     sigma_text=torch.ones(2), n_image=2, n_text=2)
+    numbers = correction_geometry(images, texts, [0, 1], stats)
+    assert set(numbers) == {"none", "mean", "mean_std"}
+    assert numbers["none"]["nearest_caption_same_scene"] == recall_at_1(images, texts, [0, 1]) == 1.0
+    assert numbers["mean"] == pytest.approx(numbers["none"])
+    corrected = [(x, y / 4) for x, y in texts.tolist()]  # (t - 0) * sigma_I / sigma_T + 0
+    image_1 = images[1].tolist()
+    assert math.dist(image_1, corrected[0]) < math.dist(image_1, corrected[1])  # 1.277 < 1.330: a miss
+    assert numbers["mean_std"]["nearest_caption_same_scene"] == 0.5
+    own = [math.dist(i, c) for i, c in zip(images.tolist(), corrected)]
+    assert numbers["mean_std"]["paired_distance"] == pytest.approx(sum(own) / 2, abs=1e-6)
+    cosines = [(i[0] * c[0] + i[1] * c[1]) / math.hypot(*c) for i, c in zip(images.tolist(), corrected)]
+    assert numbers["mean_std"]["paired_cosine"] == pytest.approx(sum(cosines) / 2, abs=1e-6)

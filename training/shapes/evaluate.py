@@ -45,7 +45,7 @@ from training.evaluate import score_captions
 from training.shapes import world
 from training.shapes.build import EXAMPLES_FILE, examples_seed, qa_seed
 from training.shapes.language import Scene, attribute_accuracy, captions, parse_caption, references, scene_accuracy
-from training.shapes.metrics import GAP_KEYS, gap_metrics, selection_on_objects
+from training.shapes.metrics import GAP_KEYS, correction_geometry, gap_metrics, selection_on_objects
 from training.shapes.vqa_eval import question_set, vqa_accuracy
 
 CAPTION_BATCH = 50  # images per captioning call
@@ -135,6 +135,10 @@ def gap_report(captioner: Captioner, pairs: list, features: ImageFeatures,
     if coverage is not None:
         report.update(selection_on_objects(features, torch.stack([torch.from_numpy(c) for c in coverage]), n_cr,
                                            include_cls=include_cls))
+    tomcap = captioner.methods.get("tomcap")
+    if tomcap is not None and tomcap.gap_stats is not None:  # where TOMCap's correction puts the captions
+        report["tomcap_correction"] = correction_geometry(features.image_embeds, text_embeds.cpu(), scene_ids,
+                                                          tomcap.gap_stats)
     return report
 
 

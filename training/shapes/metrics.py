@@ -14,6 +14,9 @@ literature reports for OpenAI's ViT-B/32 on COCO:
 
 ``selection_on_objects`` says where MacCap's N_cr patches land, which the app's heatmap shows: the fraction of
 them on the caption's objects, against the fraction of all patches that are (what a random pick would get).
+
+``correction_geometry`` says what TOMCap's gap correction does to held-out captions: how near each correction puts a
+caption to its own image, and whether the corrected caption nearest to an image still describes that image's scene.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from capdemo.encoders import ImageFeatures
-from capdemo.gap import linear_probe_accuracy
+from capdemo.gap import GapCorrection, GapStats, linear_probe_accuracy
 from capdemo.methods.maccap.model import select_patches
 
 GAP_KEYS = ("paired_cosine_mean", "modality_probe_accuracy", "mean_gap_norm", "subregion_closer_fraction", "i2t_r1")
@@ -113,3 +116,28 @@ def gap_metrics(features: ImageFeatures, text_embeds: torch.Tensor, scene_ids: S
         "i2t_r1": recall_at_1(images, texts, scene_ids),
         "n": int(images.shape[0]),
     }
+
+
+def correction_geometry(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scene_ids: Sequence[int],
+                        stats: GapStats) -> dict[str, dict[str, float]]:
+    """For each gap correction (none, mean, mean+std), N held-out captions (N, D) corrected with ``stats`` against
+    their N images (N, D): the mean cosine and distance of a corrected caption to its own image, and the fraction of
+    images whose nearest corrected caption describes their scene (``scene_ids``, as in :func:`recall_at_1`).
+
+    A decoder trained on corrected captions reads an image as the corrected captions near it, so the last number
+    is what the correction leaves of retrieval in the decoder's input space. Nearest is by distance, not cosine:
+    the paper's correction leaves its output off the unit sphere, and the decoder reads it unnormalised.
+    """
+    images = F.normalize(image_embeds.float(), dim=-1)  # (N, D)
+    texts = F.normalize(text_embeds.float(), dim=-1)  # (N, D)
+    ids = torch.as_tensor(list(scene_ids))  # (N,)
+    report = {}
+    for mode in GapCorrection:
+        corrected = stats.correct(texts, mode)  # (N, D)
+        distances = torch.cdist(images, corrected)  # (N images, N captions)
+        report[mode.value] = {
+            "paired_cosine": F.cosine_similarity(images, corrected, dim=-1).mean().item(),
+            "paired_distance": distances.diagonal().mean().item(),
+            "nearest_caption_same_scene": (ids[distances.argmin(1)] == ids).float().mean().item(),
+        }
+    return report
