@@ -21,6 +21,12 @@ CSS = """
 /* Small inputs (the shapes world is 32 px) fill their box with crisp pixels instead of sitting tiny in it. */
 #image-input img, .capdemo-heatmap img { image-rendering: pixelated; }
 #image-input img { width: 100% !important; height: 100% !important; object-fit: contain; }
+/* The input's label is a row of its own above the picture (Gradio floats it over the picture's top, where it hid
+   the top of every example); the buttons, placed against the input's top right, share that row. */
+#image-input { display: flex !important; flex-direction: column; }
+#image-input > label.float { position: static; flex: none; align-self: flex-start; max-width: calc(100% - 64px);
+  margin: var(--block-label-margin); }
+#image-input > .image-container { flex: 1 1 0; min-height: 0; height: auto; }
 /* Plots: the figures are transparent; their text follows the page's theme. */
 .dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
 .capdemo-notice p { margin: 0.2rem 0; }
