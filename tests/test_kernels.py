@@ -19,10 +19,10 @@ SHIPPED = ROOT / "weights" / "shapes"
 @pytest.mark.skipif(not pins_apply(), reason="the pinned kernels are x86-64's AVX2 code; other CPUs round differently")
 def test_the_shipped_clip_embeds_the_shipped_datastore_to_its_bytes(tmp_path):
     """The shapes build's index stage, rerun on the shipped CLIP: on an AVX-512 CPU without the pins, 6 % of the
-    values differ in their last bits (README, "Bit for bit on another CPU too"). The command must pin the kernels
-    itself, so the pins the test session set are taken out of its environment. Only a CPU with AVX-512 can catch
-    a missing pin (an AVX2 CPU runs the pinned code anyway); on an Intel CPU with AVX-512, which no one measured
-    here, MKL's matrix products may differ too."""
+    values differ in their last bits (README, "Bit for bit on another CPU too"; docs/shapes-world-history.md). The
+    command must pin the kernels itself, so the pins the test session set are taken out of its environment. Only a
+    CPU with AVX-512 can catch a missing pin (an AVX2 CPU runs the pinned code anyway); on an Intel CPU with AVX-512,
+    which no one measured here, MKL's matrix products may differ too."""
     component = json.loads((SHIPPED / "bundle.json").read_text())["components"]["encoder"]
     spec = tmp_path / "encoder.json"
     weights = SHIPPED / "encoder" / "open_clip_model.safetensors"

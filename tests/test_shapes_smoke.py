@@ -114,7 +114,7 @@ def test_report_has_the_keys_others_rely_on(report):
     assert 0 < gap["patches_on_objects"] < 1
     # TOMCap's correction: uncorrected, the nearest caption by distance is the nearest by cosine (unit vectors)
     assert set(gap["tomcap_correction"]) == {"none", "mean", "mean_std"}
-    assert gap["tomcap_correction"]["none"]["nearest_caption_same_scene"] == pytest.approx(gap["i2t_r1"])
+    assert gap["tomcap_correction"]["none"]["nearest_caption_same_scene"] == pytest.approx(gap["i2t_r1"], abs=0.0015)
     assert gap["tomcap_correction"]["none"]["paired_cosine"] == pytest.approx(gap["paired_cosine_mean"], abs=1e-6)
     for method in ("maccap", "tomcap"):
         assert {"scene_accuracy", "attribute_accuracy", "cider"} <= set(report[method])

@@ -5,9 +5,9 @@ AVX-512, oneDNN's element-wise primitive, which runs the GELU of the tiny CLIP's
 code whose last bits differ from its AVX2 code, and training amplifies a last bit into another draw
 of every model: the shapes bundle built on an AMD EPYC with AVX-512 differed from the shipped one in
 every trained weight. With oneDNN pinned to AVX2 the same build on that CPU gives the shipped bytes
-(README, "Bit for bit on another CPU too"). ATen's vectorised kernels also choose by the CPU; they are
-pinned to their AVX2 code as a precaution (the CPU that built the shipped bundle ran it), not shown to
-matter on their own.
+(README, "Bit for bit on another CPU too"; how it was found: docs/shapes-world-history.md). ATen's
+vectorised kernels also choose by the CPU; they are pinned to their AVX2 code as a precaution (the CPU
+that built the shipped bundle ran it), not shown to matter on their own.
 
 Each library reads its setting once, at its first use, so :func:`pin_cpu_kernels` must run before
 the first tensor operation of the process; worker processes inherit it through the environment.

@@ -166,7 +166,7 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
         gr.Markdown(intro, elem_classes=["capdemo-intro"])
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300) as left:
-                picture = image_input(label="Image (every tab reads it)", height=320,
+                picture = image_input(label="Image", height=320,
                                       sources=["upload", "clipboard"], elem_id="image-input")
             with gr.Column(scale=5):
                 with gr.Tabs():

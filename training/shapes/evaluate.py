@@ -121,9 +121,10 @@ GAP_PAIRS = 1000  # held-out pairs the gap numbers are measured on (i2t R@1 "amo
 def gap_report(captioner: Captioner, pairs: list, features: ImageFeatures,
                coverage: list | None = None) -> dict[str, Any]:
     """:func:`training.shapes.metrics.gap_metrics` of held-out ``pairs`` (scene, image, caption) whose images'
-    ``features`` are given (in order), with MacCap's N_cr when the bundle has MacCap (else the paper's 10); and,
-    given the images' object ``coverage`` (each (S, S)), where those N_cr patches lie
-    (:func:`training.shapes.metrics.selection_on_objects`)."""
+    ``features`` are given (in order), with MacCap's N_cr when the bundle has MacCap (else the paper's 10); given
+    the images' object ``coverage`` (each (S, S)), where those N_cr patches lie
+    (:func:`training.shapes.metrics.selection_on_objects`); and for a bundle with TOMCap, where its gap correction
+    puts the captions (``tomcap_correction``: :func:`training.shapes.metrics.correction_geometry`)."""
     texts = [text for _, _, text in pairs]
     text_embeds = torch.cat([captioner.encoder.encode_text(texts[i: i + 256]) for i in range(0, len(texts), 256)])
     catalogue: dict[Scene, int] = {}
