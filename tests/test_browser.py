@@ -252,8 +252,9 @@ def test_the_heatmap_top_row_labels_are_not_covered(page, shapes_png, tmp_path):
 
 
 def test_the_whole_picture_shows_in_the_image_input(page, shapes_png, tmp_path):
-    """No label or button lies over the uploaded picture: the input's floating label once hid its top fifth, and
-    with it two of the three triangles of the third example."""
+    """No label or button lies over the uploaded picture (the input's floating label once hid its top fifth, and
+    with it two of the three triangles of the third example), and it shows large at both sizes: on a phone, with
+    every tab still on the first screen (test_every_tab_is_reachable...), it once had only 130 px."""
     upload(page, shapes_png)
     image = page.locator("#image-input img").first
     image.scroll_into_view_if_needed()
@@ -273,8 +274,9 @@ def test_the_whole_picture_shows_in_the_image_input(page, shapes_png, tmp_path):
         }
         return {covering, w, h}; }""")
     assert shown["covering"] == [], f"drawn over the picture: {shown['covering']}"
-    large = {"desktop": 200, "phone": 100}[page.viewport_name]  # the 56 px scene enlarged, not a thumbnail
-    assert min(shown["w"], shown["h"]) >= large
+    assert min(shown["w"], shown["h"]) >= 200  # the 56 px scene enlarged, not a thumbnail
+    thumbnails = [item.bounding_box()["width"] for item in page.locator("#examples .gallery-item").all()]
+    assert thumbnails and min(thumbnails) >= 64, thumbnails  # the examples below it, not shrunk to fit it
     shot(page, tmp_path, "image-input")
 
 

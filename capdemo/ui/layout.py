@@ -220,7 +220,8 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
             if examples:
                 shown = gr.Examples(examples=examples, inputs=[picture], outputs=caption_outputs.components(),
                                     fn=example_caption, cache_examples=cache_examples, cache_mode="lazy",
-                                    label="Examples (click one: its captions show at once)", examples_per_page=12)
+                                    label="Examples (click one: its captions show at once)", examples_per_page=12,
+                                    elem_id="examples")
                 if cache_examples:  # outputs cached by another bundle or capdemo version are dropped
                     claim_examples_cache(Path(shown.cached_folder), source_key(captioner.info(), __version__))
             gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} captioning at once, at most "

@@ -27,6 +27,13 @@ CSS = """
 #image-input > label.float { position: static; flex: none; align-self: flex-start; max-width: calc(100% - 64px);
   margin: var(--block-label-margin); }
 #image-input > .image-container { flex: 1 1 0; min-height: 0; height: auto; }
+/* The examples in two rows of four, as wide as the column: Gradio's 82 px thumbnails fill three rows (3, 3, 2), and on
+   a phone that third row took the height the picture needs to show larger than its thumbnail with every tab still on
+   the first screen. (The thumbnail's own box is a .gallery too, hence :not(.container).) */
+#examples .gallery:not(.container) { display: grid !important; grid-template-columns: repeat(4, minmax(0, 1fr)); }
+#examples .gallery-item > span { display: block; }
+#examples .gallery-item, #examples .gallery-item .container, #examples .gallery-item img { width: 100% !important;
+  max-width: none !important; height: auto !important; aspect-ratio: 1; }
 /* Plots: the figures are transparent; their text follows the page's theme. */
 .dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
 .capdemo-notice p { margin: 0.2rem 0; }
@@ -40,7 +47,7 @@ CSS = """
 @media (max-width: 640px) {
   .capdemo-intro { display: none; }
   .capdemo-header h1 { font-size: 1.25rem !important; }
-  #image-input { max-height: 210px; }
+  #image-input { max-height: 300px; }
   .capdemo-queue { display: none; }
   /* Every tab in view: Gradio folds the tabs that do not fit into a "..." menu, measuring them in a hidden copy
      of the row; shrunk there, they all count as fitting, and the real row wraps onto a second line instead. */
