@@ -280,6 +280,12 @@ class Captioner:
         return [self.bundle.path / rel for rel in sorted(files) if rel.startswith(EXAMPLES_DIR + "/")
                 and rel.rsplit(".", 1)[-1].lower() in EXAMPLE_SUFFIXES]
 
+    def example_questions(self) -> list[Any]:
+        """The bundle's questions about its examples, with their true answers (``capdemo.vqa.ExampleQuestion``)."""
+        from capdemo.vqa import example_questions
+
+        return example_questions(self.bundle)
+
     def info(self) -> dict[str, Any]:
         manifest = self.bundle.manifest
         return {

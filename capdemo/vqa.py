@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from capdemo.bundle import BundleError
 from capdemo.encoders import ClipEncoder
 from capdemo.lm import (
     clean_text, decode, embed_tokens, generate_from_embeds, load_causal_lm, max_positions, special_ids,
@@ -34,6 +35,9 @@ ANSWERS_FILE = "vqa/answers.json"  # JSON list of candidate answers
 VQA_LM_KEY = "lm"  # optional field of the vqa component: the weight source of the frozen LM that answers
 VQA_CAPTION_METHOD_KEY = "caption_method"  # optional field of the vqa component: the method whose captions the LM
 # reads (default: the first method with an LM of its own, MacCap, as in the paper)
+VQA_EXAMPLES_KEY = "examples"  # optional field of the vqa component: a bundle JSON file of questions about its example
+# images, [{"image": <bundle path>, "question", "answer"}], that the Ask tab offers (a shapes bundle's answers are the
+# world's truth, so a visitor sees the question forms its LM was taught and can check the answer)
 MATCH_MODES = ("clip", "word")
 ANSWER_EMBEDS_FILE = "vqa/answer_embeds.safetensors"  # their CLIP text embeddings, "embeds" (N, D)
 ENCODE_BATCH = 512  # answers per CLIP text-encoder call when embedding the list
@@ -117,6 +121,32 @@ class VQAResult:
     def to_json(self) -> dict[str, Any]:
         return {"answer": self.answer, "generated": self.generated, "caption": self.caption, "prompt": self.prompt,
                 "top_answers": [{"text": a, "score": s} for a, s in self.top_answers]}
+
+
+@dataclass(frozen=True)
+class ExampleQuestion:
+    """A question about one of a bundle's example images, with its true answer."""
+
+    image: Path
+    question: str
+    answer: str
+
+
+def example_questions(bundle: Any) -> list[ExampleQuestion]:
+    """The questions about its examples that a bundle ships (none when its vqa component names no file)."""
+    relpath = bundle.component(VQA_COMPONENT).get(VQA_EXAMPLES_KEY) if bundle.has(VQA_COMPONENT) else None
+    if relpath is None:
+        return []
+    files = bundle.manifest.get("files", {})
+    listed = bundle.json(relpath)
+    out = []
+    for entry in listed if isinstance(listed, list) else [listed]:
+        if not isinstance(entry, dict) or not {"image", "question", "answer"} <= entry.keys():
+            raise BundleError(f"{relpath}: each entry needs image, question and answer, got {str(entry)[:80]}")
+        if entry["image"] not in files:
+            raise BundleError(f"{relpath}: {entry['image']!r} is not a file of the bundle")
+        out.append(ExampleQuestion(bundle.path / entry["image"], str(entry["question"]), str(entry["answer"])))
+    return out
 
 
 def short_answer(text: str) -> str:

@@ -214,6 +214,46 @@ def test_the_ask_tab_answers_the_readmes_question_about_the_first_example(page, 
     shot(page, tmp_path, "ask")
 
 
+def test_an_example_question_shows_its_picture_and_is_answered_as_its_world_answers_it(page, bundle, shapes_png,
+                                                                                      tmp_path):
+    """The Ask tab's first example question (about the first example): clicking it puts that picture in the input
+    and the question in the box, answers it with the world's answer, and clears the captions of the image before."""
+    from playwright.sync_api import expect
+
+    from capdemo.bundle import Bundle
+    from capdemo.vqa import example_questions
+
+    asked = example_questions(Bundle.load(bundle))
+    if not asked:
+        pytest.skip("the bundle ships no example questions (the tiny test bundle)")
+    upload(page, shapes_png)
+    caption_now(page)
+    page.get_by_role("tab", name="Ask (VQA)").click()
+    page.locator("#example-questions tbody tr").first.click()
+    expect(page.locator("#question textarea")).to_have_value(asked[0].question)
+    expect(page.locator("#answer textarea")).to_have_value(asked[0].answer)
+    assert asked[0].image.name in page.locator("#image-input img").first.get_attribute("src")
+    for method in ("maccap", "tomcap"):  # the uploaded image's captions went with it
+        expect(page.locator(f"#{method}-caption textarea")).to_have_value("")
+    shot(page, tmp_path, "example-question")
+
+
+def test_an_example_picture_clears_the_answer_about_the_image_before(page, shapes_png, tmp_path):
+    """Clicking an example is a new image, as an upload is: the answer about the previous one goes (it once stayed,
+    next to the example's picture), and the example's captions show."""
+    from playwright.sync_api import expect
+
+    upload(page, shapes_png)
+    page.get_by_role("tab", name="Ask (VQA)").click()
+    page.locator("#question textarea").fill("how many objects are there?")
+    page.locator("#ask-button").click()
+    expect(page.locator("#answer textarea")).not_to_have_value("")
+    page.locator("#examples .gallery-item").nth(1).click()
+    expect(page.locator("#maccap-caption textarea")).not_to_have_value("")
+    expect(page.locator("#answer textarea")).to_have_value("")
+    shot(page, tmp_path, "example-clears-answer")
+
+
 def test_a_new_upload_clears_the_old_results(page, shapes_png, tmp_path):
     from playwright.sync_api import expect
 

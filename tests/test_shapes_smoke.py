@@ -15,10 +15,10 @@ import pytest
 from capdemo.pipeline import Captioner
 from training.kernels import PINNED_KERNELS
 from training.shapes import world
-from training.shapes.build import ShapesRecipe
+from training.shapes.build import ShapesRecipe, examples_seed
 from training.shapes.evaluate import evaluate_bundle, score
 from training.shapes.language import captions
-from training.shapes.questions import QUESTION_TYPES, answer_list
+from training.shapes.questions import QUESTION_TYPES, answer_list, example_questions
 
 TEST_SEED = 1234
 N_TEST = 120
@@ -99,6 +99,14 @@ def test_bundle_is_complete_and_serves(smoke_bundle):
     assert [entry["file"] for entry in listed] == [path.relative_to(captioner.bundle.path).as_posix()
                                                   for path in captioner.examples()]
     assert [world.parse_caption(entry["caption"]).kind for entry in listed] == ["single", "pair", "group"]
+    asked = captioner.bundle.json(vqa["examples"])  # the Ask tab's: one question about each example, in rotation
+    expected = example_questions([world.parse_caption(entry["caption"]) for entry in listed],
+                                 seed=examples_seed(SMOKE_WORLD), colours=SMOKE_WORLD.colours,
+                                 shapes=SMOKE_WORLD.shapes)
+    assert [(a["image"], a["question"], a["answer"], a["type"]) for a in asked] == [
+        (entry["file"], q.text, q.answer, q.kind) for entry, q in zip(listed, expected)]
+    assert [a["type"] for a in asked] == ["colour", "shape", "count"]
+    assert [item.image for item in captioner.example_questions()] == captioner.examples()
     result = captioner.caption([world.generate_images(1, seed=TEST_SEED, config=world.WorldConfig())[0]],
                                "maccap", samples=4)[0]
     assert len(result.candidates) == 4 and result.caption == result.candidates[0].text
@@ -131,6 +139,8 @@ def test_report_has_the_keys_others_rely_on(report):
     assert shipped["method"] == "tomcap" and shipped["n"] == 3 and 0 <= shipped["correct"] <= 3
     assert set(shipped["by_method"]) == {"maccap", "tomcap", "capdec"}
     assert shipped["by_method"]["tomcap"] == {"correct": shipped["correct"], "n": 3}
+    questions = shipped["questions"]  # the Ask tab's example questions, answered as the app answers them
+    assert questions["n"] == 3 and questions["correct"] == sum(a["answer"] == a["truth"] for a in questions["answers"])
     assert vqa["method"] == "tomcap" and vqa["caption_trained_lm"]["of"] == "maccap"  # MacCap's LM: its own
 
 

@@ -16,7 +16,7 @@ from capdemo.vqa import VQA_PROMPT, AnswerList
 from training.shapes.language import COUNT_WORDS, Scene
 from training.shapes.metrics import (correction_geometry, gap_metrics, patches_on_objects, recall_at_1,
                                      selection_on_objects, subregion_closer)
-from training.shapes.questions import QUESTION_TYPES, WHERE, answer_list, qa_texts, questions
+from training.shapes.questions import QUESTION_TYPES, WHERE, answer_list, example_questions, qa_texts, questions
 from training.shapes.vqa_eval import match_answers, question_set, vqa_accuracy
 from training.shapes.world import WorldConfig, all_scenes, captions
 
@@ -102,6 +102,16 @@ def test_questions_on_a_hand_made_scene():
     assert asked["what colour is the circle at the top?"] == "red"  # two circles: the question says which
     assert asked["what colour is the circle at the bottom?"] == "blue"
     assert asked["how many circles are there?"] == "2"
+
+
+def test_example_questions_rotate_through_the_types_and_skip_one_a_scene_cannot_be_asked():
+    group = Scene("group", "white", "triangle", count=3)
+    scenes = [RED_CIRCLE_LEFT_OF_BLUE_SQUARE] * 3 + [group, group, RED_CIRCLE_LEFT_OF_BLUE_SQUARE]
+    asked = example_questions(scenes, seed=5, colours=WORLD.colours, shapes=WORLD.shapes)
+    # types colour, shape, count, position (a group has none: the next, yes/no), yes/no, then colour again
+    assert [q.kind for q in asked] == ["colour", "shape", "count", "yes/no", "yes/no", "colour"]
+    assert all(q.answer == oracle(scene, q.text) for scene, q in zip(scenes, asked))  # the world's truth
+    assert asked == example_questions(scenes, seed=5, colours=WORLD.colours, shapes=WORLD.shapes)  # fixed by seed
 
 
 def test_answer_list_is_the_worlds_own_and_pretraining_text_uses_the_vqa_prompt():

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from capdemo.bundle import Bundle, BundleWriter
+from capdemo.bundle import Bundle, BundleError, BundleWriter
 from capdemo.methods.maccap.model import MacCap, MacCapConfig
-from capdemo.vqa import AnswerList, AnswerListError, AnswerLM, answer_question, short_answer, word_matches
+from capdemo.vqa import (
+    VQA_COMPONENT, VQA_EXAMPLES_KEY, AnswerList, AnswerListError, AnswerLM, ExampleQuestion, answer_question,
+    example_questions, short_answer, word_matches,
+)
 from capdemo.testing import tiny_gpt2
 
 OPENVQA_ANSWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa" / "openvqa_answer_dict.json"
@@ -114,3 +118,30 @@ def test_answer_embeddings_travel_in_a_bundle(tiny_encoder, tmp_path):
     encoder = CountingEncoder(tiny_encoder)
     torch.testing.assert_close(loaded.embeddings(encoder), tiny_encoder.encode_text(SMALL_ANSWERS))
     assert encoder.text_calls == 0  # precomputed: the answers are not embedded again
+
+
+def _bundle_with_questions(tmp_path, questions) -> Bundle:
+    writer = BundleWriter(tmp_path / "b", name="vqa")
+    writer.add_file("examples/a.png", b"not read here")
+    writer.add_json("examples/questions.json", questions)
+    writer.add_component(VQA_COMPONENT, {"answers": "vqa/answers.json", VQA_EXAMPLES_KEY: "examples/questions.json"})
+    return Bundle.load(writer.finish())
+
+
+def test_example_questions_are_read_from_the_file_the_vqa_component_names(tmp_path):
+    bundle = _bundle_with_questions(tmp_path, [{"image": "examples/a.png", "question": "how many?", "answer": "2",
+                                                "type": "count"}])
+    assert example_questions(bundle) == [ExampleQuestion(bundle.path / "examples/a.png", "how many?", "2")]
+    bare = BundleWriter(tmp_path / "bare", name="bare")
+    bare.add_component(VQA_COMPONENT, {"answers": "vqa/answers.json"})
+    assert example_questions(Bundle.load(bare.finish())) == []  # a bundle without them offers none
+
+
+@pytest.mark.parametrize("entry, said", [({"image": "examples/b.png", "question": "q?", "answer": "a"},
+                                          "'examples/b.png' is not a file of the bundle"),
+                                         ({"image": "examples/a.png", "question": "q?"},
+                                          "each entry needs image, question and answer")])
+def test_an_example_question_about_no_image_of_the_bundle_is_refused_in_one_line(tmp_path, entry, said):
+    bundle = _bundle_with_questions(tmp_path, [entry])
+    with pytest.raises(BundleError, match=re.escape(said)):
+        example_questions(bundle)

@@ -157,6 +157,11 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
     config = app.config
     shown_photos = list(photos) if captioner.info()["world"] == "real" else []
     examples = [[str(path)] for path in [*captioner.examples(), *shown_photos]]
+    def example_answer(image: Any, question: str) -> list:
+        """An example question's answer (the Ask tab's examples), as /vqa gives it for a new image."""
+        view = app.vqa_event(image, question)
+        return [view.answer, view.top_answers, view.generated, view.caption, view.prompt]
+
     age = config.cache_max_age_s  # checked as often as files may live: Gradio keeps them forever by default
     title, intro = header(captioner, app.domain.summary if app.domain else "")
     with gr.Blocks(title="capdemo: " + " and ".join(app.labels.values()), delete_cache=(age, age)) as demo:
@@ -173,7 +178,8 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                     with gr.Tab("Caption", id="caption"):
                         chosen, controls, caption_button, caption_outputs, panel = _caption_tab(captioner, app)
                     with gr.Tab("Ask (VQA)", id="vqa"):
-                        vqa_inputs, vqa_outputs, vqa_button = _vqa_tab(captioner)
+                        vqa_inputs, vqa_outputs, vqa_button, asked = _vqa_tab(captioner, picture,
+                                                                              on_gpu(example_answer))
                     with gr.Tab("Embedding space", id="embedding"):
                         embedding_inputs, embedding_outputs, embedding_button, embedding_note = _embedding_tab()
                     with gr.Tab("Batch", id="batch"):
@@ -212,18 +218,28 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
             view = app.batch_event(files, progress=progress)
             return [view.table, view.csv_path, view.json_path]
 
+        vqa_blank, embedding_blank = ["", None, "", "", ""], [None, None, None, ""]  # answer ...; plots and note
+
         def cleared() -> list:
             """A new image: every earlier result goes (captions, tables, heatmap, answer, plots)."""
-            return [*caption_outputs.cleared(), "", None, "", "", "", None, None, None, "", None]
+            return [*caption_outputs.cleared(), *vqa_blank, *embedding_blank, None]
 
         with left:
             if examples:
                 shown = gr.Examples(examples=examples, inputs=[picture], outputs=caption_outputs.components(),
-                                    fn=example_caption, cache_examples=cache_examples, cache_mode="lazy",
+                                    fn=on_gpu(example_caption), cache_examples=cache_examples, cache_mode="lazy",
                                     label="Examples (click one: its captions show at once)", examples_per_page=12,
                                     elem_id="examples")
                 if cache_examples:  # outputs cached by another bundle or capdemo version are dropped
                     claim_examples_cache(Path(shown.cached_folder), source_key(captioner.info(), __version__))
+                # an example is a new image too: the results it does not fill go, as on an upload
+                shown.dataset.click(lambda: [*vqa_blank, *embedding_blank], None,
+                                    [*vqa_outputs, *embedding_outputs, embedding_note], api_visibility="private",
+                                    queue=False)
+        if asked is not None:  # and an example question: its answer shows, every other result goes
+            asked.dataset.click(lambda: [*caption_outputs.cleared(), *embedding_blank], None,
+                                [*caption_outputs.components(), *embedding_outputs, embedding_note],
+                                api_visibility="private", queue=False)
             gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} captioning at once, at most "
                         f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
                         "try again shortly.</small>", elem_classes=["capdemo-queue"])
@@ -273,14 +289,17 @@ def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[Sett
     return chosen, controls, button, CaptionOutputs(captioner), own
 
 
-def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
+def _vqa_tab(captioner: Captioner, picture: Any, example_answer: Any) -> tuple[list, list, Any, gr.Examples | None]:
+    """The question, the Ask button, the bundle's example questions (about its example images; clicking one shows
+    its image and answers it) and the answer's outputs."""
     limit = captioner.question_limit()
     if captioner.vqa_method is None:
         gr.Markdown("This bundle cannot answer questions (it has no answer list or no method with an LM); "
                     "Ask will say so.")
-    question = gr.Textbox(label=f"Question (up to {limit} characters: what the answering LM has room for)",
+    question = gr.Textbox(label="Question", info=f"up to {limit} characters: what the answering LM has room for",
                           placeholder="e.g. how many objects are there?", max_length=limit or None, elem_id="question")
     button = gr.Button("Ask", variant="primary", elem_id="ask-button")
+    examples_slot = gr.Column()  # filled below, once the outputs its examples answer into exist
     answer = gr.Textbox(label="Answer", elem_classes=["capdemo-caption"], elem_id="answer")
     with gr.Row(equal_height=False):
         top = gr.Dataframe(label="Top candidate answers", interactive=False, elem_id="top-answers",
@@ -289,7 +308,16 @@ def _vqa_tab(captioner: Captioner) -> tuple[list, list, Any]:
             generated = gr.Textbox(label="The language model's free-form answer")
             caption = gr.Textbox(label="Caption used (the Caption tab's caption when there is one)")
             prompt = gr.Textbox(label="Prompt the language model continued", lines=2)
-    return [question], [answer, top, generated, caption, prompt], button
+    outputs = [answer, top, generated, caption, prompt]
+    asked = captioner.example_questions() if captioner.vqa_method is not None else []
+    with examples_slot:
+        examples = gr.Examples(
+            examples=[[str(item.image), item.question] for item in asked], inputs=[picture, question],
+            outputs=outputs, fn=example_answer, run_on_click=True, cache_examples=False,
+            examples_per_page=len(asked), elem_id="example-questions",
+            label="Example questions, in the forms this bundle's LM was taught (click one: it is answered at once)",
+        ) if asked else None
+    return [question], outputs, button, examples
 
 
 def _embedding_tab() -> tuple[list, list, Any, Any]:

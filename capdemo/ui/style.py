@@ -34,6 +34,11 @@ CSS = """
 #examples .gallery-item > span { display: block; }
 #examples .gallery-item, #examples .gallery-item .container, #examples .gallery-item img { width: 100% !important;
   max-width: none !important; height: auto !important; aspect-ratio: 1; }
+/* The Ask tab's example questions as a compact list (a small picture beside each question), so the answer they
+   produce shows without scrolling on a desktop. */
+#example-questions td { padding: 2px 8px !important; }
+#example-questions td .container, #example-questions td img { width: 40px !important; height: 40px !important; }
+#example-questions td.textbox { max-width: none !important; width: 100%; text-align: left; }
 /* Plots: the figures are transparent; their text follows the page's theme. */
 .dark .js-plotly-plot .main-svg text { fill: #e5e7eb !important; }
 .capdemo-notice p { margin: 0.2rem 0; }

@@ -11,7 +11,8 @@ index | gapstats | maccap | tomcap``), only on shapes captions and tiny models:
    question-answer text in the VQA prompt format;
 4. the caption datastore and the modality-gap statistics;
 5. MacCap, TOMCap and CapDec, trained text-only, written into one bundle;
-6. examples (``examples/scenes.json`` lists each with its caption), the untouched LM as ``vqa/lm`` (the
+6. examples (``examples/scenes.json`` lists each with its caption, ``examples/questions.json`` a question about
+   each with its answer, which the Ask tab offers), the untouched LM as ``vqa/lm`` (the
    ``vqa`` component's ``"lm": "bundle:vqa/lm"``: VQA follows the paper and answers with the frozen LM,
    while MacCap's own LM was trained for captioning), and provenance with per-stage timings in the manifest;
 7. the bundle's domain (``python -m training shapes-domain``): the app's summary line and the in-domain CLIP-score
@@ -44,7 +45,7 @@ import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter, update_info
 from capdemo.encoders import ENCODER_CONFIG_FILE
 from capdemo.pipeline import DEFAULT_METHOD_KEY
-from capdemo.vqa import VQA_CAPTION_METHOD_KEY, VQA_COMPONENT
+from capdemo.vqa import VQA_CAPTION_METHOD_KEY, VQA_COMPONENT, VQA_EXAMPLES_KEY
 from capdemo.config import Config
 from capdemo.fileio import atomic_output
 from training.checkpoints import checkpoint_path
@@ -54,11 +55,12 @@ from training.shapes.clip import TinyClipConfig
 from training.shapes.domain import record_domain
 from training.shapes import world
 from training.shapes.lm import TinyLMConfig, pretrain_lm
-from training.shapes.questions import answer_list, qa_texts
+from training.shapes.questions import answer_list, example_questions, qa_texts
 from training.shapes.stage_pool import StagePool, clocks, seconds_since
 
 VQA_LM = "vqa/lm"  # bundle folder: the untouched pretrained LM that answers questions (MacCap's VQA LM is frozen)
 EXAMPLES_FILE = "examples/scenes.json"  # bundle file: each shipped example's image file and canonical caption
+EXAMPLE_QUESTIONS_FILE = "examples/questions.json"  # bundle file: a question about each example, with its answer
 # The tiny CLIP (TinyClipConfig): 56 px images, 8 px patches (ViT-B/32's 7x7 grid), a 256-d joint space, in-batch
 # negatives plus 3 near misses per pair, 50k pairs x 6 epochs at batch 128. The logit scale is fixed at 300, not
 # CLIP's 100: measured on held-out pairs, 100 let training close the gap to 0.44 (paired cosine 0.70) by the time
@@ -289,17 +291,29 @@ def write_world_data(recipe: ShapesRecipe, work: Path) -> dict[str, Path]:
                                                         config=config)):
             image.save(unpaired / f"unpaired-{i:05d}.png")
         (unpaired / "done").write_text("")
-    examples = paths["examples"]
-    if not stages.examples_done.is_file():
-        examples.mkdir(parents=True, exist_ok=True)
-        listed = []
-        for i, (scene, image, _) in enumerate(world.example_pairs(recipe.examples, seed=examples_seed(config),
-                                                                  config=config)):
-            image.save(examples / f"example-{i}-{scene.kind}.png")
-            listed.append({"file": f"examples/example-{i}-{scene.kind}.png", "caption": world.captions(scene)[0]})
-        (examples / "scenes.json").write_text(json.dumps(listed, indent=1) + "\n")
+    if not (stages.examples_done.is_file() and (paths["examples"] / Path(EXAMPLE_QUESTIONS_FILE).name).is_file()):
+        write_examples(recipe, paths["examples"])
         stages.examples_done.write_text("")
     return paths
+
+
+def write_examples(recipe: ShapesRecipe, examples: Path) -> None:
+    """The example images in ``examples``, with ``scenes.json`` (each file's canonical caption) and
+    ``questions.json`` (a question about each, with its answer: :func:`training.shapes.questions.example_questions`).
+    """
+    config = recipe.world
+    examples.mkdir(parents=True, exist_ok=True)
+    listed, scenes = [], []
+    for i, (scene, image, _) in enumerate(world.example_pairs(recipe.examples, seed=examples_seed(config),
+                                                              config=config)):
+        image.save(examples / f"example-{i}-{scene.kind}.png")
+        listed.append({"file": f"examples/example-{i}-{scene.kind}.png", "caption": world.captions(scene)[0]})
+        scenes.append(scene)
+    (examples / Path(EXAMPLES_FILE).name).write_text(json.dumps(listed, indent=1) + "\n")
+    asked = example_questions(scenes, seed=examples_seed(config), colours=config.colours, shapes=config.shapes)
+    (examples / Path(EXAMPLE_QUESTIONS_FILE).name).write_text(json.dumps(
+        [{"image": entry["file"], "question": q.text, "answer": q.answer, "type": q.kind}
+         for entry, q in zip(listed, asked)], indent=1) + "\n")
 
 
 def train_encoder(recipe: ShapesRecipe, work: Path) -> Path:
@@ -532,11 +546,13 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     )
     for image in sorted(data["examples"].glob("*.png")):
         writer.add_file(f"examples/{image.name}", image)
-    writer.add_file(EXAMPLES_FILE, data["examples"] / "scenes.json")
+    writer.add_file(EXAMPLES_FILE, data["examples"] / Path(EXAMPLES_FILE).name)
+    writer.add_file(EXAMPLE_QUESTIONS_FILE, data["examples"] / Path(EXAMPLE_QUESTIONS_FILE).name)
     # VQA follows the paper: the LM that answers is the frozen, untouched one (MacCap's was trained for captions)
     writer.add_directory(VQA_LM, stages.lm)
     lead = {VQA_CAPTION_METHOD_KEY: recipe.lead_method} if recipe.lead_method else {}
-    writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM, **lead})
+    writer.add_component(VQA_COMPONENT, {**answers, "lm": IN_BUNDLE_PREFIX + VQA_LM, **lead,
+                                         VQA_EXAMPLES_KEY: EXAMPLE_QUESTIONS_FILE})
     writer.finish()
     with timed("domain", complete=False):
         record_domain(staging, n=recipe.domain_images)  # it reads the recipe's world from the finished manifest

@@ -22,7 +22,8 @@ Besides the captions (JSON keys others rely on, issue 15):
   caption-trained LM (``caption_trained_lm``) and the frozen LM reading the true captions
   (``frozen_lm_true_captions``, the ceiling);
 - ``examples``: ``correct`` of ``n`` shipped example images captioned exactly by the app's default method (the
-  bundle's first), and ``by_method``: the same count for every method scored.
+  bundle's first), ``by_method``: the same count for every method scored, and ``questions``: ``correct`` of ``n``
+  of the bundle's questions about its examples (the Ask tab's) answered as the world answers them.
 """
 
 from __future__ import annotations
@@ -265,7 +266,22 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
     if default_method in shipped:
         counts = {m: {"correct": row["correct"], "n": row["n"]} for m, row in shipped.items()}
         report["examples"] = {**shipped[default_method], "by_method": counts}
+        asked = example_questions_report(captioner)
+        if asked is not None:
+            report["examples"]["questions"] = asked
     return report
+
+
+def example_questions_report(captioner: Captioner) -> dict[str, Any] | None:
+    """The bundle's questions about its examples (the Ask tab's), answered as the app answers them, against the
+    world's answers; None when it ships none or cannot answer."""
+    asked = captioner.example_questions()
+    if not asked or captioner.vqa_method is None:
+        return None
+    answers = [captioner.answer(item.image, item.question).answer for item in asked]
+    return {"correct": sum(answer == item.answer for answer, item in zip(answers, asked)), "n": len(asked),
+            "answers": [{"image": item.image.name, "question": item.question, "answer": answer, "truth": item.answer}
+                        for answer, item in zip(answers, asked)]}
 
 
 def record(weights: str, report: dict[str, Any], argv: list[str]) -> None:
@@ -342,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"vqa       {kind} scenes: {of_kind['accuracy']:.3f} ({of_kind['n']}; {of_types})")
     for method, shipped in report.get("examples", {}).get("by_method", {}).items():
         print(f"examples {method}: {shipped['correct']} / {shipped['n']} scenes exact")
+    asked = report.get("examples", {}).get("questions")
+    if asked:
+        wrong = "; ".join(f"{a['image']} {a['question']!r}: {a['answer']} (truth {a['truth']})"
+                          for a in asked["answers"] if a["answer"] != a["truth"])
+        print(f"examples questions: {asked['correct']} / {asked['n']} answered right"
+              + (f"; wrong: {wrong}" if wrong else ""))
     return 0
 
 

@@ -144,6 +144,19 @@ def pick_one_per_type(asked: list[Question], rng: np.random.Generator) -> Questi
     return of_kind[int(rng.integers(len(of_kind)))]
 
 
+def example_questions(scenes: list[Scene], *, seed: int, colours: tuple[str, ...], shapes: tuple[str, ...]
+                      ) -> list[Question]:
+    """One question about each scene (the shipped examples), its type in rotation through QUESTION_TYPES: scene i
+    gets type i (mod 5), or the next type it can be asked (a group has no position question). A rule fixed before
+    training, like the examples': the answers are the world's truth, whatever the bundle answers."""
+    chosen = []
+    for i, scene in enumerate(scenes):
+        asked = questions(scene, np.random.default_rng([seed, i]), colours=colours, shapes=shapes)
+        kinds = QUESTION_TYPES[i % len(QUESTION_TYPES):] + QUESTION_TYPES[:i % len(QUESTION_TYPES)]
+        chosen.append(next(q for kind in kinds for q in asked if q.kind == kind))
+    return chosen
+
+
 def qa_texts(scenes: list[Scene], rng: np.random.Generator, *, colours: tuple[str, ...], shapes: tuple[str, ...],
              per_text: int = 1) -> list[str]:
     """One LM pretraining text per scene: a random paraphrase, then ``per_text`` questions and their answers.
