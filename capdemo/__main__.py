@@ -1,7 +1,8 @@
 """``capdemo caption|vqa|info`` (or ``python -m capdemo``): the library from the command line, JSON on request.
 
 One bad image never stops a batch: it gets a one-line error on stderr, the others
-are captioned, and the exit code is 1 so scripts notice.
+are captioned, and the exit code is 1 so scripts notice (``vqa``'s one image likewise); a bad
+setting or bundle is exit code 2.
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ def _caption(args: argparse.Namespace, captioner) -> int:
 
 
 def _vqa(args: argparse.Namespace, captioner) -> int:
-    from capdemo.images import load_image
+    from capdemo.images import ImageLoadError, load_image
 
-    image = load_image(args.image, name=args.image.name)
+    try:
+        image = load_image(args.image, name=args.image.name)
+    except (ImageLoadError, OSError) as err:  # a bad image, as caption reports one: exit code 1
+        _error(str(err) if isinstance(err, ImageLoadError) else f"{args.image}: {err.strerror or err}")
+        return 1
     result = captioner.answer(image, args.question, top_k=args.top_k)
     if args.json:
         print(json.dumps({"image": str(args.image), "question": args.question, **result.to_json()}, ensure_ascii=False))

@@ -162,6 +162,17 @@ def test_cli_captions_good_images_and_reports_bad_ones(tiny_bundle_dir, tmp_path
     assert len(errors) == 1 and "broken.jpg" in errors[0]
 
 
+def test_cli_vqa_reports_an_unreadable_image_in_one_line_with_caption_s_exit_code(tiny_bundle_dir, tmp_path, capsys):
+    from capdemo.__main__ import main
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not really a jpeg")
+    for image in (bad, tmp_path / "missing.png"):
+        assert main(["vqa", str(image), "--question", "how many?", "--weights", str(tiny_bundle_dir)]) == 1
+        errors = [row for row in capsys.readouterr().err.splitlines() if row.startswith("error:")]
+        assert len(errors) == 1 and image.name in errors[0]  # (transformers' loading bars share stderr)
+
+
 @pytest.mark.parametrize("size", ["0", "-1", "two"])
 def test_cli_refuses_a_batch_size_that_is_not_a_positive_number(size, tmp_path, capsys):
     from capdemo.__main__ import main
