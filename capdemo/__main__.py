@@ -53,6 +53,13 @@ def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def _image_error(path: Path, err: Exception) -> None:
+    """The one line an image that cannot be read gets (an ImageLoadError names its file already)."""
+    from capdemo.images import ImageLoadError
+
+    _error(str(err) if isinstance(err, ImageLoadError) else f"{path}: {getattr(err, 'strerror', None) or err}")
+
+
 def _caption(args: argparse.Namespace, captioner) -> int:
     from capdemo.images import ImageLoadError, load_image
 
@@ -62,7 +69,7 @@ def _caption(args: argparse.Namespace, captioner) -> int:
         try:
             loaded.append((path, load_image(path, name=path.name)))
         except (ImageLoadError, OSError) as err:
-            _error(str(err) if isinstance(err, ImageLoadError) else f"{path}: {err.strerror or err}")
+            _image_error(path, err)
             failures += 1
     for start in range(0, len(loaded), args.batch_size):
         chunk = loaded[start: start + args.batch_size]
@@ -81,7 +88,7 @@ def _vqa(args: argparse.Namespace, captioner) -> int:
     try:
         image = load_image(args.image, name=args.image.name)
     except (ImageLoadError, OSError) as err:  # a bad image, as caption reports one: exit code 1
-        _error(str(err) if isinstance(err, ImageLoadError) else f"{args.image}: {err.strerror or err}")
+        _image_error(args.image, err)
         return 1
     result = captioner.answer(image, args.question, top_k=args.top_k)
     if args.json:

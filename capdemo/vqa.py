@@ -137,15 +137,18 @@ def example_questions(bundle: Any) -> list[ExampleQuestion]:
     relpath = bundle.component(VQA_COMPONENT).get(VQA_EXAMPLES_KEY) if bundle.has(VQA_COMPONENT) else None
     if relpath is None:
         return []
-    files = bundle.manifest.get("files", {})
+    files, where = bundle.manifest.get("files", {}), bundle.path / relpath
     listed = bundle.json(relpath)
     out = []
     for entry in listed if isinstance(listed, list) else [listed]:
-        if not isinstance(entry, dict) or not {"image", "question", "answer"} <= entry.keys():
-            raise BundleError(f"{relpath}: each entry needs image, question and answer, got {str(entry)[:80]}")
-        if entry["image"] not in files:
-            raise BundleError(f"{relpath}: {entry['image']!r} is not a file of the bundle")
-        out.append(ExampleQuestion(bundle.path / entry["image"], str(entry["question"]), str(entry["answer"])))
+        fields = [entry.get(key) for key in ("image", "question", "answer")] if isinstance(entry, dict) else [None]
+        if not all(isinstance(value, str) for value in fields):
+            raise BundleError(f"{where}: each entry needs an image, a question and an answer (strings), got "
+                              f"{entry!r:.80}")
+        image, question, answer = fields
+        if image not in files:
+            raise BundleError(f"{where}: {image!r:.80} is not a file of the bundle")
+        out.append(ExampleQuestion(bundle.path / image, question, answer))
     return out
 
 

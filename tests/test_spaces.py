@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_SPACES = ROOT / "tests" / "fake_spaces"
 STARTUP_TIMEOUT_S = 240  # a cold start of the shapes bundle takes ~10-30 s on 2 shared cores
 GPU_EVENTS = {"caption", "vqa", "embedding", "batch", "datastore",  # the model-calling events, and the examples'
-              "example_caption", "example_answer"}  # (an example runs the model on its first click)
+              "example_caption"}  # captions (an example runs the model on its first click)
 
 
 def front_matter() -> dict:

@@ -461,3 +461,20 @@ def test_user_facing_squeezes_messages_onto_one_line():
     with pytest.raises(gr.Error) as raised:
         event(KeyError)
     assert raised.value.message == "internal error while testing: KeyError"
+
+
+def test_a_new_image_cancels_what_the_old_one_still_waits_for(captioner):
+    """An upload, a clear or a clicked example cancels the model events of the image before (a caption, an answer,
+    the plots still queued or running), so their results never land next to the new image."""
+    demo = ui.create_blocks(captioner)
+    dependencies = demo.config["dependencies"]
+    by_api = {dep["api_name"]: dep["id"] for dep in dependencies}
+    model_events = {by_api["caption"], by_api["vqa"], by_api["embedding"]}
+    ids = {block.elem_id: block._id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    triggers = {(ids["image-input"], "upload"), (ids["image-input"], "clear")}
+    examples = next(block._id for block in demo.blocks.values() if isinstance(block, gr.Dataset))
+    cancelling = {target: set(dep["cancels"]) for dep in dependencies for target in map(tuple, dep["targets"])
+                  if target in triggers or target == (examples, "click") and dep["cancels"]}
+    assert set(cancelling) == triggers | {(examples, "click")}
+    for target, cancelled in cancelling.items():
+        assert model_events <= cancelled, target

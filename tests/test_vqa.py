@@ -140,8 +140,15 @@ def test_example_questions_are_read_from_the_file_the_vqa_component_names(tmp_pa
 @pytest.mark.parametrize("entry, said", [({"image": "examples/b.png", "question": "q?", "answer": "a"},
                                           "'examples/b.png' is not a file of the bundle"),
                                          ({"image": "examples/a.png", "question": "q?"},
-                                          "each entry needs image, question and answer")])
-def test_an_example_question_about_no_image_of_the_bundle_is_refused_in_one_line(tmp_path, entry, said):
+                                          "each entry needs an image, a question and an answer"),
+                                         ({"image": ["examples/a.png"], "question": "q?", "answer": "a"},
+                                          "each entry needs an image, a question and an answer"),
+                                         ({"image": "examples/a.png", "question": None, "answer": "a"},
+                                          "each entry needs an image, a question and an answer"),
+                                         ("two\nlines", "each entry needs an image, a question and an answer")])
+def test_an_example_question_that_is_not_one_about_an_image_of_the_bundle_is_refused_in_one_line(tmp_path, entry,
+                                                                                                  said):
     bundle = _bundle_with_questions(tmp_path, [entry])
-    with pytest.raises(BundleError, match=re.escape(said)):
+    with pytest.raises(BundleError, match=re.escape(said)) as refused:
         example_questions(bundle)
+    assert "\n" not in str(refused.value) and str(bundle.path) in str(refused.value)

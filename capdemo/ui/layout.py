@@ -157,11 +157,6 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
     config = app.config
     shown_photos = list(photos) if captioner.info()["world"] == "real" else []
     examples = [[str(path)] for path in [*captioner.examples(), *shown_photos]]
-    def example_answer(image: Any, question: str) -> list:
-        """An example question's answer (the Ask tab's examples), as /vqa gives it for a new image."""
-        view = app.vqa_event(image, question)
-        return [view.answer, view.top_answers, view.generated, view.caption, view.prompt]
-
     age = config.cache_max_age_s  # checked as often as files may live: Gradio keeps them forever by default
     title, intro = header(captioner, app.domain.summary if app.domain else "")
     with gr.Blocks(title="capdemo: " + " and ".join(app.labels.values()), delete_cache=(age, age)) as demo:
@@ -178,8 +173,7 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                     with gr.Tab("Caption", id="caption"):
                         chosen, controls, caption_button, caption_outputs, panel = _caption_tab(captioner, app)
                     with gr.Tab("Ask (VQA)", id="vqa"):
-                        vqa_inputs, vqa_outputs, vqa_button, asked = _vqa_tab(captioner, picture,
-                                                                              on_gpu(example_answer))
+                        vqa_inputs, vqa_outputs, vqa_button, asked = _vqa_tab(captioner, picture)
                     with gr.Tab("Embedding space", id="embedding"):
                         embedding_inputs, embedding_outputs, embedding_button, embedding_note = _embedding_tab()
                     with gr.Tab("Batch", id="batch"):
@@ -232,14 +226,6 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                                     elem_id="examples")
                 if cache_examples:  # outputs cached by another bundle or capdemo version are dropped
                     claim_examples_cache(Path(shown.cached_folder), source_key(captioner.info(), __version__))
-                # an example is a new image too: the results it does not fill go, as on an upload
-                shown.dataset.click(lambda: [*vqa_blank, *embedding_blank], None,
-                                    [*vqa_outputs, *embedding_outputs, embedding_note], api_visibility="private",
-                                    queue=False)
-        if asked is not None:  # and an example question: its answer shows, every other result goes
-            asked.dataset.click(lambda: [*caption_outputs.cleared(), *embedding_blank], None,
-                                [*caption_outputs.components(), *embedding_outputs, embedding_note],
-                                api_visibility="private", queue=False)
             gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} captioning at once, at most "
                         f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
                         "try again shortly.</small>", elem_classes=["capdemo-queue"])
@@ -252,22 +238,44 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
         caption_fn.__doc__ = app.caption_event.__doc__
         model = {"concurrency_id": MODEL_CONCURRENCY_ID}  # at most `concurrency_limit` captioning events at once
         retrieve_from = [panel.retrieve_from] if panel else [gr.State(BUNDLE)]
-        caption_button.click(on_gpu(caption_fn),
-                             [picture, chosen, *(c.component for c in controls), *retrieve_from, state, stores],
-                             [*caption_outputs.components(), state], api_name="caption", **model)
+        caption_events = [caption_button.click(
+            on_gpu(caption_fn), [picture, chosen, *(c.component for c in controls), *retrieve_from, state, stores],
+            [*caption_outputs.components(), state], api_name="caption", **model)]
         if panel is not None:
             panel.button.click(on_gpu(datastore), [panel.text, panel.file, stores],
                                [panel.status, panel.download, stores], api_name="datastore", **model)
-        vqa_button.click(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_name="vqa", **model)
-        vqa_inputs[0].submit(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_visibility="private",
-                             **model)
-        embedding_button.click(on_gpu(embedding), [picture, *embedding_inputs, state],
-                               [*embedding_outputs, embedding_note, state], api_name="embedding",
-                               concurrency_id=PLOT_CONCURRENCY_ID, concurrency_limit=1)
+        embedding_event = embedding_button.click(on_gpu(embedding), [picture, *embedding_inputs, state],
+                                                 [*embedding_outputs, embedding_note, state], api_name="embedding",
+                                                 concurrency_id=PLOT_CONCURRENCY_ID, concurrency_limit=1)
         batch_button.click(on_gpu(batch), batch_inputs, batch_outputs, api_name="batch", **model)
+        vqa_events = [vqa_button.click(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs, api_name="vqa",
+                                       **model),
+                      vqa_inputs[0].submit(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs,
+                                           api_visibility="private", **model)]
+        if asked is not None:  # an example question: its picture and question, then the answer as Ask gives it
+            vqa_events.append(asked.load_input_event.then(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs,
+                                                          api_visibility="private", **model))
+        # A new image (an upload, a clear, an example) empties what the old one showed and cancels what it still
+        # waits for, so no result of an earlier image lands next to it; an example keeps what it fills itself.
         clear_targets = [*caption_outputs.components(), *vqa_outputs, *embedding_outputs, embedding_note, state]
+        pending = [*caption_events, *vqa_events, embedding_event]
         for trigger in (picture.upload, picture.clear):
-            trigger(cleared, None, clear_targets, api_visibility="private", queue=False)
+            trigger(cleared, None, clear_targets, cancels=pending, api_visibility="private", queue=False)
+
+        def emptied_except(filled: Sequence) -> tuple[list, Any]:
+            """What a new image empties (the session state aside) less ``filled``, what an example fills itself:
+            the outputs and the function that empties them."""
+            pairs = [(output, blank) for output, blank in zip(clear_targets[:-1], cleared()[:-1])
+                     if all(output is not mine for mine in filled)]
+            return [output for output, _ in pairs], lambda: [blank for _, blank in pairs]
+
+        if examples:  # its captions (uncached examples only load the picture: then those go too)
+            targets, empty = emptied_except(caption_outputs.components() if cache_examples else [])
+            shown.dataset.click(empty, None, targets, cancels=pending, api_visibility="private", queue=False)
+        if asked is not None:  # its answer
+            targets, empty = emptied_except(vqa_outputs)
+            asked.dataset.click(empty, None, targets, cancels=[*caption_events, embedding_event],
+                                api_visibility="private", queue=False)
         demo.load(app.about, None, [about_text, about_details], api_name="about")
 
     demo.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)
@@ -289,9 +297,9 @@ def _caption_tab(captioner: Captioner, app: CaptionDemo) -> tuple[Any, list[Sett
     return chosen, controls, button, CaptionOutputs(captioner), own
 
 
-def _vqa_tab(captioner: Captioner, picture: Any, example_answer: Any) -> tuple[list, list, Any, gr.Examples | None]:
-    """The question, the Ask button, the bundle's example questions (about its example images; clicking one shows
-    its image and answers it) and the answer's outputs."""
+def _vqa_tab(captioner: Captioner, picture: Any) -> tuple[list, list, Any, gr.Examples | None]:
+    """The question, the Ask button, the bundle's example questions (about its example images: a click loads the
+    picture and the question, and create_blocks answers it) and the answer's outputs."""
     limit = captioner.question_limit()
     if captioner.vqa_method is None:
         gr.Markdown("This bundle cannot answer questions (it has no answer list or no method with an LM); "
@@ -313,8 +321,7 @@ def _vqa_tab(captioner: Captioner, picture: Any, example_answer: Any) -> tuple[l
     with examples_slot:
         examples = gr.Examples(
             examples=[[str(item.image), item.question] for item in asked], inputs=[picture, question],
-            outputs=outputs, fn=example_answer, run_on_click=True, cache_examples=False,
-            examples_per_page=len(asked), elem_id="example-questions",
+            cache_examples=False, examples_per_page=len(asked), elem_id="example-questions",
             label="Example questions, in the forms this bundle's LM was taught (click one: it is answered at once)",
         ) if asked else None
     return [question], outputs, button, examples
