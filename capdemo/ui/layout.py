@@ -252,9 +252,10 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                                        **model),
                       vqa_inputs[0].submit(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs,
                                            api_visibility="private", **model)]
-        if asked is not None:  # an example question: its picture and question, then the answer as Ask gives it
+        if asked is not None:  # an example question: its picture and question, then the answer as Ask gives it,
+            # scrolled into view (on a phone it lies below the list of questions)
             vqa_events.append(asked.load_input_event.then(on_gpu(vqa), [picture, *vqa_inputs, state], vqa_outputs,
-                                                          api_visibility="private", **model))
+                                                          scroll_to_output=True, api_visibility="private", **model))
         # A new image (an upload, a clear, an example) empties what the old one showed and cancels what it still
         # waits for, so no result of an earlier image lands next to it; an example keeps what it fills itself.
         clear_targets = [*caption_outputs.components(), *vqa_outputs, *embedding_outputs, embedding_note, state]
