@@ -8,6 +8,7 @@ models must clear both.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -491,3 +492,17 @@ def test_a_work_dir_is_resumed_only_with_the_recipe_that_made_it(tmp_path):
         claim_work_dir(recipe.with_training_seed(1), tmp_path)  # would mix seed 0's CLIP with seed 1's methods
     with pytest.raises(ValueError, match=r"another recipe \(tomcap_steps differ\)"):
         claim_work_dir(recipe.replace(tomcap_steps=recipe.tomcap_steps + 1), tmp_path)
+
+
+
+def test_a_work_dir_made_before_a_recipe_field_existed_resumes_at_its_default(tmp_path):
+    from training.shapes.build import claim_work_dir
+
+    recipe = ShapesRecipe.smoke()
+    claim_work_dir(recipe, tmp_path)
+    recorded = json.loads((tmp_path / "recipe.json").read_text())
+    del recorded["clip"]["vision_patch_dropout"]  # as written before the field was added
+    (tmp_path / "recipe.json").write_text(json.dumps(recorded))
+    claim_work_dir(recipe, tmp_path)  # a resume: the missing field is its default, 0
+    with pytest.raises(ValueError, match=r"another recipe \(clip differ\)"):
+        claim_work_dir(recipe.replace(clip=recipe.clip.replace(vision_patch_dropout=0.5)), tmp_path)

@@ -244,14 +244,16 @@ class StageOutputs:
 
 def claim_work_dir(recipe: ShapesRecipe, work: Path) -> None:
     """Record ``recipe`` as the one ``work``'s stage outputs are made with, or, if the work dir holds another
-    recipe's, raise a one-line ValueError naming what differs: resuming would mix two recipes' stages."""
+    recipe's, raise a one-line ValueError naming what differs: resuming would mix two recipes' stages. A field
+    added to the recipe since the work dir was made counts at its default (which keeps the earlier behaviour)."""
     stages = StageOutputs(work)
     now = json.loads(json.dumps(recipe.to_dict()))
     if not stages.recipe.is_file():
         with atomic_output(stages.recipe) as tmp:
             tmp.write_text(json.dumps(now, indent=1))
         return
-    before = json.loads(stages.recipe.read_text())
+    recorded = ShapesRecipe.from_dict(json.loads(stages.recipe.read_text()), where=str(stages.recipe))
+    before = json.loads(json.dumps(recorded.to_dict()))
     changed = sorted(key for key in {*before, *now} if before.get(key) != now.get(key))
     if changed:
         raise ValueError(f"{work} holds the stages of another recipe ({', '.join(changed)} differ): resume it with "
