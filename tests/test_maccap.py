@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -376,6 +378,32 @@ def test_single_token_training_gives_the_adaptor_one_noisy_copy(tiny_tokenizer, 
         assert seen[-1] == (2, expected, 32)
     with pytest.raises(ValueError, match="text_copies"):
         tiny_config(text_copies=0)
+
+
+def test_text_to_text_is_the_image_inference_with_the_text_in_the_images_place(trained, tiny_encoder):
+    texts = list(TINY_CORPUS[:8])
+    embeds = tiny_encoder.encode_text(texts)  # (8, D)
+    method = MacCapMethod(trained, tiny_encoder)
+    # noise strong enough that some texts lose every clean reading among their samples
+    options = MacCapOptions(samples=6, beams=2, noise_variance=2.0, n_cr=4, max_new_tokens=16, seed=3)
+    with torch.inference_mode():
+        decoded = method.text_to_text(texts, embeds, options)
+        one_clean = method.text_to_text(texts, embeds, dataclasses.replace(options, samples=1))
+    # by hand: sample s is the text's N_cr copies plus that sample's noise, decoded alone; the rerank keeps the
+    # candidate whose CLIP text embedding is nearest the text's own
+    copies = F.normalize(embeds, dim=-1).unsqueeze(1).expand(-1, 4, -1)  # (8, N_cr, D)
+    by_sample = [trained.generate(sample_noise_batch(copies, sample=s, variance=2.0, seed=3), beams=2,
+                                  max_new_tokens=16) for s in range(6)]
+    choices = 0
+    for i in range(len(texts)):
+        candidates = [sample[i] for sample in by_sample]
+        choices += len(set(candidates)) > 1
+        cosines = tiny_encoder.encode_text(candidates) @ F.normalize(embeds[i], dim=-1)  # (S,)
+        assert decoded[i] == candidates[int(cosines.argmax())]
+    assert choices, "the noise should make some text's samples differ, or the rerank is not checked"
+    assert decoded != one_clean  # the sampled reading is not the clean one here
+    # S = 1 (Table 5's row without sampling and filtering): one clean sample, as training's copies without noise
+    assert one_clean == caption_text_embeddings(trained, embeds, beams=2, max_new_tokens=16)
 
 
 def test_one_sample_is_the_clean_regions_without_noise_or_filtering(trained, tiny_encoder):

@@ -280,9 +280,11 @@ class CaptionMethod(ABC):
     def caption(self, encoded: Encoded, options: MethodOptions) -> list[Result]:
         """One Result per image of ``encoded`` (validated ``options``); timings per image, encode excluded."""
 
-    def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor) -> list[str] | None:
-        """Captions decoded from texts' own CLIP embeddings as training presents them, clean (no noise): the
-        ceiling of text-only training, where no modality gap exists. None when the method has no such path."""
+    def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor,
+                     options: MethodOptions | None = None) -> list[str] | None:
+        """Captions decoded from texts' own CLIP embeddings put where an image's would go, through the method's
+        inference with ``options`` (default: the bundle's): the ceiling of text-only training, where no modality
+        gap exists. None when the method has no such path."""
         return None
 
     def answer_lm(self) -> Any:

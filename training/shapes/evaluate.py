@@ -5,8 +5,10 @@ every method with its bundle defaults), parsed back into scenes and scored:
 exact scene accuracy, per-attribute accuracy, BLEU-4 and CIDEr against all
 paraphrases. ``text_to_text`` is the ceiling of text-only training: each test
 scene's caption decoded from its own CLIP text embedding, where no modality gap
-exists (each method's ``text_to_text``: MacCap one clean sample, greedy;
-TOMCap its training input, decoded with its default beams and selection).
+exists, by the method's image inference with the same settings (each method's
+``text_to_text``: MacCap the embedding's N_cr copies as the regions, S noisy
+samples reranked by cosine with the text; TOMCap its training input, clean,
+with its beams and selection; CapDec the clean embedding, best beam).
 
 With ``--novel`` only the scenes no training text describes are drawn (a world built with ``--world-set
 novel=F``; :func:`training.shapes.world.novel_scenes`), and the report says ``"novel": true``.
@@ -109,11 +111,12 @@ def candidate_report(captioner: Captioner, results: list[Result], scenes: list[S
             "clip_prefers_wrong": prefers / len(wrong) if wrong else 0.0}
 
 
-def text_to_text(captioner: Captioner, method: str, texts: list[str]) -> list[str] | None:
-    """Captions decoded from the CLIP text embeddings of ``texts`` as the method's training presents them."""
+def text_to_text(captioner: Captioner, method: str, texts: list[str], settings: dict[str, Any]
+                 ) -> list[str] | None:
+    """Captions decoded from the CLIP text embeddings of ``texts`` in the images' place, with ``settings``."""
     embeds = torch.cat([captioner.encoder.encode_text(texts[i: i + 256]) for i in range(0, len(texts), 256)])
     with torch.inference_mode():
-        return captioner.method(method).text_to_text(texts, embeds)
+        return captioner.method(method).text_to_text(texts, embeds, captioner.options(method, **settings))
 
 
 GAP_PAIRS = 1000  # held-out pairs the gap numbers are measured on (i2t R@1 "among 1,000")
@@ -251,7 +254,7 @@ def evaluate_bundle(weights: str, *, n: int, seed: int, methods: list[str] | Non
                                        for p, s in list(zip(predictions, scenes))[:5]]}
     if ceiling:
         texts = [captions(scene)[0] for scene in scenes]
-        decoded = {m: text_to_text(captioner, m, texts) for m in methods}
+        decoded = {m: text_to_text(captioner, m, texts, settings.get(m, {})) for m in methods}
         report["text_to_text"] = {m: score(out, scenes) for m, out in decoded.items() if out is not None}
     vqa_method = captioner.vqa_method
     if vqa_scenes and vqa_method is not None and vqa_method.name in predictions_of:

@@ -89,9 +89,11 @@ class CapDecMethod(CaptionMethod):
     def caption(self, encoded: Encoded, options: CapDecOptions) -> list[Result]:
         return caption_images(self.model, self.encoder, encoded.image_embeds(), options)
 
-    def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor) -> list[str]:
-        """Each text's own normalised embedding, no noise, decoded with the bundle's beams (best beam)."""
-        defaults = self.default_options()
+    def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor,
+                     options: CapDecOptions | None = None) -> list[str]:
+        """Each text's own normalised embedding, no noise (CapDec's noise is training's alone), decoded with
+        ``options``' beams (default: the bundle's), the best beam."""
+        defaults = options or self.default_options()
         outputs = []
         for start in range(0, len(texts), TEXT_TO_TEXT_BATCH):
             chunk = text_embeds[start : start + TEXT_TO_TEXT_BATCH]

@@ -30,7 +30,7 @@ from capdemo.gap import sample_noise
 from capdemo.lm import max_positions
 from capdemo.methods.base import CaptionMethod, Encoded, LoadContext, MethodOptions, options_from_config, setting
 from capdemo.methods.maccap.model import (
-    REGION_MODES, MacCap, caption_text_embeddings, image_regions, load_from_bundle,
+    REGION_MODES, MacCap, image_regions, load_from_bundle,
 )
 from capdemo.rerank import ScoredTexts, clip_scores
 from capdemo.result import Candidate, Patch, Result
@@ -38,7 +38,7 @@ from capdemo.vqa import AnswerLM
 from capdemo.timing import StageTimer
 
 
-TEXT_TO_TEXT_BATCH = 50  # texts decoded per generate call by text_to_text
+TEXT_TO_TEXT_BATCH = 25  # texts decoded per generate call by text_to_text (x S samples each)
 
 
 @dataclass
@@ -83,6 +83,24 @@ def inference_variance(options: MacCapOptions) -> float:
     return 0.0 if options.samples == 1 else options.noise_variance
 
 
+def sample_and_filter(model: MacCap, encoder: ClipEncoder, regions: torch.Tensor, targets: torch.Tensor,
+                      options: MacCapOptions, timer: StageTimer) -> list[ScoredTexts]:
+    """The paper's multiple sampling and filtering: S noisy samples of each item's region features (B, N_cr, D),
+    all decoded in one generate call, each item's S candidates scored by CLIP cosine with its ``targets`` row (B, D)
+    (an image's embedding; a text's own, for the text-to-text ceiling)."""
+    with timer("aggregate"):
+        noisy = noisy_samples(regions, samples=options.samples, variance=inference_variance(options),
+                              seed=options.seed)  # (B, S, N_cr, D)
+    with timer("adaptor"):
+        prompt = model.prompt_embeds(noisy.flatten(0, 1))  # (B * S, P, E), rows of one item adjacent
+    with timer("generate"):
+        texts = model.generate_from_prompt(prompt, beams=options.beams, max_new_tokens=options.max_new_tokens)
+    with timer("rerank"):
+        per_item = options.samples
+        groups = [texts[b * per_item : (b + 1) * per_item] for b in range(regions.shape[0])]
+        return clip_scores(encoder, targets, groups)
+
+
 @torch.inference_mode()
 def caption_images(model: MacCap, encoder: ClipEncoder, features: ImageFeatures,
                    options: MacCapOptions) -> list[Result]:
@@ -92,16 +110,7 @@ def caption_images(model: MacCap, encoder: ClipEncoder, features: ImageFeatures,
         features = features.to(model.device)
         token_index, attention, regions = image_regions(features, model.config, n_cr=options.n_cr,
                                                         region_mode=options.region_mode)
-        noisy = noisy_samples(regions, samples=options.samples, variance=inference_variance(options),
-                              seed=options.seed)
-    with timer("adaptor"):
-        prompt = model.prompt_embeds(noisy.flatten(0, 1))  # (B * S, P, E), rows of one image adjacent
-    with timer("generate"):
-        texts = model.generate_from_prompt(prompt, beams=options.beams, max_new_tokens=options.max_new_tokens)
-    with timer("rerank"):
-        per_image = options.samples
-        groups = [texts[b * per_image : (b + 1) * per_image] for b in range(regions.shape[0])]
-        scored = clip_scores(encoder, features.image_embeds, groups)
+    scored = sample_and_filter(model, encoder, regions, features.image_embeds, options, timer)
     batch = regions.shape[0]
     timings = timer.per_image(batch)
     return [build_result(features, b, token_index, attention, regions, scored[b], timings, options)
@@ -208,11 +217,19 @@ class MacCapMethod(CaptionMethod):
     def caption(self, encoded: Encoded, options: MacCapOptions) -> list[Result]:
         return caption_images(self.model, self.encoder, encoded.features, options)
 
-    def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor) -> list[str]:
-        """One clean sample per text (N_cr copies of its embedding, no noise), greedy."""
-        embeds = text_embeds.to(self.model.device)
-        return [text for start in range(0, len(texts), TEXT_TO_TEXT_BATCH)
-                for text in caption_text_embeddings(self.model, embeds[start : start + TEXT_TO_TEXT_BATCH])]
+    def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor,
+                     options: MacCapOptions | None = None) -> list[str]:
+        """Each text's embedding in the image's place: its N_cr copies (the regions MacCap trains on) through
+        :func:`sample_and_filter` with ``options`` (default: the bundle's), reranked by cosine with the text."""
+        options = options or self.default_options()
+        embeds = F.normalize(text_embeds.to(self.model.device).float(), dim=-1)  # (N, D)
+        timer, captions = StageTimer(self.model.device), []
+        for start in range(0, len(texts), TEXT_TO_TEXT_BATCH):
+            chunk = embeds[start : start + TEXT_TO_TEXT_BATCH]  # (b, D)
+            regions = chunk.unsqueeze(1).expand(-1, options.n_cr, -1)  # (b, N_cr, D)
+            captions += [scored.texts[scored.order()[0]]
+                         for scored in sample_and_filter(self.model, self.encoder, regions, chunk, options, timer)]
+        return captions
 
     def answer_lm(self) -> AnswerLM:
         return AnswerLM.of_captioner(self.model)
@@ -227,6 +244,7 @@ __all__ = [
     "build_result",
     "caption_images",
     "noisy_samples",
+    "sample_and_filter",
     "sample_generator",
     "sample_noise_batch",
     "sequential_reference",
