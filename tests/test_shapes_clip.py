@@ -341,21 +341,3 @@ def test_a_fixed_position_embedding_stays_fixed_through_training(tmp_path):
     assert not torch.equal(encoder.model.visual.conv1.weight, build_encoder(fixed)[0].model.visual.conv1.weight)
     with pytest.raises(ConfigError, match="vision_pos_embed"):
         TinyClipConfig(vision_pos_embed="rope")
-
-
-def test_patch_dropout_hides_patches_in_training_only():
-    config = TinyClipConfig.smoke().replace(vision_patch_dropout=0.5)
-    assert "patch_dropout" not in TinyClipConfig().open_clip_config()["vision_cfg"]  # the recipe's config unchanged
-    dropped, plain = build_encoder(config)[0].model, build_encoder(TinyClipConfig.smoke())[0].model
-    seen: list[int] = []
-    dropped.visual.transformer.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
-    pixels = torch.rand(2, 3, config.image_size, config.image_size)
-    with torch.no_grad():
-        dropped.train()
-        dropped.encode_image(pixels)
-        dropped.eval()
-        # evaluated (and shipped) it sees every patch: the same outputs as the same weights without dropout
-        assert torch.equal(dropped.encode_image(pixels), plain.encode_image(pixels))
-    assert seen == [1 + 49 // 2, 1 + 49]  # training: CLS + half the 7 x 7 patches; evaluation: all of them
-    with pytest.raises(ConfigError, match="vision_patch_dropout"):
-        TinyClipConfig(vision_patch_dropout=1.0)

@@ -17,6 +17,7 @@ from capdemo.pipeline import Captioner
 from training.kernels import PINNED_KERNELS
 from training.shapes import world
 from training.shapes.build import ShapesRecipe, examples_seed
+from training.shapes.clip import TinyClipConfig
 from training.shapes.evaluate import evaluate_bundle, score
 from training.shapes.language import captions
 from training.shapes.questions import QUESTION_TYPES, answer_list, example_questions
@@ -501,8 +502,9 @@ def test_a_work_dir_made_before_a_recipe_field_existed_resumes_at_its_default(tm
     recipe = ShapesRecipe.smoke()
     claim_work_dir(recipe, tmp_path)
     recorded = json.loads((tmp_path / "recipe.json").read_text())
-    del recorded["clip"]["vision_patch_dropout"]  # as written before the field was added
+    assert recipe.clip.mismatched == TinyClipConfig.mismatched == 0.0
+    del recorded["clip"]["mismatched"]  # as a work dir made before the field existed recorded it
     (tmp_path / "recipe.json").write_text(json.dumps(recorded))
-    claim_work_dir(recipe, tmp_path)  # a resume: the missing field is its default, 0
+    claim_work_dir(recipe, tmp_path)  # a resume: the missing field is its default
     with pytest.raises(ValueError, match=r"another recipe \(clip differ\)"):
-        claim_work_dir(recipe.replace(clip=recipe.clip.replace(vision_patch_dropout=0.5)), tmp_path)
+        claim_work_dir(recipe.replace(clip=recipe.clip.replace(mismatched=0.03)), tmp_path)

@@ -92,10 +92,6 @@ class TinyClipConfig(Config):
     # The ViT's position embedding: "learnable" (CLIP's) or "sin_cos_2d" (fixed; open_clip's pos_embed_type). Learned
     # positions let fixed patches become attention sinks, which MacCap's top-N_cr then selects wherever the objects are.
     vision_pos_embed: str = "learnable"
-    # Patch dropout while training (open_clip's patch_dropout; Li et al. 2023, FLIP): each training image shows the
-    # ViT a random (1 - p) of its patches, so no patch position is always there to serve as an attention sink. The
-    # evaluated and shipped encoder sees every patch. At 0 the recipe's encoder config is unchanged.
-    vision_patch_dropout: float = 0.0
     context_length: int = 20  # text tokens incl. start and end; the world's longest caption needs 15
     # open_clip's standard BPE tokenizer (49408 tokens) is kept so the encoder loads like any other;
     # its vocab_size x text_width token embedding is most of the file, so the text tower stays narrow.
@@ -156,9 +152,6 @@ class TinyClipConfig(Config):
         if self.vision_pos_embed not in ("learnable", "sin_cos_2d"):
             raise ConfigError(f"TinyClipConfig.vision_pos_embed must be 'learnable' or 'sin_cos_2d', "
                               f"got {self.vision_pos_embed!r}")
-        if not 0 <= self.vision_patch_dropout < 1:
-            raise ConfigError(f"TinyClipConfig.vision_patch_dropout must be a fraction in [0, 1), "
-                              f"got {self.vision_patch_dropout}")
         if not 0 <= self.mismatched < 1:
             raise ConfigError(f"TinyClipConfig.mismatched must be a fraction in [0, 1), got {self.mismatched}")
         if not 0 <= self.detail <= 1:
@@ -193,8 +186,7 @@ class TinyClipConfig(Config):
                            **({"pool_type": self.vision_pool} if self.vision_pool != "tok" else {}),
                            # likewise: the shipped encoders' configs stay as they are
                            **({"pos_embed_type": self.vision_pos_embed}
-                              if self.vision_pos_embed != "learnable" else {}),
-                           **({"patch_dropout": self.vision_patch_dropout} if self.vision_patch_dropout else {})},
+                              if self.vision_pos_embed != "learnable" else {})},
             "text_cfg": {"context_length": self.context_length, "vocab_size": self.vocab_size,
                          "width": self.text_width, "heads": self.text_heads, "layers": self.text_layers},
         }
