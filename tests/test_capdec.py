@@ -3,6 +3,7 @@ training from the command line, and the CLI's JSON matching the other methods'."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -103,6 +104,18 @@ def test_inference_keeps_every_beam_best_first_with_its_clip_score(trained, tiny
     for result in by_clip:
         scores = [c.clip_score for c in result.candidates]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_text_to_text_decodes_the_text_embedding_as_an_image_with_the_options_given(trained, tiny_encoder):
+    texts = list(TINY_CORPUS[:4])
+    embeds = tiny_encoder.encode_text(texts)  # (4, D)
+    method = CapDecMethod(trained, tiny_encoder)
+    by_beam = CapDecOptions(beams=3, max_new_tokens=4)
+    for options in (by_beam, dataclasses.replace(by_beam, select_by="clip")):
+        as_images = [r.caption for r in caption_images(trained, tiny_encoder, embeds, options)]
+        assert method.text_to_text(texts, embeds, options) == as_images  # the same beams and selection
+    beams = trained.generate(embeds, beams=3, max_new_tokens=4)
+    assert method.text_to_text(texts, embeds, CapDecOptions(beams=3, max_new_tokens=4)) == beams[::3]
 
 
 def test_bundle_round_trip_gives_the_same_captions(trained, tiny_encoder, tmp_path):

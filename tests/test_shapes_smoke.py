@@ -204,7 +204,7 @@ def test_trained_smoke_models_beat_untrained_thresholds(report, smoke_bundle):
     assert report["tomcap"]["cider"] >= 0.3
 
 
-def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(smoke_bundle, capsys):
+def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(smoke_bundle, capsys, monkeypatch):
     import json
 
     from capdemo.bundle import Bundle
@@ -234,6 +234,12 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
     assert ablate.main(argv) == 0  # a second run reads the stored scores: no training, same numbers
     assert json.loads(capsys.readouterr().out) == first
     assert (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns == trained
+    monkeypatch.setattr(ablate, "SCORING_VERSION", ablate.SCORING_VERSION + 1)  # scoring changed: rescore, not retrain
+    assert ablate.main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == first  # the same code scores the same bundles the same
+    assert (trained_dir / "bundle" / "bundle.json").stat().st_mtime_ns == trained
+    assert len(list(trained_dir.glob("scores-v*.json"))) == 2  # the earlier version's score was not read
+    monkeypatch.undo()
     other = ["--smoke", "--work-dir", str(work), "--weights", str(smoke_bundle), "--only", "gap-none",
              "--steps", "12", "--n", "20", "--train-seeds", "0", "1", "--json"]  # other inputs: new rows, own folders
     assert ablate.main(other) == 0
@@ -495,7 +501,6 @@ def test_a_work_dir_is_resumed_only_with_the_recipe_that_made_it(tmp_path):
         claim_work_dir(recipe.replace(tomcap_steps=recipe.tomcap_steps + 1), tmp_path)
 
 
-
 def test_a_work_dir_made_before_a_recipe_field_existed_resumes_at_its_default(tmp_path):
     from training.shapes.build import claim_work_dir
 
@@ -508,3 +513,7 @@ def test_a_work_dir_made_before_a_recipe_field_existed_resumes_at_its_default(tm
     claim_work_dir(recipe, tmp_path)  # a resume: the missing field is its default
     with pytest.raises(ValueError, match=r"another recipe \(clip differ\)"):
         claim_work_dir(recipe.replace(clip=recipe.clip.replace(mismatched=0.03)), tmp_path)
+    recorded["clip"]["patch_dropout"] = 0.5  # a field this code does not know
+    (tmp_path / "recipe.json").write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match=r"another recipe .*patch_dropout.*--fresh"):
+        claim_work_dir(recipe, tmp_path)

@@ -315,6 +315,20 @@ def test_without_retrieval_the_text_to_text_ceiling_decodes_the_text_embedding_a
     assert decoded == as_images  # the same decoder, memory and rerank as an image with that embedding
 
 
+def test_the_text_to_text_ceiling_retrieves_the_options_k_neighbours(lm_dir, tiny_encoder, datastore, monkeypatch):
+    store, _ = datastore
+    model = build_model(lm_dir, gap_correction="none", max_new_tokens=6)
+    method = TOMCapMethod(model, tiny_encoder, datastore=store, gap_stats=None, retriever=None)
+    texts = list(TINY_CORPUS[:3])
+    embeds = tiny_encoder.encode_text(texts)  # (3, D)
+    memory, neighbours = model.memory, []
+    monkeypatch.setattr(model, "memory", lambda inputs, near: neighbours.append(near.shape[1]) or memory(inputs, near))
+    with torch.inference_mode():
+        for k in (1, 3):
+            method.text_to_text(texts, embeds, method.options(k=k))
+    assert neighbours == [1, 3]  # the memory holds K neighbour embeddings, as an image's does
+
+
 def test_bad_retrieval_setups_are_one_line_errors(model, tiny_encoder, datastore, pixels):
     store, _ = datastore
     with pytest.raises(DatastoreError, match=r"k=9 neighbours asked for, but the datastore holds only 8 captions"):

@@ -18,11 +18,11 @@ same freshly generated held-out scenes:
 * CapDec's noise injection (its paper's central claim): CapDec trained on clean text embeddings against the
   recipe's noise variance.
 
-Every row also reports its text-to-text ceiling (the decoder fed clean text embeddings), so a row that loses on
-images can be told apart from a weaker decoder. It reuses a finished build's stage outputs (``--work-dir`` of
-``python -m training shapes``: CLIP, LM, datastore, gap statistics), trains each variant with the build's own
-``python -m training tomcap`` or ``maccap`` command, and keeps every variant's bundle and scores under
-``<work-dir>/ablation`` so an interrupted run continues where it stopped.
+Every row also reports its text-to-text ceiling (its method's inference fed the captions' text embeddings where the
+images' go), so a row that loses on images can be told apart from a weaker decoder. It reuses a finished build's
+stage outputs (``--work-dir`` of ``python -m training shapes``: CLIP, LM, datastore, gap statistics), trains each
+variant with the build's own ``python -m training tomcap`` or ``maccap`` command, and keeps every variant's bundle
+and scores under ``<work-dir>/ablation`` so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ VARIANTS = (
             flags=("--noise-variance", "0")),
     Variant("capdec-noise", "capdec", "CapDec w/ noise (default)", method="capdec"),
 )
+# What a stored score measures: raised when scoring changes, so that a rerun rescores every row (its bundle kept)
+# instead of mixing two kinds of score. 2: MacCap's text-to-text ceiling read through its own sampling and rerank.
+SCORING_VERSION = 2
 REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate", "text_to_text_scene_accuracy")
 
 
@@ -115,7 +118,8 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
 
     Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe, its steps,
     its flags and its method's defaults; an inference row: the scored weights' manifest and its settings), so a rerun
-    with other inputs, or after a default changed, never reuses a bundle or a score.
+    with other inputs, or after a default changed, never reuses a bundle or a score; scores are also named by the
+    ``SCORING_VERSION`` they were made under.
     """
     if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
         command, method_config = TRAINING_COMMANDS[variant.method], TRAINED_METHODS[variant.method]
@@ -127,7 +131,7 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
         source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.settings}
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
     folder = work / "ablation" / variant.name / (f"steps-{method_steps}-{key}" if variant.trained else key)
-    scores_file = folder / f"scores-n{n}-seed{seed}{'-novel' if novel else ''}.json"
+    scores_file = folder / f"scores-v{SCORING_VERSION}-n{n}-seed{seed}{'-novel' if novel else ''}.json"
     if scores_file.is_file():  # the scores are the cache's; what the row is called is the code's, as it is now
         return {**json.loads(scores_file.read_text()), "group": variant.group, "description": variant.description}
     folder.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from capdemo.bundle import IN_BUNDLE_PREFIX, Bundle, BundleWriter, update_info
 from capdemo.encoders import ENCODER_CONFIG_FILE
 from capdemo.pipeline import DEFAULT_METHOD_KEY
 from capdemo.vqa import VQA_CAPTION_METHOD_KEY, VQA_COMPONENT, VQA_EXAMPLES_KEY
-from capdemo.config import Config
+from capdemo.config import Config, ConfigError
 from capdemo.fileio import atomic_output
 from training.checkpoints import checkpoint_path
 from training.kernels import kernels_in_force, pin_cpu_kernels
@@ -252,12 +252,15 @@ def claim_work_dir(recipe: ShapesRecipe, work: Path) -> None:
         with atomic_output(stages.recipe) as tmp:
             tmp.write_text(json.dumps(now, indent=1))
         return
-    recorded = ShapesRecipe.from_dict(json.loads(stages.recipe.read_text()), where=str(stages.recipe))
+    hint = "resume it with the same settings, or start again with --fresh or another --work-dir"
+    try:
+        recorded = ShapesRecipe.from_dict(json.loads(stages.recipe.read_text()), where=str(stages.recipe))
+    except ConfigError as err:  # e.g. a field this code no longer has
+        raise ValueError(f"{work} holds the stages of another recipe ({err}): {hint}") from err
     before = json.loads(json.dumps(recorded.to_dict()))
     changed = sorted(key for key in {*before, *now} if before.get(key) != now.get(key))
     if changed:
-        raise ValueError(f"{work} holds the stages of another recipe ({', '.join(changed)} differ): resume it with "
-                         "the same settings, or start again with --fresh or another --work-dir")
+        raise ValueError(f"{work} holds the stages of another recipe ({', '.join(changed)} differ): {hint}")
 
 
 def examples_seed(config: world.WorldConfig) -> int:

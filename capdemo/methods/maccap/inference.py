@@ -83,11 +83,13 @@ def inference_variance(options: MacCapOptions) -> float:
     return 0.0 if options.samples == 1 else options.noise_variance
 
 
+@torch.inference_mode()
 def sample_and_filter(model: MacCap, encoder: ClipEncoder, regions: torch.Tensor, targets: torch.Tensor,
-                      options: MacCapOptions, timer: StageTimer) -> list[ScoredTexts]:
+                      options: MacCapOptions, timer: StageTimer | None = None) -> list[ScoredTexts]:
     """The paper's multiple sampling and filtering: S noisy samples of each item's region features (B, N_cr, D),
     all decoded in one generate call, each item's S candidates scored by CLIP cosine with its ``targets`` row (B, D)
-    (an image's embedding; a text's own, for the text-to-text ceiling)."""
+    (an image's embedding; a text's own, for the text-to-text ceiling). ``timer`` collects the stages' times."""
+    timer = timer or StageTimer(model.device)
     with timer("aggregate"):
         noisy = noisy_samples(regions, samples=options.samples, variance=inference_variance(options),
                               seed=options.seed)  # (B, S, N_cr, D)
@@ -217,18 +219,19 @@ class MacCapMethod(CaptionMethod):
     def caption(self, encoded: Encoded, options: MacCapOptions) -> list[Result]:
         return caption_images(self.model, self.encoder, encoded.features, options)
 
+    @torch.inference_mode()
     def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor,
                      options: MacCapOptions | None = None) -> list[str]:
         """Each text's embedding in the image's place: its N_cr copies (the regions MacCap trains on) through
         :func:`sample_and_filter` with ``options`` (default: the bundle's), reranked by cosine with the text."""
         options = options or self.default_options()
         embeds = F.normalize(text_embeds.to(self.model.device).float(), dim=-1)  # (N, D)
-        timer, captions = StageTimer(self.model.device), []
+        captions = []
         for start in range(0, len(texts), TEXT_TO_TEXT_BATCH):
             chunk = embeds[start : start + TEXT_TO_TEXT_BATCH]  # (b, D)
             regions = chunk.unsqueeze(1).expand(-1, options.n_cr, -1)  # (b, N_cr, D)
             captions += [scored.texts[scored.order()[0]]
-                         for scored in sample_and_filter(self.model, self.encoder, regions, chunk, options, timer)]
+                         for scored in sample_and_filter(self.model, self.encoder, regions, chunk, options)]
         return captions
 
     def answer_lm(self) -> AnswerLM:

@@ -265,12 +265,14 @@ class TOMCapMethod(CaptionMethod):
         queries = encoded.image_embeds(self.retriever) if self.retriever is not None else image_embeds
         return caption_images(self.model, self.encoder, self.datastore, image_embeds, queries, options)
 
+    @torch.inference_mode()
     def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor,
                      options: TOMCapOptions | None = None) -> list[str] | None:
         """Each text's training input, clean: its corrected embedding, and the captions that embedding retrieves
-        as training's queries do (noise aside; itself excluded), decoded with ``options``' beams and selection
+        as training's queries do (noise aside; itself excluded), decoded with ``options``' K, beams and selection
         (default: the bundle's; by CLIP cosine with the text's embedding, as images are by theirs)."""
-        config = self.model.config
+        defaults = options or self.default_options()
+        config = self.model.config.replace(k=defaults.k)  # the prompt's neighbours: K of them, as for an image
         if self.retriever is not None or (config.use_retrieval and self.datastore is None):
             return None  # training queried with the retrieval encoder's text embeddings: not rebuilt here
         mode = GapCorrection(config.gap_correction)
@@ -285,7 +287,7 @@ class TOMCapMethod(CaptionMethod):
         if columns:
             store_embeds, store_rows = store_caption_embeddings(hit_ids, self.datastore, texts, text_embeds,
                                                                 self.encoder.encode_text)
-        defaults, groups = options or self.default_options(), []
+        groups = []
         for start in range(0, len(texts), TEXT_TO_TEXT_BATCH):
             rows = range(start, min(start + TEXT_TO_TEXT_BATCH, len(texts)))
             neighbour_embeds = (torch.stack([store_embeds[torch.as_tensor(store_rows[i][columns])] for i in rows])
