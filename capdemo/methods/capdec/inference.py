@@ -89,21 +89,14 @@ class CapDecMethod(CaptionMethod):
     def caption(self, encoded: Encoded, options: CapDecOptions) -> list[Result]:
         return caption_images(self.model, self.encoder, encoded.image_embeds(), options)
 
-    @torch.inference_mode()
     def text_to_text(self, texts: Sequence[str], text_embeds: torch.Tensor,
                      options: CapDecOptions | None = None) -> list[str]:
-        """Each text's own normalised embedding, no noise (CapDec's noise is training's alone), decoded with
-        ``options``' beams and selection (default: the bundle's; by CLIP cosine with the text's embedding, as
-        images are by theirs)."""
-        defaults = options or self.default_options()
-        groups = []
-        for start in range(0, len(texts), TEXT_TO_TEXT_BATCH):
-            chunk = text_embeds[start : start + TEXT_TO_TEXT_BATCH]  # (b, D)
-            beams = self.model.generate(chunk, beams=defaults.beams, max_new_tokens=defaults.max_new_tokens)
-            groups += [beams[j * defaults.beams : (j + 1) * defaults.beams] for j in range(chunk.shape[0])]
-        if defaults.select_by != "clip":
-            return [group[0] for group in groups]
-        return [scored.texts[scored.order()[0]] for scored in clip_scores(self.encoder, text_embeds, groups)]
+        """Each text's own normalised embedding, no noise (CapDec's noise is training's alone), captioned as an
+        image embedding is, with ``options`` (default: the bundle's)."""
+        options = options or self.default_options()
+        return [result.caption for start in range(0, len(texts), TEXT_TO_TEXT_BATCH)
+                for result in caption_images(self.model, self.encoder, text_embeds[start : start + TEXT_TO_TEXT_BATCH],
+                                             options)]
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.model]
