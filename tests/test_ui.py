@@ -413,6 +413,10 @@ def test_page_wires_stable_api_names_and_a_bounded_queue(captioner):
     assert demo.delete_cache == (3600, 3600)  # Gradio's file cache is swept, not kept until a restart
     model_events = [fn for fn in demo.fns.values() if fn.api_name in {"caption", "vqa", "batch"}]
     assert {fn.concurrency_id for fn in model_events} == {ui.MODEL_CONCURRENCY_ID}  # one shared limit
+    # every other queued event that runs the model (an example's first click captions it; an example question
+    # answers) shares it: only the About text and the plots have their own groups
+    queued = [fn for fn in demo.fns.values() if fn.queue and fn.api_name not in {"about", "embedding"}]
+    assert len(queued) > len(model_events) and {fn.concurrency_id for fn in queued} == {ui.MODEL_CONCURRENCY_ID}
     plot = next(fn for fn in demo.fns.values() if fn.api_name == "embedding")
     assert plot.concurrency_id == ui.PLOT_CONCURRENCY_ID != ui.MODEL_CONCURRENCY_ID  # never queued behind captions
     assert plot.concurrency_limit == 1

@@ -32,7 +32,7 @@ from capdemo.ui.style import CSS
 log = logging.getLogger(__name__)
 
 PROJECTION_CHOICES = [("PCA", "pca"), ("UMAP", "umap")]
-MODEL_CONCURRENCY_ID = "model"  # the queue group of the events that caption (Caption, Ask, Batch)
+MODEL_CONCURRENCY_ID = "model"  # the queue group of the events that caption (Caption, Ask, Batch, an example)
 PLOT_CONCURRENCY_ID = "plots"  # the Embedding tab's own group: a long UMAP never holds up a caption
 MAX_UPLOAD_SIZE = "50mb"  # per file, enforced by Gradio before the upload reaches the app
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
@@ -166,6 +166,8 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                                     elem_id="examples")
                 if cache_examples:  # outputs cached by another bundle or capdemo version are dropped
                     claim_examples_cache(Path(shown.cached_folder), source_key(captioner.info(), __version__))
+                    # An example's first click captions it: that event counts against the model's limit too
+                    demo.fns[shown.cache_event["id"]].concurrency_id = MODEL_CONCURRENCY_ID
             gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} captioning at once, at most "
                         f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
                         "try again shortly.</small>", elem_classes=["capdemo-queue"])
