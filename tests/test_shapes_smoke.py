@@ -407,8 +407,8 @@ def test_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_re
     from training.shapes import build as build_module
 
     shipped, other = ShapesRecipe.full(), ShapesRecipe.full().with_training_seed(3)
-    assert (shipped.seed, shipped.clip.init_seed, shipped.clip.train.seed) == (0, 0, 0)  # the shipped bundle's
-    assert (other.seed, other.clip.init_seed, other.clip.train.seed) == (3, 3, 3)
+    assert (shipped.seed, shipped.clip.init_seed, shipped.clip.train.seed) == (0, 1, 1)  # the shipped bundle's
+    assert (other.seed, other.clip.init_seed, other.clip.train.seed) == (3, 4, 4)  # the CLIP's draw moves along
     assert other.world == shipped.world  # the same images, corpus and examples
     assert other.replace(seed=0, clip=shipped.clip) == shipped  # and nothing else changed
     built = {}
