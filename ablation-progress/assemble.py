@@ -1,53 +1,47 @@
 """Temporary (removed once it has run): assemble weights/shapes/ablation.json for the seed-1-CLIP bundle.
 
-Run from the repository root with PYTHONPATH=. once every row's scores are in the build's ablation cache
-(``ablation-progress/scores`` copied back into ``<build>/ablation``):
+Run from the repository root with PYTHONPATH=. once every run's output is in ``ablation-progress/out`` (one
+``shapes-ablate --json`` report per row, steps and training seed, as ``abl.sh`` writes them):
 
-    python ablation-progress/assemble.py <build work dir>
+    python ablation-progress/assemble.py [date]
 
-It reads the cached rows through ``shapes-ablate --json`` (it refuses to start if a row would train), writes
+It aggregates the runs over seeds with shapes-ablate's own ``over_seeds`` (no work dir needed), writes
 ``ablation.json`` into the bundle (BundleWriter.extending), replaces the README's table lines and writes the card.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from capdemo.bundle import Bundle, BundleWriter
 from training.model_card import write_model_card
-from training.shapes.ablate import VARIANTS, full_length_lines, markdown_table
+from training.shapes.ablate import VARIANTS, full_length_lines, markdown_table, over_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights" / "shapes"
-TRAINED_500 = [v.name for v in VARIANTS if v.trained]
-INFERENCE = [v.name for v in VARIANTS if not v.trained]
+OUT = Path(__file__).resolve().parent / "out"
 MACCAP_FULL = ("maccap-multi-no-noise", "maccap-multi-noise")
 TOMCAP_FULL = ("gap-none", "noise-scale-4")
-DATE = sys.argv[2] if len(sys.argv) > 2 else "2026-12-06"
+DATE = sys.argv[1] if len(sys.argv) > 1 else "2026-12-05"
 
 
-def ablate(work: Path, *args: str) -> dict:
-    command = [sys.executable, "-m", "training", "shapes-ablate", "--work-dir", str(work), "--weights", str(WEIGHTS),
-               "--n", "500", "--json", *args]
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
-
-
-def cached_count(work: Path) -> int:
-    return len(list((work / "ablation").rglob("scores-v2-n500-seed1234.json")))
+def row(steps: int, name: str, seeds: tuple[int, ...]) -> dict:
+    """One row over its training seeds, from the per-run reports (a missing run stops the assembly, naming it)."""
+    runs = {}
+    for seed in seeds:
+        report = OUT / f"out-{steps}-{seed}-{name}.json"
+        if not report.is_file() or not report.stat().st_size:
+            raise SystemExit(f"missing run: {report.name}")
+        runs[seed] = json.loads(report.read_text())["rows"][name]["seeds"][str(seed)]
+    return over_seeds(runs)
 
 
 def main() -> None:
-    work = Path(sys.argv[1])
-    expected = len(TRAINED_500) * 3 + len(INFERENCE) + 2 * 3 + 2 * 3
-    if cached_count(work) < expected:  # a missing row would train here, for minutes to half an hour
-        raise SystemExit(f"{cached_count(work)} of {expected} rows' scores are cached in {work}/ablation")
-    short = ablate(work, "--steps", "500", "--train-seeds", "0", "1", "2", "--only", *TRAINED_500, *INFERENCE)
-    maccap = ablate(work, "--steps", "1500", "--train-seeds", "0", "1", "2", "--only", *MACCAP_FULL)
-    tomcap = ablate(work, "--steps", "2400", "--train-seeds", "0", "1", "2", "--only", *TOMCAP_FULL)
-    rows = {v.name: short["rows"][v.name] for v in VARIANTS}  # the ablation's own order
+    rows = {v.name: row(500, v.name, (0, 1, 2) if v.trained else (0,)) for v in VARIANTS}
+    maccap = {"rows": {name: row(1500, name, (0, 1, 2)) for name in MACCAP_FULL}}
+    tomcap = {"rows": {name: row(2400, name, (0, 1, 2)) for name in TOMCAP_FULL}}
     ablation = {
         "what": "shapes-ablate on the shipped bundle's build (world v2; the tiny CLIP drawn from seed 1 and trained 6 "
                 "epochs with image views 0.25 at inverse temperature 200; the LM pretrained with answer weight 20 "
@@ -68,6 +62,8 @@ def main() -> None:
             "gap-none noise-scale-4, for S in 0 1 2; the recipe's rows' seed 0 (maccap-multi-noise, noise-scale-4) "
             "is the build's own MacCap and TOMCap (its run dir copied to the row's, so the command only exports its "
             "final checkpoint), scored through the ablation",
+            "each row's mean and std over its seeds: shapes-ablate's over_seeds on the per-run reports (what "
+            "--train-seeds 0 1 2 prints from the cache)",
         ],
         "date": DATE, "n": 500, "seed": 1234, "tomcap_steps": 500, "maccap_steps": 500, "capdec_steps": 500,
         "train_seeds": [0, 1, 2], "rows": rows,
