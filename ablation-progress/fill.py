@@ -1,4 +1,4 @@
-"""Fill the README's 500-step ablation placeholders from weights/shapes/ablation.json (prints the checks it relies on)."""
+"""Fill the README's 500-step ablation placeholders from weights/shapes/ablation.json (prints its checks)."""
 import json
 import sys
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 root = Path(sys.argv[1])
 ab = json.loads((root / "weights/shapes/ablation.json").read_text())
 rows = ab["rows"]
+CEILING = "text_to_text_scene_accuracy"
 
 
 def m(name, metric="scene_accuracy"):
@@ -35,8 +36,9 @@ texts = {
         f"CapDec's noise alone {m('gap-noise')}, the mean-only correction {m('gap-mean')}, mean+std alone "
         f"{m('gap-mean-std')} and the paper's setting (mean+std, noise 0.5 x σ_I) {m('gap-mean-std-noise')}; more "
         f"noise after the correction (0.25 x {m('noise-scale-0.25')}, 1 x {m('noise-scale-1')}, 2 x "
-        f"{m('noise-scale-2')}, 4 x {m('noise-scale-4')}) lowers the text-to-text ceiling ({m('gap-mean-std', 'text_to_text_scene_accuracy')} "
-        f"at 0, {m('noise-scale-4', 'text_to_text_scene_accuracy')} at 4 x; {m('gap-none', 'text_to_text_scene_accuracy')} without gap handling)"),
+        f"{m('noise-scale-2')}, 4 x {m('noise-scale-4')}) lowers the text-to-text ceiling "
+        f"({m('gap-mean-std', CEILING)} at 0, {m('noise-scale-4', CEILING)} at 4 x; {m('gap-none', CEILING)} "
+        "without gap handling)"),
     "⟪no-retrieval and K = 1, 2, 6 against the recipe's K = 4⟫": (
         f"retrieval is TOMCap's largest part: without it TOMCap captions {m('no-retrieval')} of the scenes "
         f"(text-to-text {m('no-retrieval', 'text_to_text_scene_accuracy')}) against {m('noise-scale-4')} with K = 4. "
