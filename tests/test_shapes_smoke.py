@@ -411,6 +411,7 @@ def test_seed_reseeds_every_stage_and_clip_set_changes_the_clip_as_the_bundle_re
     assert (other.seed, other.clip.init_seed, other.clip.train.seed) == (3, 4, 4)  # the CLIP's draw moves along
     assert other.world == shipped.world  # the same images, corpus and examples
     assert other.replace(seed=0, clip=shipped.clip) == shipped  # and nothing else changed
+    assert other.with_training_seed(3) == other and other.with_training_seed(0) == shipped  # redrawn, not compounded
     built = {}
     monkeypatch.setattr(build_module, "build", lambda recipe, out, work, **kw: built.update(recipe=recipe, **kw))
     assert build_module.main(["--smoke", "--seed", "3", "--clip-set", "text_layers=4", "--work-dir", str(tmp_path),

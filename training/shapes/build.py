@@ -161,10 +161,11 @@ class ShapesRecipe(Config):
         """This recipe trained from ``seed``: the LM's initialisation and question-answer text and every method's
         training from ``seed``, the CLIP's initialisation and batch order from its own seed plus ``seed``. The world's
         images, corpus and examples stay the recipe's, so another seed is another draw of the same recipe (0 made
-        the shipped bundle)."""
-        clip = self.clip
-        return self.replace(seed=seed, clip=clip.replace(init_seed=clip.init_seed + seed,
-                                                         train=clip.train.replace(seed=clip.train.seed + seed)))
+        the shipped bundle). The CLIP's seeds move by the change of training seed, so a recipe already drawn from
+        another seed is redrawn, never compounded."""
+        clip, shift = self.clip, seed - self.seed
+        return self.replace(seed=seed, clip=clip.replace(init_seed=clip.init_seed + shift,
+                                                         train=clip.train.replace(seed=clip.train.seed + shift)))
 
     @classmethod
     def world_v1(cls) -> ShapesRecipe:
