@@ -221,6 +221,10 @@ def test_ablation_trains_each_variant_as_described_and_resumes_from_its_scores(s
         assert 0.0 <= row["scene_accuracy"] <= row["attribute_accuracy"] <= 1.0
         assert 0.0 <= row["text_to_text_scene_accuracy"] <= 1.0
     assert first["rows"]["maccap-s1"]["parse_rate"] > 0.5  # the smoke MacCap, scored through the ablation
+    for row in first["rows"].values():  # each row's method on the shipped bundle's 3 examples, its misses named
+        run = row["seeds"]["0"]
+        assert run["examples_n"] == 3 and run["examples_correct"] == 3 - len(run["examples_missed"])
+        assert row["examples_correct"] == run["examples_correct"]
     (trained_dir,) = (work / "ablation" / "gap-none").glob("steps-10-*")  # steps and a hash of the inputs
     variant = Bundle.load(trained_dir / "bundle").component("tomcap")
     assert (variant["gap_correction"], variant["noise_variance"], variant["input_noise_scale"],
@@ -350,6 +354,23 @@ def test_a_stage_pool_worker_keeps_the_builds_threads_and_reports_a_stages_error
     assert threads.value == torch.get_num_threads() and worker.value != os.getpid()
     run = timed_call(sum, [1, 2, 3])
     assert run.value == 6 and set(run.seconds) == {"wall_s", "cpu_s"}
+
+
+def test_the_ablation_table_shows_each_seeds_example_count_and_a_dash_for_runs_without_one():
+    from training.shapes.ablate import markdown_table, over_seeds
+
+    def run(scene, examples=None):
+        counts = {} if examples is None else {"examples_correct": examples, "examples_n": 8}
+        return {"group": "gap", "description": "row", "scene_accuracy": scene, "attribute_accuracy": 0.9,
+                "cider": 6.0, "bleu4": 0.9, "parse_rate": 1.0, "text_to_text_scene_accuracy": 0.8, **counts}
+
+    counted = over_seeds({0: run(0.7, 7), 1: run(0.8, 6), 2: run(0.9, 8)})
+    assert counted["examples_correct"] == 7.0 and counted["examples_correct_std"] == 1.0
+    assert markdown_table({"a": counted}).splitlines()[-1] == (
+        "| row | 3 | 0.800 ± 0.100 | 0.900 ± 0.000 | 6.00 ± 0.00 | 0.900 ± 0.000 | 0.800 ± 0.000 | 7, 6, 8 of 8 |")
+    uncounted = over_seeds({0: run(0.7, 7), 1: run(0.8)})  # a run scored before examples were: no count at all
+    assert "examples_correct" not in uncounted
+    assert markdown_table({"a": uncounted}).splitlines()[-1].endswith("| 0.800 ± 0.000 | – |")
 
 
 def test_the_readmes_ablation_table_is_the_shipped_ablation_json():

@@ -19,7 +19,8 @@ same freshly generated held-out scenes:
   recipe's noise variance.
 
 Every row also reports its text-to-text ceiling (its method's inference fed the captions' text embeddings where the
-images' go), so a row that loses on images can be told apart from a weaker decoder. It reuses a finished build's
+images' go), so a row that loses on images can be told apart from a weaker decoder, and how many of the shipped
+bundle's example images (the app's) its method captions exactly. It reuses a finished build's
 stage outputs (``--work-dir`` of ``python -m training shapes``: CLIP, LM, datastore, gap statistics), trains each
 variant with the build's own ``python -m training tomcap`` or ``maccap`` command, and keeps every variant's bundle
 and scores under ``<work-dir>/ablation`` so an interrupted run continues where it stopped.
@@ -38,15 +39,17 @@ from typing import Any
 import numpy as np
 
 from capdemo import methods as registry
-from capdemo.bundle import MANIFEST, sha256_of
+from capdemo.bundle import MANIFEST, Bundle, sha256_of
 from capdemo.fileio import atomic_output
 from capdemo.methods.capdec.model import CapDecConfig
 from capdemo.methods.maccap.model import MacCapConfig
 from capdemo.methods.tomcap.model import TOMCapConfig
-from training.shapes.build import (TOMCAP_NOISE_SCALE, ShapesRecipe, StageOutputs, add_recipe_arguments,
-                                   TRAINING_COMMANDS, add_trial_arguments, chosen_recipe, log, run_command,
-                                   trial_recipe)
-from training.shapes.evaluate import evaluate_bundle
+from capdemo.pipeline import Captioner
+from training.shapes.build import (EXAMPLES_FILE, TOMCAP_NOISE_SCALE, ShapesRecipe, StageOutputs,
+                                   add_recipe_arguments, TRAINING_COMMANDS, add_trial_arguments, chosen_recipe, log,
+                                   run_command, trial_recipe)
+from training.shapes.evaluate import evaluate_bundle, examples_report
+from training.shapes.language import parse_caption
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ VARIANTS = (
 # instead of mixing two kinds of score. 2: MacCap's text-to-text ceiling read through its own sampling and rerank.
 SCORING_VERSION = 2
 REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rate", "text_to_text_scene_accuracy")
+EXAMPLES_CORRECT = "examples_correct"  # of the shipped bundle's "examples_n" example images, captioned exactly
 
 
 def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: Path, steps: int | None, n: int,
@@ -132,12 +136,12 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
     folder = work / "ablation" / variant.name / (f"steps-{method_steps}-{key}" if variant.trained else key)
     scores_file = folder / f"scores-v{SCORING_VERSION}-n{n}-seed{seed}{'-novel' if novel else ''}.json"
+    scored = folder / "bundle" if variant.trained else weights
     if scores_file.is_file():  # the scores are the cache's; what the row is called is the code's, as it is now
-        return {**json.loads(scores_file.read_text()), "group": variant.group, "description": variant.description}
+        row = {**json.loads(scores_file.read_text()), "group": variant.group, "description": variant.description}
+        return {**row, **examples_of(variant, scored=scored, weights=weights, folder=folder)}
     folder.mkdir(parents=True, exist_ok=True)
-    scored = weights
     if variant.trained:
-        scored = folder / "bundle"
         if not (scored / "bundle.json").is_file():  # run_command prints to stderr: stdout carries only the report
             run_command(command(recipe, work, out=scored, run_dir=folder / "run", steps=steps, extra=variant.flags))
     report = evaluate_bundle(str(scored), n=n, seed=seed, methods=[variant.method],
@@ -150,7 +154,27 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     with atomic_output(scores_file) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
     log(f"{variant.name}: scene {row['scene_accuracy']:.3f} attributes {row['attribute_accuracy']:.3f}")
-    return row
+    return {**row, **examples_of(variant, scored=scored, weights=weights, folder=folder)}
+
+
+def examples_of(variant: Variant, *, scored: Path, weights: Path, folder: Path) -> dict[str, Any]:
+    """The row's method on the shipped bundle's example images (``weights``, the app's examples): how many it
+    captions exactly of how many, and the captions it missed; cached next to the row's scores under the hash of the
+    examples' list, and nothing when the shipped bundle has no examples."""
+    shipped = Bundle.load(weights)
+    listed = shipped.manifest.get("files", {}).get(EXAMPLES_FILE)
+    if listed is None:
+        return {}
+    cache = folder / f"examples-{listed['sha256'][:12]}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    report = examples_report(Captioner.from_bundle(scored), variant.method, dict(variant.settings), shipped_by=shipped)
+    missed = [{"reference": c["reference"], "prediction": c["prediction"]} for c in report["captions"]
+              if parse_caption(c["prediction"]) != parse_caption(c["reference"])]
+    found = {EXAMPLES_CORRECT: report["correct"], "examples_n": report["n"], "examples_missed": missed}
+    with atomic_output(cache) as tmp:
+        tmp.write_text(json.dumps(found, indent=1))
+    return found
 
 
 def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -158,7 +182,8 @@ def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     its sample standard deviation (``<metric>_std``); the runs themselves under ``seeds``."""
     first = next(iter(runs.values()))
     row: dict[str, Any] = {"group": first["group"], "description": first["description"]}
-    for metric in REPORTED:
+    examples = all(EXAMPLES_CORRECT in run for run in runs.values())  # rows scored before examples were have none
+    for metric in REPORTED + ((EXAMPLES_CORRECT,) if examples else ()):
         values = np.array([run[metric] for run in runs.values()], dtype=float)
         row[metric] = float(values.mean())
         if len(values) > 1:
@@ -174,12 +199,19 @@ def markdown_table(rows: dict[str, dict[str, Any]], *, suffix: str = "") -> str:
         std = row.get(f"{metric}_std")
         return f"{row[metric]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
-    lines = ["| variant | seeds | scene acc. | attribute acc. | CIDEr | BLEU-4 | text-to-text scene acc. |",
-             "|---|---|---|---|---|---|---|"]
+    def examples(row: dict[str, Any]) -> str:  # each seed's count: a handful of images, not a rate to average
+        runs = list(row["seeds"].values())
+        if not all(EXAMPLES_CORRECT in run for run in runs):
+            return "–"
+        return ", ".join(str(run[EXAMPLES_CORRECT]) for run in runs) + f" of {runs[0]['examples_n']}"
+
+    lines = ["| variant | seeds | scene acc. | attribute acc. | CIDEr | BLEU-4 | text-to-text scene acc. "
+             "| examples exact (each seed) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows.values():
         lines.append(f"| {row['description']}{suffix} | {len(row['seeds'])} | {cell(row, 'scene_accuracy', 3)} "
                      f"| {cell(row, 'attribute_accuracy', 3)} | {cell(row, 'cider', 2)} | {cell(row, 'bleu4', 3)} "
-                     f"| {cell(row, 'text_to_text_scene_accuracy', 3)} |")
+                     f"| {cell(row, 'text_to_text_scene_accuracy', 3)} | {examples(row)} |")
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ import torch
 
 import capdemo  # noqa: F401  (the torchvision shim, before any model library)
 from capdemo import methods as registry
+from capdemo.bundle import Bundle
 from capdemo.features import ImageFeatures
 from capdemo.methods.flags import add_setting_arguments, settings_from_arguments
 from capdemo.pipeline import Captioner, with_own_lm
@@ -177,14 +178,18 @@ def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], 
     return report
 
 
-def examples_report(captioner: Captioner, method: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """Scene accuracy of ``method`` on the bundle's shipped examples (``examples/scenes.json``), or None."""
-    if EXAMPLES_FILE not in captioner.bundle.manifest.get("files", {}):
+def examples_report(captioner: Captioner, method: str, settings: dict[str, Any], *,
+                    shipped_by: Bundle | None = None) -> dict[str, Any] | None:
+    """Scene accuracy of ``method`` on the shipped examples (``examples/scenes.json``) of ``shipped_by`` (default:
+    the captioner's own bundle; an ablation row's bundle ships none, so it captions the shipped bundle's), or None
+    when that bundle has none."""
+    source = shipped_by or captioner.bundle
+    if EXAMPLES_FILE not in source.manifest.get("files", {}):
         return None
     from PIL import Image
 
-    listed = captioner.bundle.json(EXAMPLES_FILE)
-    images = [Image.open(captioner.bundle.file(entry["file"])).convert("RGB") for entry in listed]
+    listed = source.json(EXAMPLES_FILE)
+    images = [Image.open(source.file(entry["file"])).convert("RGB") for entry in listed]
     predictions = [result.caption for result in captioner.caption(images, method, **settings)]
     scenes = [parse_caption(entry["caption"]) for entry in listed]
     correct = sum(parse_caption(p) == s for p, s in zip(predictions, scenes))
