@@ -396,6 +396,11 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     assert set(tomcap["rows"]) == {"gap-none", "noise-scale-4"} and tomcap["tomcap_steps"] == 2400
     assert all(len(row["seeds"]) == 3 for row in tomcap["rows"].values())
     assert all(line in v2 for line in full_length_lines(tomcap))
+    twice = ablation["tomcap_twice_length"]  # the same two rows at twice that length, three seeds each
+    assert set(twice["rows"]) == set(tomcap["rows"]) and twice["tomcap_steps"] == 2 * tomcap["tomcap_steps"]
+    assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
+    assert all(line in v2 for line in full_length_lines(twice))
+    assert "(2 x TOMCap's length in the build)" in full_length_lines(twice)[0]
 
 
 def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_eval_does(reproduction, report,

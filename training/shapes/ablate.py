@@ -215,16 +215,19 @@ def markdown_table(rows: dict[str, dict[str, Any]], *, suffix: str = "") -> str:
     return "\n".join(lines)
 
 
-def full_length_lines(full_length: dict[str, Any]) -> list[str]:
-    """Table lines of the rows retrained at the build's own length (``ablation.json``'s ``full_length``: the rows,
-    and ``<method>_steps`` for each method they train), each description naming its method and length."""
+def full_length_lines(full_length: dict[str, Any], *, recipe: ShapesRecipe | None = None) -> list[str]:
+    """Table lines of rows retrained at another length than the table's (``ablation.json``'s ``full_length``: the
+    rows, and ``<method>_steps`` for each method they train), each description naming its method and its length,
+    against the length ``recipe`` (default: the shipped one) builds it with."""
     by_name = {variant.name: variant for variant in VARIANTS}
+    recipe = recipe or ShapesRecipe.full()
     lines = []
     for method in TRAINED_METHODS:
         rows = {name: row for name, row in full_length["rows"].items() if by_name[name].method == method}
         if rows:
             steps, label = full_length[f"{method}_steps"], registry.get(method).label
-            table = markdown_table(rows, suffix=f", **{steps} steps** ({label}'s length in the build)")
+            times = "" if steps == recipe.steps_of(method) else f"{steps / recipe.steps_of(method):g} x "
+            table = markdown_table(rows, suffix=f", **{steps} steps** ({times}{label}'s length in the build)")
             lines += table.splitlines()[2:]  # without the header
     return lines
 
