@@ -401,6 +401,10 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
     assert all(line in v2 for line in full_length_lines(twice))
     assert "(2 x TOMCap's length in the build)" in full_length_lines(twice)[0]
+    twice = ablation["maccap_twice_length"]  # MacCap's two full-length rows at twice their length
+    assert set(twice["rows"]) == set(full_length["rows"]) and twice["maccap_steps"] == 2 * full_length["maccap_steps"]
+    assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
+    assert all(line in v2 for line in full_length_lines(twice))
 
 
 def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_eval_does(reproduction, report,
