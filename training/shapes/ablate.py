@@ -49,7 +49,6 @@ from training.shapes.build import (EXAMPLES_FILE, TOMCAP_NOISE_SCALE, ShapesReci
                                    add_recipe_arguments, TRAINING_COMMANDS, add_trial_arguments, chosen_recipe, log,
                                    run_command, trial_recipe)
 from training.shapes.evaluate import evaluate_bundle, examples_report
-from training.shapes.language import parse_caption
 
 
 @dataclass(frozen=True)
@@ -116,15 +115,17 @@ REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rat
 EXAMPLES_CORRECT = "examples_correct"  # of the shipped bundle's "examples_n" example images, captioned exactly
 
 
-def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: Path, steps: int | None, n: int,
+def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, shipped: Bundle, steps: int | None, n: int,
                 seed: int, novel: bool = False) -> dict[str, Any]:
-    """Train (if needed) and score one variant; scores are cached next to its bundle.
+    """Train (if needed) and score one variant; scores are cached next to its bundle. ``shipped`` (the app's
+    bundle) is what inference rows run on and whose example images every row captions.
 
     Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe, its steps,
     its flags and its method's defaults; an inference row: the scored weights' manifest and its settings), so a rerun
     with other inputs, or after a default changed, never reuses a bundle or a score; scores are also named by the
     ``SCORING_VERSION`` they were made under.
     """
+    weights = shipped.path
     if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
         command, method_config = TRAINING_COMMANDS[variant.method], TRAINED_METHODS[variant.method]
         method_steps = recipe.steps_of(variant.method) if steps is None else steps
@@ -139,7 +140,7 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     scored = folder / "bundle" if variant.trained else weights
     if scores_file.is_file():  # the scores are the cache's; what the row is called is the code's, as it is now
         row = {**json.loads(scores_file.read_text()), "group": variant.group, "description": variant.description}
-        return {**row, **examples_of(variant, scored=scored, weights=weights, folder=folder)}
+        return {**row, **examples_of(variant, scored=scored, shipped=shipped, folder=folder)}
     folder.mkdir(parents=True, exist_ok=True)
     if variant.trained:
         if not (scored / "bundle.json").is_file():  # run_command prints to stderr: stdout carries only the report
@@ -154,14 +155,13 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: 
     with atomic_output(scores_file) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
     log(f"{variant.name}: scene {row['scene_accuracy']:.3f} attributes {row['attribute_accuracy']:.3f}")
-    return {**row, **examples_of(variant, scored=scored, weights=weights, folder=folder)}
+    return {**row, **examples_of(variant, scored=scored, shipped=shipped, folder=folder)}
 
 
-def examples_of(variant: Variant, *, scored: Path, weights: Path, folder: Path) -> dict[str, Any]:
-    """The row's method on the shipped bundle's example images (``weights``, the app's examples): how many it
-    captions exactly of how many, and the captions it missed; cached next to the row's scores under the hash of the
-    examples' list, and nothing when the shipped bundle has no examples."""
-    shipped = Bundle.load(weights)
+def examples_of(variant: Variant, *, scored: Path, shipped: Bundle, folder: Path) -> dict[str, Any]:
+    """The row's method on the shipped bundle's example images (the app's): how many it captions exactly of how
+    many, and the captions it missed; cached next to the row's scores under the hash of the examples' list, and
+    nothing when the shipped bundle has no examples."""
     listed = shipped.manifest.get("files", {}).get(EXAMPLES_FILE)
     if listed is None:
         return {}
@@ -170,7 +170,7 @@ def examples_of(variant: Variant, *, scored: Path, weights: Path, folder: Path) 
         return json.loads(cache.read_text())
     report = examples_report(Captioner.from_bundle(scored), variant.method, dict(variant.settings), shipped_by=shipped)
     missed = [{"reference": c["reference"], "prediction": c["prediction"]} for c in report["captions"]
-              if parse_caption(c["prediction"]) != parse_caption(c["reference"])]
+              if not c["exact"]]
     found = {EXAMPLES_CORRECT: report["correct"], "examples_n": report["n"], "examples_missed": missed}
     with atomic_output(cache) as tmp:
         tmp.write_text(json.dumps(found, indent=1))
@@ -200,9 +200,9 @@ def markdown_table(rows: dict[str, dict[str, Any]], *, suffix: str = "") -> str:
         return f"{row[metric]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
     def examples(row: dict[str, Any]) -> str:  # each seed's count: a handful of images, not a rate to average
-        runs = list(row["seeds"].values())
-        if not all(EXAMPLES_CORRECT in run for run in runs):
+        if EXAMPLES_CORRECT not in row:  # over_seeds counts a row only when every run of it was
             return "–"
+        runs = list(row["seeds"].values())
         return ", ".join(str(run[EXAMPLES_CORRECT]) for run in runs) + f" of {runs[0]['examples_n']}"
 
     lines = ["| variant | seeds | scene acc. | attribute acc. | CIDEr | BLEU-4 | text-to-text scene acc. "
@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work-dir", default="runs/shapes-build-v2",
                         help="a finished `python -m training shapes` work dir")
-    parser.add_argument("--weights", default="weights/shapes", help="bundle for the inference-only (MacCap) rows")
+    parser.add_argument("--weights", default="weights/shapes",
+                        help="the shipped bundle: the inference-only (MacCap) rows run on it, every row captions its "
+                             "examples")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per trained variant (default: the recipe's steps of its method)")
     parser.add_argument("--n", type=int, default=500, help="held-out scenes per row")
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     try:
         StageOutputs(work).require_finished()
+        shipped = Bundle.load(args.weights)  # verified once: every row captions its examples
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in chosen:  # inference rows do not train: one run, whatever --train-seeds says
         seeds = args.train_seeds if variant.trained else [recipe.seed]
         rows[variant.name] = over_seeds({
-            seed: run_variant(variant, recipe=recipe.replace(seed=seed), work=work, weights=Path(args.weights),
+            seed: run_variant(variant, recipe=recipe.replace(seed=seed), work=work, shipped=shipped,
                               steps=args.steps, n=args.n, seed=args.seed, novel=args.novel)
             for seed in seeds})
     report = {"n": args.n, "seed": args.seed, **({"novel": True} if args.novel else {}),

@@ -192,10 +192,10 @@ def examples_report(captioner: Captioner, method: str, settings: dict[str, Any],
     images = [Image.open(source.file(entry["file"])).convert("RGB") for entry in listed]
     predictions = [result.caption for result in captioner.caption(images, method, **settings)]
     scenes = [parse_caption(entry["caption"]) for entry in listed]
-    correct = sum(parse_caption(p) == s for p, s in zip(predictions, scenes))
-    return {"correct": correct, "n": len(listed), "method": method,
-            "captions": [{"file": e["file"], "prediction": p, "reference": e["caption"]}
-                         for e, p in zip(listed, predictions)]}
+    exact = [parse_caption(p) == s for p, s in zip(predictions, scenes)]
+    return {"correct": sum(exact), "n": len(listed), "method": method,
+            "captions": [{"file": e["file"], "prediction": p, "reference": e["caption"], "exact": x}
+                         for e, p, x in zip(listed, predictions, exact)]}
 
 
 def held_out_pairs(n: int, *, seed: int, config: world.WorldConfig, novel: bool = False) -> list[tuple]:
