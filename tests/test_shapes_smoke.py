@@ -548,3 +548,17 @@ def test_a_work_dir_made_before_a_recipe_field_existed_resumes_at_its_default(tm
     (tmp_path / "recipe.json").write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match=r"another recipe .*patch_dropout.*--fresh"):
         claim_work_dir(recipe, tmp_path)
+
+
+def test_an_ablation_rows_key_holds_what_it_trains_on():
+    """A trained row is keyed by the recipe less the lead and the methods' step counts (its own steps are in the key
+    beside it): lengthening one method in the recipe keeps every row's cache; another seed or setting does not."""
+    from training.shapes.ablate import trained_recipe
+
+    recipe = ShapesRecipe.full()
+    lengthened = recipe.replace(maccap_steps=recipe.maccap_steps * 2, tomcap_steps=7, capdec_steps=9,
+                                lead_method="maccap")
+    assert trained_recipe(lengthened) == trained_recipe(recipe)
+    assert trained_recipe(recipe.with_training_seed(1)) != trained_recipe(recipe)
+    assert trained_recipe(recipe.replace(maccap_args=recipe.maccap_args[:-2])) != trained_recipe(recipe)
+    assert not {"lead_method", "maccap_steps", "tomcap_steps", "capdec_steps"} & set(trained_recipe(recipe))

@@ -115,22 +115,31 @@ REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rat
 EXAMPLES_CORRECT = "examples_correct"  # of the shipped bundle's "examples_n" example images, captioned exactly
 
 
+def trained_recipe(recipe: ShapesRecipe) -> dict[str, Any]:
+    """What of ``recipe`` a trained row depends on: everything but the lead (it orders a bundle's methods and trains
+    nothing) and the methods' step counts (a row trains its own, which its key holds), so a recipe that only
+    lengthens one method keeps every row's cache."""
+    fields = recipe.to_dict()
+    for name in ("lead_method", "maccap_steps", "tomcap_steps", "capdec_steps"):
+        fields.pop(name)
+    return fields
+
+
 def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, shipped: Bundle, steps: int | None, n: int,
                 seed: int, novel: bool = False) -> dict[str, Any]:
     """Train (if needed) and score one variant; scores are cached next to its bundle. ``shipped`` (the app's
     bundle) is what inference rows run on and whose example images every row captions.
 
-    Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe, its steps,
-    its flags and its method's defaults; an inference row: the scored weights' manifest and its settings), so a rerun
-    with other inputs, or after a default changed, never reuses a bundle or a score; scores are also named by the
-    ``SCORING_VERSION`` they were made under.
+    Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe's
+    :func:`trained_recipe`, its steps, its flags and its method's defaults; an inference row: the scored weights'
+    manifest and its settings), so a rerun with other inputs, or after a default changed, never reuses a bundle or a
+    score; scores are also named by the ``SCORING_VERSION`` they were made under.
     """
     weights = shipped.path
     if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
         command, method_config = TRAINING_COMMANDS[variant.method], TRAINED_METHODS[variant.method]
         method_steps = recipe.steps_of(variant.method) if steps is None else steps
-        trains = recipe.replace(lead_method=None)  # the lead orders a bundle's methods; it trains nothing
-        source: dict[str, Any] = {"recipe": trains.to_dict(), "method": variant.method, "steps": method_steps,
+        source: dict[str, Any] = {"recipe": trained_recipe(recipe), "method": variant.method, "steps": method_steps,
                                   "flags": variant.flags, "defaults": method_config().to_dict()}
     else:
         source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.settings}
