@@ -125,26 +125,28 @@ def trained_recipe(recipe: ShapesRecipe) -> dict[str, Any]:
     return fields
 
 
-def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, shipped: Bundle, steps: int | None, n: int,
-                seed: int, novel: bool = False) -> dict[str, Any]:
-    """Train (if needed) and score one variant; scores are cached next to its bundle. ``shipped`` (the app's
-    bundle) is what inference rows run on and whose example images every row captions.
-
-    Each row lives in a folder named by a hash of what it was measured on (a trained row: the recipe's
-    :func:`trained_recipe`, its steps, its flags and its method's defaults; an inference row: the scored weights'
-    manifest and its settings), so a rerun with other inputs, or after a default changed, never reuses a bundle or a
-    score; scores are also named by the ``SCORING_VERSION`` they were made under.
-    """
-    weights = shipped.path
-    if variant.trained:  # what the row trains: the recipe, its steps, its flags and its method's defaults under them
-        command, method_config = TRAINING_COMMANDS[variant.method], TRAINED_METHODS[variant.method]
+def row_folder(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: Path, steps: int | None) -> Path:
+    """Where one row's bundle and scores live: a folder named by a hash of what it was measured on (a trained row:
+    the recipe's :func:`trained_recipe`, its steps, its flags and its method's defaults; an inference row: the scored
+    ``weights``' manifest and its settings), so a rerun with other inputs, or after a default changed, never reuses
+    a bundle or a score."""
+    if variant.trained:
         method_steps = recipe.steps_of(variant.method) if steps is None else steps
         source: dict[str, Any] = {"recipe": trained_recipe(recipe), "method": variant.method, "steps": method_steps,
-                                  "flags": variant.flags, "defaults": method_config().to_dict()}
+                                  "flags": variant.flags, "defaults": TRAINED_METHODS[variant.method]().to_dict()}
     else:
         source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.settings}
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
-    folder = work / "ablation" / variant.name / (f"steps-{method_steps}-{key}" if variant.trained else key)
+    return work / "ablation" / variant.name / (f"steps-{method_steps}-{key}" if variant.trained else key)
+
+
+def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, shipped: Bundle, steps: int | None, n: int,
+                seed: int, novel: bool = False) -> dict[str, Any]:
+    """Train (if needed) and score one variant in its :func:`row_folder`; scores are cached next to its bundle,
+    named by the ``SCORING_VERSION`` they were made under. ``shipped`` (the app's bundle) is what inference rows run
+    on and whose example images every row captions."""
+    weights = shipped.path
+    folder = row_folder(variant, recipe=recipe, work=work, weights=weights, steps=steps)
     scores_file = folder / f"scores-v{SCORING_VERSION}-n{n}-seed{seed}{'-novel' if novel else ''}.json"
     scored = folder / "bundle" if variant.trained else weights
     if scores_file.is_file():  # the scores are the cache's; what the row is called is the code's, as it is now
@@ -153,6 +155,7 @@ def run_variant(variant: Variant, *, recipe: ShapesRecipe, work: Path, shipped: 
     folder.mkdir(parents=True, exist_ok=True)
     if variant.trained:
         if not (scored / "bundle.json").is_file():  # run_command prints to stderr: stdout carries only the report
+            command = TRAINING_COMMANDS[variant.method]
             run_command(command(recipe, work, out=scored, run_dir=folder / "run", steps=steps, extra=variant.flags))
     report = evaluate_bundle(str(scored), n=n, seed=seed, methods=[variant.method],
                              settings={variant.method: dict(variant.settings)}, gap=False, vqa_scenes=0,
