@@ -158,6 +158,23 @@ def test_maccap_numbers_are_the_papers():
     assert rows[("coco-karpathy-test", "")]["CIDEr"] == 0.697  # a spot check of the reader itself
 
 
+def test_the_shapes_recipes_numbers_are_the_shipped_bundles_evaluation():
+    """The shapes recipe's "published" rows are what the shipped bundle's evaluation.json records (rounded as the
+    README's table rounds them), so a rebuilt bundle cannot leave them behind."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "weights" / "shapes" / "evaluation.json").read_text())
+    recorded = {row["method"]: row["metrics"] for row in record["results"] if row["task"] == "shapes-eval"}
+    published = load_recipe("shapes").published
+    assert {p.method for p in published} == {"maccap", "tomcap"}
+    for row in published:  # the table's CIDEr has two decimals, every other metric three (rounded from the report,
+        # which evaluation.json stores to four places: one last digit of slack)
+        assert set(row.metrics) == set(recorded[row.method]), row.method
+        for metric, value in row.metrics.items():
+            assert value == pytest.approx(recorded[row.method][metric], abs=0.01 if metric == "CIDEr" else 0.001)
+
+
 @pytest.mark.skipif(not (PAPERS / "tomcap-cvpr2026-summary.txt").is_file(), reason="TOMCap summary absent")
 def test_tomcap_numbers_are_the_summarys():
     lines = (PAPERS / "tomcap-cvpr2026-summary.txt").read_text(encoding="utf-8").splitlines()

@@ -401,10 +401,12 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
     assert all(line in v2 for line in full_length_lines(twice))
     assert "(2 x TOMCap's length in the build)" in full_length_lines(twice)[0]
-    twice = ablation["maccap_twice_length"]  # MacCap's two full-length rows at twice their length
-    assert set(twice["rows"]) == set(full_length["rows"]) and twice["maccap_steps"] == 2 * full_length["maccap_steps"]
-    assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
-    assert all(line in v2 for line in full_length_lines(twice))
+    assert full_length["maccap_steps"] == ShapesRecipe.full().maccap_steps
+    half = ablation["maccap_half_length"]  # MacCap's two full-length rows at half their length (the recipe before)
+    assert set(half["rows"]) == set(full_length["rows"]) and 2 * half["maccap_steps"] == full_length["maccap_steps"]
+    assert all(len(row["seeds"]) == 3 for row in half["rows"].values())
+    assert all(line in v2 for line in full_length_lines(half))
+    assert "(0.5 x MacCap's length in the build)" in full_length_lines(half)[0]
 
 
 def test_shapes_lm_pretrains_the_changed_lm_and_scores_the_builds_lm_as_shapes_eval_does(reproduction, report,

@@ -126,7 +126,7 @@ class ShapesRecipe(Config):
     lm_steps: int = 3000
     lm_lr: float = 1e-3  # LM pretraining peak lr (world v1 and the first v2 bundle: 3e-3; see answer_weight)
     # MacCap text-only training steps. At 1500 (the bundles shipped until 2026-12-05) the recipe's MacCap was short
-    # of converged: three training seeds captioned 0.531 +- 0.086 of the held-out scenes there, 0.629 +- 0.013 at
+    # of converged: three training seeds captioned 0.531 +- 0.086 of the held-out scenes there, 0.630 +- 0.012 at
     # 3000 (ablation.json). It trains beside TOMCap's longer stage, so the build takes no longer
     maccap_steps: int = 3000
     maccap_args: tuple[str, ...] = (
