@@ -399,11 +399,13 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     assert full_length["rows"] and all(len(row["seeds"]) == 3 for row in full_length["rows"].values())
     assert all(line in v2 for line in full_length_lines(full_length))
     tomcap = ablation["tomcap_full_length"]  # TOMCap's rows at its 2400 steps, three seeds each
-    assert set(tomcap["rows"]) == {"gap-none", "noise-scale-4"} and tomcap["tomcap_steps"] == 2400
+    recipe_rows = {"gap-none", "noise-scale-4"}  # no gap handling, the recipe's; and its two noises apart
+    assert set(tomcap["rows"]) == recipe_rows | {"noise-4-query-0", "noise-4-query-0.5"}
+    assert tomcap["tomcap_steps"] == ShapesRecipe.full().tomcap_steps
     assert all(len(row["seeds"]) == 3 for row in tomcap["rows"].values())
     assert all(line in v2 for line in full_length_lines(tomcap))
     twice = ablation["tomcap_twice_length"]  # the same two rows at twice that length, three seeds each
-    assert set(twice["rows"]) == set(tomcap["rows"]) and twice["tomcap_steps"] == 2 * tomcap["tomcap_steps"]
+    assert set(twice["rows"]) == recipe_rows and twice["tomcap_steps"] == 2 * tomcap["tomcap_steps"]
     assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
     assert all(line in v2 for line in full_length_lines(twice))
     assert "(2 x TOMCap's length in the build)" in full_length_lines(twice)[0]

@@ -7,7 +7,8 @@ same freshly generated held-out scenes:
   injection only, mean-only correction, mean+std correction, and mean+std
   with the paper's noise (0.5 x sigma_I), every other setting equal;
 * the noise scale: mean+std correction with the training noise (cross-attention input and retrieval query)
-  at 0, 0.25, 0.5 (the paper's), 1, 2 and 4 x sigma_I per dimension (4 is the shapes recipe's);
+  at 0, 0.25, 0.5 (the paper's), 1, 2 and 4 x sigma_I per dimension (4 is the shapes recipe's), and the recipe's
+  two noises apart: 4 x sigma_I on the input with clean queries, and with 0.5 x on the queries;
 * retrieval: TOMCap trained and run without retrieved captions (the recipe's mean+std and noise);
 * neighbours: TOMCap with K = 1, 2 and 6 retrieved captions (4, the paper's best, is the recipe's: the
   noise-scale-4 row; the paper's 8 does not fit the shapes LM's positions);
@@ -84,6 +85,13 @@ VARIANTS = (
               + (" (the shapes recipe's)" if scale == TOMCAP_NOISE_SCALE else ""),
               flags=("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
       for scale in ("0.25", "1", "2", "4")),
+    # the recipe's two noises apart: its input noise with clean queries, and with the paper's 0.5 on the queries
+    *(Variant(f"noise-{TOMCAP_NOISE_SCALE}-query-{scale}", "noise",
+              f"mean+std correction + noise {TOMCAP_NOISE_SCALE} x sigma_I on the input, "
+              + ("none on the retrieval queries" if scale == "0" else f"{scale} x on the retrieval queries"),
+              flags=("--gap-correction", "mean_std", "--input-noise-scale", TOMCAP_NOISE_SCALE,
+                     "--query-noise-scale", scale))
+      for scale in ("0", "0.5")),
     # with gap-mean-std (0) and the paper's 0.5: the noise-scale sweep
     # with the default (K = 4): the paper's K sweep, its 8 replaced by 6, since the shapes LM's 160 positions hold
     # at most 7 of the store's longest captions (TOMCapMethod.limits refuses more)
