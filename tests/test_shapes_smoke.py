@@ -561,14 +561,19 @@ def test_a_work_dir_made_before_a_recipe_field_existed_resumes_at_its_default(tm
 
 
 def test_an_ablation_rows_key_holds_what_it_trains_on():
-    """A trained row is keyed by the recipe less the lead and the methods' step counts (its own steps are in the key
-    beside it): lengthening one method in the recipe keeps every row's cache; another seed or setting does not."""
-    from training.shapes.ablate import trained_recipe
+    """A trained row is keyed by the recipe less the lead, the methods' step counts (its own steps are in the key
+    beside it) and the other methods' arguments: lengthening or retuning one method in the recipe keeps the other
+    methods' rows' caches; another seed, or a setting of the row's own method, does not."""
+    from training.shapes.ablate import TRAINED_METHODS, trained_recipe
 
     recipe = ShapesRecipe.full()
     lengthened = recipe.replace(maccap_steps=recipe.maccap_steps * 2, tomcap_steps=7, capdec_steps=9,
                                 lead_method="maccap")
-    assert trained_recipe(lengthened) == trained_recipe(recipe)
-    assert trained_recipe(recipe.with_training_seed(1)) != trained_recipe(recipe)
-    assert trained_recipe(recipe.replace(maccap_args=recipe.maccap_args[:-2])) != trained_recipe(recipe)
-    assert not {"lead_method", "maccap_steps", "tomcap_steps", "capdec_steps"} & set(trained_recipe(recipe))
+    retuned = recipe.replace(tomcap_args=recipe.tomcap_args[:-2])
+    for method in TRAINED_METHODS:
+        assert trained_recipe(lengthened, method) == trained_recipe(recipe, method)
+        assert trained_recipe(recipe.with_training_seed(1), method) != trained_recipe(recipe, method)
+        assert (trained_recipe(retuned, method) == trained_recipe(recipe, method)) == (method != "tomcap")
+        kept = set(trained_recipe(recipe, method))
+        assert kept & {f"{m}_args" for m in TRAINED_METHODS} == {f"{method}_args"}
+        assert not {"lead_method", "maccap_steps", "tomcap_steps", "capdec_steps"} & kept

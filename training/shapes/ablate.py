@@ -123,13 +123,16 @@ REPORTED = ("scene_accuracy", "attribute_accuracy", "cider", "bleu4", "parse_rat
 EXAMPLES_CORRECT = "examples_correct"  # of the shipped bundle's "examples_n" example images, captioned exactly
 
 
-def trained_recipe(recipe: ShapesRecipe) -> dict[str, Any]:
-    """What of ``recipe`` a trained row depends on: everything but the lead (it orders a bundle's methods and trains
-    nothing) and the methods' step counts (a row trains its own, which its key holds), so a recipe that only
-    lengthens one method keeps every row's cache."""
+def trained_recipe(recipe: ShapesRecipe, method: str) -> dict[str, Any]:
+    """What of ``recipe`` a trained row of ``method`` depends on: everything but the lead (it orders a bundle's
+    methods and trains nothing), the methods' step counts (a row trains its own, which its key holds) and the other
+    methods' training arguments (they never reach its command), so a recipe that only lengthens or retunes one method
+    keeps the other methods' rows' caches."""
     fields = recipe.to_dict()
-    for name in ("lead_method", "maccap_steps", "tomcap_steps", "capdec_steps"):
+    for name in ("lead_method", *(f"{other}_steps" for other in TRAINED_METHODS)):
         fields.pop(name)
+    for other in TRAINED_METHODS.keys() - {method}:
+        fields.pop(f"{other}_args")
     return fields
 
 
@@ -140,8 +143,9 @@ def row_folder(variant: Variant, *, recipe: ShapesRecipe, work: Path, weights: P
     a bundle or a score."""
     if variant.trained:
         method_steps = recipe.steps_of(variant.method) if steps is None else steps
-        source: dict[str, Any] = {"recipe": trained_recipe(recipe), "method": variant.method, "steps": method_steps,
-                                  "flags": variant.flags, "defaults": TRAINED_METHODS[variant.method]().to_dict()}
+        source: dict[str, Any] = {"recipe": trained_recipe(recipe, variant.method), "method": variant.method,
+                                  "steps": method_steps, "flags": variant.flags,
+                                  "defaults": TRAINED_METHODS[variant.method]().to_dict()}
     else:
         source = {"weights": sha256_of(weights / MANIFEST), "settings": variant.settings}
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
