@@ -81,6 +81,7 @@ VARIANTS = (
     Variant("gap-mean-std", "gap", "mean+std correction", flags=("--gap-correction", "mean_std", *NO_NOISE)),
     Variant("gap-mean-std-noise", "gap", "mean+std correction + noise 0.5 x sigma_I (the paper's)",
             flags=("--gap-correction", "mean_std", "--input-noise-scale", "0.5", "--query-noise-scale", "0.5")),
+    # with gap-mean-std (0) and the paper's 0.5: the noise-scale sweep
     *(Variant(f"noise-scale-{scale}", "noise", f"mean+std correction + noise {scale} x sigma_I"
               + (" (the shapes recipe's)" if scale == TOMCAP_NOISE_SCALE else ""),
               flags=("--gap-correction", "mean_std", "--input-noise-scale", scale, "--query-noise-scale", scale))
@@ -92,7 +93,6 @@ VARIANTS = (
               flags=("--gap-correction", "mean_std", "--input-noise-scale", TOMCAP_NOISE_SCALE,
                      "--query-noise-scale", scale))
       for scale in ("0", "0.5")),
-    # with gap-mean-std (0) and the paper's 0.5: the noise-scale sweep
     # with the default (K = 4): the paper's K sweep, its 8 replaced by 6, since the shapes LM's 160 positions hold
     # at most 7 of the store's longest captions (TOMCapMethod.limits refuses more)
     *(Variant(f"tomcap-k{k}", "neighbours", f"TOMCap with K = {k} retrieved captions", flags=("--k", k))
