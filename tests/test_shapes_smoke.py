@@ -568,7 +568,7 @@ def test_an_ablation_rows_key_holds_what_it_trains_on():
 
     recipe = ShapesRecipe.full()
     lengthened = recipe.replace(maccap_steps=recipe.maccap_steps * 2, tomcap_steps=7, capdec_steps=9,
-                                lead_method="maccap")
+                                lead_method="maccap", tomcap_select_by="beam")
     retuned = recipe.replace(tomcap_args=recipe.tomcap_args[:-2])
     for method in TRAINED_METHODS:
         assert trained_recipe(lengthened, method) == trained_recipe(recipe, method)

@@ -124,12 +124,12 @@ EXAMPLES_CORRECT = "examples_correct"  # of the shipped bundle's "examples_n" ex
 
 
 def trained_recipe(recipe: ShapesRecipe, method: str) -> dict[str, Any]:
-    """What of ``recipe`` a trained row of ``method`` depends on: everything but the lead (it orders a bundle's
-    methods and trains nothing), the methods' step counts (a row trains its own, which its key holds) and the other
-    methods' training arguments (they never reach its command), so a recipe that only lengthens or retunes one method
-    keeps the other methods' rows' caches."""
+    """What of ``recipe`` a trained row of ``method`` depends on: everything but the lead and the shipped TOMCap's
+    pick among its beams (they shape the shipped bundle and train nothing), the methods' step counts (a row trains
+    its own, which its key holds) and the other methods' training arguments (they never reach its command), so a
+    recipe that only lengthens or retunes one method keeps the other methods' rows' caches."""
     fields = recipe.to_dict()
-    for name in ("lead_method", *(f"{other}_steps" for other in TRAINED_METHODS)):
+    for name in ("lead_method", "tomcap_select_by", *(f"{other}_steps" for other in TRAINED_METHODS)):
         fields.pop(name)
     for other in TRAINED_METHODS.keys() - {method}:
         fields.pop(f"{other}_args")
