@@ -91,6 +91,11 @@ def test_bundle_is_complete_and_serves(smoke_bundle):
     assert captioner.method_names == ("tomcap", "maccap", "capdec")  # the recipe's lead first, then the rest
     assert captioner.bundle.manifest["default_method"] == "tomcap"  # the build wrote the recipe's lead_method
     assert captioner.bundle.component("vqa")["caption_method"] == "tomcap"
+    # the recipe's pick among TOMCap's beams, written after training; the trained run keeps the paper's beam order
+    assert captioner.bundle.component("tomcap")["select_by"] == ShapesRecipe.smoke().tomcap_select_by == "clip"
+    assert captioner.options("tomcap").select_by == "clip"
+    trained = Bundle.load(smoke_bundle.parent / "work" / "trained" / "tomcap").component("tomcap")
+    assert trained["select_by"] == "beam"
     assert captioner.info()["world"] == "shapes" and len(captioner.examples()) == 3
     kernels = captioner.bundle.manifest["training"]["cpu_kernels"]  # what the build ran on (pinned by conftest)
     assert {name: kernels[name] for name in PINNED_KERNELS} == {name: os.environ.get(name) for name in PINNED_KERNELS}
