@@ -582,3 +582,13 @@ def test_an_ablation_rows_key_holds_what_it_trains_on():
         kept = set(trained_recipe(recipe, method))
         assert kept & {f"{m}_args" for m in TRAINED_METHODS} == {f"{method}_args"}
         assert not {"lead_method", "maccap_steps", "tomcap_steps", "capdec_steps"} & kept
+
+
+def test_a_recipe_refuses_an_unknown_lead_or_tomcap_pick_in_one_line():
+    with pytest.raises(ValueError, match=r"^ShapesRecipe.lead_method must be one of maccap, tomcap, capdec or null, "
+                                         r"got 'vibes'$"):
+        ShapesRecipe(lead_method="vibes")
+    with pytest.raises(ValueError, match=r"^ShapesRecipe.tomcap_select_by must be one of clip, beam or null, "
+                                         r"got 'vibes'$"):
+        ShapesRecipe(tomcap_select_by="vibes")
+    assert ShapesRecipe(tomcap_select_by=None).tomcap_select_by is None  # null: the trained config's pick

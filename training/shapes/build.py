@@ -563,7 +563,8 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     for method, command_of in METHOD_COMMANDS.items():
         with timed(method, complete=True):  # its run dir holds the final checkpoint: --resume only exports it
             run_command(command_of(recipe, work, out=staging, run_dir=work / f"{method}-run"))
-    answers = Bundle.load(staging).component(VQA_COMPONENT)  # written by the maccap command
+    staged = Bundle.load(staging)  # the three methods' bundles, as their commands wrote them
+    answers = staged.component(VQA_COMPONENT)  # written by the maccap command
     # the recipe now, for the domain measurement below; its timings once that is done too
     training = {"recipe": recipe.to_dict(), "command": command,
                 "clip_metrics": json.loads((work / "clip" / "metrics.json").read_text()), "jobs": jobs,
@@ -579,8 +580,8 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
     writer.add_file(EXAMPLES_FILE, data["examples"] / Path(EXAMPLES_FILE).name)
     writer.add_file(EXAMPLE_QUESTIONS_FILE, data["examples"] / Path(EXAMPLE_QUESTIONS_FILE).name)
     if recipe.tomcap_select_by is not None:  # the trained config keeps the training command's (the paper's order)
-        trained_config = Bundle.load(staging).component(TOMCAP_COMPONENT)
-        writer.add_component(TOMCAP_COMPONENT, {**trained_config, "select_by": recipe.tomcap_select_by})
+        writer.add_component(TOMCAP_COMPONENT, {**staged.component(TOMCAP_COMPONENT),
+                                                "select_by": recipe.tomcap_select_by})
     # VQA follows the paper: the LM that answers is the frozen, untouched one (MacCap's was trained for captions)
     writer.add_directory(VQA_LM, stages.lm)
     lead = {VQA_CAPTION_METHOD_KEY: recipe.lead_method} if recipe.lead_method else {}
