@@ -393,6 +393,14 @@ def test_an_example_shows_its_captions_on_click(page, tmp_path):
     page.locator(".gallery-item, button.gallery-item, [data-testid='examples'] button").first.click()
     expect(page.locator("#maccap-caption textarea")).not_to_have_value("")
     expect(page.locator("#maccap-candidates")).to_be_visible()
+    # in view without scrolling: on a phone the captions land a screen below the examples, and the page brings
+    # them up; on a desktop they already show beside the picture, and the page stays where it was
+    first_caption = page.locator(".capdemo-caption textarea").first
+    page.wait_for_function("box => { const r = box.getBoundingClientRect();"
+                           " return r.top >= 0 && r.bottom <= window.innerHeight; }",
+                           arg=first_caption.element_handle())
+    if page.viewport_name == "desktop":
+        assert page.evaluate("window.scrollY") == 0
     shot(page, tmp_path, "example")
 
 

@@ -11,6 +11,8 @@ from capdemo.pipeline import Captioner
 from capdemo.ui.style import CANDIDATE_WIDTHS, NEIGHBOUR_WIDTHS
 from capdemo.ui.views import CaptionView
 
+RESULTS_ID = "caption-results"  # elem_id of the block holding every output below
+
 
 class CaptionOutputs:
     """The Caption tab's output components and how a :class:`CaptionView` fills them, in order.
@@ -25,31 +27,32 @@ class CaptionOutputs:
         self.captions: dict[str, gr.Textbox] = {}
         self.candidates: dict[str, gr.Dataframe] = {}
         self.neighbours: dict[str, gr.Dataframe] = {}
-        self.notice = gr.Markdown(elem_id="caption-notice", elem_classes=["capdemo-notice"])
-        with gr.Row(equal_height=False):
-            for name, method in captioner.methods.items():
-                with gr.Column(min_width=300):
-                    self.captions[name] = gr.Textbox(label=f"{method.label} caption", elem_id=f"{name}-caption",
-                                                     elem_classes=["capdemo-caption"], buttons=["copy"])
-                    self.candidates[name] = gr.Dataframe(
-                        label=f"{method.label} candidates (best first)", interactive=False, wrap=True,
-                        column_widths=CANDIDATE_WIDTHS, elem_id=f"{name}-candidates",
-                        elem_classes=["capdemo-table"])
-                    if method.datastore is not None:
-                        self.neighbours[name] = gr.Dataframe(
-                            label=f"{method.label}: retrieved neighbour captions", interactive=False, wrap=True,
-                            column_widths=NEIGHBOUR_WIDTHS, elem_id=f"{name}-neighbours",
+        with gr.Column(elem_id=RESULTS_ID):  # one block, so a page can bring the results into view
+            self.notice = gr.Markdown(elem_id="caption-notice", elem_classes=["capdemo-notice"])
+            with gr.Row(equal_height=False):
+                for name, method in captioner.methods.items():
+                    with gr.Column(min_width=300):
+                        self.captions[name] = gr.Textbox(label=f"{method.label} caption", elem_id=f"{name}-caption",
+                                                         elem_classes=["capdemo-caption"], buttons=["copy"])
+                        self.candidates[name] = gr.Dataframe(
+                            label=f"{method.label} candidates (best first)", interactive=False, wrap=True,
+                            column_widths=CANDIDATE_WIDTHS, elem_id=f"{name}-candidates",
                             elem_classes=["capdemo-table"])
-        with gr.Row(equal_height=False):
-            with gr.Column(min_width=300):
-                self.heatmap = gr.Image(label="Pooling attention; the picked patches outlined by rank", type="pil",
-                                        show_label=False, buttons=[], interactive=False,
-                                        elem_id="heatmap", elem_classes=["capdemo-heatmap"])
-            with gr.Column(min_width=300):
-                self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False,
-                                            elem_id="timings", elem_classes=["capdemo-table"])
-        with gr.Accordion("Everything as JSON", open=False):
-            self.details = gr.JSON(label="Caption details")
+                        if method.datastore is not None:
+                            self.neighbours[name] = gr.Dataframe(
+                                label=f"{method.label}: retrieved neighbour captions", interactive=False, wrap=True,
+                                column_widths=NEIGHBOUR_WIDTHS, elem_id=f"{name}-neighbours",
+                                elem_classes=["capdemo-table"])
+            with gr.Row(equal_height=False):
+                with gr.Column(min_width=300):
+                    self.heatmap = gr.Image(label="Pooling attention; the picked patches outlined by rank", type="pil",
+                                            show_label=False, buttons=[], interactive=False,
+                                            elem_id="heatmap", elem_classes=["capdemo-heatmap"])
+                with gr.Column(min_width=300):
+                    self.timings = gr.Dataframe(label="Time per stage and image (ms)", interactive=False,
+                                                elem_id="timings", elem_classes=["capdemo-table"])
+            with gr.Accordion("Everything as JSON", open=False):
+                self.details = gr.JSON(label="Caption details")
 
     def components(self) -> list[Any]:
         per_method = [c for name in self.methods
@@ -73,4 +76,4 @@ class CaptionOutputs:
         return [*per_method, None, None, "", None]
 
 
-__all__ = ["CaptionOutputs"]
+__all__ = ["RESULTS_ID", "CaptionOutputs"]

@@ -26,7 +26,7 @@ from capdemo.ui.controls import SettingControl, method_controls, options_from_va
 from capdemo.ui.events import AppConfig, CaptionDemo
 from capdemo.ui.examples_cache import claim_examples_cache, source_key
 from capdemo.ui.panels import MyCaptionsPanel, my_captions_panel
-from capdemo.ui.caption_outputs import CaptionOutputs
+from capdemo.ui.caption_outputs import RESULTS_ID, CaptionOutputs
 from capdemo.ui.style import CSS
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,14 @@ def uploaded_path(payload: FileData | None) -> str | None:
     if payload.path is None:
         raise gr.Error("the upload arrived without a file; upload it again")
     return str(payload.path)
+
+
+def reveal_below_screen(elem_id: str) -> str:
+    """Browser code that scrolls the element ``elem_id`` to the top of the screen when it starts below its lower
+    edge (a phone, where the columns stack); where it already shows, or is hidden in another tab, nothing moves."""
+    return (f"() => {{ const element = document.getElementById({elem_id!r});"
+            " if (element && element.getBoundingClientRect().top > window.innerHeight - 120)"
+            " element.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
 
 
 def header(captioner: Captioner, domain_summary: str = "") -> tuple[str, str]:
@@ -168,6 +176,9 @@ def create_blocks(captioner: Captioner, *, config: AppConfig | None = None, phot
                     claim_examples_cache(Path(shown.cached_folder), source_key(captioner.info(), __version__))
                     # An example's first click captions it: that event counts against the model's limit too
                     demo.fns[shown.cache_event["id"]].concurrency_id = MODEL_CONCURRENCY_ID
+                    # on a phone its captions land a screen below the examples: brought into view as they show
+                    shown.cache_event.then(None, js=reveal_below_screen(RESULTS_ID), queue=False,
+                                           api_visibility="private")
             gr.Markdown(f"<small>Requests wait in a queue ({config.concurrency_limit} captioning at once, at most "
                         f"{config.max_queue_size} waiting). When it is full the page says the app is busy: "
                         "try again shortly.</small>", elem_classes=["capdemo-queue"])
