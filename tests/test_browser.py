@@ -4,9 +4,9 @@ Every check runs at a desktop (1400x1000) and a phone (390x844) viewport on the 
 bundle before it exists): the score columns of both candidate tables inside the viewport, a K at the slider's
 maximum and a question at the length limit answering, an error in one method leaving the other's result, a new
 upload clearing the old results, the uploaded picture and the heatmap's top-row labels uncovered, a photo flagged
-as outside the bundle's domain, every tab reachable on a phone, an example showing its captions on click. Each step
-leaves a screenshot in the test's tmp_path. CI installs ``chromium`` (``.ci/run``); without it and outside CI the
-tests are skipped.
+as outside the bundle's domain, every tab reachable on a phone, an example showing its captions on click, in view.
+Each step leaves a screenshot in the test's tmp_path. CI installs ``chromium`` (``.ci/run``); without it and outside
+CI the tests are skipped.
 """
 
 from __future__ import annotations
