@@ -68,11 +68,12 @@ def uploaded_path(payload: FileData | None) -> str | None:
     return str(payload.path)
 
 
-def reveal_below_screen(elem_id: str) -> str:
-    """Browser code that scrolls the element ``elem_id`` to the top of the screen when it starts below its lower
-    edge (a phone, where the columns stack); where it already shows, or is hidden in another tab, nothing moves."""
+def reveal_below_screen(elem_id: str, *, shown_px: int = 120) -> str:
+    """Browser code that scrolls the element ``elem_id`` to the top of the screen when less than ``shown_px`` of it
+    is on the screen (a phone, where the columns stack and it starts below); where it already shows, or is hidden
+    in another tab, nothing moves."""
     return (f"() => {{ const element = document.getElementById({elem_id!r});"
-            " if (element && element.getBoundingClientRect().top > window.innerHeight - 120)"
+            f" if (element && element.getBoundingClientRect().top > window.innerHeight - {shown_px})"
             " element.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
 
 
