@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from capdemo.vqa import VQA_PROMPT, AnswerList
 from training.shapes.language import COUNT_WORDS, Scene
 from training.shapes.metrics import (correction_geometry, gap_metrics, patches_on_objects, recall_at_1,
                                      selection_on_objects, subregion_closer)
-from training.shapes.questions import QUESTION_TYPES, WHERE, answer_list, example_questions, qa_texts, questions
+from training.shapes.questions import (QUESTION_TYPES, WHERE, Question, answer_list, example_questions, qa_texts,
+                                      questions)
 from training.shapes.vqa_eval import match_answers, question_set, vqa_accuracy
 from training.shapes.world import WorldConfig, all_scenes, captions
 
@@ -221,16 +223,29 @@ def test_match_answers_takes_an_exact_answer_to_itself():
     assert match_answers(["red", "yes", "4", "middle"], answers, encoder) == ["red", "yes", "4", "middle"]
 
 
+def scripted_lm(match: str = "clip") -> SimpleNamespace:
+    """Stands in for an AnswerLM whose generation a test scripts (it has no LM): beams 3, answers of 7 tokens."""
+    return SimpleNamespace(lm=None, tokenizer=None, beams=3, max_new_tokens=7, match=match)
+
+
 def test_vqa_accuracy_counts_by_type_with_a_scripted_lm(monkeypatch):
-    """The scorer's bookkeeping: a stand-in for generation answers every question "yes"."""
+    """The scorer's bookkeeping: a stand-in for generation answers every question "yes"; it is asked with the
+    AnswerLM's own beams and answer length (the app's decoding)."""
     from capdemo.testing import tiny_encoder
     from training.shapes import vqa_eval
 
-    monkeypatch.setattr(vqa_eval, "generate_answers", lambda lm, tokenizer, prompts, beams=1: ["yes"] * len(prompts))
+    decoding = []
+
+    def say_yes(lm, tokenizer, prompts, *, beams, max_new_tokens):
+        decoding.append((beams, max_new_tokens))
+        return ["yes"] * len(prompts)
+
+    monkeypatch.setattr(vqa_eval, "generate_answers", say_yes)
     scenes = [RED_CIRCLE_LEFT_OF_BLUE_SQUARE, Scene("group", "red", "circle", count=3)]
     asked = question_set(scenes, seed=0, colours=WORLD.colours, shapes=WORLD.shapes)
-    report = vqa_accuracy([captions(s)[0] for s in scenes], asked, lm=None, tokenizer=None, encoder=tiny_encoder(),
+    report = vqa_accuracy([captions(s)[0] for s in scenes], asked, answer_lm=scripted_lm(), encoder=tiny_encoder(),
                           answers=AnswerList(list(ANSWERS)))
+    assert decoding == [(3, 7)]
     flat = [q for qs in asked for q in qs]
     assert report["n"] == len(flat)
     assert report["accuracy"] == pytest.approx(sum(q.answer == "yes" for q in flat) / len(flat))
@@ -238,7 +253,26 @@ def test_vqa_accuracy_counts_by_type_with_a_scripted_lm(monkeypatch):
     yes_no = [q for q in flat if q.kind == "yes/no"]
     assert report["by_type"]["yes/no"] == pytest.approx(sum(q.answer == "yes" for q in yes_no) / len(yes_no))
     with pytest.raises(ValueError, match="captions for"):
-        vqa_accuracy(["one caption"], asked, lm=None, tokenizer=None, encoder=tiny_encoder(), answers=None)
+        vqa_accuracy(["one caption"], asked, answer_lm=scripted_lm(), encoder=tiny_encoder(), answers=None)
+
+
+def test_vqa_accuracy_matches_answers_as_its_answer_lm_says(monkeypatch):
+    """With word matching (the official code's), an answer is the first listed candidate it names as a word, or
+    itself when it names none; with CLIP matching every answer becomes a candidate."""
+    from capdemo.testing import tiny_encoder
+    from training.shapes import vqa_eval
+
+    said = ["it is red!", "a cupcake"]
+    monkeypatch.setattr(vqa_eval, "generate_answers", lambda lm, tokenizer, prompts, **decoding: said[: len(prompts)])
+    asked = [[Question("colour", "what colour is the circle?", "red"),
+              Question("shape", "what shape is it?", "circle")]]
+    answers = AnswerList(list(ANSWERS))
+    report = vqa_accuracy(["a red circle on the left"], asked, answer_lm=scripted_lm("word"), encoder=tiny_encoder(),
+                          answers=answers)
+    assert [row["answer"] for row in report["examples"]] == ["red", "a cupcake"]
+    by_clip = vqa_accuracy(["a red circle on the left"], asked, answer_lm=scripted_lm(), encoder=tiny_encoder(),
+                           answers=answers)
+    assert all(row["answer"] in ANSWERS for row in by_clip["examples"])
 
 
 def test_vqa_accuracy_by_scene_kind_splits_the_questions_by_their_scene(monkeypatch):
@@ -247,10 +281,10 @@ def test_vqa_accuracy_by_scene_kind_splits_the_questions_by_their_scene(monkeypa
     from capdemo.testing import tiny_encoder
     from training.shapes import vqa_eval
 
-    monkeypatch.setattr(vqa_eval, "generate_answers", lambda lm, tokenizer, prompts, beams=1: ["red"] * len(prompts))
+    monkeypatch.setattr(vqa_eval, "generate_answers", lambda lm, tokenizer, prompts, **decoding: ["red"] * len(prompts))
     scenes = [RED_CIRCLE_LEFT_OF_BLUE_SQUARE, Scene("group", "blue", "square", count=2)]
     asked = question_set(scenes, seed=0, colours=WORLD.colours, shapes=WORLD.shapes)
-    report = vqa_accuracy([captions(s)[0] for s in scenes], asked, lm=None, tokenizer=None, encoder=tiny_encoder(),
+    report = vqa_accuracy([captions(s)[0] for s in scenes], asked, answer_lm=scripted_lm(), encoder=tiny_encoder(),
                           answers=AnswerList(list(ANSWERS)), scene_kinds=[s.kind for s in scenes])
     pair, group = report["by_scene_kind"]["pair"], report["by_scene_kind"]["group"]
     assert (pair["n"], group["n"]) == (len(asked[0]), len(asked[1]))
@@ -258,10 +292,10 @@ def test_vqa_accuracy_by_scene_kind_splits_the_questions_by_their_scene(monkeypa
     assert [q.answer for q in colour] == ["red", "blue"]
     assert pair["by_type"]["colour"] == 0.5 and pair["accuracy"] == pytest.approx(1 / len(asked[0]))
     assert group["accuracy"] == 0.0
-    assert "by_scene_kind" not in vqa_accuracy([captions(s)[0] for s in scenes], asked, lm=None, tokenizer=None,
+    assert "by_scene_kind" not in vqa_accuracy([captions(s)[0] for s in scenes], asked, answer_lm=scripted_lm(),
                                                encoder=tiny_encoder(), answers=AnswerList(list(ANSWERS)))
     with pytest.raises(ValueError, match="1 scene kinds for 2 question lists"):
-        vqa_accuracy([captions(s)[0] for s in scenes], asked, lm=None, tokenizer=None, encoder=tiny_encoder(),
+        vqa_accuracy([captions(s)[0] for s in scenes], asked, answer_lm=scripted_lm(), encoder=tiny_encoder(),
                      answers=AnswerList(list(ANSWERS)), scene_kinds=["pair"])
 
 
@@ -319,6 +353,32 @@ def test_the_shipped_frozen_lm_reads_answers_back_from_true_captions():
     chance = {"colour": 1 / len(WORLD.colours), "shape": 1 / len(WORLD.shapes), "count": 1 / WORLD.max_count,
               "position": 1 / len(WHERE), "yes/no": 1 / 2}  # a uniform guess among each type's answers
     assert all(right[kind] / total[kind] > chance[kind] + 0.1 for kind in total), (dict(right), dict(total))
+
+
+def test_the_evaluation_answers_as_the_app_answers():
+    """shapes-eval's VQA score is the app's: on the true captions of 12 held-out scenes every answer the batched
+    scorer picks is the one the app (``Captioner.answer``'s AnswerLM, one prompt at a time) gives. The app decodes
+    the shipped frozen LM with MacCap's 4 beams; greedy decoding, which the scorer used until 2026-12-06, answers
+    4 of these 91 questions otherwise ("what color is the triangle?" on "a blue square above a yellow triangle":
+    yellow greedily, blue with 4 beams)."""
+    from pathlib import Path
+
+    from capdemo.pipeline import Captioner
+    from capdemo.vqa import answer_question
+    from training.shapes.world import generate_scenes
+
+    captioner = Captioner.from_bundle(Path(__file__).resolve().parents[1] / "weights" / "shapes")
+    scenes = generate_scenes(12, seed=1234, config=WORLD)
+    asked = question_set(scenes, seed=1234, colours=WORLD.colours, shapes=WORLD.shapes)
+    truth = [captions(scene)[0] for scene in scenes]
+    served = captioner.answer_lm
+    report = vqa_accuracy(truth, asked, answer_lm=served, encoder=captioner.encoder, answers=captioner.answers,
+                          examples=10**6)
+    app = [answer_question(served, captioner.encoder, caption, q.text, captioner.answers).answer
+           for caption, qs in zip(truth, asked) for q in qs]
+    assert len(report["examples"]) == len(app) == 91
+    assert [row["answer"] for row in report["examples"]] == app
+    assert served.beams == 4 and report["examples"][2]["answer"] == "blue"
 
 
 def test_correction_geometry_on_a_hand_made_case():

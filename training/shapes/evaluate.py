@@ -18,11 +18,11 @@ Besides the captions (JSON keys others rely on, issue 15):
 - ``world``: ``image_size`` and the CLIP's ``patch_grid`` [rows, cols];
 - ``gap``: the modality-gap numbers of :mod:`training.shapes.metrics` on 1,000 held-out pairs, and where
   MacCap's N_cr patches land on those images (``selected_patches_on_objects`` and its references);
-- ``vqa``: zero-shot VQA as the app answers (the VQA method's caption, LM answer, nearest answer in the
-  bundle's list) on questions of every type: ``accuracy`` / ``n`` / ``by_type`` of the LM the app uses, and
-  the same per LM: the frozen, untouched LM the bundle names for VQA (``frozen_lm``), the method's
-  caption-trained LM (``caption_trained_lm``) and the frozen LM reading the true captions
-  (``frozen_lm_true_captions``, the ceiling);
+- ``vqa``: zero-shot VQA as the app answers (the VQA method's caption, LM answer decoded with the app's beams
+  and answer length, nearest answer in the bundle's list) on questions of every type: ``accuracy`` / ``n`` /
+  ``by_type`` of the LM the app uses, and the same per LM: the frozen, untouched LM the bundle names for VQA
+  (``frozen_lm``), the method's caption-trained LM (``caption_trained_lm``) and the frozen LM reading the true
+  captions (``frozen_lm_true_captions``, the ceiling);
 - ``examples``: ``correct`` of ``n`` shipped example images captioned exactly by the app's default method (the
   bundle's first), ``by_method``: the same count for every method scored, and ``questions``: ``correct`` of ``n``
   of the bundle's questions about its examples (the Ask tab's) answered as the world answers them.
@@ -166,13 +166,12 @@ def vqa_report(captioner: Captioner, predicted: list[str], scenes: list[Scene], 
     report: dict[str, Any] = {"scenes": len(scenes), "answers": len(captioner.answers), "method": method.name}
     served = captioner.answer_lm
     own = trained.answer_lm() if trained is not None else served
-    report["caption_trained_lm"] = vqa_accuracy(predicted, asked, lm=own.lm, tokenizer=own.tokenizer, **common)
+    report["caption_trained_lm"] = vqa_accuracy(predicted, asked, answer_lm=own, **common)
     if trained is not None:
         report["caption_trained_lm"]["of"] = trained.name
     if served.lm is not own.lm:
-        report["frozen_lm"] = vqa_accuracy(predicted, asked, lm=served.lm, tokenizer=served.tokenizer, **common)
-        report["frozen_lm_true_captions"] = vqa_accuracy(truth, asked, lm=served.lm, tokenizer=served.tokenizer,
-                                                         **common)
+        report["frozen_lm"] = vqa_accuracy(predicted, asked, answer_lm=served, **common)
+        report["frozen_lm_true_captions"] = vqa_accuracy(truth, asked, answer_lm=served, **common)
     headline = report.get("frozen_lm", report["caption_trained_lm"])
     report.update({key: headline[key] for key in ("accuracy", "n", "by_type")})
     return report

@@ -23,7 +23,8 @@ import torch
 from capdemo.config import ConfigError
 from capdemo.encoders import EncoderConfig, load_encoder
 from capdemo.lm import load_causal_lm
-from capdemo.vqa import AnswerList
+from capdemo.methods.maccap.model import MacCapConfig
+from capdemo.vqa import AnswerList, AnswerLM
 from training.shapes import world
 from training.loop import TrainConfig
 from training.shapes.build import (
@@ -59,9 +60,9 @@ def changed_training(base: TrainConfig, settings: dict[str, Any]) -> TrainConfig
 
 def true_caption_vqa(lms: dict[str, tuple[Any, Any]], *, work: Path, config: world.WorldConfig, n: int, seed: int
                      ) -> dict[str, dict[str, Any]]:
-    """:func:`vqa_accuracy` of each ``(lm, tokenizer)`` in ``lms`` answering every question about ``n`` held-out
-    scenes (world seed ``seed``) from their true captions, matched to the build's answer list by the build's CLIP
-    (loaded once for all of them)."""
+    """:func:`vqa_accuracy` of each ``(lm, tokenizer)`` in ``lms`` (decoded as the app decodes: :func:`answering`)
+    answering every question about ``n`` held-out scenes (world seed ``seed``) from their true captions, matched
+    to the build's answer list by the build's CLIP (loaded once for all of them)."""
     stages = StageOutputs(work)
     encoder = load_encoder(EncoderConfig.load_json(stages.encoder))
     answers = AnswerList.from_openvqa(stages.answers)
@@ -69,9 +70,16 @@ def true_caption_vqa(lms: dict[str, tuple[Any, Any]], *, work: Path, config: wor
     asked = question_set(scenes, seed=seed, colours=config.colours, shapes=config.shapes)
     truth = [captions(scene)[0] for scene in scenes]
     kinds = [scene.kind for scene in scenes]
-    return {name: vqa_accuracy(truth, asked, lm=lm, tokenizer=tokenizer, encoder=encoder, answers=answers,
+    return {name: vqa_accuracy(truth, asked, answer_lm=answering(lm, tokenizer), encoder=encoder, answers=answers,
                                scene_kinds=kinds)
             for name, (lm, tokenizer) in lms.items()}
+
+
+def answering(lm: Any, tokenizer: Any) -> AnswerLM:
+    """``lm`` decoded as a shapes bundle's app decodes its frozen LM: with MacCap's VQA settings (the recipe
+    leaves them at :class:`MacCapConfig`'s defaults)."""
+    config = MacCapConfig
+    return AnswerLM(lm, tokenizer, beams=config.beams, max_new_tokens=config.vqa_max_new_tokens, match=config.vqa_match)
 
 
 def main(argv: list[str] | None = None) -> int:

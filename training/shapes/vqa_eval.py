@@ -2,11 +2,11 @@
 
 Each held-out image is captioned (by the caller, e.g. MacCap from the bundle); the LM continues
 ``"{caption} Question: {q} Answer:"`` (capdemo.vqa.VQA_PROMPT) for questions generated from the image's
-true scene (:func:`training.shapes.questions.questions`); the continuation is cut with
-:func:`capdemo.vqa.short_answer` and matched to the answer list by CLIP text cosine, as capdemo.vqa
-does. The LM and tokenizer are arguments, so the same evaluation scores the frozen, untouched LM
-(the paper's VQA) and the LM that MacCap's caption training changed (the paper's §5.4: fine-tuning
-the LM harms VQA).
+true scene (:func:`training.shapes.questions.questions`); the continuation is decoded, cut with
+:func:`capdemo.vqa.short_answer` and matched to the answer list as the app's :class:`capdemo.vqa.AnswerLM`
+says (its beams, answer length and matching), so the score is the app's. The AnswerLM is an argument,
+so the same evaluation scores the frozen, untouched LM (the paper's VQA) and the LM that MacCap's
+caption training changed (the paper's §5.4: fine-tuning the LM harms VQA).
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import torch
 
 from capdemo.encoders import ClipEncoder
 from capdemo.lm import decode, embed_tokens, generate_from_embeds, special_ids
-from capdemo.vqa import AnswerList, short_answer
+from capdemo.vqa import AnswerList, AnswerLM, short_answer, word_matches
 from training.shapes.language import Scene
 from training.shapes.questions import QUESTION_TYPES, Question, prompt, questions
 
 ANSWER_BATCH = 64  # prompts per generate call
-MAX_ANSWER_TOKENS = 6  # the world's answers are one word
 
 
 @torch.inference_mode()
 def generate_answers(lm: Any, tokenizer: Any, prompts: Sequence[str], *, beams: int = 1,
-                     max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[str]:
-    """The LM's short answer to each prompt: tokenised as capdemo.vqa does, left-padded into batches."""
+                     max_new_tokens: int = AnswerLM.max_new_tokens) -> list[str]:
+    """The LM's short answer to each prompt: tokenised as capdemo.vqa does, left-padded into batches (the same
+    answers as :func:`capdemo.vqa.generate_answer` one prompt at a time)."""
     _, eos_id, pad_id = special_ids(tokenizer)
     device = next(lm.parameters()).device
     answers: list[str] = []
@@ -50,8 +50,12 @@ def generate_answers(lm: Any, tokenizer: Any, prompts: Sequence[str], *, beams: 
 
 
 @torch.inference_mode()
-def match_answers(generated: Sequence[str], answers: AnswerList, encoder: ClipEncoder) -> list[str]:
-    """Each free-form answer's nearest candidate by CLIP text cosine (capdemo.vqa's "clip" matching)."""
+def match_answers(generated: Sequence[str], answers: AnswerList, encoder: ClipEncoder, *, match: str = "clip"
+                  ) -> list[str]:
+    """Each free-form answer's best candidate as capdemo.vqa picks it: ``match="clip"``, the nearest by CLIP text
+    cosine; ``"word"``, the first candidate that occurs as a whole word (none: the answer itself)."""
+    if match == "word":
+        return [next(iter(word_matches(text, answers.answers)), text) for text in generated]
     queries = torch.cat([encoder.encode_text(list(generated[i : i + 256])).cpu()
                          for i in range(0, len(generated), 256)])  # (Q, D)
     best = (queries.float() @ answers.embeddings(encoder).float().T).argmax(dim=1)  # (Q,)
@@ -65,10 +69,11 @@ def question_set(scenes: Sequence[Scene], *, seed: int, colours: tuple[str, ...]
     return [questions(scene, rng, colours=colours, shapes=shapes) for scene in scenes]
 
 
-def vqa_accuracy(captions: Sequence[str], asked: Sequence[Sequence[Question]], *, lm: Any, tokenizer: Any,
-                 encoder: ClipEncoder, answers: AnswerList, beams: int = 1, examples: int = 5,
+def vqa_accuracy(captions: Sequence[str], asked: Sequence[Sequence[Question]], *, answer_lm: AnswerLM,
+                 encoder: ClipEncoder, answers: AnswerList, examples: int = 5,
                  scene_kinds: Sequence[str] | None = None) -> dict[str, Any]:
-    """Accuracy overall and by question type of answering ``asked[i]`` from ``captions[i]``.
+    """Accuracy overall and by question type of ``answer_lm`` answering ``asked[i]`` from ``captions[i]``, decoded
+    and matched as the app does with it.
 
     Returns ``{"accuracy", "n" (questions), "by_type": {type: accuracy}, "examples": [...]}``, and with
     ``scene_kinds`` (the kind of each caption's scene) also ``"by_scene_kind": {kind: {"accuracy", "n",
@@ -82,8 +87,9 @@ def vqa_accuracy(captions: Sequence[str], asked: Sequence[Sequence[Question]], *
     flat = [(caption, q, kind) for caption, qs, kind in zip(captions, asked, kinds) for q in qs]
     if not flat:
         raise ValueError("no questions to answer")
-    generated = generate_answers(lm, tokenizer, [prompt(c, q.text) for c, q, _ in flat], beams=beams)
-    chosen = match_answers(generated, answers, encoder)
+    generated = generate_answers(answer_lm.lm, answer_lm.tokenizer, [prompt(c, q.text) for c, q, _ in flat],
+                                 beams=answer_lm.beams, max_new_tokens=answer_lm.max_new_tokens)
+    chosen = match_answers(generated, answers, encoder, match=answer_lm.match)
     scored = [(q, answer == q.answer) for (_, q, _), answer in zip(flat, chosen)]
     report = {
         **_accuracy_by_type(scored),
