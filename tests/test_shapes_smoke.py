@@ -409,8 +409,9 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     assert tomcap["tomcap_steps"] == ShapesRecipe.full().tomcap_steps
     assert all(len(row["seeds"]) == 3 for row in tomcap["rows"].values())
     assert all(line in v2 for line in full_length_lines(tomcap))
-    twice = ablation["tomcap_twice_length"]  # no handling, the recipe and 0.5 x on the queries at twice that length
-    assert set(twice["rows"]) == recipe_rows | {"noise-4-query-0.5"}
+    # at twice that length: no handling, the recipe, 0.5 x on its queries, the paper's, half the recipe's input noise
+    twice = ablation["tomcap_twice_length"]
+    assert set(twice["rows"]) == recipe_rows | {"noise-4-query-0.5", "gap-mean-std-noise", "noise-2-query-0.5"}
     assert twice["tomcap_steps"] == 2 * tomcap["tomcap_steps"]
     assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
     assert all(line in v2 for line in full_length_lines(twice))
