@@ -216,11 +216,15 @@ class AnswerLM:
         return VQA_PROMPT.format(caption=caption, question=question).strip()
 
     @classmethod
+    def of_config(cls, lm: Any, tokenizer: Any, config: Any) -> AnswerLM:
+        """``lm`` answering with a captioning config's VQA settings (MacCapConfig's beams, vqa_max_new_tokens,
+        vqa_match)."""
+        return cls(lm, tokenizer, beams=config.beams, max_new_tokens=config.vqa_max_new_tokens, match=config.vqa_match)
+
+    @classmethod
     def of_captioner(cls, model: Any) -> AnswerLM:
-        """A captioning model's own LM with its VQA settings (MacCapConfig's beams, vqa_max_new_tokens, vqa_match)."""
-        config = model.config
-        return cls(model.lm, model.tokenizer, beams=config.beams, max_new_tokens=config.vqa_max_new_tokens,
-                   match=config.vqa_match)
+        """A captioning model's own LM with its VQA settings (:meth:`of_config` of its config)."""
+        return cls.of_config(model.lm, model.tokenizer, model.config)
 
     @classmethod
     def frozen_from_bundle(cls, bundle: Any, like: AnswerLM, *, device: str | torch.device = "cpu") -> AnswerLM | None:

@@ -60,7 +60,7 @@ def changed_training(base: TrainConfig, settings: dict[str, Any]) -> TrainConfig
 
 def true_caption_vqa(lms: dict[str, tuple[Any, Any]], *, work: Path, config: world.WorldConfig, n: int, seed: int
                      ) -> dict[str, dict[str, Any]]:
-    """:func:`vqa_accuracy` of each ``(lm, tokenizer)`` in ``lms`` (decoded as the app decodes: :func:`answering`)
+    """:func:`vqa_accuracy` of each ``(lm, tokenizer)`` in ``lms`` (decoded as a shapes bundle's app decodes)
     answering every question about ``n`` held-out scenes (world seed ``seed``) from their true captions, matched
     to the build's answer list by the build's CLIP (loaded once for all of them)."""
     stages = StageOutputs(work)
@@ -70,16 +70,10 @@ def true_caption_vqa(lms: dict[str, tuple[Any, Any]], *, work: Path, config: wor
     asked = question_set(scenes, seed=seed, colours=config.colours, shapes=config.shapes)
     truth = [captions(scene)[0] for scene in scenes]
     kinds = [scene.kind for scene in scenes]
-    return {name: vqa_accuracy(truth, asked, answer_lm=answering(lm, tokenizer), encoder=encoder, answers=answers,
-                               scene_kinds=kinds)
+    settings = MacCapConfig()  # a shapes bundle's app answers with MacCap's VQA settings, the recipe leaves at these
+    return {name: vqa_accuracy(truth, asked, answer_lm=AnswerLM.of_config(lm, tokenizer, settings), encoder=encoder,
+                               answers=answers, scene_kinds=kinds)
             for name, (lm, tokenizer) in lms.items()}
-
-
-def answering(lm: Any, tokenizer: Any) -> AnswerLM:
-    """``lm`` decoded as a shapes bundle's app decodes its frozen LM: with MacCap's VQA settings (the recipe
-    leaves them at :class:`MacCapConfig`'s defaults)."""
-    config = MacCapConfig
-    return AnswerLM(lm, tokenizer, beams=config.beams, max_new_tokens=config.vqa_max_new_tokens, match=config.vqa_match)
 
 
 def main(argv: list[str] | None = None) -> int:
