@@ -4,7 +4,8 @@ Every check runs at a desktop (1400x1000) and a phone (390x844) viewport on the 
 bundle before it exists): the score columns of both candidate tables inside the viewport, a K at the slider's
 maximum and a question at the length limit answering, an error in one method leaving the other's result, a new
 upload clearing the old results, the uploaded picture and the heatmap's top-row labels uncovered, a photo flagged
-as outside the bundle's domain, every tab reachable on a phone, an example showing its captions on click, in view.
+as outside the bundle's domain, every tab reachable on a phone (on a 360x640 one too, with the picture and the
+examples), an example showing its captions on click, in view.
 Each step leaves a screenshot in the test's tmp_path. CI installs ``chromium`` (``.ci/run``); without it and outside
 CI the tests are skipped.
 """
@@ -25,6 +26,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 90_000  # generous: CI machines are small and shared
 VIEWPORTS = {"desktop": {"width": 1400, "height": 1000}, "phone": {"width": 390, "height": 844}}
+SMALL_PHONE = {"width": 360, "height": 640}
 SCORE_HEADERS = ("CLIP score", "chosen")
 
 pytestmark = [
@@ -291,14 +293,12 @@ def test_the_heatmap_top_row_labels_are_not_covered(page, shapes_png, tmp_path):
     shot(page, tmp_path, "heatmap")
 
 
-def test_the_whole_picture_shows_in_the_image_input(page, shapes_png, tmp_path):
-    """No label or button lies over the uploaded picture (the input's floating label once hid its top fifth, and
-    with it two of the three triangles of the third example), and it shows large at both sizes: on a phone, with
-    every tab still on the first screen (test_every_tab_is_reachable...), it once had only 130 px."""
-    upload(page, shapes_png)
+def shown_picture(page) -> dict:
+    """The uploaded picture as drawn inside the image input: its width and height on the page (``w``, ``h``) and
+    everything else drawn over it (``covering``)."""
     image = page.locator("#image-input img").first
     image.scroll_into_view_if_needed()
-    shown = image.evaluate("""async (img) => { await img.decode();  // its natural size is known once decoded
+    return image.evaluate("""async (img) => { await img.decode();  // its natural size is known once decoded
         const r = img.getBoundingClientRect(), fit = getComputedStyle(img).objectFit;
         let scale = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
         if (fit === 'scale-down') scale = Math.min(scale, 1);
@@ -313,6 +313,14 @@ def test_the_whole_picture_shows_in_the_image_input(page, shapes_png, tmp_path):
                 covering.push(`${other.tagName} ${other.getAttribute('class')}: ${other.textContent.trim()}`);
         }
         return {covering, w, h}; }""")
+
+
+def test_the_whole_picture_shows_in_the_image_input(page, shapes_png, tmp_path):
+    """No label or button lies over the uploaded picture (the input's floating label once hid its top fifth, and
+    with it two of the three triangles of the third example), and it shows large at both sizes: on a phone, with
+    every tab still on the first screen (test_every_tab_is_reachable...), it once had only 130 px."""
+    upload(page, shapes_png)
+    shown = shown_picture(page)
     assert shown["covering"] == [], f"drawn over the picture: {shown['covering']}"
     assert min(shown["w"], shown["h"]) >= 200  # the 56 px scene enlarged, not a thumbnail
     thumbnails = [item.bounding_box()["width"] for item in page.locator("#examples .gallery-item").all()]
@@ -347,7 +355,8 @@ def test_every_tab_is_reachable_and_the_plot_is_not_squeezed(page, shapes_png, t
     assert names == ["Caption", "Ask (VQA)", "Embedding space", "Batch", "About"]  # none folded behind "..."
     for tab in tabs.all():
         expect(tab).to_be_visible()
-        assert tab.bounding_box()["y"] < page.viewport_size["height"], "a tab starts below the first screen"
+        box = tab.bounding_box()
+        assert box["y"] + box["height"] <= page.viewport_size["height"], "a tab ends below the first screen"
     upload(page, shapes_png)
     page.get_by_role("tab", name="Embedding space").click()
     page.locator("#embedding-button").click()
@@ -363,6 +372,31 @@ def test_every_tab_is_reachable_and_the_plot_is_not_squeezed(page, shapes_png, t
     expect(about).to_contain_text("sha256")
     assert about.locator("table").count() >= 2 and "/weights/" not in about.inner_text()
     shot(page, tmp_path, "about")
+
+
+def test_on_a_small_phone_the_picture_the_examples_and_every_tab_share_the_first_screen(browser, url, shapes_png,
+                                                                                         tmp_path):
+    """At 360x640, the smallest common phone screen, the page's first screen holds the title, the domain line, the
+    picture, the examples and every tab (it once ended with the examples, the tabs a screen below), and the picture
+    still shows larger than an example's thumbnail."""
+    page = browser.new_page(viewport=SMALL_PHONE)
+    page.set_default_timeout(TIMEOUT_MS)
+    page.viewport_name = "small-phone"
+    try:
+        page.goto(url, wait_until="load")
+        page.locator("#caption-button").wait_for()
+        upload(page, shapes_png)
+        shown = shown_picture(page)
+        page.evaluate("window.scrollTo(0, 0)")
+        bottoms = {tab.inner_text().strip(): tab.bounding_box()["y"] + tab.bounding_box()["height"]
+                   for tab in page.get_by_role("tab").all()}
+        assert len(bottoms) == 5 and max(bottoms.values()) <= SMALL_PHONE["height"], bottoms
+        thumbnails = [item.bounding_box() for item in page.locator("#examples .gallery-item").all()]
+        assert thumbnails and min(box["width"] for box in thumbnails) >= 64, thumbnails
+        assert shown["covering"] == [] and min(shown["w"], shown["h"]) >= 1.5 * thumbnails[0]["width"], shown
+        shot(page, tmp_path, "first-screen")
+    finally:
+        page.close()
 
 
 def test_in_dark_mode_the_plots_show_the_page_through_and_their_text_is_light(page, url, shapes_png, tmp_path):

@@ -51,8 +51,12 @@ CSS = """
 .capdemo-table th .cell-wrap { padding: 0 !important; }
 @media (max-width: 640px) {
   .capdemo-intro { display: none; }
-  .capdemo-header h1 { font-size: 1.25rem !important; }
-  #image-input { max-height: 300px; }
+  /* Every tab on the first screen of a small phone too (360x640): a two-line title, the domain line in small
+     print, and the picture gets the height the title, the examples and the tabs leave of the first screen (448 px
+     on a 360 px wide phone), at most 300 px (a 390x844 phone shows the picture at 200 px). */
+  .capdemo-header h1 { font-size: 1.05rem !important; margin-bottom: 0.3rem !important; }
+  .capdemo-header p { font-size: 0.8rem !important; line-height: 1.3 !important; margin: 0 !important; }
+  #image-input { max-height: clamp(160px, calc(100svh - 448px), 300px); }
   .capdemo-queue { display: none; }
   /* Every tab in view: Gradio folds the tabs that do not fit into a "..." menu, measuring them in a hidden copy
      of the row; shrunk there, they all count as fitting, and the real row wraps onto a second line instead. */
