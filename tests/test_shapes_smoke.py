@@ -19,7 +19,7 @@ from capdemo.pipeline import Captioner
 from training.bundle_evaluation import read_evaluation
 from training.kernels import PINNED_KERNELS
 from training.shapes import world
-from training.shapes.build import ShapesRecipe, examples_seed
+from training.shapes.build import ShapesRecipe, StageOutputs, examples_seed
 from training.shapes.clip import TinyClipConfig
 from training.shapes.evaluate import evaluate_bundle, score
 from training.shapes.language import captions
@@ -94,7 +94,7 @@ def test_bundle_is_complete_and_serves(smoke_bundle):
     # the recipe's pick among TOMCap's beams, written after training; the trained run keeps the paper's beam order
     assert captioner.bundle.component("tomcap")["select_by"] == ShapesRecipe.smoke().tomcap_select_by == "clip"
     assert captioner.options("tomcap").select_by == "clip"
-    trained = Bundle.load(smoke_bundle.parent / "work" / "trained" / "tomcap").component("tomcap")
+    trained = Bundle.load(StageOutputs(smoke_bundle.parent / "work").method_bundle("tomcap")).component("tomcap")
     assert trained["select_by"] == "beam"
     assert captioner.info()["world"] == "shapes" and len(captioner.examples()) == 3
     kernels = captioner.bundle.manifest["training"]["cpu_kernels"]  # what the build ran on (pinned by conftest)

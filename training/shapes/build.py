@@ -254,6 +254,12 @@ class StageOutputs:
     def gap_stats(self) -> Path:
         return self.work / "gap_stats.safetensors"
 
+    def method_run(self, method: str) -> Path:
+        return self.work / f"{method}-run"  # a method's training run: checkpoints, history, run record
+
+    def method_bundle(self, method: str) -> Path:
+        return self.work / "trained" / method  # the bundle a method's training command wrote, before assembly
+
     def missing(self) -> list[str]:
         """The stage outputs not (completely) written yet, as paths relative to the work dir."""
         done = [self.corpus, self.encoder, self.lm_done, self.datastore_done, self.gap_stats]
@@ -544,7 +550,7 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
         data = write_world_data(recipe, work)
     complete = {"clip": stages.encoder.is_file(), "lm": stages.lm_done.is_file(),
                 "datastore + gap statistics": stages.datastore_done.is_file() and stages.gap_stats.is_file(),
-                **{method: trained(work / f"{method}-run", recipe.steps_of(method)) for method in METHOD_COMMANDS}}
+                **{method: trained(stages.method_run(method), recipe.steps_of(method)) for method in METHOD_COMMANDS}}
     with StagePool(jobs) as pool:
         runs = {"clip": pool.submit(train_encoder, recipe, work),  # the CLIP and the LM need nothing of each other
                 "lm": pool.submit(train_language_model, recipe, work, data["corpus"])}
@@ -555,14 +561,15 @@ def build(recipe: ShapesRecipe, out: Path, work: Path, *, command: str = "python
         # each method trains into a bundle of its own (TOMCap, the longest, first); the shipped one is assembled below
         untrained = [method for method in ("tomcap", "maccap", "capdec") if not complete[method]]
         runs.update({method: pool.submit(run_command, METHOD_COMMANDS[method](
-            recipe, work, out=work / "trained" / method, run_dir=work / f"{method}-run")) for method in untrained})
+            recipe, work, out=stages.method_bundle(method), run_dir=stages.method_run(method)))
+            for method in untrained})
         for method in untrained:
             timed.record(method, runs[method].result().seconds, complete=False)
     staging = work / "bundle"
     shutil.rmtree(staging, ignore_errors=True)
     for method, command_of in METHOD_COMMANDS.items():
         with timed(method, complete=True):  # its run dir holds the final checkpoint: --resume only exports it
-            run_command(command_of(recipe, work, out=staging, run_dir=work / f"{method}-run"))
+            run_command(command_of(recipe, work, out=staging, run_dir=stages.method_run(method)))
     staged = Bundle.load(staging)  # the three methods' bundles, as their commands wrote them
     answers = staged.component(VQA_COMPONENT)  # written by the maccap command
     # the recipe now, for the domain measurement below; its timings once that is done too
