@@ -416,6 +416,12 @@ def test_the_readmes_ablation_table_is_the_shipped_ablation_json():
     assert all(len(row["seeds"]) == 3 for row in twice["rows"].values())
     assert all(line in v2 for line in full_length_lines(twice))
     assert "(2 x TOMCap's length in the build)" in full_length_lines(twice)[0]
+    five = ablation["tomcap_twice_length_five_seeds"]  # no handling and the paper's there: those runs and two more
+    assert set(five["rows"]) == {"gap-none", "gap-mean-std-noise"} and five["tomcap_steps"] == twice["tomcap_steps"]
+    assert all(list(row["seeds"]) == ["0", "1", "2", "3", "4"] for row in five["rows"].values())
+    assert all(row["seeds"][seed] == twice["rows"][name]["seeds"][seed] for name, row in five["rows"].items()
+               for seed in ("0", "1", "2"))
+    assert all(line in v2 for line in full_length_lines(five))
     assert full_length["maccap_steps"] == ShapesRecipe.full().maccap_steps
     half = ablation["maccap_half_length"]  # MacCap's two full-length rows at half their length (the recipe before)
     assert set(half["rows"]) == set(full_length["rows"]) and 2 * half["maccap_steps"] == full_length["maccap_steps"]
