@@ -28,6 +28,7 @@ TIMEOUT_MS = 90_000  # generous: CI machines are small and shared
 VIEWPORTS = {"desktop": {"width": 1400, "height": 1000}, "phone": {"width": 390, "height": 844}}
 SMALL_PHONE = {"width": 360, "height": 640}
 SCORE_HEADERS = ("CLIP score", "chosen")
+TAB_NAMES = ["Caption", "Ask (VQA)", "Embedding space", "Batch", "About"]
 
 pytestmark = [
     pytest.mark.browser,
@@ -61,16 +62,22 @@ def browser():
             launched.close()
 
 
-@pytest.fixture(params=list(VIEWPORTS))
-def page(request, browser, url):
-    """A fresh page (its own Gradio session) at each viewport."""
-    page = browser.new_page(viewport=VIEWPORTS[request.param])
+def open_page(browser, url: str, name: str, viewport: dict):
+    """A fresh page (its own Gradio session) at ``viewport``, loaded and ready, collecting its script errors."""
+    page = browser.new_page(viewport=viewport)
     page.set_default_timeout(TIMEOUT_MS)
-    page.viewport_name = request.param
+    page.viewport_name = name
     page.script_errors = []
     page.on("pageerror", lambda error: page.script_errors.append(str(error)))
     page.goto(url, wait_until="load")
     page.locator("#caption-button").wait_for()
+    return page
+
+
+@pytest.fixture(params=list(VIEWPORTS))
+def page(request, browser, url):
+    """A fresh page at each viewport."""
+    page = open_page(browser, url, request.param, VIEWPORTS[request.param])
     yield page
     page.close()
 
@@ -293,6 +300,15 @@ def test_the_heatmap_top_row_labels_are_not_covered(page, shapes_png, tmp_path):
     shot(page, tmp_path, "heatmap")
 
 
+def tab_bottoms(page) -> dict[str, float]:
+    """Where each tab ends on the page, by its name, in the page's order."""
+    bottoms = {}
+    for tab in page.get_by_role("tab").all():
+        box = tab.bounding_box()
+        bottoms[tab.inner_text().strip()] = box["y"] + box["height"]
+    return bottoms
+
+
 def shown_picture(page) -> dict:
     """The uploaded picture as drawn inside the image input: its width and height on the page (``w``, ``h``) and
     everything else drawn over it (``covering``)."""
@@ -350,13 +366,11 @@ def test_a_photo_is_flagged_outside_the_domain_and_a_shapes_image_is_not(page, b
 def test_every_tab_is_reachable_and_the_plot_is_not_squeezed(page, shapes_png, tmp_path):
     from playwright.sync_api import expect
 
-    tabs = page.get_by_role("tab")
-    names = [tab.inner_text().strip() for tab in tabs.all()]
-    assert names == ["Caption", "Ask (VQA)", "Embedding space", "Batch", "About"]  # none folded behind "..."
-    for tab in tabs.all():
+    for tab in page.get_by_role("tab").all():
         expect(tab).to_be_visible()
-        box = tab.bounding_box()
-        assert box["y"] + box["height"] <= page.viewport_size["height"], "a tab ends below the first screen"
+    bottoms = tab_bottoms(page)
+    assert list(bottoms) == TAB_NAMES  # none folded behind "..."
+    assert max(bottoms.values()) <= page.viewport_size["height"], f"a tab ends below the first screen: {bottoms}"
     upload(page, shapes_png)
     page.get_by_role("tab", name="Embedding space").click()
     page.locator("#embedding-button").click()
@@ -379,18 +393,13 @@ def test_on_a_small_phone_the_picture_the_examples_and_every_tab_share_the_first
     """At 360x640, the smallest common phone screen, the page's first screen holds the title, the domain line, the
     picture, the examples and every tab (it once ended with the examples, the tabs a screen below), and the picture
     still shows larger than an example's thumbnail."""
-    page = browser.new_page(viewport=SMALL_PHONE)
-    page.set_default_timeout(TIMEOUT_MS)
-    page.viewport_name = "small-phone"
+    page = open_page(browser, url, "small-phone", SMALL_PHONE)
     try:
-        page.goto(url, wait_until="load")
-        page.locator("#caption-button").wait_for()
         upload(page, shapes_png)
         shown = shown_picture(page)
         page.evaluate("window.scrollTo(0, 0)")
-        bottoms = {tab.inner_text().strip(): tab.bounding_box()["y"] + tab.bounding_box()["height"]
-                   for tab in page.get_by_role("tab").all()}
-        assert len(bottoms) == 5 and max(bottoms.values()) <= SMALL_PHONE["height"], bottoms
+        bottoms = tab_bottoms(page)
+        assert list(bottoms) == TAB_NAMES and max(bottoms.values()) <= SMALL_PHONE["height"], bottoms
         thumbnails = [item.bounding_box() for item in page.locator("#examples .gallery-item").all()]
         assert thumbnails and min(box["width"] for box in thumbnails) >= 64, thumbnails
         assert shown["covering"] == [] and min(shown["w"], shown["h"]) >= 1.5 * thumbnails[0]["width"], shown
